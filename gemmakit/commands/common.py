@@ -1,0 +1,31 @@
+"""Options shared by the subcommands that load a model."""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="an installed model (gemma3-270m) or a preset name")
+    src.add_argument("--checkpoint", help="HF directory, .safetensors, .ckpt or .gguf file")
+    p.add_argument("--preset", help="check the checkpoint against this preset")
+    p.add_argument("--tokenizer", help="SentencePiece .model file (default: beside the weights)")
+    p.add_argument("--dtype", choices=list(DTYPES), help="default: the checkpoint's own")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cpu)")
+
+
+def load_model_and_tokenizer(args: argparse.Namespace):
+    from gemmakit.api import load_model
+    from gemmakit.tokenizer import load_tokenizer
+
+    source = args.model or args.checkpoint
+    dtype = DTYPES[args.dtype] if args.dtype else None
+    model = load_model(source, dtype=dtype, device=args.device, config=args.preset)
+    tok_source = args.tokenizer or source
+    tokenizer = load_tokenizer(tok_source)
+    return model, tokenizer

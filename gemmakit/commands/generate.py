@@ -1,0 +1,52 @@
+"""`gemmakit generate`: continue a prompt, streaming the text as it is produced."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from gemmakit.commands.common import add_model_args, load_model_and_tokenizer
+
+
+def register(sub) -> None:
+    p = sub.add_parser("generate", help="continue a text prompt")
+    add_model_args(p)
+    p.add_argument("prompt")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.set_defaults(func=run)
+
+
+def stream_text(tokenizer, steps, out=sys.stdout) -> list[int]:
+    """Print decoded text as tokens arrive (decoding the whole so far keeps multi-byte
+    characters and SentencePiece spaces right); returns the ids."""
+    ids: list[int] = []
+    shown = ""
+    for step in steps:
+        if step[0] is None:
+            break
+        ids.append(step[0])
+        text = tokenizer.decode(ids)
+        if not text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for more bytes
+            out.write(text[len(shown) :])
+            out.flush()
+            shown = text
+    return ids
+
+
+def run(args: argparse.Namespace) -> int:
+    from gemmakit.generation import stream_generate
+
+    model, tokenizer = load_model_and_tokenizer(args)
+    prompt = tokenizer.encode(args.prompt, bos=True)
+    steps = stream_generate(
+        model, [prompt], args.max_new_tokens, args.temperature, args.top_k, args.top_p,
+        seed=args.seed,
+    )  # fmt: skip
+    sys.stdout.write(args.prompt)
+    stream_text(tokenizer, steps)
+    sys.stdout.write("\n")
+    return 0

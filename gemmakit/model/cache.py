@@ -1,0 +1,42 @@
+"""A preallocated key/value cache for decoding, one buffer per layer."""
+
+from __future__ import annotations
+
+import torch
+
+from gemmakit.config import GemmaConfig
+
+
+class KVCache:
+    """Keys and values of every layer, [B, Nkv, max_len, head_dim] each.
+
+    `length` is how many positions are filled; the model advances it after each forward.
+    `key_valid` [B, max_len] marks real (non-padding) positions: left padding of prompts of
+    different lengths is masked out through it.
+    """
+
+    def __init__(
+        self,
+        config: GemmaConfig,
+        batch: int,
+        max_len: int,
+        dtype: torch.dtype,
+        device: torch.device | str | None = None,
+    ) -> None:
+        shape = (batch, config.n_kv_heads, max_len, config.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layers)]
+        self.key_valid = torch.ones(batch, max_len, dtype=torch.bool, device=device)
+        self.max_len = max_len
+        self.length = 0
+
+    def update(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v [B, Nkv, T, H] at the current length; return all keys and values so far."""
+        end = self.length + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache full: {end} positions needed, {self.max_len} allocated")
+        self.k[layer][:, :, self.length : end] = k
+        self.v[layer][:, :, self.length : end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
