@@ -70,7 +70,9 @@ def stream_generate(
     A prompt stops at a stop token (default: EOS and <end_of_turn>), which is not yielded.
     """
     cfg = model.config
-    stops = set(stop_tokens) if stop_tokens is not None else {cfg.tokens.eos, cfg.tokens.end_of_turn}
+    stops = (
+        set(stop_tokens) if stop_tokens is not None else {cfg.tokens.eos, cfg.tokens.end_of_turn}
+    )
     device = model.device
     tokens, valid = left_pad(prompts, cfg.tokens.pad, device)
     B, T = tokens.shape

@@ -8,14 +8,23 @@ from pathlib import Path
 class Tokenizer:
     """encode(text, bos=True) -> ids; decode(ids) -> text."""
 
-    def __init__(self, model_file: str | Path) -> None:
+    def __init__(
+        self,
+        model_file: str | Path | None = None,
+        model_proto: bytes | None = None,
+        name: str | None = None,
+    ) -> None:
         import sentencepiece as spm
 
-        self.path = Path(model_file)
+        self.path = Path(model_file) if model_file is not None else None
+        label = name or self.path
         try:
-            self.sp = spm.SentencePieceProcessor(model_file=str(self.path))
+            if model_proto is not None:
+                self.sp = spm.SentencePieceProcessor(model_proto=model_proto)
+            else:
+                self.sp = spm.SentencePieceProcessor(model_file=str(self.path))
         except Exception as e:
-            raise ValueError(f"{self.path}: not a SentencePiece model ({e})") from e
+            raise ValueError(f"{label}: not a SentencePiece model ({e})") from e
         self.bos_id = self.sp.bos_id()
         self.eos_id = self.sp.eos_id()
         self.pad_id = self.sp.pad_id()
@@ -36,8 +45,15 @@ class Tokenizer:
 
 
 def load_tokenizer(source: str | Path) -> Tokenizer:
-    """A tokenizer from a `.model` file, or a checkpoint directory holding `tokenizer.model`."""
-    path = Path(source)
+    """A tokenizer from a `.model` file, a checkpoint directory holding `tokenizer.model`,
+    a `.gguf` file (its vocabulary) or an installed model name (gemma3-270m)."""
+    from gemmakit.installed import installed_model_path
+
+    path = installed_model_path(str(source)) or Path(source)
+    if path.suffix == ".gguf":
+        from gemmakit.checkpoint.gguf import sentencepiece_proto_from_gguf
+
+        return Tokenizer(model_proto=sentencepiece_proto_from_gguf(path), name=str(path))
     if path.is_dir():
         path = path / "tokenizer.model"
     if not path.exists():

@@ -63,7 +63,7 @@ def hf_layout(config: GemmaConfig, prefix: str = "model.") -> dict[str, Spec]:
 
 
 def gemma_pytorch_layout(config: GemmaConfig) -> dict[str, Spec]:
-    """google/gemma_pytorch `.ckpt` names: q, k and v fused as rows [q heads | k heads | v heads]."""
+    """google/gemma_pytorch `.ckpt` names; q, k, v fused as rows [q heads | k heads | v heads]."""
     layout = {
         "embedder.weight": Spec("embedder.weight"),
         "final_norm.weight": Spec("model.norm.weight"),

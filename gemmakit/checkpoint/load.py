@@ -102,9 +102,10 @@ def load_checkpoint(
                 f"{list(want)} for config {config.name!r}"
             )
     if dtype is None:
-        dtype = getattr(source, "default_dtype", None) or source.get(
-            layout["embedder.weight"].key
-        ).dtype
+        dtype = (
+            getattr(source, "default_dtype", None)
+            or source.get(layout["embedder.weight"].key).dtype
+        )
         if not dtype.is_floating_point:
             dtype = torch.float32
 

@@ -136,4 +136,6 @@ def open_source(path: str | Path) -> TensorSource:
         from gemmakit.checkpoint.gguf import GGUFSource
 
         return GGUFSource(path)
-    raise CheckpointError(f"{path}: unknown checkpoint format (expected .safetensors, .ckpt, .gguf)")
+    raise CheckpointError(
+        f"{path}: unknown checkpoint format (expected .safetensors, .ckpt, .gguf)"
+    )
