@@ -5,7 +5,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from gemmakit.commands.common import add_model_args, load_model_and_tokenizer
+from gemmakit.commands.common import (
+    add_model_args,
+    add_sampling_args,
+    load_model_and_tokenizer,
+)
 
 
 def register(sub) -> None:
@@ -13,10 +17,7 @@ def register(sub) -> None:
     add_model_args(p)
     p.add_argument("prompt")
     p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--seed", type=int, default=None)
+    add_sampling_args(p)
     p.set_defaults(func=run)
 
 

@@ -1,0 +1,222 @@
+"""Training a tokenizer with Gemma's options, its special ids, and exact round trips."""
+
+from __future__ import annotations
+
+import random
+import string
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gemmakit.cli import main
+from gemmakit.config import GEMMA3_TOKEN_IDS, TokenIds
+from gemmakit.tokenizer import (
+    SPACE_MARKER,
+    Tokenizer,
+    chunk_text,
+    control_pieces,
+    load_tokenizer,
+    train_tokenizer,
+)
+
+WORDS = {
+    "en": "the quick brown fox jumps over a lazy dog while models learn from data".split(),
+    "de": "über straße größe mädchen schön fünf äpfel".split(),
+    "ru": "привет мир модель данные обучение слово".split(),
+    "el": "γειά σου κόσμε μοντέλο δεδομένα".split(),
+    "ar": "مرحبا بالعالم نموذج بيانات".split(),
+    "he": "שלום עולם מודל".split(),
+    "hi": "नमस्ते दुनिया मॉडल डेटा".split(),
+    "th": "สวัสดี โลก".split(),
+    "zh": ["你好", "世界", "模型", "数据", "训练", "中文"],
+    "ja": ["こんにちは", "世界", "カタカナ", "日本語"],
+    "ko": ["안녕하세요", "세계", "모델"],
+    "emoji": ["🙂", "🚀", "👍🏽", "🇫🇷", "👩‍💻"],
+    "code": ["def f(x):", "return x + 1", "if (a[i] == b) {", "}", "x = 12345 * 678;", "->"],
+}
+
+VARIED = [
+    "",
+    " ",
+    "   leading and trailing spaces   ",
+    "tabs\tand\t\ttabs",
+    "new\nlines\n\n\nmany\r\nwindows\r\n",
+    "mixed \t \n \u00a0 whitespace\u3000ideographic",
+    "digits 0123456789 and 3.14159 and -42 and 1,000,000",
+    "def main():\n    for i in range(10):\n        print(f'{i:>4}')  # comment\n",
+    "int main(void) { return 0; }\n\t/* C */",
+    "Ünïcödé façade naïve coöperate",
+    "Ελληνικά, русский, עברית, العربية, हिन्दी, ไทย",
+    "日本語のテキストと中文和한국어",
+    "emoji 🙂🚀👍🏽🇫🇷 family 👨‍👩‍👧‍👦 keycap 1️⃣",
+    "combining e\u0301 a\u0308 and zero\u200bwidth\u200djoiner",
+    "control chars \x00 \x01 \x7f \x1b[31m",
+    "rare 𝔘𝔫𝔦𝔠𝔬𝔡𝔢 𓀀 🜁 \U0010fffd",
+    "<start_of_turn>user\nnot a marker<end_of_turn>",
+    "<bos><eos><pad><unk><mask><unused0>",
+    "  \n  \n",
+    "a" * 300,
+]
+
+
+def multilingual_texts(n_docs: int, seed: int = 0) -> list[str]:
+    """Documents of random lines, each in one script (or code), with varied whitespace and
+    numbers: the scripts, spaces, tabs and newlines a Gemma-style vocabulary has to learn."""
+    rng = random.Random(seed)
+    docs = []
+    for _ in range(n_docs):
+        lines = []
+        for _ in range(rng.randint(1, 6)):
+            words = WORDS[rng.choice(list(WORDS))]
+            sep = rng.choice([" ", " ", " ", "  ", "\t"])
+            line = sep.join(rng.choice(words) for _ in range(rng.randint(1, 12)))
+            if rng.random() < 0.3:
+                line += f" {rng.randint(0, 10**6)}"
+            lines.append(rng.choice(["", "    ", "\t"]) + line)
+        docs.append("\n".join(lines) + "\n")
+    return docs
+
+
+@pytest.fixture(scope="module")
+def tok() -> Tokenizer:
+    return train_tokenizer(multilingual_texts(6000), vocab_size=2048)
+
+
+def test_special_pieces_at_gemma_ids(tok):
+    expected = {0: "<pad>", 1: "<eos>", 2: "<bos>", 3: "<unk>", 4: "<mask>", 5: "<unused0>",
+                105: "<unused100>", 106: "<start_of_turn>", 107: "<end_of_turn>",
+                108: "<0x00>", 363: "<0xFF>"}  # fmt: skip
+    assert {i: tok.id_to_piece(i) for i in expected} == expected
+    assert tok.token_ids() == TokenIds()
+    assert (tok.bos_id, tok.eos_id, tok.pad_id) == (2, 1, 0)
+    for i in [0, 1, 2, 4, 5, 105, 106, 107]:
+        assert tok.sp.is_control(i), tok.id_to_piece(i)
+    assert tok.vocab_size == 2048  # the corpus fills the vocabulary
+
+
+def test_gemma3_layout_puts_turn_markers_at_105_106():
+    assert control_pieces(GEMMA3_TOKEN_IDS)[-3:] == [
+        "<unused99>",
+        "<start_of_turn>",
+        "<end_of_turn>",
+    ]
+    t = train_tokenizer(multilingual_texts(300), vocab_size=800, token_ids=GEMMA3_TOKEN_IDS)
+    assert t.token_ids() == GEMMA3_TOKEN_IDS
+    assert t.piece_to_id("<start_of_turn>") == 105 and t.piece_to_id("<end_of_turn>") == 106
+
+
+def test_digits_are_split(tok):
+    ids = tok.encode("x = 12345 + 678", bos=False)
+    digits = [tok.id_to_piece(i) for i in ids if any(c.isdigit() for c in tok.id_to_piece(i))]
+    assert digits == list("12345678")
+
+
+def test_learned_pieces_follow_gemma_options(tok):
+    pieces = [tok.id_to_piece(i) for i in range(364, tok.vocab_size)]
+    assert any(p and set(p) <= {SPACE_MARKER, "\t", "\n"} and len(p) > 1 for p in pieces)
+    assert not any(len(p) > 1 and any(c.isdigit() for c in p) for p in pieces)  # split digits
+
+    # split by unicode script: no learned piece mixes Latin and Cyrillic or CJK letters
+    def other_script(c: str) -> bool:
+        return "\u0400" <= c <= "\u04ff" or "\u4e00" <= c <= "\u9fff"  # Cyrillic, CJK
+
+    assert not any(any(c in string.ascii_letters for c in p) and any(map(other_script, p))
+                   for p in pieces)  # fmt: skip
+    # no dummy prefix: a word at the start of text has no leading space marker
+    assert not tok.id_to_piece(tok.encode("the", bos=False)[0]).startswith(SPACE_MARKER)
+
+
+def test_bos_by_default(tok):
+    assert tok.encode("hello")[0] == 2
+    assert tok.encode("hello", bos=False)[0] != 2
+    assert tok.encode("hello", bos=False, eos=True)[-1] == 1
+    assert tok.encode("") == [2]
+    assert tok.decode(tok.encode("hello", eos=True)) == "hello"
+
+
+@pytest.mark.parametrize("text", VARIED)
+def test_exact_round_trip(tok, text):
+    assert tok.decode(tok.encode(text)) == text
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet=st.characters(codec="utf-8", exclude_characters=SPACE_MARKER), max_size=80))
+def test_exact_round_trip_any_text(tok, text):
+    assert tok.decode(tok.encode(text)) == text
+
+
+def test_round_trip_of_corpus_style_text(tok):
+    for doc in multilingual_texts(200, seed=1):
+        assert tok.decode(tok.encode(doc)) == doc
+
+
+def test_space_marker_is_the_one_inexact_character(tok):
+    # SentencePiece writes spaces as U+2581; Gemma's tokenizer shares this limitation.
+    assert tok.decode(tok.encode(f"a{SPACE_MARKER}b")) == "a b"
+
+
+def test_lone_surrogate_is_a_clear_error(tok):
+    with pytest.raises(UnicodeEncodeError, match="surrogates not allowed"):
+        tok.encode("a\ud800")
+
+
+def test_special_names_in_text_are_plain_text(tok):
+    ids = tok.encode("<start_of_turn>user<end_of_turn><bos><eos>", bos=False)
+    assert not set(ids) & {0, 1, 2, 3, 4, 106, 107}
+
+
+def test_chunk_text_keeps_text_and_bounds_length():
+    texts = ["short\nlines\n", "x" * 5000 + "\n" + "y\n" * 3000, ""]
+    chunks = list(chunk_text(texts, max_chars=1000))
+    assert max(len(c) for c in chunks) <= 1000
+    assert "".join(chunks) == "".join(texts)
+
+
+def test_small_corpus_gives_a_smaller_vocab():
+    t = train_tokenizer(["hello world\n"] * 20, vocab_size=2048)
+    assert 364 < t.vocab_size < 4096
+    assert t.decode(t.encode("hello world, 42 🙂")) == "hello world, 42 🙂"
+
+
+def test_bad_input_errors(tmp_path):
+    with pytest.raises(ValueError, match="vocab_size 300 is too small"):
+        train_tokenizer(["abc"], vocab_size=300)
+    with pytest.raises(ValueError, match="no training text"):
+        train_tokenizer([], vocab_size=1000)
+    with pytest.raises(FileNotFoundError, match="missing.txt"):
+        train_tokenizer(files=[tmp_path / "missing.txt"], vocab_size=1000)
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("caf\xe9".encode("latin-1"))
+    with pytest.raises(ValueError, match="latin1.txt: not UTF-8"):
+        train_tokenizer(files=[latin1], vocab_size=1000)
+    junk = tmp_path / "junk.model"
+    junk.write_bytes(b"not a model")
+    with pytest.raises(ValueError, match="junk.model: not a SentencePiece model"):
+        load_tokenizer(junk)
+    with pytest.raises(FileNotFoundError, match="tokenizer.model"):
+        load_tokenizer(tmp_path)
+
+
+def test_cli_train_encode_decode(tmp_path, capsys):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("".join(multilingual_texts(400)), encoding="utf-8")
+    prefix = tmp_path / "out" / "tok"
+    assert main(["tokenizer", "train", "--input", str(corpus), "--vocab-size", "1000",
+                 "--output", str(prefix)]) == 0  # fmt: skip
+    assert f"wrote {prefix}.model: 1000 pieces" in capsys.readouterr().out
+    assert [p.name for p in prefix.parent.iterdir()] == ["tok.model"]  # no temp file left
+    tok = load_tokenizer(tmp_path / "out" / "tok.model")
+
+    assert main(["tokenizer", "encode", "--tokenizer", f"{prefix}.model", "über 42"]) == 0
+    ids_line = capsys.readouterr().out.splitlines()[0]
+    ids = [int(i) for i in ids_line.split()]
+    assert ids == tok.encode("über 42")
+    assert main(["tokenizer", "decode", "--tokenizer", f"{prefix}.model", *map(str, ids)]) == 0
+    assert capsys.readouterr().out == "über 42\n"
+    assert main(["tokenizer", "decode", "--tokenizer", f"{prefix}.model", "99999"]) == 2
+    assert "outside the vocabulary" in capsys.readouterr().err
+
+    assert main(["tokenizer", "info", f"{prefix}.model"]) == 0
+    out = capsys.readouterr().out
+    assert "<start_of_turn>  106" in out and "<end_of_turn>    107" in out
