@@ -37,6 +37,8 @@ def config_from_hf(hf: dict[str, Any], name: str = "checkpoint") -> GemmaConfig:
         norm_eps=hf.get("rms_norm_eps", 1e-6),
         query_pre_attn_scalar=hf.get("query_pre_attn_scalar"),
     )
+    if fields["query_pre_attn_scalar"] == fields["head_dim"]:
+        fields["query_pre_attn_scalar"] = None  # the default; keeps presets comparable
     if scaling.get("rope_type") == "linear" or scaling.get("type") == "linear":
         fields["rope_scaling"] = float(scaling["factor"])
     if kind in ("gemma2", "gemma3_text"):
