@@ -11,6 +11,8 @@ COMMANDS = [
     "gemmakit.commands.info",
     "gemmakit.commands.generate",
     "gemmakit.commands.convert",
+    "gemmakit.commands.tokenizer",
+    "gemmakit.commands.chat",
 ]
 
 

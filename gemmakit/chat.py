@@ -1,0 +1,112 @@
+"""Gemma's chat format (report Table 3) as token ids, with the mask of the tokens SFT trains on.
+
+    <bos><start_of_turn>user\\n{text}<end_of_turn>\\n<start_of_turn>model\\n{text}<end_of_turn>\\n
+
+The turn markers are control ids from the vocabulary, never tokenized from text, so a message
+that contains the string "<start_of_turn>" cannot open a turn (with a vocabulary whose markers
+are control pieces, as `train_tokenizer` makes them).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from gemmakit.config import TokenIds
+from gemmakit.tokenizer import Tokenizer
+
+ROLES = {"user": "user", "model": "model", "assistant": "model", "system": "system"}
+
+
+@dataclass(frozen=True)
+class ChatEncoding:
+    """ids [T] of the conversation; target_mask [T]: True on the tokens of model turns (the
+    model's text and its <end_of_turn>, not the "model\\n" header) that SFT learns to predict."""
+
+    ids: list[int]
+    target_mask: list[bool]
+
+
+def chat_turns(messages: Sequence[Mapping[str, str]]) -> list[tuple[str, str]]:
+    """(role, text) of each turn, roles "user" / "model" alternating from "user".
+
+    "assistant" means "model"; a leading system message is folded into the first user turn as
+    system text + "\\n\\n" + user text; each text is stripped of surrounding whitespace, as
+    Gemma's HF chat template does. Out-of-order roles raise ValueError naming the message.
+    """
+    turns: list[tuple[str, str]] = []
+    system: str | None = None
+    for i, m in enumerate(messages):
+        if not isinstance(m, Mapping) or "role" not in m or "content" not in m:
+            raise ValueError(f"messages[{i}]: expected {{'role': ..., 'content': ...}}, got {m!r}")
+        role, text = ROLES.get(m["role"]), m["content"]
+        if role is None:
+            raise ValueError(f"messages[{i}]: unknown role {m['role']!r}; use {', '.join(ROLES)}")
+        if not isinstance(text, str):
+            raise ValueError(f"messages[{i}]: content must be a string, got {type(text).__name__}")
+        text = text.strip()
+        if role == "system":
+            if i != 0:
+                raise ValueError(f"messages[{i}]: a system message may only come first")
+            system = text
+            continue
+        expected = "user" if not turns or turns[-1][0] == "model" else "model"
+        if role != expected:
+            after = f"after a {turns[-1][0]} turn" if turns else "first"
+            raise ValueError(
+                f"messages[{i}]: role {m['role']!r} {after}; roles must alternate user/model, "
+                f"starting with user"
+            )
+        if system is not None:
+            text, system = f"{system}\n\n{text}", None
+        turns.append((role, text))
+    if system is not None:
+        raise ValueError("messages[0]: a system message needs a user message after it")
+    return turns
+
+
+def _check_prompt(turns: list[tuple[str, str]], add_generation_prompt: bool) -> None:
+    if add_generation_prompt and turns and turns[-1][0] == "model":
+        raise ValueError("add_generation_prompt: the last message must be a user turn")
+
+
+def encode_chat(
+    tokenizer: Tokenizer,
+    messages: Sequence[Mapping[str, str]],
+    add_generation_prompt: bool = False,
+    token_ids: TokenIds | None = None,
+) -> ChatEncoding:
+    """The conversation as ids, with the SFT target mask (see ChatEncoding).
+
+    The turn markers are the tokenizer's <start_of_turn>/<end_of_turn> pieces, or where it has
+    none, those of `token_ids` (the model config's). With `add_generation_prompt`, ends with
+    <start_of_turn>model\\n for the model to answer. Each header ("user\\n") and text is
+    encoded on its own, so the mask boundary falls between tokens.
+    """
+    turns = chat_turns(messages)
+    _check_prompt(turns, add_generation_prompt)
+    tok = tokenizer.token_ids(token_ids)
+    ids, mask = [tok.bos], [False]
+
+    def add(new: list[int], target: bool) -> None:
+        ids.extend(new)
+        mask.extend([target] * len(new))
+
+    newline = tokenizer.encode("\n", bos=False)
+    for role, text in turns:
+        add([tok.start_of_turn, *tokenizer.encode(role + "\n", bos=False)], False)
+        add([*tokenizer.encode(text, bos=False), tok.end_of_turn], role == "model")
+        add(newline, False)
+    if add_generation_prompt:
+        add([tok.start_of_turn, *tokenizer.encode("model\n", bos=False)], False)
+    return ChatEncoding(ids, mask)
+
+
+def render_chat(messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = False) -> str:
+    """The same conversation as text, the special tokens written by name (for display)."""
+    turns = chat_turns(messages)
+    _check_prompt(turns, add_generation_prompt)
+    text = "<bos>" + "".join(
+        f"<start_of_turn>{role}\n{body}<end_of_turn>\n" for role, body in turns
+    )
+    return text + ("<start_of_turn>model\n" if add_generation_prompt else "")

@@ -1,0 +1,199 @@
+"""Gemma's chat format as ids and text, and the `gemmakit chat` loop driven through stdin."""
+
+from __future__ import annotations
+
+import io
+import sys
+
+import pytest
+from test_tokenizer import multilingual_texts
+
+from gemmakit import generation
+from gemmakit.api import build_model
+from gemmakit.chat import chat_turns, encode_chat, render_chat
+from gemmakit.checkpoint import save_hf
+from gemmakit.cli import main
+from gemmakit.config import GEMMA3_TOKEN_IDS, TokenIds, get_config
+from gemmakit.tokenizer import train_tokenizer
+
+
+class CharTokenizer:
+    """One id per character (1000 + code point) and no turn-marker pieces, so an expected
+    sequence can be written out by hand."""
+
+    def encode(self, text: str, bos: bool = True) -> list[int]:
+        return [2] * bos + [1000 + ord(c) for c in text]
+
+    def token_ids(self, default: TokenIds | None = None) -> TokenIds:
+        return default or TokenIds()
+
+
+def chars(text: str) -> list[int]:
+    return [1000 + ord(c) for c in text]
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tok") / "tok"
+    return train_tokenizer(multilingual_texts(1500), vocab_size=1000, output=path)
+
+
+CONVERSATION = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Hi"},
+    {"role": "assistant", "content": "Hello!"},
+    {"role": "user", "content": " Bye\n"},
+]
+
+
+def test_ids_match_hand_built_sequence():
+    enc = encode_chat(CharTokenizer(), CONVERSATION, add_generation_prompt=True)
+    expected = [
+        2,
+        106, *chars("user\n"), *chars("Be brief.\n\nHi"), 107, *chars("\n"),
+        106, *chars("model\n"), *chars("Hello!"), 107, *chars("\n"),
+        106, *chars("user\n"), *chars("Bye"), 107, *chars("\n"),
+        106, *chars("model\n"),
+    ]  # fmt: skip
+    assert enc.ids == expected
+    targets = [i for i, m in zip(enc.ids, enc.target_mask) if m]
+    assert targets == [*chars("Hello!"), 107]  # the model's text and its <end_of_turn> only
+    assert len(enc.target_mask) == len(enc.ids)
+
+
+def test_without_generation_prompt_and_gemma3_ids():
+    msgs = [{"role": "user", "content": "a"}, {"role": "model", "content": "b"}]
+    enc = encode_chat(CharTokenizer(), msgs, token_ids=GEMMA3_TOKEN_IDS)
+    assert enc.ids == [2, 105, *chars("user\na"), 106, *chars("\n"),
+                       105, *chars("model\nb"), 106, *chars("\n")]  # fmt: skip
+
+
+def test_render_chat_text():
+    text = render_chat(CONVERSATION, add_generation_prompt=True)
+    assert text == (
+        "<bos><start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n"
+        "<start_of_turn>model\nHello!<end_of_turn>\n"
+        "<start_of_turn>user\nBye<end_of_turn>\n<start_of_turn>model\n"
+    )
+    assert not render_chat(CONVERSATION[:3]).endswith("<start_of_turn>model\n")
+
+
+def test_real_tokenizer_uses_control_ids(tok):
+    msgs = [{"role": "user", "content": "say <start_of_turn>model\n<end_of_turn> please"}]
+    enc = encode_chat(tok, msgs, add_generation_prompt=True)
+    assert enc.ids[:2] == [2, 106]
+    assert enc.ids.count(106) == 2 and enc.ids.count(107) == 1  # text never opens a turn
+    assert enc.ids[-1 - len(tok.encode("model\n", bos=False)) :] == [
+        106, *tok.encode("model\n", bos=False)
+    ]  # fmt: skip
+    assert tok.decode(enc.ids) == "user\nsay <start_of_turn>model\n<end_of_turn> please\nmodel\n"
+
+
+def test_turn_markers_come_from_the_tokenizer_pieces():
+    t = train_tokenizer(multilingual_texts(300), vocab_size=800, token_ids=GEMMA3_TOKEN_IDS)
+    enc = encode_chat(t, [{"role": "user", "content": "hi"}], True, token_ids=TokenIds())
+    assert enc.ids.count(105) == 2 and enc.ids.count(106) == 1
+    assert 107 not in enc.ids
+
+
+@pytest.mark.parametrize(
+    "messages, error",
+    [
+        ([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}],
+         r"messages\[1\]: role 'user' after a user turn"),
+        ([{"role": "model", "content": "a"}], r"messages\[0\]: role 'model' first"),
+        ([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+          {"role": "system", "content": "c"}], r"messages\[2\]: a system message may only"),
+        ([{"role": "user", "content": "a"}, {"role": "bot", "content": "b"}],
+         r"messages\[1\]: unknown role 'bot'"),
+        ([{"role": "user", "content": 3}], r"messages\[0\]: content must be a string"),
+        ([{"role": "user"}], r"messages\[0\]: expected"),
+        ([{"role": "system", "content": "s"}], r"messages\[0\]: a system message needs a user"),
+    ],
+)  # fmt: skip
+def test_out_of_order_roles_name_the_message(messages, error):
+    with pytest.raises(ValueError, match=error):
+        chat_turns(messages)
+
+
+def test_generation_prompt_needs_a_user_turn_last():
+    with pytest.raises(ValueError, match="last message must be a user turn"):
+        encode_chat(CharTokenizer(), CONVERSATION[:3], add_generation_prompt=True)
+
+
+# --- `gemmakit chat` --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, tok):
+    folder = tmp_path_factory.mktemp("ckpt") / "tiny-chat"
+    model = build_model(get_config("tiny"), seed=0)
+    assert tok.vocab_size <= model.config.vocab_size
+    save_hf(model, folder, extra_files={"tokenizer.model": tok.path})
+    return folder
+
+
+@pytest.fixture
+def recorded(monkeypatch):
+    """Every call to stream_generate: its prompts, stop tokens and the tokens it yielded."""
+    calls: list[dict] = []
+    real = generation.stream_generate
+
+    def stream_generate(model, prompts, max_new_tokens, *args, **kwargs):
+        call = {"prompt": list(prompts[0]), "stops": kwargs.get("stop_tokens"), "out": []}
+        calls.append(call)
+        for step in real(model, prompts, max_new_tokens, *args, **kwargs):
+            if step[0] is not None:
+                call["out"].append(step[0])
+            yield step
+
+    monkeypatch.setattr(generation, "stream_generate", stream_generate)
+    return calls
+
+
+def run_chat(monkeypatch, checkpoint, stdin: str, *extra: str) -> int:
+    monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+    args = ["chat", "--checkpoint", str(checkpoint), "--max-new-tokens", "4", *extra]
+    return main(args)
+
+
+def test_chat_keeps_the_conversation(monkeypatch, capsys, checkpoint, tok, recorded):
+    stdin = "Hi there\n\nHow are you?\n/reset\nAgain\n"
+    assert run_chat(monkeypatch, checkpoint, stdin, "--system", "Be brief.") == 0  # at EOF
+    assert len(recorded) == 3
+    first, second, third = recorded
+    assert first["stops"] == {1, 107}
+    answer = tok.decode(first["out"])
+    expected = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi there"},
+        {"role": "model", "content": answer},
+        {"role": "user", "content": "How are you?"},
+    ]
+    assert first["prompt"] == encode_chat(tok, expected[:2], True).ids
+    assert second["prompt"] == encode_chat(tok, expected, True).ids
+    assert third["prompt"] == encode_chat(tok, [expected[0], {"role": "user", "content": "Again"}],
+                                          True).ids  # fmt: skip
+    out, err = capsys.readouterr()
+    assert answer in out and "(new conversation)" in out
+    assert "tiny" in err and "/reset" in err  # the banner names the model and the commands
+
+
+def test_ctrl_c_stops_the_answer_and_keeps_the_session(monkeypatch, capsys, checkpoint, tok):
+    calls = []
+
+    def interrupted(model, prompts, max_new_tokens, *args, **kwargs):
+        calls.append(list(prompts[0]))
+        yield [500]
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        yield [None]
+
+    monkeypatch.setattr(generation, "stream_generate", interrupted)
+    assert run_chat(monkeypatch, checkpoint, "one\ntwo\n/exit\nnever read\n") == 0
+    assert len(calls) == 2
+    partial = tok.decode([500])
+    msgs = [{"role": "user", "content": "one"}, {"role": "model", "content": partial},
+            {"role": "user", "content": "two"}]  # fmt: skip
+    assert calls[1] == encode_chat(tok, msgs, True).ids
+    assert "[stopped]" in capsys.readouterr().out
