@@ -13,6 +13,7 @@ COMMANDS = [
     "gemmakit.commands.convert",
     "gemmakit.commands.tokenizer",
     "gemmakit.commands.chat",
+    "gemmakit.commands.data",
 ]
 
 

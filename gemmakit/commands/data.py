@@ -1,0 +1,239 @@
+"""`gemmakit data ...`: the pretraining data pipeline, whole (`prepare CONFIG.yaml`) or one
+stage at a time (read, quality, safety, scrub, dedup, decontaminate, tokenize), plus `inspect`
+for a shard folder and `corpus` to write out the embedded default corpus.
+
+Each stage reads documents (txt, jsonl, parquet, or a folder of them), writes the documents it
+keeps as JSONL, prints what it dropped and why, and writes that summary as JSON beside its
+output (OUT.summary.json, or --summary)."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+
+import yaml
+
+from gemmakit.data.readers import Document
+from gemmakit.data.summary import StageSummary
+
+Stage = Callable[[Iterable[Document], StageSummary, argparse.Namespace], Iterator[Document]]
+
+
+def register(sub) -> None:
+    p = sub.add_parser("data", help="pretraining data: filter, dedup, decontaminate, tokenize")
+    dsub = p.add_subparsers(dest="data_command", required=True)
+
+    q = dsub.add_parser("prepare", help="the whole chain from a YAML config")
+    q.add_argument("config", nargs="?", help="YAML config (default: the embedded corpus)")
+    q.add_argument("--out", help="output folder (default: the config's `output`)")
+    q.add_argument("--tokenizer", help="SentencePiece .model (default: the config's)")
+    q.add_argument("--workers", type=int, help="tokenizer processes")
+    q.set_defaults(func=run_prepare)
+
+    stages: dict[str, tuple[str, Stage]] = {
+        "read": ("convert documents to the pipeline's JSONL", _read),
+        "quality": ("Gopher/C4 heuristic quality filters", _quality),
+        "safety": ("drop documents matching a blocklist", _safety),
+        "scrub": ("replace personal data with placeholder tags", _scrub),
+        "dedup": ("remove exact and near (MinHash) duplicates", _dedup),
+        "decontaminate": ("remove documents sharing n-grams with eval sets", _decontaminate),
+    }
+    for name, (help_text, fn) in stages.items():
+        s = dsub.add_parser(name, help=help_text)
+        _add_io_args(s, out_help="output JSONL of the documents kept")
+        s.set_defaults(func=lambda a, name=name, fn=fn: run_stage(a, name, fn))
+        if name == "quality":
+            s.add_argument("--preset", default="web", help="web, math or code thresholds")
+            s.add_argument(
+                "--set",
+                action="append",
+                default=[],
+                metavar="RULE=VALUE",
+                help="override a threshold (null turns the rule off)",
+            )
+        elif name == "safety":
+            s.add_argument("--blocklist", required=True, help="one term per line")
+            s.add_argument("--max-hits", type=int, default=0, help="matches a document may have")
+        elif name == "scrub":
+            s.add_argument("--kinds", help="comma-separated: email,ipv6,ipv4,credit_card,ssn,phone")
+        elif name == "dedup":
+            s.add_argument("--threshold", type=float, default=0.8, help="Jaccard similarity")
+            s.add_argument("--shingle", type=int, default=5, help="words per shingle")
+            s.add_argument("--num-perm", type=int, default=128, help="MinHash functions")
+            s.add_argument("--no-exact", action="store_true", help="skip exact dedup")
+            s.add_argument("--no-near", action="store_true", help="skip near-duplicate dedup")
+        elif name == "decontaminate":
+            s.add_argument(
+                "--eval",
+                action="append",
+                required=True,
+                metavar="FILE",
+                help="evaluation set (jsonl or txt); repeat for several",
+            )
+            s.add_argument("--ngram", type=int, default=13, help="words per matching n-gram")
+            s.add_argument("--min-words", type=int, default=8, help="shortest item matched")
+
+    t = dsub.add_parser("tokenize", help="tokenize in parallel and pack into token shards")
+    _add_io_args(t, out_help="output shard folder")
+    t.add_argument("--tokenizer", required=True, help="SentencePiece .model file")
+    t.add_argument("--workers", type=int, default=2)
+    t.add_argument("--shard-tokens", type=int, default=1 << 26)
+    t.add_argument("--val-fraction", type=float, default=0.01, help="documents held out")
+    t.set_defaults(func=run_tokenize)
+
+    i = dsub.add_parser("inspect", help="describe a token-shard folder, decode a document")
+    i.add_argument("directory")
+    i.add_argument("--split", default="train")
+    i.add_argument("--tokenizer", help="decode with this .model")
+    i.add_argument("--document", type=int, default=0, help="which document to show")
+    i.set_defaults(func=run_inspect)
+
+    c = dsub.add_parser("corpus", help="write the embedded default corpus files to a folder")
+    c.add_argument("directory")
+    c.add_argument("--seed", type=int, default=0)
+    c.set_defaults(func=run_corpus)
+
+
+def _add_io_args(p: argparse.ArgumentParser, out_help: str) -> None:
+    p.add_argument("inputs", nargs="+", help="txt/jsonl/parquet files or folders")
+    p.add_argument("--out", required=True, help=out_help)
+    p.add_argument("--summary", help="summary JSON (default: beside the output)")
+    p.add_argument("--text-field", default="text", help="JSONL field / Parquet column")
+    p.add_argument("--id-field", default="id")
+    p.add_argument(
+        "--split",
+        choices=["file", "paragraph"],
+        default="file",
+        help="plain text: one document per file or per blank-line-separated block",
+    )
+
+
+def _inputs(args: argparse.Namespace) -> Iterator[Document]:
+    from gemmakit.data.readers import read_documents
+
+    return read_documents(args.inputs, args.text_field, args.id_field, args.split)
+
+
+def _finish(summary: StageSummary, path: Path) -> None:
+    from gemmakit.data.atomic import write_json
+
+    print(summary.format())
+    write_json(path, summary.to_dict())
+    print(f"summary: {path}")
+
+
+def run_stage(args: argparse.Namespace, name: str, stage: Stage) -> int:
+    from gemmakit.data.readers import write_documents
+
+    summary = StageSummary(name)
+    n = write_documents(stage(_inputs(args), summary, args), args.out)
+    print(f"{n} documents -> {args.out}")
+    _finish(summary, Path(args.summary or f"{args.out}.summary.json"))
+    return 0
+
+
+def _read(docs, summary, args):
+    for doc in docs:
+        summary.keep()
+        yield doc
+
+
+def _quality(docs, summary, args):
+    from gemmakit.data.quality import QualityConfig, filter_quality
+
+    overrides = {"preset": args.preset}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set {item!r}: expected RULE=VALUE")
+        overrides[key.strip()] = yaml.safe_load(value)
+    return filter_quality(docs, QualityConfig.from_dict(overrides), summary)
+
+
+def _safety(docs, summary, args):
+    from gemmakit.data.safety import Blocklist, filter_safety
+
+    return filter_safety(docs, Blocklist.from_file(args.blocklist), summary, args.max_hits)
+
+
+def _scrub(docs, summary, args):
+    from gemmakit.data.pii import KINDS, scrub_documents
+
+    kinds = args.kinds.split(",") if args.kinds else KINDS
+    return scrub_documents(docs, summary, kinds)
+
+
+def _dedup(docs, summary, args):
+    from gemmakit.data.dedup import ExactDedup, MinHashDedup, dedup_documents
+
+    exact = None if args.no_exact else ExactDedup()
+    near = None if args.no_near else MinHashDedup(args.threshold, args.shingle, args.num_perm)
+    return dedup_documents(docs, summary, exact, near)
+
+
+def _decontaminate(docs, summary, args):
+    from gemmakit.data.decontaminate import EvalIndex, decontaminate
+
+    index = EvalIndex.from_files(args.eval, args.ngram, args.min_words)
+    return decontaminate(docs, index, summary)
+
+
+def run_tokenize(args: argparse.Namespace) -> int:
+    from gemmakit.data.tokenize import tokenize_to_shards
+    from gemmakit.tokenizer import load_tokenizer
+
+    summary = StageSummary("tokenize")
+    tokenize_to_shards(
+        _inputs(args),
+        load_tokenizer(args.tokenizer),
+        args.out,
+        summary,
+        workers=args.workers,
+        shard_tokens=args.shard_tokens,
+        val_fraction=args.val_fraction,
+    )
+    _finish(summary, Path(args.summary or Path(args.out) / "tokenize.summary.json"))
+    return 0
+
+
+def run_prepare(args: argparse.Namespace) -> int:
+    from gemmakit.data.pipeline import DEFAULT_CONFIG, SUMMARY_FILE, prepare
+
+    config = args.config or DEFAULT_CONFIG
+    report = prepare(config, args.out, args.tokenizer, workers=args.workers)
+    print(f"summary: {Path(report['out_dir']) / SUMMARY_FILE}")
+    return 0
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+    from gemmakit.data.shards import TokenShards
+
+    shards = TokenShards(args.directory, args.split)
+    print(shards)
+    for split, info in shards.index["splits"].items():
+        print(
+            f"  {split}: {info['tokens']} tokens, {info['documents']} documents, "
+            f"{len(info['shards'])} shards"
+        )
+    if shards.num_documents:
+        ids = shards.document(args.document)
+        print(f"document {args.document} ({len(ids)} tokens): {ids[:16].tolist()} ...")
+        if args.tokenizer:
+            from gemmakit.tokenizer import load_tokenizer
+
+            print(load_tokenizer(args.tokenizer).decode(ids.tolist()))
+    return 0
+
+
+def run_corpus(args: argparse.Namespace) -> int:
+    import shutil
+
+    from gemmakit.data.synthetic import CORPUS_DIR, write_corpus
+
+    for name, path in write_corpus(args.directory, args.seed).items():
+        print(f"{name}: {path} ({path.stat().st_size} bytes)")
+    for extra in ("blocklist.txt", "default.yaml"):
+        shutil.copyfile(CORPUS_DIR / extra, Path(args.directory) / extra)
+        print(f"{extra}: {Path(args.directory) / extra}")
+    return 0
