@@ -20,12 +20,9 @@ def build_model(
     """A model with random weights (std 0.02, zero norms); built on the meta device first so
     that a large preset allocates its weights once."""
     with torch.device("meta"):
-        model = Gemma(config)
+        model = Gemma(config).to(dtype or torch.float32)
     model = model.to_empty(device=device or "cpu")
-    init_weights(model, seed=seed)
-    if dtype is not None:
-        model = model.to(dtype)
-    return model.eval()
+    return init_weights(model, seed=seed).eval()
 
 
 def load_model(
