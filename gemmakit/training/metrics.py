@@ -1,0 +1,104 @@
+"""What a run reports: FLOPs per token, the device's peak, MFU, and a JSONL/TensorBoard log."""
+
+from __future__ import annotations
+
+import json
+import time
+from functools import cache
+from pathlib import Path
+
+import torch
+
+from gemmakit.config import GemmaConfig
+
+# Dense bf16 peaks (no sparsity), per GPU, by name fragment as torch reports it.
+GPU_PEAK_BF16 = {
+    "H200": 989e12,
+    "H100": 989e12,  # SXM; the PCIe card is 756e12 (pass --set log.peak_flops=756e12)
+    "A100": 312e12,
+    "L40S": 362e12,
+    "A10G": 70e12,
+    "L4": 121e12,
+}
+
+
+def train_flops_per_token(config: GemmaConfig, seq_len: int) -> float:
+    """Model FLOPs of one trained token (forward + backward), as in PaLM's MFU:
+    6 * N for the weights (N: non-embedding parameters plus the output projection, which the
+    tied embedding computes) + 12 * layers * heads * head_dim * seq_len for attention scores
+    and values (causal masking not subtracted, as PaLM counts it)."""
+    n = config.non_embedding_params() + config.vocab_size * config.d_model
+    attention = 12 * config.n_layers * config.n_heads * config.head_dim * seq_len
+    return 6 * n + attention
+
+
+@cache
+def measured_peak_flops(device_type: str, dtype: torch.dtype) -> float:
+    """Matmul FLOP/s this device reaches in `dtype` (a 1024^3 matmul, best of a few runs):
+    the CPU's practical peak, which has no datasheet figure to look up."""
+    n = 1024
+    a = torch.randn(n, n, device=device_type).to(dtype)
+    b = torch.randn(n, n, device=device_type).to(dtype)
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        if device_type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype, override: float | None = None) -> float:
+    """Per-device peak FLOP/s for MFU: the override, the datasheet value of a known GPU, or
+    (CPU, unknown GPU) a measured matmul rate."""
+    if override:
+        return override
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, value in GPU_PEAK_BF16.items():
+            if key in name:
+                return value if dtype != torch.float32 else value / 2
+    return measured_peak_flops(device.type, dtype)
+
+
+class MetricsLog:
+    """Appends one JSON object per record to RUN/metrics.jsonl (and TensorBoard scalars when
+    the package is installed and wanted). Only rank 0 makes one."""
+
+    def __init__(self, run_dir: str | Path, tensorboard: bool = True, resume_step: int = 0):
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.exists():
+            # A resumed run drops what it logged after its last checkpoint: those steps rerun.
+            keep = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]  # fmt: skip
+            self.path.write_text("".join(line + "\n" for line in keep))
+        self.file = self.path.open("a")
+        self.tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+            except ImportError:
+                pass
+
+    def write(self, record: dict) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            step = record.get("step", 0)
+            for key, value in record.items():
+                if key != "step" and isinstance(value, int | float):
+                    self.tb.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -1,0 +1,197 @@
+"""Training checkpoints: save and resume a run, atomically.
+
+A checkpoint is a directory `RUN/checkpoints/step_0000100/` holding
+- config.json + model.safetensors (gemmakit.checkpoint.save_hf), so `gemmakit.load_model(dir)`
+  loads the trained model directly;
+- train_state.pt (torch.save, read back with weights_only=True): optimizer state keyed by
+  parameter name, the step, the data position, each rank's RNG states, the recipe, and the
+  parameters of the loss itself if it has any (a reward head);
+- tokenizer.model when the recipe names one.
+It is written under a hidden temporary name and renamed into place when complete, so a run
+killed at any moment leaves either the whole checkpoint or none.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from gemmakit.checkpoint import save_hf
+from gemmakit.model.transformer import Gemma
+from gemmakit.training.distributed import DistEnv, barrier
+
+STATE_FILE = "train_state.pt"
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+def checkpoint_root(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The complete checkpoint with the highest step under `run_dir`, or None."""
+    root = checkpoint_root(run_dir)
+    found = []
+    for d in root.glob("step_*") if root.is_dir() else []:
+        m = _STEP_DIR.match(d.name)
+        if m and (d / STATE_FILE).is_file():
+            found.append((int(m.group(1)), d))
+    return max(found)[1] if found else None
+
+
+# --- RNG -----------------------------------------------------------------------------------
+
+
+def rng_state() -> dict:
+    """This process's RNG states, in types that torch.load(weights_only=True) accepts."""
+    np_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# --- gather (collective under FSDP) ----------------------------------------------------------
+
+
+def _full_state(loss_module: nn.Module, optimizer: torch.optim.Optimizer, env: DistEnv):
+    """Full (unsharded) model and optimizer state dicts on rank 0 (None elsewhere), keyed by
+    parameter name. Every rank must call this: under FSDP it gathers the shards."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    if not env.distributed:
+        opts = StateDictOptions(full_state_dict=True)
+    else:
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_sd = get_model_state_dict(loss_module, options=opts)
+    optim_sd = get_optimizer_state_dict(loss_module, optimizer, options=opts)
+    if not env.is_main:
+        return None, None
+    model_sd = {k: v.detach().cpu() for k, v in model_sd.items()}
+    return model_sd, optim_sd
+
+
+def _gather_rng(env: DistEnv) -> list[dict]:
+    state = rng_state()
+    if not env.distributed:
+        return [state]
+    out: list = [None] * env.world_size
+    dist.all_gather_object(out, state)
+    return out
+
+
+# --- save ------------------------------------------------------------------------------------
+
+
+def save_checkpoint(
+    run_dir: str | Path,
+    step: int,
+    loss_module: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    env: DistEnv,
+    info: dict,
+    tokenizer: str | Path | None = None,
+    keep: int = 2,
+) -> Path:
+    """Write RUN/checkpoints/step_{step}/ atomically and prune older ones beyond `keep`.
+
+    loss_module: the (possibly FSDP-sharded) LossModule whose `.model` is a Gemma.
+    info: what the loop needs to resume (data position, recipe, ...), stored in train_state.pt.
+    Every rank must call this; only rank 0 writes. Returns the checkpoint directory.
+    """
+    model_sd, optim_sd = _full_state(loss_module, optimizer, env)
+    rngs = _gather_rng(env)
+    root = checkpoint_root(run_dir)
+    final = root / f"step_{step:07d}"
+    if env.is_main:
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
+        try:
+            config = loss_module.model.config
+            with torch.device("meta"):
+                holder = Gemma(config)  # a module around the gathered tensors, for save_hf
+            gemma_sd = {k.removeprefix("model."): v for k, v in model_sd.items()
+                        if k.startswith("model.")}  # fmt: skip
+            holder.load_state_dict(gemma_sd, assign=True)
+            extra = {"tokenizer.model": Path(tokenizer)} if tokenizer else None
+            save_hf(holder, tmp, extra_files=extra)
+            state = {
+                "step": step,
+                "optimizer": optim_sd,
+                "loss_params": {k: v for k, v in model_sd.items() if not k.startswith("model.")},
+                "rng": rngs,
+                **info,
+            }
+            torch.save(state, tmp / STATE_FILE)
+            tmp.chmod(0o755)  # mkdtemp makes it private
+            if final.exists():  # the same step saved again (a resumed run's final step)
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        _prune(root, keep, final)
+    barrier(env)
+    return final
+
+
+def _prune(root: Path, keep: int, newest: Path) -> None:
+    steps = sorted(d for d in root.glob("step_*") if _STEP_DIR.match(d.name))
+    for d in steps[: max(0, len(steps) - max(keep, 1))]:
+        if d != newest:
+            shutil.rmtree(d, ignore_errors=True)
+    for d in root.glob(".step_*"):  # temporaries of a killed save
+        shutil.rmtree(d, ignore_errors=True)
+
+
+# --- load ------------------------------------------------------------------------------------
+
+
+def read_train_state(ckpt_dir: str | Path) -> dict:
+    path = Path(ckpt_dir) / STATE_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no training state (not a training checkpoint)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated or foreign file
+        raise ValueError(f"{path}: cannot read training state ({e})") from e
+
+
+def restore(
+    state: dict, loss_module: nn.Module, optimizer: torch.optim.Optimizer, env: DistEnv
+) -> None:
+    """Load the optimizer state (into a possibly sharded module) and this rank's RNG states.
+    The model weights come from the checkpoint's safetensors when the model is built."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(
+        loss_module, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True)
+    )
+    rngs = state["rng"]
+    set_rng_state(rngs[env.rank] if env.rank < len(rngs) else rngs[0])

@@ -1,0 +1,186 @@
+"""The training loop's pieces: chunked cross-entropy, schedule, recipes, optimizer groups,
+activation checkpointing, and a short run on real token shards."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gemmakit.api import build_model
+from gemmakit.config import get_config
+from gemmakit.training.data import SyntheticTokens
+from gemmakit.training.loop import build_optimizer, checkpoint_blocks, pretrain
+from gemmakit.training.losses import IGNORE, chunked_cross_entropy, next_token_loss
+from gemmakit.training.recipe import RecipeError, build_recipe, load_recipe
+from gemmakit.training.schedule import lr_at
+
+SMALL = {"vocab_size": 256, "d_model": 64, "n_layers": 2, "n_heads": 2, "n_kv_heads": 1,
+         "head_dim": 32, "ffn_dim": 128}  # fmt: skip
+
+
+def small_model(preset: str = "tiny"):
+    return build_model(get_config(preset).replace(**SMALL), dtype=torch.float32, seed=0)
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-gemma2"])  # gemma2: final soft-cap
+def test_chunked_ce_equals_full_logits_ce(preset):
+    model = small_model(preset)
+    tokens = torch.randint(0, 256, (3, 11))
+    targets = torch.randint(0, 256, (3, 11))
+    targets[0, :4] = IGNORE  # masked positions count for nothing, in either loss
+
+    def grads(loss):
+        model.zero_grad()
+        loss.backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    full = F.cross_entropy(model(tokens).flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
+    g_full = grads(full)
+    # 7 does not divide the 33 positions: the last chunk is short.
+    chunked = chunked_cross_entropy(model.logits, model(tokens, return_hidden=True), targets, 7)
+    g_chunked = grads(chunked)
+    torch.testing.assert_close(chunked, full, rtol=1e-6, atol=1e-6)
+    for a, b in zip(g_chunked, g_full):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_chunked_ce_holds_one_chunk_of_logits():
+    """What autograd keeps for backward is the hidden states, never [N, V] logits."""
+    model = small_model()
+    hidden = model(torch.randint(0, 256, (2, 64)), return_hidden=True)
+    saved = []
+    hooks = torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, id)
+    with hooks:
+        chunked_cross_entropy(model.logits, hidden, torch.randint(0, 256, (2, 64)), 16)
+    assert saved and all(256 not in shape for shape in saved), saved
+
+
+def test_activation_checkpointing_same_loss_and_grads():
+    model, tokens = small_model(), torch.randint(0, 256, (2, 16))
+    batch = {"tokens": tokens, "targets": tokens.roll(-1, 1)}
+    loss = next_token_loss(model, batch)
+    loss.backward()
+    want = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    checkpoint_blocks(model)
+    loss2 = next_token_loss(model, batch)
+    loss2.backward()
+    assert loss2.item() == pytest.approx(loss.item(), rel=1e-6)
+    for p, g in zip(model.parameters(), want):
+        torch.testing.assert_close(p.grad, g)
+    assert "blocks.0.attn.q_proj.weight" in model.state_dict()  # names unchanged
+
+
+def test_schedule_warmup_then_cosine_to_floor():
+    kw = dict(lr=1.0, min_lr=0.1, warmup_steps=10, total_steps=110)
+    assert lr_at(0, **kw) == pytest.approx(0.1)
+    assert lr_at(9, **kw) == pytest.approx(1.0)
+    assert lr_at(10, **kw) == pytest.approx(1.0)
+    assert lr_at(60, **kw) == pytest.approx(0.55)  # halfway down the cosine
+    assert lr_at(110, **kw) == pytest.approx(0.1)
+    assert lr_at(500, **kw) == pytest.approx(0.1)
+    assert all(lr_at(s, **kw) >= lr_at(s + 1, **kw) for s in range(10, 120))
+
+
+def test_optimizer_decays_matrices_only():
+    model = small_model()
+    opt = build_optimizer(model, build_recipe({"data": {"synthetic": True}}).optimizer)
+    decayed = {id(p) for p in opt.param_groups[0]["params"]}
+    names = {n for n, p in model.named_parameters() if id(p) in decayed}
+    assert "blocks.0.mlp.gate_proj.weight" in names
+    assert "embedder.weight" not in names
+    assert not any("norm" in n for n in names)
+    assert opt.param_groups[1]["weight_decay"] == 0.0
+
+
+def test_recipe_overrides_and_errors(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("data:\n  train: shards\noptimizer:\n  lr: 3e-4\n")
+    r = load_recipe(path, ["optimizer.lr=1e-3", "training.compile=true", "eval.interval=5"])
+    assert r.optimizer.lr == 1e-3 and r.training.compile is True and r.eval.interval == 5
+    assert r.data.train == ["shards"]  # one dir is a list of one
+    assert load_recipe(path).optimizer.lr == 3e-4  # YAML reads 3e-4 as a string
+    with pytest.raises(RecipeError, match="'optimizer.lrr'"):
+        load_recipe(path, ["optimizer.lrr=1"])
+    path.write_text("data:\n  train: s\ntraining:\n  stepz: 3\n")
+    with pytest.raises(RecipeError, match=r"r\.yaml: unknown key 'training\.stepz'"):
+        load_recipe(path)
+    with pytest.raises(RecipeError, match="training.steps must be int"):
+        build_recipe({"data": {"synthetic": True}, "training": {"steps": "many"}})
+    with pytest.raises(RecipeError, match="distributed.mode must be one of"):
+        build_recipe({"data": {"synthetic": True}}, ["distributed.mode=zero"])
+
+
+def test_cli_reports_unknown_key(tmp_path, capsys):
+    from gemmakit.cli import main
+
+    path = tmp_path / "r.yaml"
+    path.write_text("data:\n  synthetic: true\n")
+    assert main(["pretrain", str(path), "--set", "optimizer.nope=1"]) == 2
+    assert "unknown key 'optimizer.nope'" in capsys.readouterr().err
+
+
+def test_synthetic_batches_match_sampler_contract():
+    """World 2 at step s holds the rows a world of 1 reads at steps 2s and 2s+1."""
+    src = SyntheticTokens(97)
+    one = src.batches(8, 2, seed=3)
+    rows = np.concatenate([next(one), next(one)])
+    r0 = next(src.batches(8, 2, 0, 2, seed=3))
+    r1 = next(src.batches(8, 2, 1, 2, seed=3))
+    np.testing.assert_array_equal(np.concatenate([r0, r1]), rows)
+    assert rows.max() < 97 and rows.shape == (4, 9)
+
+
+def tiny_recipe(run_dir, **sections) -> dict:
+    recipe = {
+        "run_dir": str(run_dir),
+        "model": {"preset": "tiny", "config_overrides": SMALL},
+        "data": {"synthetic": True},
+        "training": {"steps": 6, "seq_len": 16, "batch_size": 4, "micro_batch_size": 2,
+                     "loss_chunk_tokens": 8, "dtype": "float32"},
+        "optimizer": {"lr": 1e-2, "min_lr": 1e-3, "warmup_steps": 2},
+        "eval": {"interval": 3, "batches": 2},
+        "checkpoint": {"interval": 3},
+        "log": {"progress": False, "tensorboard": False},
+    }  # fmt: skip
+    for section, values in sections.items():
+        recipe[section] = {**recipe.get(section, {}), **values}
+    return recipe
+
+
+def test_pretrain_on_token_shards(tmp_path):
+    from gemmakit import load_model
+    from gemmakit.data.shards import ShardWriter
+
+    rng = np.random.default_rng(0)
+    with ShardWriter(tmp_path / "shards", eos_id=1, bos_id=2, shard_tokens=500,
+                     val_fraction=0.2) as w:  # fmt: skip
+        for i in range(60):
+            w.add(np.concatenate([[2], rng.integers(3, 256, 40)]), key=f"doc{i}")
+    recipe = tiny_recipe(
+        tmp_path / "run", data={"synthetic": False, "train": [str(tmp_path / "shards")]}
+    )
+    result = pretrain(recipe)
+    assert result.steps == 6 and len(result.losses) == 6
+    assert all(math.isfinite(x) for x in result.losses)
+    assert [s for s, _ in result.val_losses] == [3, 6]
+    model = load_model(result.checkpoint)  # the checkpoint is a plain HF directory
+    assert model.config.vocab_size == 256 and model.config.n_layers == 2
+    with pytest.raises(ValueError, match="already holds checkpoints"):
+        pretrain(recipe)
+
+
+def test_pretrain_rejects_token_ids_beyond_vocab(tmp_path):
+    from gemmakit.data.shards import ShardWriter
+
+    with ShardWriter(tmp_path / "shards", eos_id=1) as w:
+        w.add(np.arange(200, 300), key="big")
+    recipe = tiny_recipe(
+        tmp_path / "run", data={"synthetic": False, "train": [str(tmp_path / "shards")]}
+    )
+    with pytest.raises(ValueError, match="outside the model's vocabulary of 256"):
+        pretrain(recipe)
