@@ -48,7 +48,7 @@ def words(n: int, seed: int = 0) -> str:
             "duplicate 5-grams",
             " ".join(
                 [words(60, 1)]
-                + ["and the train left with five old friends at dawn"] * 4
+                + ["and the train left with five old friends at dawn"] * 7
                 + [words(60, 2)]
             ),
         ),
