@@ -152,15 +152,19 @@ def tiny_recipe(run_dir, **sections) -> dict:
     return recipe
 
 
-def test_pretrain_on_token_shards(tmp_path):
-    from gemmakit import load_model
+def write_shards(directory, seed=0, docs=60):
     from gemmakit.data.shards import ShardWriter
 
-    rng = np.random.default_rng(0)
-    with ShardWriter(tmp_path / "shards", eos_id=1, bos_id=2, shard_tokens=500,
-                     val_fraction=0.2) as w:  # fmt: skip
-        for i in range(60):
+    rng = np.random.default_rng(seed)
+    with ShardWriter(directory, eos_id=1, bos_id=2, shard_tokens=500, val_fraction=0.2) as w:
+        for i in range(docs):
             w.add(np.concatenate([[2], rng.integers(3, 256, 40)]), key=f"doc{i}")
+
+
+def test_pretrain_on_token_shards(tmp_path):
+    from gemmakit import load_model
+
+    write_shards(tmp_path / "shards")
     recipe = tiny_recipe(
         tmp_path / "run", data={"synthetic": False, "train": [str(tmp_path / "shards")]}
     )
@@ -184,3 +188,16 @@ def test_pretrain_rejects_token_ids_beyond_vocab(tmp_path):
     )
     with pytest.raises(ValueError, match="outside the model's vocabulary of 256"):
         pretrain(recipe)
+
+
+def test_pretrain_on_a_weighted_mixture(tmp_path):
+    write_shards(tmp_path / "web", seed=1)
+    write_shards(tmp_path / "code", seed=2)
+    dirs = [str(tmp_path / "web"), str(tmp_path / "code")]
+    recipe = tiny_recipe(
+        tmp_path / "run",
+        training={"steps": 3},
+        data={"synthetic": False, "train": dirs, "weights": [0.7, 0.3]},
+    )
+    result = pretrain(recipe)
+    assert len(result.losses) == 3 and result.val_losses[-1][0] == 3

@@ -11,6 +11,8 @@ what the uninterrupted one did.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from itertools import islice
+from pathlib import Path
 
 import numpy as np
 
@@ -61,37 +63,58 @@ class SyntheticTokens:
         yield from self.batches(seq_len, batch_size, rank, world_size, seed=-1 % 2**31)
 
 
-def train_source(data: DataSection, vocab_size: int):
-    """The sampler for the recipe's training data (one shard dir, or a weighted mixture)."""
+def train_source(data: DataSection, vocab_size: int, total_micro_steps: int):
+    """The sampler for the recipe's training data: one shard dir, a dir holding a mixture.json
+    (as `gemmakit data` writes it), or a weighted / staged mixture of several dirs.
+    total_micro_steps: sampler steps of the whole run (a staged mixture's schedule)."""
     if data.synthetic:
         return SyntheticTokens(vocab_size)
+    from gemmakit.data.mixture import MIXTURE_FILE, MixtureSampler
     from gemmakit.data.shards import TokenShards
 
-    shards = [TokenShards(d, "train") for d in data.train]
-    if len(shards) == 1 and data.weights is None:
-        return shards[0]
-    from gemmakit.data.shards import MixtureSampler
+    dirs = [Path(d) for d in data.train]
+    if len(dirs) == 1 and data.weights is None and data.stages is None:
+        if (dirs[0] / MIXTURE_FILE).exists():
+            return MixtureSampler.from_dir(dirs[0], total_micro_steps)
+        return TokenShards(dirs[0], "train")
+    names = [d.name for d in dirs]
+    if len(set(names)) != len(names):
+        names = [f"{i}:{d.name}" for i, d in enumerate(dirs)]
+    stages = data.stages or [
+        {"until": 1.0, "weights": dict(zip(names, data.weights or [1.0] * len(dirs)))}
+    ]
+    return MixtureSampler(dict(zip(names, dirs)), stages, total_micro_steps)
 
-    weights = data.weights or [1.0] * len(shards)
-    return MixtureSampler(shards, weights)
 
-
-def valid_source(data: DataSection, vocab_size: int, seq_len: int):
-    """The validation sampler: data.valid's "val" split, else the first train dir's when it
-    holds a window; None when there is nothing to validate on."""
+def valid_shards(data: DataSection, train, seq_len: int) -> list:
+    """The val splits to measure the validation loss on: data.valid's, else those of the
+    training sources that hold at least one window (maybe none)."""
     if data.synthetic:
-        return SyntheticTokens(vocab_size)
+        return [SyntheticTokens(train.vocab_size)]
     from gemmakit.data.shards import TokenShards
 
-    directory = data.valid or (data.train[0] if data.train else None)
-    if directory is None:
-        return None
-    shards = TokenShards(directory, "val")
-    if shards.num_windows(seq_len) == 0:
-        if data.valid:
+    if data.valid:
+        val = TokenShards(data.valid, "val")
+        if val.num_windows(seq_len) == 0:
             raise ValueError(
-                f"{data.valid}: the val split holds {shards.num_tokens} tokens, fewer than one "
+                f"{data.valid}: the val split holds {val.num_tokens} tokens, fewer than one "
                 f"window of {seq_len + 1}"
             )
-        return None
-    return shards
+        return [val]
+    sources = train.sources.values() if hasattr(train, "sources") else [train]
+    vals = [TokenShards(s.directory, "val") for s in sources]
+    return [v for v in vals if v.num_windows(seq_len)]
+
+
+def eval_windows(
+    vals: list, seq_len: int, batch_size: int, rank: int, world_size: int, max_batches: int
+) -> Iterator[np.ndarray]:
+    """This rank's share of `max_batches` validation batches (over all ranks), spread over the
+    val splits: rank r takes batches r, r + world, ..., so any world size measures the same
+    windows. Every rank gets the same number (each forward is collective under FSDP)."""
+    per_source = max(1, max_batches // max(1, len(vals)))
+    for val in vals:
+        n = per_source
+        if hasattr(val, "num_windows"):  # finite: at most every window once
+            n = min(n, -(-val.num_windows(seq_len) // batch_size))
+        yield from islice(val.eval_batches(seq_len, batch_size, rank, world_size), n // world_size)

@@ -12,7 +12,6 @@ import math
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from itertools import islice
 from pathlib import Path
 
 import torch
@@ -22,7 +21,7 @@ from torch.utils.checkpoint import checkpoint
 from gemmakit.config import GemmaConfig, get_config
 from gemmakit.model.transformer import Gemma
 from gemmakit.training import distributed, state
-from gemmakit.training.data import train_source, valid_source
+from gemmakit.training.data import eval_windows, train_source, valid_shards
 from gemmakit.training.distributed import DistEnv
 from gemmakit.training.losses import LossFn, LossModule, next_token_loss, windows_to_batch
 from gemmakit.training.metrics import MetricsLog, peak_flops, train_flops_per_token
@@ -342,34 +341,30 @@ def pretrain(recipe: Recipe | dict | str | Path, resume: bool = False) -> RunRes
     recipe = as_recipe(recipe)
     t = recipe.training
     vocab = _vocab_size(recipe)
-    source = train_source(recipe.data, vocab)
 
     def make_batches(env: DistEnv, start: int) -> Iterator[dict]:
+        accum = t.batch_size // (t.micro_batch_size * env.world_size)
+        source = train_source(recipe.data, vocab, t.steps * accum)
         windows = source.batches(t.seq_len, t.micro_batch_size, env.rank, env.world_size,
                                  t.seed, start)  # fmt: skip
         for w in windows:
             if w.max() >= vocab:
-                raise ValueError(f"{recipe.data.train}: token id {int(w.max())} is outside the "
-                                 f"model's vocabulary of {vocab}")  # fmt: skip
+                raise ValueError(f"{', '.join(recipe.data.train)}: token id {int(w.max())} is "
+                                 f"outside the model's vocabulary of {vocab}")  # fmt: skip
             yield windows_to_batch(torch.from_numpy(w))
 
-    valid = valid_source(recipe.data, vocab, t.seq_len)
-    make_eval = None
-    if valid is not None:
+    vals = valid_shards(recipe.data, train_source(recipe.data, vocab, t.steps), t.seq_len)
 
-        def make_eval(env: DistEnv) -> Iterator[dict]:
-            n = recipe.eval.batches
-            if hasattr(valid, "num_windows"):  # finite: every rank gets the same count
-                total = -(-valid.num_windows(t.seq_len) // t.micro_batch_size)
-                n = min(n, total // env.world_size)
-            windows = valid.eval_batches(t.seq_len, t.micro_batch_size, env.rank, env.world_size)
-            return (windows_to_batch(torch.from_numpy(w)) for w in islice(windows, n))
+    def make_eval(env: DistEnv) -> Iterator[dict]:
+        windows = eval_windows(vals, t.seq_len, t.micro_batch_size, env.rank, env.world_size,
+                               recipe.eval.batches)  # fmt: skip
+        return (windows_to_batch(torch.from_numpy(w)) for w in windows)
 
     loss_fn = functools.partial(next_token_loss, chunk_tokens=t.loss_chunk_tokens)
     joined = torch.distributed.is_initialized()  # a caller's process group is left open
     env = distributed.init(t.device, recipe.distributed.backend)
     try:
-        return train(recipe, loss_fn, make_batches, make_eval, resume=resume, env=env)
+        return train(recipe, loss_fn, make_batches, make_eval if vals else None, resume, env)
     finally:
         if not joined:
             distributed.close()

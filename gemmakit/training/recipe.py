@@ -26,9 +26,13 @@ class ModelSection:
 
 @dataclass
 class DataSection:
-    train: list[str] = field(default_factory=list)  # token shard dirs (gemmakit.data.shards)
-    weights: list[float] | None = None  # mixture weights, one per train dir (None: one dir)
-    valid: str | None = None  # shard dir for the validation loss (None: no validation)
+    # Token shard dirs (gemmakit.data.shards), or one dir with a mixture.json (gemmakit data).
+    train: list[str] = field(default_factory=list)
+    weights: list[float] | None = None  # mixture weights, one per train dir
+    # Or a staged mixture over the train dirs, named by their folder names:
+    # [{until: 0.8, weights: {web: 0.7, code: 0.3}}, {until: 1.0, weights: {...}}]
+    stages: list[dict] | None = None
+    valid: str | None = None  # shard dir whose val split is used (None: the train dirs' own)
     tokenizer: str | None = None  # copied into every checkpoint as tokenizer.model
     synthetic: bool = False  # a built-in learnable token stream instead of shards (tests, benches)
 
@@ -65,7 +69,7 @@ class OptimizerSection:
 @dataclass
 class EvalSection:
     interval: int = 100  # steps between validation losses (0: never)
-    batches: int = 8  # micro-batches per validation
+    batches: int = 8  # micro-batches per validation, over all ranks
 
 
 @dataclass
