@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+import numpy as np
 
 from gemmakit.data.readers import Document
 from gemmakit.data.summary import StageSummary
@@ -114,6 +115,22 @@ class _Stats:
         self.words = text.split()
         self.lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
         self.paragraphs = [p.strip() for p in re.split(r"\n\s*\n", text) if p.strip()]
+        self._grams: dict[int, np.ndarray] = {}
+
+    def gram_hashes(self, n: int) -> np.ndarray:
+        """uint64 [len(words) - n + 1]: equal for equal word n-grams (64-bit polynomial hash;
+        a collision between different n-grams has probability ~2^-64)."""
+        if not self._grams:
+            words = np.array([hash(w) for w in self.words], dtype=np.int64).view(np.uint64)
+            self._grams[1] = words
+            self.word_lens = np.array([len(w) for w in self.words], dtype=np.int64)
+        have = max(j for j in self._grams if j <= n)
+        h, k = self._grams[have], np.uint64(0x100000001B3)
+        with np.errstate(over="ignore"):
+            for j in range(have + 1, n + 1):  # extend (j-1)-grams by one word
+                h = h[:-1] * k + self._grams[1][j - 1 :]
+                self._grams[j] = h
+        return h
 
 
 def _duplicates(items: list[str]) -> tuple[int, int]:
@@ -129,28 +146,31 @@ def _duplicates(items: list[str]) -> tuple[int, int]:
     return n, chars
 
 
-def _top_ngram_chars(words: list[str], n: int) -> int:
-    grams = Counter(" ".join(words[i : i + n]) for i in range(len(words) - n + 1))
-    if not grams:
+def _top_ngram_chars(s: _Stats, n: int) -> int:
+    """Characters in all occurrences of the most frequent n-gram (0 when none repeats)."""
+    if len(s.words) < n:
         return 0
-    gram, count = grams.most_common(1)[0]
-    return len(gram) * count if count > 1 else 0
+    values, first, counts = np.unique(s.gram_hashes(n), return_index=True, return_counts=True)
+    k = int(np.argmax(counts))
+    if counts[k] < 2:
+        return 0
+    i = int(first[k])
+    return (int(s.word_lens[i : i + n].sum()) + n - 1) * int(counts[k])
 
 
-def _duplicate_ngram_chars(words: list[str], n: int) -> int:
-    """Characters of words inside n-grams that repeat an earlier n-gram (Gopher; non-overlapping
-    count: after a repeat, skip past it)."""
-    seen: set[tuple[str, ...]] = set()
-    chars, i = 0, 0
-    while i <= len(words) - n:
-        gram = tuple(words[i : i + n])
-        if gram in seen:
-            chars += sum(map(len, gram))
-            i += n
-        else:
-            seen.add(gram)
-            i += 1
-    return chars
+def _duplicate_ngram_chars(s: _Stats, n: int) -> int:
+    """Characters of the words covered by n-grams that repeat an earlier n-gram (Gopher)."""
+    if len(s.words) < n:
+        return 0
+    h = s.gram_hashes(n)
+    _, first = np.unique(h, return_index=True)
+    repeat = np.ones(len(h), dtype=bool)
+    repeat[first] = False
+    starts = np.flatnonzero(repeat)
+    edges = np.zeros(len(s.words) + 1, dtype=np.int64)
+    np.add.at(edges, starts, 1)
+    np.add.at(edges, starts + n, -1)
+    return int(s.word_lens[np.cumsum(edges)[:-1] > 0].sum())
 
 
 def _rules(c: QualityConfig) -> list[tuple[str, Callable[[_Stats], str | None]]]:
@@ -281,14 +301,14 @@ def _rules(c: QualityConfig) -> list[tuple[str, Callable[[_Stats], str | None]]]
     for n, lim in sorted((c.max_top_ngram_chars_fraction or {}).items()):
 
         def top(s: _Stats, n=n, lim=lim) -> str | None:
-            r = _top_ngram_chars(s.words, n) / s.chars
+            r = _top_ngram_chars(s, n) / s.chars
             return f"{r:.3f} > {lim}" if r > lim else None
 
         add(f"top {n}-gram", True, top)
     for n, lim in sorted((c.max_duplicate_ngram_chars_fraction or {}).items()):
 
         def rep(s: _Stats, n=n, lim=lim) -> str | None:
-            r = _duplicate_ngram_chars(s.words, n) / s.chars
+            r = _duplicate_ngram_chars(s, n) / s.chars
             return f"{r:.3f} > {lim}" if r > lim else None
 
         add(f"duplicate {n}-grams", True, rep)
