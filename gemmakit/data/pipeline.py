@@ -225,9 +225,13 @@ def prepare(
     write_json(out / SUMMARY_FILE, report)
     if verbose:
         t = report["totals"]
+        tokens = (
+            f"{t['train_tokens']} train + {t['val_tokens']} val tokens"
+            if tokenizer is not None
+            else "no tokenizer: cleaned documents only"
+        )
         print(
-            f"prepare: {t['read']} documents read, {t['kept']} kept, "
-            f"{t['train_tokens']} train + {t['val_tokens']} val tokens -> {out} "
+            f"prepare: {t['read']} documents read, {t['kept']} kept, {tokens} -> {out} "
             f"({report['seconds']:.1f} s)"
         )
     return report
