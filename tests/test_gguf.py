@@ -18,7 +18,7 @@ import gemmakit
 from gemmakit.checkpoint import CheckpointError
 from gemmakit.checkpoint.dequant import dequantize
 from gemmakit.checkpoint.gguf import GGUFSource, gguf_layout
-from gemmakit.config import GemmaConfig, gemma3_270m, tiny_gemma3
+from gemmakit.config import GemmaConfig, gemma3_270m, tiny, tiny_gemma2, tiny_gemma3
 
 REFERENCE = Path(__file__).parent / "data" / "gemma3_270m_hf_reference.json"
 
@@ -134,7 +134,10 @@ def test_float_types(qtype):
 
 # --- small GGUF files written with gguf.GGUFWriter ---------------------------------------------
 
-TINY = tiny_gemma3().replace(d_model=256, n_layers=2, n_heads=2, head_dim=128, vocab_size=320)
+SMALL = dict(d_model=256, n_layers=2, n_heads=2, head_dim=128, vocab_size=320)  # K-quant rows: 256
+TINY = tiny_gemma3().replace(**SMALL)
+TINY_BY_ARCH = {"gemma": tiny().replace(**SMALL), "gemma2": tiny_gemma2().replace(**SMALL),
+                "gemma3": TINY}  # fmt: skip
 # a stored type for each tensor kind, so that one file holds every type we read
 TYPES = {
     "token_embd": Q.Q8_0, "attn_q": Q.Q5_0, "attn_k": Q.F16, "attn_v": Q.BF16,
@@ -159,8 +162,13 @@ def write_gguf(path: Path, config: GemmaConfig, arch: str = "gemma3") -> dict[st
                        "attention.key_length": config.head_dim,
                        "attention.value_length": config.head_dim,
                        "attention.sliding_window": config.sliding_window}.items():  # fmt: skip
-        writer.add_uint32(h + key, value)
-    writer.add_float32(h + "attention.layer_norm_rms_epsilon", config.norm_eps)
+        if value is not None:
+            writer.add_uint32(h + key, value)
+    for key, value in {"attention.layer_norm_rms_epsilon": config.norm_eps,
+                       "attn_logit_softcapping": config.attn_logit_softcap,
+                       "final_logit_softcapping": config.final_logit_softcap}.items():  # fmt: skip
+        if value is not None:
+            writer.add_float32(h + key, value)
     writer.add_float32(h + "rope.freq_base", config.rope_theta)
     expected = {}
     for name, p in model.named_parameters():
@@ -202,6 +210,19 @@ def write_gguf(path: Path, config: GemmaConfig, arch: str = "gemma3") -> dict[st
 def tiny_gguf(tmp_path_factory):
     path = tmp_path_factory.mktemp("gguf") / "tiny.gguf"
     return path, write_gguf(path, TINY)
+
+
+@pytest.mark.parametrize("arch", ["gemma", "gemma2"])
+def test_earlier_generations(arch, tmp_path):
+    """Gemma 1 (no sandwich norms) and Gemma 2 (soft-caps, alternating windows) files."""
+    config = TINY_BY_ARCH[arch]
+    path = tmp_path / f"{arch}.gguf"
+    expected = write_gguf(path, config, arch)
+    model = gemmakit.load_model(path)
+    assert model.config.replace(name=config.name) == config
+    state = dict(model.named_parameters())
+    for name, want in expected.items():
+        torch.testing.assert_close(state[name].detach(), want, rtol=1e-6, atol=1e-7, msg=name)
 
 
 def test_source_agrees_with_gguf_reader(tiny_gguf):
