@@ -85,11 +85,15 @@ def main() -> None:
 
     read_sum, read_copy = stream_floor(args.reps)
     floor = max(read_sum, read_copy)
-    print(f"threads {args.threads}; streaming floor: sum {read_sum:.1f} GB/s, "
-          f"copy {read_copy:.1f} GB/s (read+write)")
+    print(
+        f"threads {args.threads}; streaming floor: sum {read_sum:.1f} GB/s, "
+        f"copy {read_copy:.1f} GB/s (read+write)"
+    )
     shapes = [s for s in SHAPES if not (args.no_logits and s[0] == "logits")]
-    head = (f"{'M':>2} {'shape':<14} {'N x K':>13} | {'kernel':>15} | {'torch bf16':>15} | "
-            f"{'torch f32':>15} | {'vs bf16':>7} {'vs f32':>7} {'of floor':>8}")
+    head = (
+        f"{'M':>2} {'shape':<14} {'N x K':>13} | {'kernel':>15} | {'torch bf16':>15} | "
+        f"{'torch f32':>15} | {'vs bf16':>7} {'vs f32':>7} {'of floor':>8}"
+    )
     print(head)
     print("-" * len(head))
     gen = torch.Generator().manual_seed(0)
@@ -101,12 +105,16 @@ def main() -> None:
                 step[key] += uses * t[key]
             gbs = {key: n * k * (4 if key == "f32" else 2) / t[key] / 1e9 for key in t}
             cells = " | ".join(f"{t[key] * 1e3:6.2f}ms {gbs[key]:5.1f}GB/s" for key in t)
-            print(f"{m:>2} {name:<14} {f'{n}x{k}':>13} | {cells} | "
-                  f"{t['bf16'] / t['kernel']:6.2f}x {t['f32'] / t['kernel']:6.2f}x "
-                  f"{gbs['kernel'] / floor:7.0%}")
+            print(
+                f"{m:>2} {name:<14} {f'{n}x{k}':>13} | {cells} | "
+                f"{t['bf16'] / t['kernel']:6.2f}x {t['f32'] / t['kernel']:6.2f}x "
+                f"{gbs['kernel'] / floor:7.0%}"
+            )
         cells = " | ".join(f"{step[key] * 1e3:8.1f}ms    " for key in step)
-        print(f"{m:>2} {'decode step':<14} {'(all above)':>13} | {cells} | "
-              f"{step['bf16'] / step['kernel']:6.2f}x {step['f32'] / step['kernel']:6.2f}x")
+        print(
+            f"{m:>2} {'decode step':<14} {'(all above)':>13} | {cells} | "
+            f"{step['bf16'] / step['kernel']:6.2f}x {step['f32'] / step['kernel']:6.2f}x"
+        )
 
 
 if __name__ == "__main__":

@@ -42,9 +42,7 @@ def kernel_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
     )
 
 
-def linear(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
-) -> torch.Tensor:
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [..., K] @ weight[N, K]^T (+ bias) -> [..., N] in x's dtype, like F.linear.
 
     A bf16 CPU weight with at most MAX_ROWS rows of x runs the C kernel (float32 accumulation,

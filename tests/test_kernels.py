@@ -1,0 +1,196 @@
+"""The bf16 GEMV C kernel: exact float32 math, the dispatch rules, the torch fallback, and a
+bf16 model decoding the same with and without it."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import gemmakit
+from gemmakit import kernels
+from gemmakit.generation import generate
+from gemmakit.kernels import cpu
+
+CAN_BUILD = cpu.cpu_supported() and shutil.which("cc") is not None
+needs_kernel = pytest.mark.skipif(not CAN_BUILD, reason="needs x86-64 AVX2/FMA and a C compiler")
+
+
+def rel_error(got: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> float:
+    """max |got - exact| / (|x| @ |w|^T): the error in units of the summed magnitudes, which is
+    what float32 accumulation bounds (about K * 6e-8 at worst, far less on average)."""
+    exact = x.double() @ w.double().T
+    scale = x.double().abs() @ w.double().abs().T
+    return ((got.double() - exact).abs() / scale.clamp_min(1e-30)).max().item()
+
+
+@needs_kernel
+def test_library_builds_on_this_machine():
+    assert cpu.library() is not None  # a silent fallback here would hide a broken build
+
+
+@needs_kernel
+@pytest.mark.parametrize("m", range(1, 9))
+@pytest.mark.parametrize("n,k", [(1, 1), (5, 8), (13, 37), (29, 129), (67, 640), (9, 2051)])
+def test_kernel_equals_float32_matmul(m, n, k):
+    gen = torch.Generator().manual_seed(m * 1000 + n + k)
+    w = torch.randn(n, k, generator=gen).to(torch.bfloat16)
+    x = torch.randn(m, k, generator=gen)
+    assert kernels.kernel_applies(x, w)
+    got = kernels.linear(x, w)
+    want = x @ w.float().T
+    assert got.dtype == torch.float32 and got.shape == (m, n)
+    assert rel_error(got, x, w) < 1e-6
+    assert rel_error(want, x, w) < 1e-6  # the bound is one float32 accumulation achieves
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+
+
+@needs_kernel
+def test_bf16_input_gives_bf16_rounded_float32_result():
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(300, 256, generator=gen).to(torch.bfloat16)
+    x = torch.randn(2, 3, 256, generator=gen).to(torch.bfloat16)  # 6 rows over leading dims
+    assert kernels.kernel_applies(x, w)
+    got = kernels.linear(x, w)
+    assert got.dtype == torch.bfloat16 and got.shape == (2, 3, 300)
+    want = (x.float() @ w.float().T).to(torch.bfloat16)
+    # both round one float32 sum: at most one bf16 ulp apart, and almost always equal
+    torch.testing.assert_close(got, want, rtol=2**-7, atol=0)
+    assert (got == want).float().mean() > 0.99
+    torch.testing.assert_close(got, F.linear(x, w), rtol=2**-7, atol=0)
+
+
+@needs_kernel
+def test_bias_is_added():
+    w = torch.randn(10, 16).to(torch.bfloat16)
+    x, b = torch.randn(1, 16), torch.randn(10)
+    torch.testing.assert_close(kernels.linear(x, w, b), x @ w.float().T + b)
+
+
+@needs_kernel
+def test_linear_calls_the_kernel_when_it_applies(monkeypatch):
+    calls = []
+    real = kernels.bf16_matmul
+    monkeypatch.setattr(kernels, "bf16_matmul", lambda x, w: calls.append(1) or real(x, w))
+    w = torch.randn(8, 16).to(torch.bfloat16)
+    kernels.linear(torch.randn(8, 16), w)
+    assert calls == [1]
+
+
+def no_kernel(monkeypatch):
+    """Make any call into the C kernel fail the test."""
+
+    def boom(x, w):
+        raise AssertionError("the kernel ran where torch should have")
+
+    monkeypatch.setattr(kernels, "bf16_matmul", boom)
+
+
+@pytest.mark.parametrize(
+    "case", ["float32 weight", "float16 weight", "9 rows", "transposed weight", "training"]
+)
+def test_fallback_to_torch(monkeypatch, case):
+    no_kernel(monkeypatch)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 32, generator=gen)
+    w = torch.randn(24, 32, generator=gen).to(torch.bfloat16)
+    if case == "float32 weight":
+        w = w.float()
+    elif case == "float16 weight":
+        w, x = w.half(), x.half()
+    elif case == "9 rows":
+        x = torch.randn(3, 3, 32, generator=gen)
+    elif case == "transposed weight":
+        w = w.T.contiguous().T
+    elif case == "training":
+        w, x = w.requires_grad_(), x.to(torch.bfloat16).requires_grad_()
+    assert not kernels.kernel_applies(x, w)
+    got = kernels.linear(x, w)
+    torch.testing.assert_close(got, F.linear(x, w.to(x.dtype)))
+    if case == "training":
+        got.sum().backward()
+        assert x.grad is not None and w.grad is not None
+
+
+def test_bf16_parameter_with_grad_uses_torch_unless_grad_is_off(monkeypatch):
+    w = torch.randn(24, 32).to(torch.bfloat16).requires_grad_()
+    x = torch.randn(1, 32).to(torch.bfloat16)
+    assert not kernels.kernel_applies(x, w)  # autograd needs torch's backward
+    with torch.no_grad():
+        assert kernels.kernel_applies(x, w) == (cpu.library() is not None)
+
+
+def test_env_var_disables(monkeypatch):
+    w = torch.randn(24, 32).to(torch.bfloat16)
+    x = torch.randn(1, 32)
+    monkeypatch.setenv("GEMMAKIT_NO_KERNELS", "1")
+    no_kernel(monkeypatch)
+    assert not kernels.kernel_applies(x, w)
+    torch.testing.assert_close(kernels.linear(x, w), x @ w.float().T)
+
+
+def test_no_compiler_falls_back_silently(monkeypatch, tmp_path):
+    monkeypatch.setattr(cpu, "_state", {})  # forget the loaded library for this test
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    assert cpu.library() is None
+    w = torch.randn(24, 32).to(torch.bfloat16)
+    x = torch.randn(1, 32).to(torch.bfloat16)
+    assert not kernels.kernel_applies(x, w)
+    torch.testing.assert_close(kernels.linear(x, w), F.linear(x, w))
+    assert not list(tmp_path.rglob("*.so*"))  # nothing half-written left behind
+
+
+@needs_kernel
+def test_build_caches_by_content(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    first = cpu.build()
+    assert first.parent == tmp_path / "gemmakit" / "kernels" and first.suffix == ".so"
+    stamp = first.stat().st_mtime_ns
+    assert cpu.build() == first and first.stat().st_mtime_ns == stamp  # not rebuilt
+    assert [p.name for p in first.parent.iterdir()] == [first.name]  # no temp files left
+
+
+@needs_kernel
+def test_bf16_greedy_decoding_same_with_and_without_kernel(monkeypatch):
+    """The kernel and torch round differently-ordered float32 sums to bf16, so a logit can move
+    by one bf16 ulp; greedy tokens may then differ only where the top two logits tie within
+    that noise. Checks: each decode step's logits agree to bf16 precision, and any divergence
+    of the generated text happens at such a near-tie."""
+    model = gemmakit.build_model(gemmakit.get_config("tiny"), dtype=torch.bfloat16, seed=0)
+    with torch.no_grad():  # wider block weights than the 0.02 init: varied text, not repeats
+        for name, p in model.named_parameters():
+            if p.dim() == 2 and "embedder" not in name:
+                p.mul_(5.0)
+    prompts = [[2, 17, 300, 45, 9], [2, 1000, 7]]
+    calls = []
+    real = kernels.bf16_matmul
+    monkeypatch.setattr(kernels, "bf16_matmul", lambda x, w: calls.append(1) or real(x, w))
+    with_kernel = generate(model, prompts, max_new_tokens=16, stop_tokens=[])
+    assert len(calls) >= 15 * (7 * 4 + 1)  # all projections and the logits, each decode step
+    monkeypatch.setenv("GEMMAKIT_NO_KERNELS", "1")
+    without = generate(model, prompts, max_new_tokens=16, stop_tokens=[])
+    assert len(set(with_kernel[0])) > 8  # the text is not one token repeated
+
+    for prompt, a, b in zip(prompts, with_kernel, without, strict=True):
+        seq = torch.tensor([prompt + a])
+        with torch.no_grad():
+            monkeypatch.setenv("GEMMAKIT_NO_KERNELS", "1")
+            torch_logits = model(seq)[0].float()
+            monkeypatch.setenv("GEMMAKIT_NO_KERNELS", "0")
+            cache = gemmakit.model.KVCache(model.config, 1, seq.shape[1], torch.bfloat16)
+            model(seq[:, : len(prompt)], cache=cache)
+            steps = [
+                model(seq[:, t : t + 1], cache=cache) for t in range(len(prompt), seq.shape[1])
+            ]
+        # decode steps through the kernel vs the full torch forward pass, to bf16 precision
+        kernel_logits = torch.cat(steps, dim=1)[0, :-1].float()
+        want = torch_logits[len(prompt) : -1]
+        spread = want.abs().max().item()
+        assert (kernel_logits - want).abs().max().item() < 0.05 * spread
+        if a != b:
+            i = next(j for j, (s, t) in enumerate(zip(a, b, strict=True)) if s != t)
+            row = torch_logits[len(prompt) + i - 1]
+            assert abs(row[a[i]] - row[b[i]]).item() < 0.02 * spread, (i, a[i], b[i])
