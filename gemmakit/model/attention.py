@@ -8,7 +8,7 @@ from torch import nn
 
 from gemmakit.config import GemmaConfig
 from gemmakit.model.cache import KVCache
-from gemmakit.model.layers import RMSNorm, apply_rope
+from gemmakit.model.layers import Linear, RMSNorm, apply_rope
 
 
 def soft_cap(x: torch.Tensor, cap: float) -> torch.Tensor:
@@ -27,10 +27,10 @@ class Attention(nn.Module):
         self.scale = config.query_scale
         self.softcap = config.attn_logit_softcap
         d, hd = config.d_model, config.head_dim
-        self.q_proj = nn.Linear(d, self.n_heads * hd, bias=False)
-        self.k_proj = nn.Linear(d, self.n_kv_heads * hd, bias=False)
-        self.v_proj = nn.Linear(d, self.n_kv_heads * hd, bias=False)
-        self.o_proj = nn.Linear(self.n_heads * hd, d, bias=False)
+        self.q_proj = Linear(d, self.n_heads * hd, bias=False)
+        self.k_proj = Linear(d, self.n_kv_heads * hd, bias=False)
+        self.v_proj = Linear(d, self.n_kv_heads * hd, bias=False)
+        self.o_proj = Linear(self.n_heads * hd, d, bias=False)
         if config.qk_norm:
             self.q_norm = RMSNorm(hd, config.norm_eps)
             self.k_norm = RMSNorm(hd, config.norm_eps)

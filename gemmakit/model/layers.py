@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gemmakit import kernels
+
 
 class RMSNorm(nn.Module):
     """y = x * rsqrt(mean(x^2) + eps) * (1 + w), in float32, cast back to x's dtype.
@@ -46,14 +48,22 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotated * sin
 
 
+class Linear(nn.Linear):
+    """nn.Linear (same parameters and state-dict keys) whose forward is `kernels.linear`: the
+    bf16 CPU decode step runs the C GEMV kernel, everything else F.linear."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.linear(x, self.weight, self.bias)
+
+
 class GatedMLP(nn.Module):
     """Down(gelu_tanh(Gate(x)) * Up(x)); the GELU acts on the gate branch only."""
 
     def __init__(self, d_model: int, ffn_dim: int) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(d_model, ffn_dim, bias=False)
-        self.up_proj = nn.Linear(d_model, ffn_dim, bias=False)
-        self.down_proj = nn.Linear(ffn_dim, d_model, bias=False)
+        self.gate_proj = Linear(d_model, ffn_dim, bias=False)
+        self.up_proj = Linear(d_model, ffn_dim, bias=False)
+        self.down_proj = Linear(ffn_dim, d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
