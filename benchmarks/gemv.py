@@ -32,16 +32,16 @@ SHAPES = [
 
 
 def best_time(fn: Callable[[int], object], reps: int, copies: int = 1) -> float:
-    """Best wall time of a call over `reps` rounds after a warm-up; a round calls fn(0) ..
-    fn(copies - 1) and the time is per call (noise on shared cores only slows a run)."""
+    """Best wall time of one call fn(i), over `reps` rounds of fn(0) .. fn(copies - 1) after a
+    warm-up round: on shared cores the undisturbed call is the one that measures the code."""
     for i in range(copies):
         fn(i)
     best = float("inf")
     for _ in range(reps):
-        t = time.perf_counter()
         for i in range(copies):
+            t = time.perf_counter()
             fn(i)
-        best = min(best, (time.perf_counter() - t) / copies)
+            best = min(best, time.perf_counter() - t)
     return best
 
 
