@@ -3,9 +3,10 @@
  * Decoding reads every weight once per token, so the speed limit is memory bandwidth: the
  * loop reads several rows of W at once, widens 8 bf16 to float32 with a zero-extend and a
  * 16-bit shift (bf16 is the top half of a float32), and FMAs them against the M rows of x,
- * which stay in L1/L2. Accumulation is in float32, as torch's float32 matmul of the upcast weights.
- * Threads take ~256 KiB slabs of W in turn (OpenMP, dynamic: on shared cores a descheduled
- * thread does not hold up the call); the caller passes torch's thread count.
+ * which stay in L1/L2. Accumulation is in float32, as in torch's float32 matmul of the
+ * upcast weights. Threads take ~256 KiB slabs of W in turn (OpenMP, dynamic schedule, so a
+ * thread that starts late on busy cores takes fewer slabs); the caller passes torch's
+ * thread count.
  *
  * Build: cc -O3 -mavx2 -mfma -mf16c -fopenmp -shared -fPIC bf16_gemv.c
  */
