@@ -162,7 +162,7 @@ def test_chat_keeps_the_conversation(monkeypatch, capsys, checkpoint, tok, recor
     assert run_chat(monkeypatch, checkpoint, stdin, "--system", "Be brief.") == 0  # at EOF
     assert len(recorded) == 3
     first, second, third = recorded
-    assert first["stops"] == {1, 107}
+    assert first["stops"] == {1, 106, 107}  # <eos>, <start_of_turn>, <end_of_turn>
     answer = tok.decode(first["out"])
     expected = [
         {"role": "system", "content": "Be brief."},

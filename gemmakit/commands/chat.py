@@ -85,9 +85,11 @@ def respond(model, tokenizer, messages: list[dict], args: argparse.Namespace, ou
         out.write(f"(the conversation fills the {cfg.max_seq_len}-token context: /reset)\n")
         return None
     ids = tokenizer.token_ids(cfg.tokens)
+    # <start_of_turn> too: a model that opens a turn has ended its own (base models do that)
+    stops = {ids.eos, ids.end_of_turn, ids.start_of_turn}
     steps = generation.stream_generate(
         model, [prompt.ids], min(args.max_new_tokens, room), args.temperature, args.top_k,
-        args.top_p, stop_tokens={ids.eos, ids.end_of_turn}, seed=args.seed,
+        args.top_p, stop_tokens=stops, seed=args.seed,
     )  # fmt: skip
     answer: list[int] = []
     try:
