@@ -3,7 +3,7 @@ gemmakit against HF transformers loading the same file, same prompt, same greedy
 run, float32 and bfloat16.
 
     .venv/bin/python benchmarks/decode_270m.py                    # 32 tokens, float32 + bfloat16
-    .venv/bin/python benchmarks/decode_270m.py --dtypes float32 --new-tokens 16
+    .venv/bin/python benchmarks/decode_270m.py --dtypes float32 --new-tokens 16 --threads 1
 
 HF's GGUF loader takes minutes on 2 cores (it dequantizes with numpy and rebuilds the
 tokenizer); that time is not measured, only decode steps (prefill excluded) are.
@@ -32,7 +32,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = ap.parse_args()
+    if args.threads:
+        # on a shared machine, 1 thread avoids waits on a descheduled second thread that make
+        # every parallel op (SDPA above all) take a scheduler slice
+        torch.set_num_threads(args.threads)
     from transformers import AutoModelForCausalLM
 
     path = installed_model_path("gemma3-270m")

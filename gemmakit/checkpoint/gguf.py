@@ -112,7 +112,9 @@ def config_from_gguf(meta: dict[str, Any], vocab_size: int | None = None) -> Gem
         )
     # norm_eps is stored as float32 (9.99999997e-07); round it back to the value it encodes
     fields["norm_eps"] = float(f"{fields['norm_eps']:.6g}")
-    if arch == "gemma2" and fields["n_layers"] == 46:  # 27B: queries scaled by (d/Nq)^-0.5
+    # the 27B models scale queries by (d/Nq)^-0.5, not head_dim^-0.5; llama.cpp tells them by
+    # their layer count, as here
+    if (arch, fields["n_layers"]) in (("gemma2", 46), ("gemma3", 62)):
         fields["query_pre_attn_scalar"] = d_model / n_heads
     if arch == "gemma3":
         fields |= dict(qk_norm=True, rope_local_theta=10_000.0)
