@@ -7,7 +7,6 @@ from __future__ import annotations
 import dataclasses
 import io
 import os
-import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
@@ -218,21 +217,12 @@ def train_tokenizer(
         if tok.id_to_piece(getattr(token_ids, field)) != piece:
             raise AssertionError(f"trained tokenizer: {piece} is not at id {token_ids}")
     if output is not None:
+        from gemmakit.data.atomic import atomic_path
+
         tok.path = Path(name)
-        _write_atomic(tok.path, proto)
+        with atomic_path(tok.path) as tmp:
+            tmp.write_bytes(proto)
     return tok
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def tokenizer_file_for_gguf(path: str | Path) -> Path:
