@@ -45,8 +45,9 @@ class Attention(nn.Module):
         mask: torch.Tensor | None,
         cache: KVCache | None = None,
     ) -> torch.Tensor:
-        """x [B, T, D]; cos/sin [B, T, H]; mask [B, 1, T, S] bool (True: attend) or None for
-        plain causal attention over T == S positions. Returns [B, T, D]."""
+        """x [B, T, D]; cos/sin [B, T, H]; mask [B, 1, T, S] bool (True: attend), or None for
+        plain causal attention with the T queries at the last T of the S key positions.
+        Returns [B, T, D]."""
         B, T, _ = x.shape
         N, K, H = self.n_heads, self.n_kv_heads, self.head_dim
         q = self.q_proj(x).view(B, T, N, H).transpose(1, 2)  # [B, N, T, H]
@@ -59,28 +60,31 @@ class Attention(nn.Module):
             k, v = cache.update(self.layer, k, v)  # [B, K, S, H]
         S = k.shape[2]
 
-        if mask is None and T != S:
-            raise ValueError("a mask is needed when queries and keys differ in length")
-        if mask is None and self.softcap is None:
+        if mask is None and T == S and self.softcap is None:
             # Plain causal attention (training, unpadded prefill): the fused kernel path.
             out = F.scaled_dot_product_attention(
                 q, k, v, is_causal=True, scale=self.scale, enable_gqa=N != K
             )
             return self.o_proj(out.transpose(1, 2).reshape(B, T, N * H))
-        if mask is None:
-            mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril()[None, None]
 
         # Query head n reads KV head n // G: fold the G query heads of a KV head into the
         # query axis, so no key or value is ever copied.  q: [B, K, G*T, H]
         G = N // K
         q = q.reshape(B, K, G * T, H)
-        if G > 1:
-            mask = mask.repeat(1, 1, G, 1)  # row g*T + t is query t
+        if mask is None and T == 1:
+            pass  # one new query after the cache: it sees every key, no mask needed
+        else:
+            if mask is None:  # causal, the T queries being the last T positions
+                mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)[None, None]
+            if G > 1:
+                mask = mask.repeat(1, 1, G, 1)  # row g*T + t is query t
         if self.softcap is None:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
         else:
             scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * self.scale
-            scores = soft_cap(scores, self.softcap).masked_fill(~mask, float("-inf"))
+            scores = soft_cap(scores, self.softcap)
+            if mask is not None:
+                scores = scores.masked_fill(~mask, float("-inf"))
             out = torch.matmul(scores.softmax(-1).to(v.dtype), v)
         out = out.reshape(B, N, T, H).transpose(1, 2).reshape(B, T, N * H)
         return self.o_proj(out)

@@ -127,7 +127,7 @@ class Gemma(nn.Module):
         padded = cache is not None and not bool(cache.key_valid[:, :S].all())
         window = cfg.sliding_window if cfg.sliding_window and cfg.global_every > 1 else None
         needs_local = window is not None and S > window
-        if start == 0 and not padded and not needs_local:
+        if not padded and not needs_local:
             return None, None
         q_pos = torch.arange(start, S, device=device)[:, None]  # [T, 1]
         k_pos = torch.arange(S, device=device)[None, :]  # [1, S]
@@ -139,7 +139,7 @@ class Gemma(nn.Module):
         else:
             global_mask = causal.expand(B, 1, T, S)
         local_mask = global_mask & (k_pos > q_pos - window) if needs_local else global_mask
-        if start == 0 and not padded:
+        if not padded:
             global_mask = None
         return global_mask, local_mask
 
