@@ -49,7 +49,9 @@ class TrainingSection:
     dtype: str = "auto"
     compile: bool = False  # torch.compile each block
     activation_checkpointing: bool = False  # recompute each block's activations in backward
-    loss_chunk_tokens: int = 1024  # tokens per logits chunk of the cross-entropy
+    # Tokens per logits chunk of the cross-entropy; 0: auto, chunks of at most 512 MiB of
+    # float32 logits (524 tokens at a 256k vocabulary, the whole batch at a small one).
+    loss_chunk_tokens: int = 0
     grad_clip: float = 1.0  # max global gradient norm (0: no clipping)
     device: str = "auto"  # auto (cuda when present), cpu, cuda
     seed: int = 0  # model init and data order
@@ -250,10 +252,11 @@ def _check(r: Recipe, where: str) -> None:
         ("training.seq_len", t.seq_len),
         ("training.batch_size", t.batch_size),
         ("training.micro_batch_size", t.micro_batch_size),
-        ("training.loss_chunk_tokens", t.loss_chunk_tokens),
     ]:
         if value < 1:
             raise RecipeError(f"{where}: {key} must be >= 1, got {value}")
+    if t.loss_chunk_tokens < 0:
+        raise RecipeError(f"{where}: training.loss_chunk_tokens must be >= 0 (0: auto)")
     if r.model.preset is None and r.model.checkpoint is None:
         raise RecipeError(f"{where}: set model.preset or model.checkpoint")
     if not r.data.synthetic and not r.data.train:
