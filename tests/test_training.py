@@ -205,3 +205,14 @@ def test_pretrain_on_a_weighted_mixture(tmp_path):
     )
     result = pretrain(recipe)
     assert len(result.losses) == 3 and result.val_losses[-1][0] == 3
+
+
+@pytest.mark.parametrize("name", ["tiny", "gemma-2b", "gemma-7b"])
+def test_shipped_recipes_load(name):
+    from pathlib import Path
+
+    recipe = load_recipe(Path(__file__).parents[1] / "recipes" / f"{name}.yaml")
+    assert recipe.model.preset == name
+    if name != "tiny":
+        assert recipe.training.seq_len == 8192  # the report's context length
+        assert recipe.training.activation_checkpointing and recipe.distributed.mode == "fsdp"
