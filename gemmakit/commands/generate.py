@@ -21,9 +21,10 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
-def stream_text(tokenizer, steps, out=sys.stdout) -> list[int]:
+def stream_text(tokenizer, steps, out=None) -> list[int]:
     """Print decoded text as tokens arrive (decoding the whole so far keeps multi-byte
     characters and SentencePiece spaces right); returns the ids."""
+    out = out or sys.stdout  # looked up per call: sys.stdout may be replaced (tests, pipes)
     ids: list[int] = []
     shown = ""
     for step in steps:
