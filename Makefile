@@ -17,7 +17,11 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# The main job: the whole recipe at tiny scale (report in runs/main/report.html), then the real
+# Gemma 3 270M weights continuing a prompt.
 run: install
+	rm -rf runs/main
+	$(VENV)/bin/gemmakit run --out runs/main
 	$(VENV)/bin/gemmakit generate --model gemma3-270m --max-new-tokens 24 "The capital of France is"
 
 test: install

@@ -11,6 +11,7 @@ COMMANDS = [
     "gemmakit.commands.info",
     "gemmakit.commands.generate",
     "gemmakit.commands.convert",
+    "gemmakit.commands.run",
     "gemmakit.commands.pretrain",
     "gemmakit.commands.tokenizer",
     "gemmakit.commands.chat",

@@ -1,0 +1,1 @@
+"""Evaluation: tasks over a model (memorization for now)."""
