@@ -1,22 +1,28 @@
 """CPU training throughput of the tiny preset: gemmakit's loop against an HF transformers
-GemmaForCausalLM loop of the same shape, weights, batch, optimizer and dtype, in one run; then
-the peak memory of one training step with and without the chunked cross-entropy, at a
+GemmaForCausalLM loop of the same shape, weights, data, batch, optimizer and dtype, in one run;
+then the peak memory of one training step with and without the chunked cross-entropy, at a
 256k-vocabulary shape where the full logits dominate.
 
-    python benchmarks/train_tiny.py                  # ~2 minutes on 2 cores
-    python benchmarks/train_tiny.py --steps 20 --rounds 3
+    python benchmarks/train_tiny.py                  # ~3 minutes on 2 cores
+    python benchmarks/train_tiny.py --steps 10 --rounds 3 --threads 1
 
 Both loops do the same work per step: forward, next-token cross-entropy, backward, gradient
-clipping at 1.0, AdamW (lr 1e-3, betas 0.9/0.95, weight decay 0.1). gemmakit runs its real
-loop (`gemmakit.training.pretrain`, synthetic tokens, no logging to the terminal); the first
-step of each round is left out of both timings. The rounds alternate, so load from other
-processes hits both alike; the best round of each counts.
+clipping at 1.0, AdamW (lr 1e-3, betas 0.9/0.95, weight decay 0.1), on the same synthetic
+token windows (seed 0) from the same initial weights (seed 0). gemmakit runs its real loop
+(`gemmakit.training.pretrain`, no logging to the terminal) and its per-step times come from
+the run's metrics.jsonl; the first step of each round (warm-up, compile) is left out of both.
+The rounds alternate and both use the same fixed thread count, so load from other processes
+hits both alike: tokens/s comes from the median step time over all rounds, the ratio is the
+median of the per-round ratios (each round's pair ran under the same load), and their spread
+shows how far to trust it. On a shared 2-core machine use --threads 1: two OpenMP threads
+whose core is taken by another process wait at every op's barrier (steps 10x slower).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -29,24 +35,30 @@ from gemmakit.training import pretrain
 from gemmakit.training.data import SyntheticTokens
 from gemmakit.training.loop import compute_dtype
 
+SEED = 0  # weights and data of both loops
 
-def gemmakit_tokens_per_s(args, run_dir: Path) -> float:
+
+def gemmakit_step_times(args, run_dir: Path) -> tuple[list[float], float]:
+    """Seconds of each timed step of the real loop, and of its first (warm-up) step."""
     recipe = {
         "run_dir": str(run_dir),
         "model": {"preset": "tiny"},
         "data": {"synthetic": True},
         "training": {"steps": args.steps + 1, "seq_len": args.seq_len,
                      "batch_size": args.batch, "micro_batch_size": args.batch,
-                     "dtype": args.dtype, "compile": args.compile},
+                     "dtype": args.dtype, "compile": args.compile, "seed": SEED},
         "optimizer": {"lr": 1e-3, "min_lr": 1e-3, "warmup_steps": 0, "weight_decay": 0.1},
         "eval": {"interval": 0},
         "checkpoint": {"interval": 0, "keep": 1},
         "log": {"progress": False, "tensorboard": False, "interval": 10**9},
     }  # fmt: skip
-    return pretrain(recipe).tokens_per_s
+    pretrain(recipe)
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    times = [r["step_s"] for r in map(json.loads, lines) if "step_s" in r]
+    return times[1:], times[0]
 
 
-def hf_tokens_per_s(args, hf_dir: Path) -> float:
+def hf_step_times(args, hf_dir: Path) -> list[float]:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(
@@ -59,9 +71,9 @@ def hf_tokens_per_s(args, hf_dir: Path) -> float:
         lr=1e-3, betas=(0.9, 0.95),
     )  # fmt: skip
     dtype = compute_dtype(args.dtype, torch.device("cpu"))
-    batches = SyntheticTokens(model.config.vocab_size).batches(args.seq_len, args.batch)
-    elapsed = 0.0
-    for step in range(args.steps + 1):
+    batches = SyntheticTokens(model.config.vocab_size).batches(args.seq_len, args.batch, seed=SEED)
+    times = []
+    for _ in range(args.steps + 1):
         start = time.perf_counter()
         w = torch.from_numpy(next(batches))
         with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
@@ -72,9 +84,8 @@ def hf_tokens_per_s(args, hf_dir: Path) -> float:
         opt.step()
         opt.zero_grad(set_to_none=True)
         loss.item()
-        if step:
-            elapsed += time.perf_counter() - start
-    return args.steps * args.batch * args.seq_len / elapsed
+        times.append(time.perf_counter() - start)
+    return times[1:]
 
 
 # --- peak memory of one step, in a fresh process each --------------------------------------
@@ -111,35 +122,57 @@ def step_peak_bytes(kind: str) -> int:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=10, help="timed steps per round")
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=20, help="timed steps per round")
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=torch.get_num_threads(),
+        help="torch threads of both loops (default: torch's, one per core)",
+    )
     ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     ap.add_argument("--compile", action="store_true", help="torch.compile gemmakit's blocks")
     ap.add_argument("--skip-memory", action="store_true")
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
     dtype = compute_dtype(args.dtype, torch.device("cpu"))
 
     from gemmakit.api import build_model
     from gemmakit.checkpoint import save_hf
     from gemmakit.config import get_config
 
-    ours, theirs = [], []
+    ours, theirs, ratios, warmups = [], [], [], []
     with tempfile.TemporaryDirectory() as tmp:
-        hf_dir = save_hf(build_model(get_config("tiny"), dtype=torch.float32), Path(tmp) / "hf")
+        model = build_model(get_config("tiny"), dtype=torch.float32, seed=SEED)
+        hf_dir = save_hf(model, Path(tmp) / "hf")
         for r in range(args.rounds):
-            ours.append(gemmakit_tokens_per_s(args, Path(tmp) / f"run{r}"))
-            theirs.append(hf_tokens_per_s(args, hf_dir))
-            print(f"round {r + 1}: gemmakit {ours[-1]:,.0f} tok/s, HF {theirs[-1]:,.0f} tok/s",
+            times, warmup = gemmakit_step_times(args, Path(tmp) / f"run{r}")
+            hf_times = hf_step_times(args, hf_dir)
+            ours += times
+            theirs += hf_times
+            warmups.append(warmup)
+            ratios.append(statistics.median(hf_times) / statistics.median(times))
+            print(f"round {r + 1}: median step gemmakit {statistics.median(times) * 1e3:.0f} ms, "
+                  f"HF {statistics.median(hf_times) * 1e3:.0f} ms ({ratios[-1]:.2f}x)",
                   flush=True)  # fmt: skip
-    best_ours, best_theirs = max(ours), max(theirs)
+    tokens = args.batch * args.seq_len
+    ours_tps, theirs_tps = tokens / statistics.median(ours), tokens / statistics.median(theirs)
     print(f"\ntiny preset training, batch {args.batch} x {args.seq_len}, "
-          f"{str(dtype).removeprefix('torch.')}, {torch.get_num_threads()} threads"
+          f"{str(dtype).removeprefix('torch.')}, {args.threads} threads, "
+          f"{args.rounds} rounds x {args.steps} steps"
           f"{', gemmakit compiled' if args.compile else ''}")  # fmt: skip
+    ratio = statistics.median(ratios)  # each round's pair ran under the same load
     print(f"{'':20}{'tokens/s':>10}{'vs HF':>8}")
-    print(f"{'gemmakit':20}{best_ours:10,.0f}{best_ours / best_theirs:7.2f}x")
-    print(f"{'HF transformers':20}{best_theirs:10,.0f}{1.0:7.2f}x")
+    print(f"{'gemmakit':20}{ours_tps:10,.0f}{ratio:7.2f}x  (rounds: "
+          f"{' '.join(f'{x:.2f}' for x in ratios)})")  # fmt: skip
+    print(f"{'HF transformers':20}{theirs_tps:10,.0f}{1.0:7.2f}x")
+    print(f"gemmakit's first step (warm-up{', compile' if args.compile else ''}): "
+          f"{warmups[0]:.1f} s in the first round, {statistics.median(warmups[1:] or warmups):.1f}"
+          " s after")  # fmt: skip
+    figures = {"tokens_per_s": ours_tps, "hf_tokens_per_s": theirs_tps, "ratio": ratio,
+               "round_ratios": ratios, "threads": args.threads}  # fmt: skip
 
     if not args.skip_memory:
         full, chunked = step_peak_bytes("full"), step_peak_bytes("chunked")
@@ -152,8 +185,8 @@ def main() -> None:
             f"  chunked cross-entropy    {chunked / 2**20:8.0f} MiB  "
             f"({full / max(chunked, 1):.1f}x less)"
         )
-        print(json.dumps({"tokens_per_s": best_ours, "hf_tokens_per_s": best_theirs,
-                          "peak_full_bytes": full, "peak_chunked_bytes": chunked}))  # fmt: skip
+        figures.update(peak_full_bytes=full, peak_chunked_bytes=chunked)
+    print(json.dumps(figures))
 
 
 if __name__ == "__main__":
