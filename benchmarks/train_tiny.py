@@ -8,14 +8,14 @@ then the peak memory of one training step with and without the chunked cross-ent
 
 Both loops do the same work per step: forward, next-token cross-entropy, backward, gradient
 clipping at 1.0, AdamW (lr 1e-3, betas 0.9/0.95, weight decay 0.1), on the same synthetic
-token windows (seed 0) from the same initial weights (seed 0). gemmakit runs its real loop
-(`gemmakit.training.pretrain`, no logging to the terminal) and its per-step times come from
-the run's metrics.jsonl; the first step of each round (warm-up, compile) is left out of both.
-The rounds alternate and both use the same fixed thread count, so load from other processes
-hits both alike: tokens/s comes from the median step time over all rounds, the ratio is the
-median of the per-round ratios (each round's pair ran under the same load), and their spread
-shows how far to trust it. On a shared 2-core machine use --threads 1: two OpenMP threads
-whose core is taken by another process wait at every op's barrier (steps 10x slower).
+token windows (seed 0) from the same initial weights (seed 0), with the same fixed thread
+count. gemmakit runs its real loop (`gemmakit.training.train` with the pretraining loss, no
+logging to the terminal; per-step times from the run's metrics.jsonl). The two loops take
+steps in turn, so load from other processes hits both alike; the first step of each (warm-up,
+compile) is left out. tokens/s comes from the median step time over all rounds, the ratio
+is the median of the per-round ratios, and their spread shows how far to trust it.
+On a shared 2-core machine use --threads 1: two OpenMP threads, one of whose cores another
+process takes, wait at every op's barrier (steps up to 10x slower, for both loops).
 """
 
 from __future__ import annotations
@@ -31,34 +31,17 @@ from pathlib import Path
 
 import torch
 
-from gemmakit.training import pretrain
+from gemmakit.config import get_config
 from gemmakit.training.data import SyntheticTokens
-from gemmakit.training.loop import compute_dtype
+from gemmakit.training.loop import compute_dtype, train
+from gemmakit.training.losses import next_token_loss, windows_to_batch
+from gemmakit.training.recipe import as_recipe
 
 SEED = 0  # weights and data of both loops
 
 
-def gemmakit_step_times(args, run_dir: Path) -> tuple[list[float], float]:
-    """Seconds of each timed step of the real loop, and of its first (warm-up) step."""
-    recipe = {
-        "run_dir": str(run_dir),
-        "model": {"preset": "tiny"},
-        "data": {"synthetic": True},
-        "training": {"steps": args.steps + 1, "seq_len": args.seq_len,
-                     "batch_size": args.batch, "micro_batch_size": args.batch,
-                     "dtype": args.dtype, "compile": args.compile, "seed": SEED},
-        "optimizer": {"lr": 1e-3, "min_lr": 1e-3, "warmup_steps": 0, "weight_decay": 0.1},
-        "eval": {"interval": 0},
-        "checkpoint": {"interval": 0, "keep": 1},
-        "log": {"progress": False, "tensorboard": False, "interval": 10**9},
-    }  # fmt: skip
-    pretrain(recipe)
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    times = [r["step_s"] for r in map(json.loads, lines) if "step_s" in r]
-    return times[1:], times[0]
-
-
-def hf_step_times(args, hf_dir: Path) -> list[float]:
+def hf_stepper(args, hf_dir: Path):
+    """One HF training step per call on the next synthetic batch; returns its seconds."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(
@@ -72,8 +55,8 @@ def hf_step_times(args, hf_dir: Path) -> list[float]:
     )  # fmt: skip
     dtype = compute_dtype(args.dtype, torch.device("cpu"))
     batches = SyntheticTokens(model.config.vocab_size).batches(args.seq_len, args.batch, seed=SEED)
-    times = []
-    for _ in range(args.steps + 1):
+
+    def step() -> float:
         start = time.perf_counter()
         w = torch.from_numpy(next(batches))
         with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
@@ -84,8 +67,45 @@ def hf_step_times(args, hf_dir: Path) -> list[float]:
         opt.step()
         opt.zero_grad(set_to_none=True)
         loss.item()
-        times.append(time.perf_counter() - start)
-    return times[1:]
+        return time.perf_counter() - start
+
+    return step
+
+
+def paired_step_times(args, run_dir: Path, hf_dir: Path) -> tuple[list, list, float]:
+    """gemmakit's real loop (`train` with the pretraining loss) and the HF loop, one step each
+    in turn, so each pair runs under the same load: HF's step runs while gemmakit's loop
+    fetches its next batch, and is taken out of that gemmakit step's time.
+    Returns (gemmakit step seconds, HF step seconds, gemmakit's first step seconds)."""
+    hf_step = hf_stepper(args, hf_dir)
+    hf_step()  # HF's warm-up
+    hf_times = []
+
+    def make_batches(env, start):
+        windows = SyntheticTokens(get_config("tiny").vocab_size).batches(
+            args.seq_len, args.batch, seed=SEED
+        )
+        for i, w in enumerate(windows):
+            if i:  # after gemmakit's warm-up step
+                hf_times.append(hf_step())
+            yield windows_to_batch(torch.from_numpy(w))
+
+    recipe = as_recipe({
+        "run_dir": str(run_dir),
+        "model": {"preset": "tiny"},
+        "data": {"synthetic": True},
+        "training": {"steps": args.steps + 1, "seq_len": args.seq_len,
+                     "batch_size": args.batch, "micro_batch_size": args.batch,
+                     "dtype": args.dtype, "compile": args.compile, "seed": SEED},
+        "optimizer": {"lr": 1e-3, "min_lr": 1e-3, "warmup_steps": 0, "weight_decay": 0.1},
+        "eval": {"interval": 0},
+        "checkpoint": {"interval": 0, "keep": 1},
+        "log": {"progress": False, "tensorboard": False, "interval": 10**9},
+    })  # fmt: skip
+    train(recipe, next_token_loss, make_batches)
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    times = [r["step_s"] for r in map(json.loads, lines) if "step_s" in r]
+    return [t - h for t, h in zip(times[1:], hf_times)], hf_times, times[0]
 
 
 # --- peak memory of one step, in a fresh process each --------------------------------------
@@ -141,15 +161,13 @@ def main() -> None:
 
     from gemmakit.api import build_model
     from gemmakit.checkpoint import save_hf
-    from gemmakit.config import get_config
 
     ours, theirs, ratios, warmups = [], [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         model = build_model(get_config("tiny"), dtype=torch.float32, seed=SEED)
         hf_dir = save_hf(model, Path(tmp) / "hf")
         for r in range(args.rounds):
-            times, warmup = gemmakit_step_times(args, Path(tmp) / f"run{r}")
-            hf_times = hf_step_times(args, hf_dir)
+            times, hf_times, warmup = paired_step_times(args, Path(tmp) / f"run{r}", hf_dir)
             ours += times
             theirs += hf_times
             warmups.append(warmup)
