@@ -87,15 +87,14 @@ def stream_generate(
 
     logits = model(tokens, positions=positions, cache=cache, last_only=True)[:, -1]
     next_pos = positions[:, -1:] + 1
-    done = torch.zeros(B, dtype=torch.bool, device=device)
+    done = [False] * B
     for step in range(max_new_tokens):
         nxt = sample_next(logits, temperature, top_k, top_p, generator)
-        is_stop = torch.tensor([t in stops for t in nxt.tolist()], device=device)
-        emitted = nxt.tolist()
-        out = [None if (d or s) else t for t, d, s in zip(emitted, done.tolist(), is_stop.tolist())]
-        done |= is_stop
+        emitted = nxt.tolist()  # one device-to-host copy per step
+        out = [None if d or t in stops else t for t, d in zip(emitted, done)]
+        done = [d or t in stops for t, d in zip(emitted, done)]
         yield out
-        if bool(done.all()) or step == max_new_tokens - 1:
+        if all(done) or step == max_new_tokens - 1:
             return
         logits = model(nxt[:, None], positions=next_pos, cache=cache)[:, -1]
         next_pos = next_pos + 1
