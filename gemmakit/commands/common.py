@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import argparse
 
-import torch
+DTYPES = ("float32", "bfloat16", "float16")
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+def torch_dtype(name: str | None):
+    """The torch dtype called `name` (torch is imported only by commands that need it)."""
+    import torch
+
+    return getattr(torch, name) if name else None
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -15,7 +20,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     src.add_argument("--checkpoint", help="HF directory, .safetensors, .ckpt or .gguf file")
     p.add_argument("--preset", help="check the checkpoint against this preset")
     p.add_argument("--tokenizer", help="SentencePiece .model file (default: beside the weights)")
-    p.add_argument("--dtype", choices=list(DTYPES), help="default: the checkpoint's own")
+    p.add_argument("--dtype", choices=DTYPES, help="default: the checkpoint's own")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cpu)")
 
 
@@ -31,7 +36,7 @@ def load_model_and_tokenizer(args: argparse.Namespace):
     from gemmakit.tokenizer import load_tokenizer
 
     source = args.model or args.checkpoint
-    dtype = DTYPES[args.dtype] if args.dtype else None
+    dtype = torch_dtype(args.dtype)
     model = load_model(source, dtype=dtype, device=args.device, config=args.preset)
     tok_source = args.tokenizer or source
     tokenizer = load_tokenizer(tok_source)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from gemmakit.commands.common import DTYPES
+from gemmakit.commands.common import DTYPES, torch_dtype
 
 
 def register(sub) -> None:
@@ -14,7 +14,7 @@ def register(sub) -> None:
     p.add_argument("dst", help="a directory (HF layout) or a .ckpt file (gemma_pytorch)")
     p.add_argument("--to", choices=["hf", "gemma_pytorch"], help="default: from dst's name")
     p.add_argument("--preset", help="check the source against this preset")
-    p.add_argument("--dtype", choices=list(DTYPES), help="default: the source's own")
+    p.add_argument("--dtype", choices=DTYPES, help="default: the source's own")
     p.add_argument("--max-shard-size", type=float, default=None, help="GB per HF shard")
     p.set_defaults(func=run)
 
@@ -24,7 +24,7 @@ def run(args: argparse.Namespace) -> int:
 
     dst = Path(args.dst)
     fmt = args.to or ("gemma_pytorch" if dst.suffix == ".ckpt" else "hf")
-    dtype = DTYPES[args.dtype] if args.dtype else None
+    dtype = torch_dtype(args.dtype)
     model = load_checkpoint(args.src, config=args.preset, dtype=dtype)
     if fmt == "hf":
         shard = int(args.max_shard_size * 1e9) if args.max_shard_size else None

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-import torch
-
 from gemmakit.config import PRESETS, get_config
 
 
@@ -16,6 +14,8 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
     from gemmakit.model.transformer import Gemma
 
     cfg = get_config(args.preset)
