@@ -24,8 +24,6 @@ def _stage(name: str) -> float:
 def run_all(out: str | Path = "runs/main", steps: int = DEFAULT_STEPS, vocab_size: int = 4096,
             seed: int = 0) -> dict[str, Any]:  # fmt: skip
     """Run every stage into `out`; returns the report (also written as report.json/.html)."""
-    import json as _json
-
     from gemmakit.data.pipeline import DEFAULT_CONFIG, prepare
     from gemmakit.data.shards import TokenShards
     from gemmakit.tokenizer import train_tokenizer
@@ -43,7 +41,7 @@ def run_all(out: str | Path = "runs/main", steps: int = DEFAULT_STEPS, vocab_siz
     texts = []
     for name in clean["sources"]:
         with open(out / "clean" / name / "documents.jsonl", encoding="utf-8") as f:
-            texts += [_json.loads(line)["text"] for line in f]
+            texts += [json.loads(line)["text"] for line in f]
     seconds["clean"] = time.perf_counter() - t
 
     t = _stage("tokenizer: SentencePiece BPE with Gemma's options")

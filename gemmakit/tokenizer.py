@@ -217,7 +217,7 @@ def train_tokenizer(
         if tok.id_to_piece(getattr(token_ids, field)) != piece:
             raise AssertionError(f"trained tokenizer: {piece} is not at id {token_ids}")
     if output is not None:
-        from gemmakit.data.atomic import atomic_path
+        from gemmakit.atomic import atomic_path
 
         tok.path = Path(name)
         with atomic_path(tok.path) as tmp:
@@ -229,16 +229,14 @@ def tokenizer_file_for_gguf(path: str | Path) -> Path:
     """A `tokenizer.model` file holding the vocabulary of a `.gguf` file, written once into the
     temp directory under a name that is the hash of its content."""
     import hashlib
-    import os
     import tempfile
 
+    from gemmakit.atomic import atomic_path
     from gemmakit.checkpoint.gguf import sentencepiece_proto_from_gguf
 
     proto = sentencepiece_proto_from_gguf(path)
     out = Path(tempfile.gettempdir()) / f"gemmakit-{hashlib.sha256(proto).hexdigest()[:16]}.model"
     if not out.exists():
-        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
-        with os.fdopen(fd, "wb") as f:
-            f.write(proto)
-        os.replace(tmp, out)
+        with atomic_path(out) as tmp:
+            tmp.write_bytes(proto)
     return out

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from gemmakit.atomic import atomic_path
 from gemmakit.checkpoint.hf_config import config_to_hf
 from gemmakit.checkpoint.layouts import Spec, gemma_pytorch_layout, hf_layout
 from gemmakit.model.transformer import Gemma
@@ -101,12 +102,6 @@ def save_gemma_pytorch(model: Gemma, path: str | Path, dtype: torch.dtype | None
     state = export_state(model, gemma_pytorch_layout(model.config))
     if dtype is not None:
         state = {k: v.to(dtype) for k, v in state.items()}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         torch.save({"model_state_dict": state}, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path

@@ -116,7 +116,7 @@ def _inputs(args: argparse.Namespace) -> Iterator[Document]:
 
 
 def _finish(summary: StageSummary, path: Path) -> None:
-    from gemmakit.data.atomic import write_json
+    from gemmakit.atomic import write_json
 
     print(summary.format())
     write_json(path, summary.to_dict())

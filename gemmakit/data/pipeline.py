@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from gemmakit.data.atomic import atomic_path, write_json
+from gemmakit.atomic import atomic_path, write_json
 from gemmakit.data.decontaminate import EvalIndex, decontaminate
 from gemmakit.data.dedup import ExactDedup, MinHashDedup, dedup_documents
 from gemmakit.data.mixture import MIXTURE_FILE, check_stages

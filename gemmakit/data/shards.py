@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from gemmakit.data.atomic import atomic_path, write_json
+from gemmakit.atomic import atomic_path, write_json
 
 INDEX = "index.json"
 FORMAT = "gemmakit-token-shards"

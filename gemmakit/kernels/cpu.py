@@ -15,11 +15,12 @@ import os
 import platform
 import shutil
 import subprocess
-import tempfile
 import threading
 from pathlib import Path
 
 import torch
+
+from gemmakit.atomic import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -63,18 +64,11 @@ def build(compiler: str | None = None) -> Path:
     out = cache_dir() / f"bf16_gemv-{key.hexdigest()[:16]}.so"
     if out.exists():
         return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so.tmp", dir=out.parent)
-    os.close(fd)
-    try:
-        cmd = [cc, *FLAGS, "-o", tmp, str(SOURCE)]
+    with atomic_path(out) as tmp:
+        cmd = [cc, *FLAGS, "-o", str(tmp), str(SOURCE)]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr.strip()}")
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return out
 
 
