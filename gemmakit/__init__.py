@@ -1,10 +1,24 @@
-"""gemmakit: the Gemma report (arXiv 2403.08295) as a Python toolkit."""
+"""gemmakit: the Gemma report (arXiv 2403.08295) as a Python toolkit.
 
-from gemmakit.api import build_model, load_model
-from gemmakit.config import PRESETS, GemmaConfig, get_config
-from gemmakit.generation import generate, stream_generate
-from gemmakit.tokenizer import load_tokenizer
+The public names are imported on first use (PEP 562), so `import gemmakit` and CLI commands
+that need no model (tokenizer, data) start without importing torch.
+"""
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_EXPORTS = {
+    "PRESETS": "gemmakit.config",
+    "GemmaConfig": "gemmakit.config",
+    "get_config": "gemmakit.config",
+    "build_model": "gemmakit.api",
+    "load_model": "gemmakit.api",
+    "generate": "gemmakit.generation",
+    "stream_generate": "gemmakit.generation",
+    "load_tokenizer": "gemmakit.tokenizer",
+}
 __all__ = [
     "PRESETS",
     "GemmaConfig",
@@ -16,3 +30,22 @@ __all__ = [
     "stream_generate",
 ]
 __version__ = "0.1.0"
+
+if TYPE_CHECKING:
+    from gemmakit.api import build_model, load_model
+    from gemmakit.config import PRESETS, GemmaConfig, get_config
+    from gemmakit.generation import generate, stream_generate
+    from gemmakit.tokenizer import load_tokenizer
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'gemmakit' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

@@ -8,7 +8,6 @@ import sys
 from collections.abc import Iterator
 from typing import TextIO
 
-from gemmakit import generation
 from gemmakit.chat import encode_chat
 from gemmakit.commands.common import add_model_args, add_sampling_args, load_model_and_tokenizer
 from gemmakit.commands.generate import stream_text
@@ -87,6 +86,8 @@ def respond(model, tokenizer, messages: list[dict], args: argparse.Namespace, ou
     ids = tokenizer.token_ids(cfg.tokens)
     # <start_of_turn> too: a model that opens a turn has ended its own (base models do that)
     stops = {ids.eos, ids.end_of_turn, ids.start_of_turn}
+    from gemmakit import generation  # imports torch: only once a chat runs
+
     steps = generation.stream_generate(
         model, [prompt.ids], min(args.max_new_tokens, room), args.temperature, args.top_k,
         args.top_p, stop_tokens=stops, seed=args.seed,
