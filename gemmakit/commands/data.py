@@ -1,6 +1,7 @@
 """`gemmakit data ...`: the pretraining data pipeline, whole (`prepare CONFIG.yaml`) or one
 stage at a time (read, quality, safety, scrub, dedup, decontaminate, tokenize), plus `inspect`
-for a shard folder and `corpus` to write out the embedded default corpus.
+for a shard folder, `corpus` to write out the embedded default corpus, and `classifier train` /
+`classifier score` for model-based quality filtering.
 
 Each stage reads documents (txt, jsonl, parquet, or a folder of them), writes the documents it
 keeps as JSONL, prints what it dropped and why, and writes that summary as JSON beside its
@@ -74,6 +75,8 @@ def register(sub) -> None:
             s.add_argument("--ngram", type=int, default=13, help="words per matching n-gram")
             s.add_argument("--min-words", type=int, default=8, help="shortest item matched")
 
+    _register_classifier(dsub)
+
     t = dsub.add_parser("tokenize", help="tokenize in parallel and pack into token shards")
     _add_io_args(t, out_help="output shard folder")
     t.add_argument("--tokenizer", required=True, help="SentencePiece .model file")
@@ -93,6 +96,31 @@ def register(sub) -> None:
     c.add_argument("directory")
     c.add_argument("--seed", type=int, default=0)
     c.set_defaults(func=run_corpus)
+
+
+def _register_classifier(dsub) -> None:
+    c = dsub.add_parser("classifier", help="model-based quality filter: train one, or filter")
+    csub = c.add_subparsers(dest="classifier_command", required=True)
+    t = csub.add_parser("train", help="learn high-quality (positive) vs other (negative) text")
+    t.add_argument("--positive", nargs="+", required=True, metavar="FILE", help="files/folders")
+    t.add_argument("--negative", nargs="+", required=True, metavar="FILE", help="files/folders")
+    t.add_argument("--out", required=True, help="model file (.npz)")
+    t.add_argument("--text-field", default="text", help="JSONL field / Parquet column")
+    t.add_argument("--split", choices=["file", "paragraph"], default="file")
+    t.add_argument("--bits", type=int, default=20, help="2^bits hashed feature buckets")
+    t.add_argument("--char-ngrams", default="", help="e.g. 3,4,5 (default: words only)")
+    t.add_argument("--epochs", type=int, default=5)
+    t.add_argument("--holdout", type=float, default=0.1, help="fraction held out to evaluate")
+    t.add_argument("--seed", type=int, default=0)
+    t.set_defaults(func=run_classifier_train)
+    s = csub.add_parser("score", help="keep the documents a classifier scores as high quality")
+    _add_io_args(s, out_help="output JSONL of the documents kept")
+    s.add_argument("--model", required=True, help="a model from `classifier train`")
+    s.add_argument("--policy", choices=["threshold", "pareto"], default="threshold")
+    s.add_argument("--threshold", type=float, default=0.5, help="threshold: keep score >= this")
+    s.add_argument("--alpha", type=float, default=9.0, help="pareto: GPT-3's shape parameter")
+    s.add_argument("--seed", type=int, default=0, help="pareto: seed of the per-document draws")
+    s.set_defaults(func=lambda a: run_stage(a, "classifier", _classifier))
 
 
 def _add_io_args(p: argparse.ArgumentParser, out_help: str) -> None:
@@ -149,6 +177,43 @@ def _quality(docs, summary, args):
             raise ValueError(f"--set {item!r}: expected RULE=VALUE")
         overrides[key.strip()] = yaml.safe_load(value)
     return filter_quality(docs, QualityConfig.from_dict(overrides), summary)
+
+
+def _classifier(docs, summary, args):
+    from gemmakit.data.classifier import KeepPolicy, QualityClassifier, filter_classifier
+
+    policy = KeepPolicy(args.policy, args.threshold, args.alpha, args.seed)
+    return filter_classifier(docs, QualityClassifier.load(args.model), policy, summary)
+
+
+def run_classifier_train(args: argparse.Namespace) -> int:
+    from gemmakit.data.classifier import HashedFeatures, train_classifier
+    from gemmakit.data.readers import read_documents
+
+    def texts(paths: list[str]) -> Iterator[str]:
+        return (d.text for d in read_documents(paths, args.text_field, split=args.split))
+
+    chars = tuple(int(n) for n in args.char_ngrams.split(",") if n.strip())
+    model = train_classifier(
+        texts(args.positive),
+        texts(args.negative),
+        HashedFeatures(bits=args.bits, char_ngrams=chars),
+        epochs=args.epochs,
+        holdout=args.holdout,
+        seed=args.seed,
+    )
+    t = model.training
+    print(
+        f"trained on {t['train']['positive']} positive + {t['train']['negative']} negative "
+        f"documents in {t['seconds']:.1f} s; train accuracy {t['train_accuracy']}"
+    )
+    held = t["heldout"]
+    print(
+        f"held-out accuracy {t['heldout_accuracy']} "
+        f"({held['positive']} positive + {held['negative']} negative)"
+    )
+    print(f"model: {model.save(args.out)}")
+    return 0
 
 
 def _safety(docs, summary, args):

@@ -1,8 +1,9 @@
 """`prepare`: the whole chain from a YAML config, per source
-    read -> quality -> safety -> PII scrub -> dedup -> decontaminate -> tokenize + pack
-writing out/<source>/ (token shards and the cleaned documents.jsonl), out/mixture.json and
-out/summary.json. Dedup state is shared by all sources, so a document repeated across sources
-is kept once. The config keys (all optional but `sources`) are in DEFAULTS below."""
+    read -> quality -> classifier -> safety -> PII scrub -> dedup -> decontaminate -> tokenize
+(the classifier only where a source names a model), writing out/<source>/ (token shards and
+the cleaned documents.jsonl), out/mixture.json and out/summary.json. Dedup state is shared by
+all sources, so a document repeated across sources is kept once. The config keys (all optional
+but `sources`) are in DEFAULTS below."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from typing import Any
 import yaml
 
 from gemmakit.atomic import atomic_path, write_json
+from gemmakit.data.classifier import KeepPolicy, QualityClassifier, filter_classifier
 from gemmakit.data.decontaminate import EvalIndex, decontaminate
 from gemmakit.data.dedup import ExactDedup, MinHashDedup, dedup_documents
 from gemmakit.data.mixture import MIXTURE_FILE, check_stages
@@ -33,7 +35,9 @@ SUMMARY_FILE = "summary.json"
 DEFAULTS: dict[str, Any] = {
     "output": None,  # folder; the CLI's --out or prepare(out_dir=) wins
     "tokenizer": None,  # SentencePiece .model path (or pass a tokenizer object)
-    "sources": {},  # name: {paths: [...], text_field, id_field, split, quality: {...} | false}
+    # name: {paths: [...], text_field, id_field, split, quality: {...} | false,
+    #        classifier: {path: MODEL.npz, policy: threshold | pareto, threshold, alpha, seed}}
+    "sources": {},
     "safety": {"blocklist": None, "max_hits": 0},
     "pii": {"kinds": list(KINDS)},
     "dedup": {"exact": True, "near": {"threshold": 0.8, "shingle": 5, "num_perm": 128}},
@@ -41,7 +45,7 @@ DEFAULTS: dict[str, Any] = {
     "tokenize": {"workers": 2, "shard_tokens": 1 << 26, "val_fraction": 0.01},
     "mixture": None,  # {stages: [{until, weights}, ...]}; default: one stage, equal weights
 }
-SOURCE_KEYS = {"paths", "text_field", "id_field", "split", "quality"}
+SOURCE_KEYS = {"paths", "text_field", "id_field", "split", "quality", "classifier"}
 
 
 def _merge(name: str, default: Any, given: Any) -> Any:
@@ -92,6 +96,8 @@ def load_config(source: str | Path | dict[str, Any]) -> tuple[dict[str, Any], Pa
             )
         paths = [src["paths"]] if isinstance(src["paths"], str) else src["paths"]
         src["paths"] = [str(base / p) for p in paths]
+        if src.get("classifier"):
+            src["classifier"] = _classifier_config(src["classifier"], name, base)
     if cfg["safety"] and cfg["safety"]["blocklist"]:
         cfg["safety"]["blocklist"] = str(base / cfg["safety"]["blocklist"])
     elif cfg["safety"]:
@@ -111,6 +117,15 @@ def load_config(source: str | Path | dict[str, Any]) -> tuple[dict[str, Any], Pa
     ]
     cfg["mixture"] = {"stages": check_stages(stages, names)}
     return cfg, base
+
+
+def _classifier_config(c: Any, name: str, base: Path) -> dict[str, Any]:
+    """sources.NAME.classifier checked (a policy error names the key), its path resolved."""
+    where = f"config: sources.{name}.classifier"
+    if not isinstance(c, dict) or not isinstance(c.get("path"), str):
+        raise ValueError(f"{where} needs path: MODEL.npz (and policy, threshold or alpha)")
+    KeepPolicy.from_dict({k: v for k, v in c.items() if k != "path"}, where)
+    return {**c, "path": str(base / c["path"])}
 
 
 def _counted(docs: Iterable[Document], summary: StageSummary) -> Iterator[Document]:
@@ -161,6 +176,13 @@ def prepare(
         else None
     )
 
+    # every model loaded before any output is written, so a bad file stops the run early
+    classifiers = {
+        src["classifier"]["path"]: QualityClassifier.load(src["classifier"]["path"])
+        for src in cfg["sources"].values()
+        if src.get("classifier")
+    }
+
     report: dict[str, Any] = {"config": cfg, "out_dir": str(out), "sources": {}}
     for name, src in cfg["sources"].items():
         stages = [StageSummary("read", name)]
@@ -175,6 +197,11 @@ def prepare(
         if src.get("quality", {}) is not False:
             stages.append(StageSummary("quality", name))
             docs = filter_quality(docs, QualityConfig.from_dict(src.get("quality")), stages[-1])
+        if src.get("classifier"):
+            c = src["classifier"]
+            policy = KeepPolicy.from_dict({k: v for k, v in c.items() if k != "path"})
+            stages.append(StageSummary("classifier", name))
+            docs = filter_classifier(docs, classifiers[c["path"]], policy, stages[-1])
         if blocklist is not None:
             stages.append(StageSummary("safety", name))
             docs = filter_safety(docs, blocklist, stages[-1], cfg["safety"]["max_hits"])
