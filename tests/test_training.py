@@ -42,11 +42,32 @@ def test_chunked_ce_equals_full_logits_ce(preset):
     g_full = grads(full)
     # 7 does not divide the 33 positions: the last chunk is short.
     hidden = model(tokens, return_hidden=True)
-    chunked = chunked_cross_entropy(model.logits, hidden, targets, [model.embedder.weight], 7)
+    chunked = chunked_cross_entropy(
+        hidden, targets, model.embedder.weight, model.config.final_logit_softcap, 7
+    )
     g_chunked = grads(chunked)
     torch.testing.assert_close(chunked, full, rtol=1e-6, atol=1e-6)
     for a, b in zip(g_chunked, g_full):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_chunked_ce_under_bf16_autocast_matches_full_logits():
+    """Under autocast the head's matmuls run in bf16, as F.linear's would; loss and gradients
+    stay within bf16 rounding of the full-logits loss under the same autocast."""
+    model = small_model("tiny-gemma2")
+    tokens, targets = torch.randint(0, 256, (2, 24)), torch.randint(0, 256, (2, 24))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        full = F.cross_entropy(model(tokens).float().flatten(0, 1), targets.flatten())
+    (g_full,) = torch.autograd.grad(full, [model.embedder.weight])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        hidden = model(tokens, return_hidden=True)
+        chunked = chunked_cross_entropy(
+            hidden, targets, model.embedder.weight, model.config.final_logit_softcap, 5
+        )
+    (g_chunked,) = torch.autograd.grad(chunked, [model.embedder.weight])
+    assert g_chunked.dtype == torch.float32
+    torch.testing.assert_close(chunked, full, rtol=2e-2, atol=2e-2)
+    assert (g_chunked - g_full).norm() < 0.05 * g_full.norm()
 
 
 def test_chunked_ce_keeps_no_logits_for_backward():
@@ -55,7 +76,7 @@ def test_chunked_ce_keeps_no_logits_for_backward():
     model = small_model()
     hidden = model(torch.randint(0, 256, (2, 64)), return_hidden=True)
     targets = torch.randint(0, 256, (2, 64))
-    loss = chunked_cross_entropy(model.logits, hidden, targets, [model.embedder.weight], 16)
+    loss = chunked_cross_entropy(hidden, targets, model.embedder.weight, None, 16)
     node = loss.grad_fn
     while "ChunkedCrossEntropy" not in type(node).__name__:
         node = node.next_functions[0][0]
