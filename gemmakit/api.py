@@ -18,9 +18,12 @@ def build_model(
     seed: int | None = 0,
 ) -> Gemma:
     """A model with random weights (std 0.02, zero norms); built on the meta device first so
-    that a large preset allocates its weights once."""
+    that a large preset allocates its weights once. device "meta": that bare structure, with
+    no storage and no weights (for FSDP to shard before any weight exists)."""
     with torch.device("meta"):
         model = Gemma(config).to(dtype or torch.float32)
+    if torch.device(device or "cpu").type == "meta":
+        return model.eval()
     model = model.to_empty(device=device or "cpu")
     return init_weights(model, seed=seed).eval()
 

@@ -83,6 +83,40 @@ def wrap(module: nn.Module, blocks: nn.ModuleList, mode: str, env: DistEnv) -> n
     raise ValueError(f"distributed.mode must be fsdp or ddp, got {mode!r}")
 
 
+def load_full_state(module: nn.Module, full_state: dict[str, torch.Tensor], env: DistEnv) -> None:
+    """Give `module`, FSDP-sharded while still on the meta device, storage on env.device and
+    its weights: rank 0 passes the full (unsharded) state dict, which this empties, the other
+    ranks {}. Rank 0 scatters one tensor at a time, each rank receiving only its own shard:
+    no rank but 0 ever holds a whole tensor's data, and rank 0 frees each tensor once sent.
+    The shards are exactly rank 0's tensors."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    local_state = module.state_dict(keep_vars=True)  # parameters and persistent buffers
+    lost = [name for name, _ in module.named_buffers() if name not in local_state]
+    if lost:  # to_empty leaves them uninitialized and nothing below loads them
+        raise NotImplementedError(
+            f"FSDP meta-device init cannot restore the non-persistent buffer {lost[0]!r}"
+        )
+    if env.is_main and set(full_state) != set(local_state):
+        raise KeyError(f"weights and model differ in {sorted(set(full_state) ^ set(local_state))}")
+    module.to_empty(device=env.device)
+    # Smallest first: the largest tensor (the embedding) goes once rank 0 has freed the others.
+    order = sorted(module.state_dict(keep_vars=True).items(), key=lambda kv: kv[1].numel())
+    with torch.no_grad():
+        for name, target in order:
+            if env.is_main:
+                full = full_state.pop(name).to(env.device, target.dtype)
+            else:  # never written: only its shape and dtype are read (no memory touched on CPU)
+                full = torch.empty(target.shape, dtype=target.dtype, device=env.device)
+            if isinstance(target, DTensor):  # scattered from rank 0
+                shard = distribute_tensor(full, target.device_mesh, target.placements)
+                target.to_local().copy_(shard.to_local())
+            else:  # a buffer FSDP does not shard
+                dist.broadcast(full, src=0)
+                target.copy_(full)
+            del full
+
+
 def set_grad_sync(train_module: nn.Module, sync: bool) -> None:
     """Skip (False) or do (True) the gradient all-reduce of the next backward: accumulation
     steps before the last one need no communication."""

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from gemmakit.api import build_model, load_model
 from gemmakit.config import GemmaConfig, get_config
 from gemmakit.model.transformer import Gemma
 from gemmakit.training import distributed, state
@@ -77,8 +78,6 @@ def model_config(recipe: Recipe) -> GemmaConfig:
 def build_model_for(recipe: Recipe, resume_from: Path | None) -> Gemma:
     """float32 weights on the CPU: from the checkpoint being resumed, the recipe's starting
     checkpoint, or the preset at random (seeded by training.seed)."""
-    from gemmakit.api import build_model, load_model
-
     if resume_from is not None:
         return load_model(resume_from, dtype=torch.float32)
     if recipe.model.checkpoint:
@@ -170,11 +169,21 @@ def train(
             f"choose another run_dir (--set run_dir=...)"
         )
     resume_from = distributed.broadcast_object(resume_from, env)
-    saved = state.read_train_state(resume_from) if resume_from else None
+    sharded = env.distributed and recipe.distributed.mode == "fsdp"
+    # Under FSDP rank 0 sends the other ranks their shards of the optimizer state: they map
+    # the file without reading its tensors.
+    lazy = sharded and not env.is_main
+    saved = state.read_train_state(resume_from, mmap=lazy) if resume_from else None
 
     # Model (float32 weights; autocast computes in bf16), the loss around it, then sharding.
     torch.manual_seed(t.seed)
-    model = build_model_for(recipe, resume_from)
+    model = build_model_for(recipe, resume_from) if env.is_main or not sharded else None
+    if sharded:
+        # Only rank 0 builds or loads the whole weights, and keeps them aside: every rank
+        # trains a meta-device model, which FSDP shards before each rank gets its shard.
+        weights = model.state_dict() if env.is_main else {}
+        config = distributed.broadcast_object(model.config if env.is_main else None, env)
+        model = build_model(config, dtype=torch.float32, device="meta")
     loss_module = LossModule(model, loss_fn)
     if saved and saved["loss_params"]:
         loss_module.load_state_dict(saved["loss_params"], strict=False)
@@ -183,9 +192,12 @@ def train(
     if t.compile:
         for block in model.blocks:
             block.compile()
-    if not (env.distributed and recipe.distributed.mode == "fsdp"):
+    if not sharded:
         loss_module.to(env.device)
     train_module = distributed.wrap(loss_module, model.blocks, recipe.distributed.mode, env)
+    if sharded:
+        distributed.load_full_state(model, weights, env)
+        del weights
     optimizer = build_optimizer(loss_module, opt_cfg)
 
     step = 0

@@ -173,12 +173,13 @@ def _prune(root: Path, keep: int, newest: Path) -> None:
 # --- load ------------------------------------------------------------------------------------
 
 
-def read_train_state(ckpt_dir: str | Path) -> dict:
+def read_train_state(ckpt_dir: str | Path, mmap: bool = False) -> dict:
+    """train_state.pt; with mmap its tensors are mapped from the file, read only when used."""
     path = Path(ckpt_dir) / STATE_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no training state (not a training checkpoint)")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # a truncated or foreign file
         raise ValueError(f"{path}: cannot read training state ({e})") from e
 
@@ -187,11 +188,14 @@ def restore(
     state: dict, loss_module: nn.Module, optimizer: torch.optim.Optimizer, env: DistEnv
 ) -> None:
     """Load the optimizer state (into a possibly sharded module) and this rank's RNG states.
-    The model weights come from the checkpoint's safetensors when the model is built."""
+    The model weights come from the checkpoint's safetensors when the model is built.
+    Under FSDP only rank 0's optimizer state is read: it sends each rank its shards."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    from torch.distributed.tensor import DTensor
 
-    set_optimizer_state_dict(
-        loss_module, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True)
-    )
+    sharded = env.distributed and any(isinstance(p, DTensor) for p in loss_module.parameters())
+    full = state["optimizer"] if env.is_main or not sharded else {}
+    opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=sharded)
+    set_optimizer_state_dict(loss_module, optimizer, full, options=opts)
     rngs = state["rng"]
     set_rng_state(rngs[env.rank] if env.rank < len(rngs) else rngs[0])
