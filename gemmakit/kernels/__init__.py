@@ -1,4 +1,5 @@
-"""Hand-written CPU kernels where torch has no fast path: the bfloat16 GEMV of decoding.
+"""Hand-written CPU kernels where torch has no fast path: the bfloat16 GEMV of decoding, and
+fused RMSNorm and GELU-gating for training steps (train_ops).
 
 `linear(x, weight)` is F.linear, except that a few-row product with a bf16 CPU weight (the
 decode step) runs in bf16_gemv.c at close to memory bandwidth. Everything else, and every
@@ -7,19 +8,13 @@ machine where the kernel cannot be built, goes to torch. GEMMAKIT_NO_KERNELS=1 t
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 
-from gemmakit.kernels.cpu import MAX_ROWS, bf16_matmul, library
+from gemmakit.kernels.cpu import MAX_ROWS, bf16_matmul, enabled, library
+from gemmakit.kernels.train_ops import gelu_mul, rms_norm
 
-__all__ = ["MAX_ROWS", "kernel_applies", "linear"]
-
-
-def enabled() -> bool:
-    """False when GEMMAKIT_NO_KERNELS is set to anything but '' or '0' (read on every call)."""
-    return os.environ.get("GEMMAKIT_NO_KERNELS", "0") in ("", "0")
+__all__ = ["MAX_ROWS", "enabled", "gelu_mul", "kernel_applies", "linear", "rms_norm"]
 
 
 def kernel_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:

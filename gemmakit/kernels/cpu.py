@@ -1,6 +1,7 @@
-"""Build and load the C bfloat16 GEMV (bf16_gemv.c) with the system C compiler, via ctypes.
+"""Build and load the C kernels (bf16_gemv.c, train_ops.c) with the system C compiler, via
+ctypes.
 
-The shared library is compiled once per source + compiler + flags into
+The shared library is compiled once per sources + compiler + flags into
 ~/.cache/gemmakit/kernels/<hash>.so (written to a temp name, then renamed, so concurrent
 processes never load a half-written file). Anything that goes wrong (no compiler, no AVX2/FMA,
 a failed self-test) makes `library()` return None and the caller falls back to torch.
@@ -24,7 +25,7 @@ from gemmakit.atomic import atomic_path
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("bf16_gemv.c")
+SOURCES = [Path(__file__).with_name(n) for n in ("bf16_gemv.c", "train_ops.c")]
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC"]
 MAX_ROWS = 8  # the kernel's largest M (decode of a batch of up to 8 sequences)
 
@@ -35,6 +36,11 @@ _state: dict[str, ctypes.CDLL | None] = {}
 def cache_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "gemmakit" / "kernels"
+
+
+def enabled() -> bool:
+    """False when GEMMAKIT_NO_KERNELS is set to anything but '' or '0' (read on every call)."""
+    return os.environ.get("GEMMAKIT_NO_KERNELS", "0") in ("", "0")
 
 
 def cpu_supported() -> bool:
@@ -53,19 +59,19 @@ def cpu_supported() -> bool:
 
 
 def build(compiler: str | None = None) -> Path:
-    """Compile bf16_gemv.c (if not cached) and return the .so path. Raises on failure."""
+    """Compile the kernel sources (if not cached) and return the .so path. Raises on failure."""
     cc = compiler or os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if cc is None:
         raise RuntimeError("no C compiler found (cc, gcc or $CC)")
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=True)
     key = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), cc, version.stdout, " ".join(FLAGS)):
+    for part in (*(src.read_bytes() for src in SOURCES), cc, version.stdout, " ".join(FLAGS)):
         key.update(part if isinstance(part, bytes) else part.encode())
-    out = cache_dir() / f"bf16_gemv-{key.hexdigest()[:16]}.so"
+    out = cache_dir() / f"gemmakit-kernels-{key.hexdigest()[:16]}.so"
     if out.exists():
         return out
     with atomic_path(out) as tmp:
-        cmd = [cc, *FLAGS, "-o", str(tmp), str(SOURCE)]
+        cmd = [cc, *FLAGS, "-o", str(tmp), *map(str, SOURCES), "-lm"]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr.strip()}")
@@ -78,6 +84,16 @@ def _open(path: Path) -> ctypes.CDLL:
     fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
     fn.argtypes += [ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
     fn.restype = ctypes.c_int
+    P, I64, F32, INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
+    signatures = {
+        "rmsnorm_fwd": [P, P, P, P, I64, I64, F32, INT],
+        "rmsnorm_bwd": [P, P, P, P, P, P, I64, I64, INT],
+        "gelu_mul_fwd": [P, P, P, I64, INT],
+        "gelu_mul_bwd": [P, P, P, P, P, I64, INT],
+    }
+    for name, args in signatures.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = args, ctypes.c_int
     return lib
 
 
@@ -91,6 +107,9 @@ def _self_test(lib: ctypes.CDLL) -> None:
         want = x @ w.float().T
         if not torch.allclose(got, want, rtol=1e-5, atol=1e-5):
             raise RuntimeError(f"self-test failed for M={m}: max error {(got - want).abs().max()}")
+    from gemmakit.kernels import train_ops  # the fused training ops, against torch
+
+    train_ops.self_test(lib)
 
 
 def library() -> ctypes.CDLL | None:

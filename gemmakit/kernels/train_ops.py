@@ -1,0 +1,153 @@
+"""Fused CPU training ops (train_ops.c) as autograd functions: RMSNorm and gelu(a) * b.
+
+`rms_norm` and `gelu_mul` compute what gemmakit.model.layers computes with torch ops, but in
+one pass per direction over the activations. They run the C kernels for float32 CPU tensors
+that need gradients (a training step), and torch everywhere else: inference stays on torch's
+ops, so it stays bit-identical to HF transformers, and GPUs, other dtypes, torch.compile and
+machines without the kernels are unaffected. GEMMAKIT_NO_KERNELS=1 turns them off.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+import torch.nn.functional as F
+
+from gemmakit.kernels import cpu
+
+
+def _kernel_lib(*tensors: torch.Tensor) -> ctypes.CDLL | None:
+    """The kernel library when every tensor is a contiguous float32 CPU tensor, grad mode is on
+    and one of them requires grad; else None (torch's ops take over)."""
+    if not torch.is_grad_enabled() or not any(t.requires_grad for t in tensors):
+        return None
+    for t in tensors:
+        if t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous():
+            return None
+    if torch.compiler.is_compiling() or not cpu.enabled():
+        return None
+    return cpu.library()
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _check(rc: int, name: str) -> None:
+    if rc != 0:
+        raise ValueError(f"{name}: the kernel rejected its arguments (rc {rc})")
+
+
+# --- RMSNorm -------------------------------------------------------------------------------
+
+
+def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """y = x * rsqrt(mean(x^2) + eps) * (1 + w), in float32, cast back to x's dtype."""
+    xf = x.float()
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return (y * (1.0 + weight.float())).type_as(x)
+
+
+class _RMSNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, eps, lib):
+        d = x.shape[-1]
+        n = x.numel() // d
+        y = torch.empty_like(x)
+        rstd = torch.empty(n, dtype=torch.float32)
+        threads = torch.get_num_threads()
+        _check(lib.rmsnorm_fwd(x.data_ptr(), weight.data_ptr(), y.data_ptr(), rstd.data_ptr(),
+                               n, d, eps, threads), "rmsnorm_fwd")  # fmt: skip
+        ctx.save_for_backward(x, weight, rstd)
+        ctx.lib = lib
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, weight, rstd = ctx.saved_tensors
+        gy = gy.contiguous()
+        d = x.shape[-1]
+        threads = torch.get_num_threads()
+        gx = torch.empty_like(x)
+        parts = torch.empty(threads, d, dtype=torch.float32)
+        _check(ctx.lib.rmsnorm_bwd(gy.data_ptr(), x.data_ptr(), weight.data_ptr(),
+                                   rstd.data_ptr(), gx.data_ptr(), parts.data_ptr(),
+                                   x.numel() // d, d, threads), "rmsnorm_bwd")  # fmt: skip
+        return gx, parts.sum(0), None, None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Gemma's RMSNorm of x [..., D] with weight [D] (scale 1 + w); fused on CPU in training."""
+    lib = _kernel_lib(x, weight) if x.shape[-1] == weight.numel() else None
+    if lib is None:
+        return rms_norm_reference(x, weight, eps)
+    return _RMSNorm.apply(x, weight, eps, lib)
+
+
+# --- gelu(a) * b ---------------------------------------------------------------------------
+
+
+def gelu_mul_reference(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return F.gelu(a, approximate="tanh") * b
+
+
+class _GeluMul(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, a, b, lib):
+        h = torch.empty_like(a)
+        threads = torch.get_num_threads()
+        _check(lib.gelu_mul_fwd(a.data_ptr(), b.data_ptr(), h.data_ptr(), a.numel(), threads),
+               "gelu_mul_fwd")  # fmt: skip
+        ctx.save_for_backward(a, b)
+        ctx.lib = lib
+        return h
+
+    @staticmethod
+    def backward(ctx, gh):
+        a, b = ctx.saved_tensors
+        gh = gh.contiguous()
+        ga, gb = torch.empty_like(a), torch.empty_like(b)
+        _check(ctx.lib.gelu_mul_bwd(a.data_ptr(), b.data_ptr(), gh.data_ptr(), ga.data_ptr(),
+                                    gb.data_ptr(), a.numel(), torch.get_num_threads()),
+               "gelu_mul_bwd")  # fmt: skip
+        return ga, gb, None
+
+
+def gelu_mul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """gelu_tanh(a) * b (Gemma's gated MLP); fused on CPU in training."""
+    lib = _kernel_lib(a, b) if a.shape == b.shape else None
+    if lib is None:
+        return gelu_mul_reference(a, b)
+    return _GeluMul.apply(a, b, lib)
+
+
+# --- the library's self-test ---------------------------------------------------------------
+
+
+def self_test(lib: ctypes.CDLL) -> None:
+    """Raise unless the fused ops match torch's (values and gradients) on shapes with tails."""
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.randn(5, 19, generator=gen) * 3).requires_grad_()
+    w = torch.randn(19, generator=gen).requires_grad_()
+    g = torch.randn(5, 19, generator=gen)
+    want = torch.autograd.grad(rms_norm_reference(x, w, 1e-6), [x, w], g)
+    y = _RMSNorm.apply(x, w, 1e-6, lib)
+    got = torch.autograd.grad(y, [x, w], g)
+    _close("rms_norm", y, rms_norm_reference(x, w, 1e-6))
+    for a, b in zip(got, want):
+        _close("rms_norm backward", a, b)
+    a = (torch.randn(4103, generator=gen) * 4).requires_grad_()  # not a multiple of 8 or 4096
+    b = torch.randn(4103, generator=gen).requires_grad_()
+    g = torch.randn(4103, generator=gen)
+    h = _GeluMul.apply(a, b, lib)
+    _close("gelu_mul", h, gelu_mul_reference(a, b))
+    got = torch.autograd.grad(h, [a, b], g)
+    want = torch.autograd.grad(gelu_mul_reference(a, b), [a, b], g)
+    for u, v in zip(got, want):
+        _close("gelu_mul backward", u, v)
+
+
+def _close(what: str, got: torch.Tensor, want: torch.Tensor) -> None:
+    if not torch.allclose(got, want, rtol=1e-5, atol=1e-5):
+        raise RuntimeError(f"self-test failed for {what}: max error {(got - want).abs().max()}")

@@ -1,0 +1,114 @@
+"""The fused CPU training ops (RMSNorm, gelu(a) * b): values and gradients equal torch's, the
+dispatch rules (training only), and a training step equal with and without them."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from gemmakit.api import build_model
+from gemmakit.config import get_config
+from gemmakit.kernels import cpu, train_ops
+from gemmakit.training.losses import next_token_loss
+
+CAN_BUILD = cpu.cpu_supported() and shutil.which("cc") is not None
+needs_kernel = pytest.mark.skipif(not CAN_BUILD, reason="needs x86-64 AVX2/FMA and a C compiler")
+
+
+def grads(fn, inputs, upstream):
+    out = fn(*inputs)
+    return out, torch.autograd.grad(out, inputs, upstream)
+
+
+@needs_kernel
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("shape", [(1, 8), (3, 7, 19), (2, 64, 128), (5, 1, 2051)])
+def test_rms_norm_matches_torch(shape, threads):
+    torch.set_num_threads(threads)
+    gen = torch.Generator().manual_seed(sum(shape))
+    x = (torch.randn(shape, generator=gen) * 5).requires_grad_()
+    w = torch.randn(shape[-1], generator=gen).requires_grad_()
+    g = torch.randn(shape, generator=gen)
+    assert train_ops._kernel_lib(x, w) is not None
+    got, (gx, gw) = grads(lambda a, b: train_ops.rms_norm(a, b, 1e-6), [x, w], g)
+    want, (wx, ww) = grads(lambda a, b: train_ops.rms_norm_reference(a, b, 1e-6), [x, w], g)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gx, wx, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gw, ww, rtol=1e-5, atol=1e-4)
+
+
+@needs_kernel
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("n", [1, 7, 8, 4096, 4096 * 3 + 13])
+def test_gelu_mul_matches_torch(n, threads):
+    torch.set_num_threads(threads)
+    gen = torch.Generator().manual_seed(n)
+    a = torch.randn(n, generator=gen) * 4
+    a[: min(n, 4)] = torch.tensor([0.0, -30.0, 30.0, 1e-4])[: min(n, 4)]  # 0, saturated, tiny
+    a.requires_grad_()
+    b = torch.randn(n, generator=gen).requires_grad_()
+    g = torch.randn(n, generator=gen)
+    assert train_ops._kernel_lib(a, b) is not None
+    got = grads(train_ops.gelu_mul, [a, b], g)
+    torch_f32 = grads(train_ops.gelu_mul_reference, [a, b], g)
+    a64, b64 = (t.detach().double().requires_grad_() for t in (a, b))
+    exact = grads(train_ops.gelu_mul_reference, [a64, b64], g.double())
+    # gelu' crosses zero near a = -0.75, where its float32 terms cancel: judge the kernel by
+    # its distance from float64, against torch's own float32 distance from it
+    for ours, theirs, truth in zip([got[0], *got[1]], [torch_f32[0], *torch_f32[1]],
+                                   [exact[0], *exact[1]]):  # fmt: skip
+        err = (ours.double() - truth).abs().max().item()
+        torch_err = (theirs.double() - truth).abs().max().item()
+        assert err <= 2 * torch_err + 1e-6, (err, torch_err)
+
+
+@needs_kernel
+def test_kernels_run_only_where_a_gradient_is_wanted(monkeypatch):
+    x, w = torch.randn(4, 16), torch.randn(16)
+    assert train_ops._kernel_lib(x, w) is None  # nothing requires grad: inference
+    w.requires_grad_()
+    assert train_ops._kernel_lib(x, w) is not None
+    with torch.no_grad():
+        assert train_ops._kernel_lib(x, w) is None
+    assert train_ops._kernel_lib(x.double(), w) is None
+    assert train_ops._kernel_lib(x.t(), w[:4]) is None  # not contiguous
+    # inference is torch's ops exactly (bit-identical to HF transformers)
+    torch.testing.assert_close(
+        train_ops.rms_norm(x, w.detach(), 1e-6), train_ops.rms_norm_reference(x, w, 1e-6),
+        rtol=0, atol=0,
+    )  # fmt: skip
+    monkeypatch.setenv("GEMMAKIT_NO_KERNELS", "1")
+    assert train_ops._kernel_lib(x, w) is None
+
+
+def test_fallback_without_library(monkeypatch):
+    monkeypatch.setattr(cpu, "library", lambda: None)
+    a = torch.randn(33, requires_grad=True)
+    b = torch.randn(33, requires_grad=True)
+    torch.testing.assert_close(train_ops.gelu_mul(a, b), train_ops.gelu_mul_reference(a, b))
+
+
+@needs_kernel
+def test_training_step_same_with_and_without_kernels(monkeypatch):
+    """A tiny model's loss and every gradient agree with the fused ops on and off."""
+    cfg = get_config("tiny").replace(vocab_size=512, n_layers=2)
+    tokens = torch.randint(0, 512, (2, 33), generator=torch.Generator().manual_seed(0))
+    batch = {"tokens": tokens[:, :-1], "targets": tokens[:, 1:]}
+
+    def step():
+        model = build_model(cfg, dtype=torch.float32, seed=0)
+        for p in model.parameters():  # non-zero norm weights: the (1 + w) scale matters
+            if p.dim() == 1:
+                torch.nn.init.normal_(p, std=0.3, generator=torch.Generator().manual_seed(1))
+        loss = next_token_loss(model, batch)
+        loss.backward()
+        return loss, [p.grad for p in model.parameters()]
+
+    loss_fused, g_fused = step()
+    monkeypatch.setenv("GEMMAKIT_NO_KERNELS", "1")
+    loss_torch, g_torch = step()
+    torch.testing.assert_close(loss_fused, loss_torch, rtol=1e-6, atol=1e-6)
+    for a, b in zip(g_fused, g_torch):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
