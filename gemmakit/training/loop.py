@@ -21,10 +21,16 @@ from torch.utils.checkpoint import checkpoint
 from gemmakit.api import build_model, load_model
 from gemmakit.config import GemmaConfig, get_config
 from gemmakit.model.transformer import Gemma
-from gemmakit.training import distributed, state
+from gemmakit.training import allocator, distributed, state
 from gemmakit.training.data import eval_windows, train_source, valid_shards
 from gemmakit.training.distributed import DistEnv
-from gemmakit.training.losses import LossFn, LossModule, next_token_loss, windows_to_batch
+from gemmakit.training.losses import (
+    WORKSPACE,
+    LossFn,
+    LossModule,
+    next_token_loss,
+    windows_to_batch,
+)
 from gemmakit.training.metrics import MetricsLog, peak_flops, train_flops_per_token
 from gemmakit.training.recipe import OptimizerSection, Recipe, RecipeError, as_recipe
 from gemmakit.training.schedule import lr_at
@@ -151,6 +157,8 @@ def train(
     checkpoint in recipe.run_dir (or starts fresh when there is none).
     """
     env = env or distributed.init(recipe.training.device, recipe.distributed.backend)
+    if env.device.type == "cpu":
+        allocator.keep_freed_memory()  # no page faults re-touching each step's activations
     t, opt_cfg = recipe.training, recipe.optimizer
     run_dir = Path(recipe.run_dir)
     per_step = t.micro_batch_size * env.world_size
@@ -295,6 +303,7 @@ def train(
         bar.close()
     if log:
         log.close()
+    WORKSPACE.release()
     result.steps = step
     result.checkpoint = last_ckpt or state.latest_checkpoint(run_dir)
     if timed_steps:
