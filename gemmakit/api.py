@@ -16,16 +16,17 @@ def build_model(
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
     seed: int | None = 0,
+    init_std: float = 0.02,
 ) -> Gemma:
-    """A model with random weights (std 0.02, zero norms); built on the meta device first so
-    that a large preset allocates its weights once. device "meta": that bare structure, with
-    no storage and no weights (for FSDP to shard before any weight exists)."""
+    """A model with random weights (normal with std init_std, zero norms); built on the meta
+    device first so that a large preset allocates its weights once. device "meta": that bare
+    structure, with no storage and no weights (for FSDP to shard before any weight exists)."""
     with torch.device("meta"):
         model = Gemma(config).to(dtype or torch.float32)
     if torch.device(device or "cpu").type == "meta":
         return model.eval()
     model = model.to_empty(device=device or "cpu")
-    return init_weights(model, seed=seed).eval()
+    return init_weights(model, std=init_std, seed=seed).eval()
 
 
 def load_model(

@@ -237,3 +237,20 @@ def test_shipped_recipes_load(name):
     if name != "tiny":
         assert recipe.training.seq_len == 8192  # the report's context length
         assert recipe.training.activation_checkpointing and recipe.distributed.mode == "fsdp"
+
+
+def test_recipe_init_std_and_installed_checkpoint_vocab():
+    from gemmakit.installed import installed_model_path
+    from gemmakit.training.loop import _vocab_size, build_model_for
+    from gemmakit.training.recipe import as_recipe
+
+    wide = as_recipe({"model": {"preset": "tiny", "init_std": 0.5}, "data": {"synthetic": True}})
+    std = build_model_for(wide, None).blocks[0].mlp.up_proj.weight.std().item()
+    assert 0.45 < std < 0.55  # the recipe's init_std, not the default 0.02
+    try:
+        have_270m = installed_model_path("gemma3-270m") is not None
+    except ModuleNotFoundError:
+        have_270m = False
+    if have_270m:  # an installed model's name works as model.checkpoint
+        named = as_recipe({"model": {"checkpoint": "gemma3-270m"}, "data": {"synthetic": True}})
+        assert _vocab_size(named) == 262144

@@ -88,7 +88,8 @@ def build_model_for(recipe: Recipe, resume_from: Path | None) -> Gemma:
         return load_model(resume_from, dtype=torch.float32)
     if recipe.model.checkpoint:
         return load_model(recipe.model.checkpoint, dtype=torch.float32)
-    return build_model(model_config(recipe), dtype=torch.float32, seed=recipe.training.seed)
+    cfg, seed = model_config(recipe), recipe.training.seed
+    return build_model(cfg, dtype=torch.float32, seed=seed, init_std=recipe.model.init_std)
 
 
 def checkpoint_blocks(model: Gemma) -> None:
@@ -395,7 +396,9 @@ def _vocab_size(recipe: Recipe) -> int:
     if recipe.model.checkpoint:
         from gemmakit.checkpoint import open_source
         from gemmakit.checkpoint.load import resolve_config
+        from gemmakit.installed import installed_model_path
 
-        path = Path(recipe.model.checkpoint)
+        name = recipe.model.checkpoint
+        path = installed_model_path(str(name)) or Path(name)
         return resolve_config(open_source(path), path, None).vocab_size
     return model_config(recipe).vocab_size
