@@ -112,3 +112,32 @@ def test_training_step_same_with_and_without_kernels(monkeypatch):
     torch.testing.assert_close(loss_fused, loss_torch, rtol=1e-6, atol=1e-6)
     for a, b in zip(g_fused, g_torch):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+@needs_kernel
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("vocab", [1, 13, 4096, 40_003])
+def test_xent_rows_matches_the_torch_loss(vocab, threads, monkeypatch):
+    from gemmakit.training.losses import IGNORE, _chunk_loss
+
+    torch.set_num_threads(threads)
+    gen = torch.Generator().manual_seed(vocab)
+    z = torch.randn(9, vocab, generator=gen) * 10
+    t = torch.randint(0, vocab, (9,), generator=gen)
+    t[2] = IGNORE
+    z[4, t[4]] = 300.0  # a certain prediction: loss 0, no overflow
+    assert train_ops.xent_rows_kernel(z) is not None
+    loss, grad = _chunk_loss(z.clone(), t, want_grad=True)
+    monkeypatch.setenv("GEMMAKIT_NO_KERNELS", "1")
+    assert train_ops.xent_rows_kernel(z) is None
+    want_loss, want_grad = _chunk_loss(z.clone(), t, want_grad=True)
+    torch.testing.assert_close(loss, want_loss, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(grad, want_grad, rtol=1e-5, atol=1e-7)
+    assert grad[2].abs().sum() == 0  # the ignored row has no gradient
+
+
+@needs_kernel
+def test_xent_rows_rejects_a_target_beyond_the_vocabulary():
+    lib = train_ops.xent_rows_kernel(torch.zeros(2, 5))
+    with pytest.raises(ValueError, match="vocabulary size 5"):
+        train_ops.xent_rows(lib, torch.zeros(2, 5), torch.tensor([1, 5]), want_grad=True)

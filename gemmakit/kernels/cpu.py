@@ -90,6 +90,7 @@ def _open(path: Path) -> ctypes.CDLL:
         "rmsnorm_bwd": [P, P, P, P, P, P, I64, I64, INT],
         "gelu_mul_fwd": [P, P, P, I64, INT],
         "gelu_mul_bwd": [P, P, P, P, P, I64, INT],
+        "xent_rows": [P, P, P, I64, I64, INT, INT],
     }
     for name, args in signatures.items():
         fn = getattr(lib, name)

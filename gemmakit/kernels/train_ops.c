@@ -209,3 +209,58 @@ int gelu_mul_bwd(const float *a, const float *b, const float *gh, float *ga, flo
     }
     return 0;
 }
+
+/* ---- Cross-entropy rows: loss and softmax - one_hot in place ------------------------------ */
+
+/* For each row i of z [n, v] (logits) with target t = targets[i]:
+ *   loss[i] = logsumexp(z[i]) - z[i, t]   (0 where t < 0: an ignored position)
+ * and with want_grad, z[i] is overwritten with softmax(z[i]) - one_hot(t) (zeros where t < 0).
+ * A row is read once from memory: its max, its exps and their scaling stay in L1/L2 (a row
+ * of 256k float32 is 1 MiB). Returns 2 if a target is >= v. */
+int xent_rows(float *z, const int64_t *targets, float *loss, int64_t n, int64_t v, int want_grad,
+              int threads) {
+    if (n < 0 || v <= 0) return 1;
+    int bad = 0;
+#pragma omp parallel for schedule(static) num_threads(threads) reduction(| : bad)
+    for (int64_t i = 0; i < n; i++) {
+        float *row = z + i * v;
+        int64_t t = targets[i];
+        if (t >= v) {
+            bad = 1;
+            continue;
+        }
+        if (t < 0) {
+            loss[i] = 0.0f;
+            if (want_grad) memset(row, 0, sizeof(float) * (size_t)v);
+            continue;
+        }
+        __m256 mv = _mm256_set1_ps(-INFINITY);
+        int64_t k = 0;
+        for (; k + 8 <= v; k += 8) mv = _mm256_max_ps(mv, _mm256_loadu_ps(row + k));
+        __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mv), _mm256_extractf128_ps(mv, 1));
+        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+        float m = _mm_cvtss_f32(m4);
+        for (; k < v; k++) m = row[k] > m ? row[k] : m;
+        float target_logit = row[t];
+        __m256 mb = _mm256_set1_ps(m), acc = _mm256_setzero_ps();
+        for (k = 0; k + 8 <= v; k += 8) {
+            __m256 e = exp_neg(_mm256_sub_ps(_mm256_loadu_ps(row + k), mb));
+            acc = _mm256_add_ps(acc, e);
+            if (want_grad) _mm256_storeu_ps(row + k, e);
+        }
+        float sum = hsum8(acc);
+        for (; k < v; k++) {
+            float e = expf(row[k] - m);
+            sum += e;
+            if (want_grad) row[k] = e;
+        }
+        loss[i] = logf(sum) + m - target_logit;
+        if (!want_grad) continue;
+        __m256 inv = _mm256_set1_ps(1.0f / sum);
+        for (k = 0; k + 8 <= v; k += 8) _mm256_storeu_ps(row + k, _mm256_mul_ps(_mm256_loadu_ps(row + k), inv));
+        for (; k < v; k++) row[k] *= 1.0f / sum;
+        row[t] -= 1.0f;
+    }
+    return bad ? 2 : 0;
+}

@@ -1,4 +1,5 @@
-"""Fused CPU training ops (train_ops.c) as autograd functions: RMSNorm and gelu(a) * b.
+"""Fused CPU training ops (train_ops.c): RMSNorm and gelu(a) * b as autograd functions, and
+the row-wise cross-entropy of the chunked loss.
 
 `rms_norm` and `gelu_mul` compute what gemmakit.model.layers computes with torch ops, but in
 one pass per direction over the activations. They run the C kernels for float32 CPU tensors
@@ -122,6 +123,34 @@ def gelu_mul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return _GeluMul.apply(a, b, lib)
 
 
+# --- cross-entropy rows --------------------------------------------------------------------
+
+
+def xent_rows_kernel(z: torch.Tensor) -> ctypes.CDLL | None:
+    """The library when `xent_rows` can take logits z (contiguous float32 CPU [C, V])."""
+    if z.dtype != torch.float32 or z.device.type != "cpu" or not z.is_contiguous() or z.dim() != 2:
+        return None
+    if torch.compiler.is_compiling() or not cpu.enabled():
+        return None
+    return cpu.library()
+
+
+def xent_rows(
+    lib: ctypes.CDLL, z: torch.Tensor, targets: torch.Tensor, want_grad: bool
+) -> torch.Tensor:
+    """Per-row cross-entropy of logits z [C, V] against targets [C] (negative: ignored, loss
+    0); with want_grad z becomes softmax(z) - one_hot(targets) in place (zero rows where
+    ignored). Returns the [C] float32 losses."""
+    targets = targets.to(torch.int64).contiguous()
+    loss = torch.empty(z.shape[0], dtype=torch.float32)
+    rc = lib.xent_rows(z.data_ptr(), targets.data_ptr(), loss.data_ptr(), z.shape[0],
+                       z.shape[1], int(want_grad), torch.get_num_threads())  # fmt: skip
+    if rc == 2:
+        raise ValueError(f"a target id is >= the vocabulary size {z.shape[1]}")
+    _check(rc, "xent_rows")
+    return loss
+
+
 # --- the library's self-test ---------------------------------------------------------------
 
 
@@ -146,6 +175,16 @@ def self_test(lib: ctypes.CDLL) -> None:
     want = torch.autograd.grad(gelu_mul_reference(a, b), [a, b], g)
     for u, v in zip(got, want):
         _close("gelu_mul backward", u, v)
+    z = torch.randn(6, 1003, generator=gen) * 8
+    t = torch.tensor([0, 1002, -100, 5, 77, 500])
+    loss = xent_rows(lib, z.clone(), t, want_grad=False)
+    grad = z.clone()
+    xent_rows(lib, grad, t, want_grad=True)
+    keep = t >= 0
+    want_loss = F.cross_entropy(z, t, reduction="none", ignore_index=-100)
+    want_grad = (z.softmax(-1) - F.one_hot(t.clamp(min=0), z.shape[1])) * keep[:, None]
+    _close("xent_rows loss", loss, want_loss)
+    _close("xent_rows grad", grad, want_grad)
 
 
 def _close(what: str, got: torch.Tensor, want: torch.Tensor) -> None:

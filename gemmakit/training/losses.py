@@ -8,6 +8,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from gemmakit.kernels import train_ops
+
 IGNORE = -100  # target id that contributes no loss (padding, prompt tokens in SFT)
 CHUNK_BYTES = 2**29  # auto chunk size: at most this many bytes of float32 logits per chunk
 
@@ -108,6 +110,9 @@ def _chunk_loss(logits: torch.Tensor, targets: torch.Tensor, want_grad: bool = F
     Float32 logits are overwritten, not copied (40 ms of a 600 ms tiny-preset CPU step): the
     head's backward reads only its inputs (an op that saved its output would raise)."""
     z = logits.detach() if logits.dtype == torch.float32 else logits.float()
+    lib = train_ops.xent_rows_kernel(z)
+    if lib is not None:  # the same in one C pass per row (train_ops.c)
+        return train_ops.xent_rows(lib, z, targets, want_grad).sum(), (z if want_grad else None)
     valid = targets != IGNORE
     safe = torch.where(valid, targets, 0)
     target_logit = z.gather(1, safe[:, None])[:, 0]  # [C]
