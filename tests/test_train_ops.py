@@ -141,3 +141,32 @@ def test_xent_rows_rejects_a_target_beyond_the_vocabulary():
     lib = train_ops.xent_rows_kernel(torch.zeros(2, 5))
     with pytest.raises(ValueError, match="vocabulary size 5"):
         train_ops.xent_rows(lib, torch.zeros(2, 5), torch.tensor([1, 5]), want_grad=True)
+
+
+CHECKPOINTED_STEP = """
+import torch
+from gemmakit.api import build_model
+from gemmakit.config import get_config
+from gemmakit.kernels import cpu
+from gemmakit.training.loop import checkpoint_blocks
+from gemmakit.training.losses import next_token_loss
+model = build_model(get_config("tiny").replace(vocab_size=256, n_layers=2)).train()
+checkpoint_blocks(model)
+assert "lib" not in cpu._state  # the library loads inside the checkpointed forward
+tokens = torch.randint(0, 256, (2, 17))
+next_token_loss(model, {"tokens": tokens[:, :-1], "targets": tokens[:, 1:]}).backward()
+print(cpu._state["lib"] is not None)
+"""
+
+
+@needs_kernel
+def test_first_kernel_use_inside_activation_checkpointing_does_not_deadlock():
+    # The self-test's autograd once ran under checkpointing's saved-tensor hooks, which
+    # recomputed the block, which re-entered the library lock: a silent hang.
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", CHECKPOINTED_STEP], capture_output=True,
+                         text=True, timeout=120)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split()[-1] == "True"

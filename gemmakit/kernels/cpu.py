@@ -113,6 +113,26 @@ def _self_test(lib: ctypes.CDLL) -> None:
     train_ops.self_test(lib)
 
 
+def _isolated(fn, *args) -> None:
+    """Run fn(*args) in a fresh thread and re-raise what it raised. The first kernel call can
+    come from inside a training forward (activation checkpointing's saved-tensor hooks,
+    autocast, no_grad: all thread-local); the self-test's autograd must see none of them, or
+    checkpointing would recompute the caller's block inside the self-test."""
+    errors: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            fn(*args)
+        except BaseException as exc:  # noqa: BLE001 (handed to the caller)
+            errors.append(exc)
+
+    thread = threading.Thread(target=target, name="gemmakit-kernel-self-test")
+    thread.start()
+    thread.join()
+    if errors:
+        raise errors[0]
+
+
 def library() -> ctypes.CDLL | None:
     """The loaded kernel library, or None when kernels are unavailable (reason logged once)."""
     if "lib" in _state:
@@ -124,7 +144,7 @@ def library() -> ctypes.CDLL | None:
                 if not cpu_supported():
                     raise RuntimeError("CPU lacks AVX2/FMA or is not x86-64 Linux")
                 lib = _open(build())
-                _self_test(lib)
+                _isolated(_self_test, lib)
             except Exception as exc:  # any failure means: use torch instead
                 log.debug("gemmakit bf16 kernels disabled, using torch: %s", exc)
                 lib = None
