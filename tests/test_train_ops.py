@@ -65,6 +65,30 @@ def test_gelu_mul_matches_torch(n, threads):
 
 
 @needs_kernel
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("transposed", [True, False])
+@pytest.mark.parametrize("head_dim", [2, 20, 32, 256])
+def test_rope_matches_torch(head_dim, transposed, threads):
+    torch.set_num_threads(threads)
+    gen = torch.Generator().manual_seed(head_dim)
+    B, N, T = 2, 3, 7
+    if transposed:  # as attention makes it: a [B, T, N, H] projection seen as [B, N, T, H]
+        x = torch.randn(B, T, N, head_dim, generator=gen).transpose(1, 2)
+    else:
+        x = torch.randn(B, N, T, head_dim, generator=gen)
+    x.requires_grad_()
+    half = torch.randn(2, B, T, head_dim // 2, generator=gen)
+    cos, sin = half.repeat(1, 1, 1, 2)  # both halves share their angles
+    g = torch.randn(B, N, T, head_dim, generator=gen)
+    assert train_ops._kernel_lib(cos, sin, strided=x) is not None
+    got, (gx,) = grads(lambda a: train_ops.rope(a, cos, sin), [x], g)
+    want, (wx,) = grads(lambda a: train_ops.rope_reference(a, cos, sin), [x], g)
+    assert got.stride() == x.stride()  # SDPA sees the layout it saw before
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gx, wx, rtol=1e-5, atol=1e-6)
+
+
+@needs_kernel
 def test_kernels_run_only_where_a_gradient_is_wanted(monkeypatch):
     x, w = torch.randn(4, 16), torch.randn(16)
     assert train_ops._kernel_lib(x, w) is None  # nothing requires grad: inference

@@ -1,5 +1,5 @@
 """Hand-written CPU kernels where torch has no fast path: the bfloat16 GEMV of decoding, and
-fused RMSNorm and GELU-gating for training steps (train_ops).
+fused RMSNorm, RoPE, GELU gating and cross-entropy rows for training steps (train_ops).
 
 `linear(x, weight)` is F.linear, except that a few-row product with a bf16 CPU weight (the
 decode step) runs in bf16_gemv.c at close to memory bandwidth. Everything else, and every
@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 
 from gemmakit.kernels.cpu import MAX_ROWS, bf16_matmul, enabled, library
-from gemmakit.kernels.train_ops import gelu_mul, rms_norm
+from gemmakit.kernels.train_ops import gelu_mul, rms_norm, rope
 
-__all__ = ["MAX_ROWS", "enabled", "gelu_mul", "kernel_applies", "linear", "rms_norm"]
+__all__ = ["MAX_ROWS", "enabled", "gelu_mul", "kernel_applies", "linear", "rms_norm", "rope"]
 
 
 def kernel_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:

@@ -91,6 +91,7 @@ def _open(path: Path) -> ctypes.CDLL:
         "gelu_mul_fwd": [P, P, P, I64, INT],
         "gelu_mul_bwd": [P, P, P, P, P, I64, INT],
         "xent_rows": [P, P, P, I64, I64, INT, INT],
+        "rope_apply": [P, P, P, P, *[I64] * 10, INT, INT],
     }
     for name, args in signatures.items():
         fn = getattr(lib, name)

@@ -264,3 +264,45 @@ int xent_rows(float *z, const int64_t *targets, float *loss, int64_t n, int64_t 
     }
     return bad ? 2 : 0;
 }
+
+/* ---- Rotary embedding, rotate-half layout -------------------------------------------------- */
+
+/* y = x * cos + rotate_half(x) * sin over x [B, N, T, H] with any strides for b, n, t (h
+ * contiguous); cos/sin [B, T, H] contiguous, both halves equal (only the first is read).
+ * With x = (x1, x2) halves and c, s the first halves of cos, sin:
+ *   forward:  y1 = x1 c - x2 s,  y2 = x2 c + x1 s
+ *   inverse:  y1 = x1 c + x2 s,  y2 = x2 c - x1 s   (the transpose: rope's backward)
+ * y may have its own strides. */
+int rope_apply(const float *x, const float *cos, const float *sin, float *y, int64_t B, int64_t N,
+               int64_t T, int64_t H, int64_t sxb, int64_t sxn, int64_t sxt, int64_t syb,
+               int64_t syn, int64_t syt, int inverse, int threads) {
+    if (B < 0 || N < 0 || T < 0 || H <= 0 || H % 2) return 1;
+    const int64_t half = H / 2;
+    const float sgn = inverse ? -1.0f : 1.0f;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t bt = 0; bt < B * T; bt++) {
+        int64_t b = bt / T, t = bt % T;
+        const float *c = cos + bt * H, *s = sin + bt * H;
+        for (int64_t n = 0; n < N; n++) {
+            const float *xr = x + b * sxb + n * sxn + t * sxt;
+            float *yr = y + b * syb + n * syn + t * syt;
+            int64_t i = 0;
+            const __m256 sg = _mm256_set1_ps(sgn);
+            for (; i + 8 <= half; i += 8) {
+                __m256 x1 = _mm256_loadu_ps(xr + i), x2 = _mm256_loadu_ps(xr + half + i);
+                __m256 cv = _mm256_loadu_ps(c + i);
+                __m256 sv = _mm256_mul_ps(sg, _mm256_loadu_ps(s + i));
+                __m256 y1 = _mm256_fnmadd_ps(x2, sv, _mm256_mul_ps(x1, cv));
+                __m256 y2 = _mm256_fmadd_ps(x1, sv, _mm256_mul_ps(x2, cv));
+                _mm256_storeu_ps(yr + i, y1);
+                _mm256_storeu_ps(yr + half + i, y2);
+            }
+            for (; i < half; i++) {
+                float x1 = xr[i], x2 = xr[half + i], cv = c[i], sv = sgn * s[i];
+                yr[i] = x1 * cv - x2 * sv;
+                yr[half + i] = x2 * cv + x1 * sv;
+            }
+        }
+    }
+    return 0;
+}

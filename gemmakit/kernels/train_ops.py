@@ -18,21 +18,23 @@ import torch.nn.functional as F
 from gemmakit.kernels import cpu
 
 
-def _kernel_lib(*tensors: torch.Tensor) -> ctypes.CDLL | None:
-    """The kernel library when every tensor is a contiguous float32 CPU tensor, grad mode is on
-    and one of them requires grad; else None (torch's ops take over)."""
-    if not torch.is_grad_enabled() or not any(t.requires_grad for t in tensors):
+def _kernel_lib(*tensors: torch.Tensor, strided: torch.Tensor | None = None) -> ctypes.CDLL | None:
+    """The kernel library when every tensor is a contiguous float32 CPU tensor (`strided` may
+    have any strides but a unit last one), grad mode is on and one of them requires grad;
+    else None (torch's ops take over)."""
+    every = (*tensors, strided) if strided is not None else tensors
+    if not torch.is_grad_enabled() or not any(t.requires_grad for t in every):
         return None
-    for t in tensors:
-        if t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous():
+    for t in every:
+        if t.dtype != torch.float32 or t.device.type != "cpu":
             return None
+    if not all(t.is_contiguous() for t in tensors):
+        return None
+    if strided is not None and strided.stride(-1) != 1:
+        return None
     if torch.compiler.is_compiling() or not cpu.enabled():
         return None
     return cpu.library()
-
-
-def _ptr(t: torch.Tensor | None) -> int | None:
-    return None if t is None else t.data_ptr()
 
 
 def _check(rc: int, name: str) -> None:
@@ -123,6 +125,57 @@ def gelu_mul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return _GeluMul.apply(a, b, lib)
 
 
+# --- rotary embedding ----------------------------------------------------------------------
+
+
+def rope_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x [B, N, T, H] by cos/sin [B, T, H] (rotate-half layout, in x's dtype)."""
+    cos, sin = cos[:, None], sin[:, None]
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return x * cos + rotated * sin
+
+
+def _rope_call(lib, x: torch.Tensor, cos, sin, inverse: bool) -> torch.Tensor:
+    y = torch.empty_like(x)  # the same strides as x (e.g. a [B, T, N, H] buffer seen transposed)
+    B, N, T, H = x.shape
+    _check(lib.rope_apply(x.data_ptr(), cos.data_ptr(), sin.data_ptr(), y.data_ptr(), B, N, T, H,
+                          x.stride(0), x.stride(1), x.stride(2), y.stride(0), y.stride(1),
+                          y.stride(2), int(inverse), torch.get_num_threads()),
+           "rope_apply")  # fmt: skip
+    return y
+
+
+class _Rope(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, cos, sin, lib):
+        ctx.save_for_backward(cos, sin)
+        ctx.lib = lib
+        return _rope_call(lib, x, cos, sin, inverse=False)
+
+    @staticmethod
+    def backward(ctx, gy):
+        cos, sin = ctx.saved_tensors
+        if gy.stride(-1) != 1:
+            gy = gy.contiguous()
+        return _rope_call(ctx.lib, gy, cos, sin, inverse=True), None, None, None
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding of x [B, N, T, H] with cos/sin [B, T, H]; fused on CPU in training."""
+    lib = None
+    if (
+        x.dim() == 4
+        and x.shape[-1] % 2 == 0
+        and cos.shape == sin.shape == (x.shape[0], x.shape[2], x.shape[3])
+        and not (cos.requires_grad or sin.requires_grad)
+    ):
+        lib = _kernel_lib(cos, sin, strided=x)
+    if lib is None:
+        return rope_reference(x, cos, sin)
+    return _Rope.apply(x, cos, sin, lib)
+
+
 # --- cross-entropy rows --------------------------------------------------------------------
 
 
@@ -175,6 +228,13 @@ def self_test(lib: ctypes.CDLL) -> None:
     want = torch.autograd.grad(gelu_mul_reference(a, b), [a, b], g)
     for u, v in zip(got, want):
         _close("gelu_mul backward", u, v)
+    xt = torch.randn(2, 5, 3, 20, generator=gen).transpose(1, 2).requires_grad_()  # [B, N, T, H]
+    cos, sin = torch.randn(2, 2, 5, 10, generator=gen).repeat(1, 1, 1, 2)
+    g = torch.randn(2, 3, 5, 20, generator=gen)
+    y = _Rope.apply(xt, cos, sin, lib)
+    _close("rope", y, rope_reference(xt, cos, sin))
+    _close("rope backward", torch.autograd.grad(y, xt, g)[0],
+           torch.autograd.grad(rope_reference(xt, cos, sin), xt, g)[0])  # fmt: skip
     z = torch.randn(6, 1003, generator=gen) * 8
     t = torch.tensor([0, 1002, -100, 5, 77, 500])
     loss = xent_rows(lib, z.clone(), t, want_grad=False)
