@@ -25,6 +25,59 @@ from gemmakit.training import pretrain
 from gemmakit.training.metrics import peak_flops, read_metrics, train_flops_per_token
 
 
+def measure(
+    preset: str = "gemma-2b",
+    layers: int | None = None,
+    seq_len: int = 8192,
+    batch: int = 1,
+    steps: int = 8,
+    compile: bool = True,
+    checkpointing: bool = True,
+    device: str = "cuda",
+    peak: float | None = None,
+) -> dict:
+    """Run gemmakit's loop for 2 warm-up + `steps` steps; returns the figures of the median
+    step (MFU against `peak` FLOP/s, or the device's datasheet/measured peak)."""
+    cfg = get_config(preset)
+    overrides = {"n_layers": layers} if layers else {}
+    if layers:
+        cfg = cfg.replace(n_layers=layers)
+    warmup = 2
+    with tempfile.TemporaryDirectory() as tmp:
+        recipe = {
+            "run_dir": tmp,
+            "model": {"preset": preset, "config_overrides": overrides},
+            "data": {"synthetic": True},
+            "training": {"steps": warmup + steps, "seq_len": seq_len,
+                         "batch_size": batch, "micro_batch_size": batch,
+                         "dtype": "bfloat16" if device == "cuda" else "auto",
+                         "compile": compile, "activation_checkpointing": checkpointing,
+                         "device": device},
+            "optimizer": {"lr": 1e-4, "min_lr": 1e-5, "warmup_steps": 2},
+            "eval": {"interval": 0},
+            "checkpoint": {"interval": 0, "keep": 1},
+            "log": {"progress": False, "tensorboard": False, "interval": 1,
+                    "peak_flops": peak},
+        }  # fmt: skip
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        pretrain(recipe)  # its final checkpoint goes to the temporary run dir and away
+        step_times = [r["step_s"] for r in read_metrics(tmp) if "step_s" in r][warmup:]
+    tokens_per_step = batch * seq_len
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    peak = peak_flops(torch.device(device), dtype, peak)
+    flops = train_flops_per_token(cfg, seq_len) * tokens_per_step
+    step_s = sorted(step_times)[len(step_times) // 2]  # the median step
+    return {
+        "model": f"{cfg.name} ({cfg.n_layers} layers)", "batch": batch, "seq_len": seq_len,
+        "dtype": str(dtype).removeprefix("torch."), "compiled": compile,
+        "checkpointing": checkpointing, "peak_flops": peak, "flops_per_step": flops,
+        "step_s": step_s, "steps": len(step_times), "tokens_per_s": tokens_per_step / step_s,
+        "mfu": flops / step_s / peak,
+        "memory_gib": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None,
+    }  # fmt: skip
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="gemma-2b")
@@ -39,49 +92,32 @@ def main() -> None:
     args = ap.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("no CUDA device (use --device cpu --preset tiny for a smoke test)")
-
-    cfg = get_config(args.preset)
-    overrides = {"n_layers": args.layers} if args.layers else {}
-    if args.layers:
-        cfg = cfg.replace(n_layers=args.layers)
-    warmup = 2
-    with tempfile.TemporaryDirectory() as tmp:
-        recipe = {
-            "run_dir": tmp,
-            "model": {"preset": args.preset, "config_overrides": overrides},
-            "data": {"synthetic": True},
-            "training": {"steps": warmup + args.steps, "seq_len": args.seq_len,
-                         "batch_size": args.batch, "micro_batch_size": args.batch,
-                         "dtype": "bfloat16" if args.device == "cuda" else "auto",
-                         "compile": not args.no_compile,
-                         "activation_checkpointing": not args.no_checkpointing,
-                         "device": args.device},
-            "optimizer": {"lr": 1e-4, "min_lr": 1e-5, "warmup_steps": 2},
-            "eval": {"interval": 0},
-            "checkpoint": {"interval": 0, "keep": 1},
-            "log": {"progress": False, "tensorboard": False, "interval": 1,
-                    "peak_flops": args.peak_flops},
-        }  # fmt: skip
-        if args.device == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        pretrain(recipe)  # its final checkpoint goes to the temporary run dir and away
-        steps = [r for r in read_metrics(tmp) if "step_s" in r][warmup:]
-
-    tokens_per_step = args.batch * args.seq_len
-    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
-    peak = peak_flops(torch.device(args.device), dtype, args.peak_flops)
-    flops = train_flops_per_token(cfg, args.seq_len) * tokens_per_step
-    step_s = sorted(r["step_s"] for r in steps)[len(steps) // 2]  # the median step
-    print(f"\n{cfg.name} ({cfg.n_layers} layers), batch {args.batch} x {args.seq_len}, "
-          f"{'compiled, ' if not args.no_compile else ''}"
-          f"{'activation checkpointing, ' if not args.no_checkpointing else ''}"
-          f"{str(dtype).removeprefix('torch.')}")  # fmt: skip
+    r = measure(
+        args.preset,
+        args.layers,
+        args.seq_len,
+        args.batch,
+        args.steps,
+        not args.no_compile,
+        not args.no_checkpointing,
+        args.device,
+        args.peak_flops,
+    )
+    print(
+        f"\n{r['model']}, batch {r['batch']} x {r['seq_len']}, "
+        f"{'compiled, ' if r['compiled'] else ''}"
+        f"{'activation checkpointing, ' if r['checkpointing'] else ''}{r['dtype']}"
+    )
     if args.device == "cuda":
-        print(f"device {torch.cuda.get_device_name()}, peak {peak / 1e12:.0f} TFLOP/s, memory "
-              f"high-water {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")  # fmt: skip
-    print(f"{flops / 1e12:.2f} TFLOP per step, median step {step_s * 1e3:.0f} ms over "
-          f"{len(steps)} steps, {tokens_per_step / step_s:,.0f} tokens/s")  # fmt: skip
-    print(f"MFU {flops / step_s / peak:.1%} (target 45%)")
+        print(
+            f"device {torch.cuda.get_device_name()}, peak {r['peak_flops'] / 1e12:.0f} "
+            f"TFLOP/s, memory high-water {r['memory_gib']:.1f} GiB"
+        )
+    print(
+        f"{r['flops_per_step'] / 1e12:.2f} TFLOP per step, median step "
+        f"{r['step_s'] * 1e3:.0f} ms over {r['steps']} steps, {r['tokens_per_s']:,.0f} tokens/s"
+    )
+    print(f"MFU {r['mfu']:.1%} (target 45%)")
 
 
 if __name__ == "__main__":
