@@ -254,3 +254,15 @@ def test_recipe_init_std_and_installed_checkpoint_vocab():
     if have_270m:  # an installed model's name works as model.checkpoint
         named = as_recipe({"model": {"checkpoint": "gemma3-270m"}, "data": {"synthetic": True}})
         assert _vocab_size(named) == 262144
+
+
+def test_cpu_peak_for_mfu_is_never_below_the_float32_rate(monkeypatch):
+    from gemmakit.training import metrics
+
+    rates = {torch.float32: 100e9, torch.bfloat16: 1e9}  # an AVX2 CPU emulating bf16
+    monkeypatch.setattr(metrics, "measured_peak_flops", lambda dev, dtype: rates[dtype])
+    assert metrics.peak_flops(torch.device("cpu"), torch.bfloat16) == 100e9
+    assert metrics.peak_flops(torch.device("cpu"), torch.float32) == 100e9
+    rates[torch.bfloat16] = 300e9  # native bf16 (AMX): its own, higher rate
+    assert metrics.peak_flops(torch.device("cpu"), torch.bfloat16) == 300e9
+    assert metrics.peak_flops(torch.device("cpu"), torch.bfloat16, override=5.0) == 5.0

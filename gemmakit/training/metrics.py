@@ -51,7 +51,8 @@ def measured_peak_flops(device_type: str, dtype: torch.dtype) -> float:
 
 def peak_flops(device: torch.device, dtype: torch.dtype, override: float | None = None) -> float:
     """Per-device peak FLOP/s for MFU: the override, the datasheet value of a known GPU, or
-    (CPU, unknown GPU) a measured matmul rate."""
+    (CPU, unknown GPU) a measured matmul rate. A CPU without native bf16 emulates bf16 matmuls
+    far below its float32 rate, so its peak is the faster of the two (else MFU exceeds 100%)."""
     if override:
         return override
     if device.type == "cuda":
@@ -59,7 +60,10 @@ def peak_flops(device: torch.device, dtype: torch.dtype, override: float | None 
         for key, value in GPU_PEAK_BF16.items():
             if key in name:
                 return value if dtype != torch.float32 else value / 2
-    return measured_peak_flops(device.type, dtype)
+    measured = measured_peak_flops(device.type, dtype)
+    if device.type == "cpu" and dtype != torch.float32:
+        measured = max(measured, measured_peak_flops("cpu", torch.float32))
+    return measured
 
 
 class MetricsLog:
