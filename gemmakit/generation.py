@@ -1,5 +1,5 @@
 """Batched generation with a KV cache: greedy, temperature, top-k, top-p, as the official
-sampler does them, streaming one step at a time."""
+sampler does them, streaming one step at a time; `Session` keeps the cache between calls."""
 
 from __future__ import annotations
 
@@ -64,10 +64,15 @@ def stream_generate(
     top_p: float | None = None,
     stop_tokens: Iterable[int] | None = None,
     seed: int | None = None,
+    cache: KVCache | None = None,
 ) -> Iterator[list[int | None]]:
     """Yield, at each step, the new token of every prompt (None once a prompt has stopped).
 
     A prompt stops at a stop token (default: EOS and <end_of_turn>), which is not yielded.
+    With `cache` (batch B), the prompts continue the `cache.length` positions it holds: only
+    they are prefilled, and the cache grows to fit. Afterwards it holds its old positions, the
+    prompts and every yielded token fed back, which is all but the last one of each prompt
+    (`cache.length` says how many, also after an interruption).
     """
     cfg = model.config
     stops = (
@@ -78,9 +83,17 @@ def stream_generate(
     B, T = tokens.shape
     if max_new_tokens <= 0:
         return
-    cache = KVCache(cfg, B, T + max_new_tokens, model.dtype, device)
-    cache.key_valid[:, :T] = valid
-    positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
+    if cache is None:
+        cache = KVCache(cfg, B, T + max_new_tokens, model.dtype, device)
+    elif cache.key_valid.shape[0] != B:
+        raise ValueError(f"a KV cache of batch {cache.key_valid.shape[0]} for {B} prompts")
+    start = cache.length
+    cache.reserve(start + T + max_new_tokens)
+    cache.key_valid[:, start:] = True  # what an interrupted call may have left is no longer used
+    cache.key_valid[:, start : start + T] = valid
+    # RoPE positions count real tokens only, on from those already in the cache
+    before = cache.key_valid[:, :start].sum(-1, keepdim=True)
+    positions = (before + valid.long().cumsum(-1) - 1).clamp(min=0)
     generator = None
     if seed is not None:
         generator = torch.Generator(device=device).manual_seed(seed)
@@ -109,18 +122,99 @@ def generate(
     top_p: float | None = None,
     stop_tokens: Iterable[int] | None = None,
     seed: int | None = None,
+    cache: KVCache | None = None,
 ) -> list[list[int]]:
     """The new token ids of each prompt (a list of token-id lists, any lengths).
 
     Greedy by default; see `sample_next` for temperature, top_k and top_p; `seed` makes
     sampling repeatable. Stop tokens (default EOS and <end_of_turn>) end a prompt's output
-    and are not included.
+    and are not included. `cache`: see `stream_generate`.
     """
     outputs: list[list[int]] = [[] for _ in prompts]
     for step in stream_generate(
-        model, prompts, max_new_tokens, temperature, top_k, top_p, stop_tokens, seed
+        model, prompts, max_new_tokens, temperature, top_k, top_p, stop_tokens, seed, cache
     ):
         for out, t in zip(outputs, step):
             if t is not None:
                 out.append(t)
     return outputs
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading ids `a` and `b` share."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+class Session:
+    """One token sequence that grows across calls (a chat), decoded with one KV cache.
+
+    Each `stream` is given the whole prompt (e.g. the conversation re-encoded with
+    `encode_chat`); only what follows its longest common prefix with the tokens already in
+    the cache is prefilled. So whatever ended the previous answer (a stop token, max tokens,
+    Ctrl-C) or however its text re-encodes, the model sees exactly the ids of the prompt.
+    """
+
+    def __init__(self, model: Gemma) -> None:
+        self.model = model
+        self.cache = KVCache(model.config, 1, 0, model.dtype, model.device)
+        self.reused = 0  # prompt tokens the last `stream` found in the cache
+        self._fed: list[int] = []  # its first cache.length ids are those in the cache
+        self._active: Iterator[list[int | None]] | None = None
+
+    @property
+    def ids(self) -> list[int]:
+        """The token ids whose keys and values the cache holds, in order."""
+        return self._fed[: self.cache.length]
+
+    def reset(self) -> None:
+        """Forget everything (the buffers are kept for the next conversation)."""
+        self._close()
+        self.cache.truncate(0)
+        self._fed = []
+
+    def stream(
+        self,
+        prompt: Sequence[int],
+        max_new_tokens: int,
+        temperature: float | None = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        stop_tokens: Iterable[int] | None = None,
+        seed: int | None = None,
+    ) -> Iterator[list[int | None]]:
+        """`stream_generate` of the one prompt (ids [T]), reusing the cache: yields [token]
+        per step, [None] once stopped. A new call ends the stream of the previous one."""
+        if not prompt:
+            raise ValueError("the prompt needs at least one token")
+        self._close()
+        # At least one token is prefilled: its logits give the first new token.
+        keep = min(common_prefix(self.ids, prompt), len(prompt) - 1)
+        self.cache.truncate(keep)
+        self._fed = list(prompt)
+        self.reused = keep
+        # Grow by doubling (up to the context), not by a few tokens each turn.
+        needed = len(prompt) + max(max_new_tokens, 0)
+        doubled = min(2 * self.cache.max_len, self.model.config.max_seq_len)
+        self.cache.reserve(max(needed, doubled))
+        steps = stream_generate(
+            self.model, [prompt[keep:]], max_new_tokens, temperature, top_k, top_p,
+            stop_tokens, seed, cache=self.cache,
+        )  # fmt: skip
+        self._active = self._record(steps)
+        return self._active
+
+    def _record(self, steps: Iterator[list[int | None]]) -> Iterator[list[int | None]]:
+        for step in steps:
+            if step[0] is not None:
+                self._fed.append(step[0])  # before it is yielded, and so before it is fed
+            yield step
+
+    def _close(self) -> None:
+        if self._active is not None:
+            self._active.close()
+            self._active = None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import io
 import sys
 
@@ -13,6 +15,7 @@ from gemmakit.api import build_model
 from gemmakit.chat import chat_turns, encode_chat, render_chat
 from gemmakit.checkpoint import save_hf
 from gemmakit.cli import main
+from gemmakit.commands.chat import CONTINUED, chat_loop, read_message
 from gemmakit.config import GEMMA3_TOKEN_IDS, TokenIds, get_config
 from gemmakit.tokenizer import train_tokenizer
 
@@ -135,19 +138,20 @@ def checkpoint(tmp_path_factory, tok):
 
 @pytest.fixture
 def recorded(monkeypatch):
-    """Every call to stream_generate: its prompts, stop tokens and the tokens it yielded."""
+    """Every answer of a chat session: the whole prompt it was given (the conversation so far),
+    its stop tokens and the tokens it yielded."""
     calls: list[dict] = []
-    real = generation.stream_generate
+    real = generation.Session.stream
 
-    def stream_generate(model, prompts, max_new_tokens, *args, **kwargs):
-        call = {"prompt": list(prompts[0]), "stops": kwargs.get("stop_tokens"), "out": []}
+    def stream(self, prompt, max_new_tokens, *args, **kwargs):
+        call = {"prompt": list(prompt), "stops": kwargs.get("stop_tokens"), "out": []}
         calls.append(call)
-        for step in real(model, prompts, max_new_tokens, *args, **kwargs):
+        for step in real(self, prompt, max_new_tokens, *args, **kwargs):
             if step[0] is not None:
                 call["out"].append(step[0])
             yield step
 
-    monkeypatch.setattr(generation, "stream_generate", stream_generate)
+    monkeypatch.setattr(generation.Session, "stream", stream)
     return calls
 
 
@@ -196,4 +200,100 @@ def test_ctrl_c_stops_the_answer_and_keeps_the_session(monkeypatch, capsys, chec
     msgs = [{"role": "user", "content": "one"}, {"role": "model", "content": partial},
             {"role": "user", "content": "two"}]  # fmt: skip
     assert calls[1] == encode_chat(tok, msgs, True).ids
+    assert "[stopped]" in capsys.readouterr().out
+
+
+def test_multi_line_messages():
+    def reader(*lines: str):
+        asked: list[str] = []
+        it = iter(lines)
+
+        def read(prompt: str) -> str:
+            asked.append(prompt)
+            try:
+                return next(it)
+            except StopIteration:
+                raise EOFError from None
+
+        return read, asked
+
+    read, asked = reader("one \\", "two\\", "three", "next")
+    assert read_message(read) == "one \ntwo\nthree" and asked == ["> ", CONTINUED, CONTINUED]
+    read, asked = reader('  """first', "", "  second  ", 'last"""  ', "next")
+    assert read_message(read) == "first\n\n  second  \nlast" and len(asked) == 4
+    assert read_message(reader('"""', "a", '"""')[0]) == "\na\n"  # stripped as a turn
+    assert read_message(reader('"""just one line"""', "next")[0]) == "just one line"
+    assert read_message(reader("a back\\slash inside")[0]) == "a back\\slash inside"
+    # end of input inside a message ends the message; before one, it ends the chat
+    assert read_message(reader('"""open', "never closed")[0]) == "open\nnever closed"
+    assert read_message(reader("trailing\\")[0]) == "trailing\n"
+    with pytest.raises(EOFError):
+        read_message(reader()[0])
+
+
+def test_cache_reuse_answers_as_re_encoding_does(monkeypatch, capsys, tok, recorded):
+    """With one KV cache per session, greedy answers equal those of encoding the whole
+    conversation afresh each turn, also after an answer cut at max tokens and one stopped by
+    Ctrl-C inside a forward pass; the cache always holds exactly encode_chat's ids; and each
+    turn prefills only the ids the cache lacks."""
+    cfg = dataclasses.replace(get_config("tiny"), vocab_size=tok.vocab_size)
+    model = build_model(cfg, seed=0, init_std=0.2)  # answers that re-encode to other ids
+    seen: list[int] = []  # the ids in the cache, as observed from the forward calls
+    prefills: list[dict] = []  # per turn: cache before, tokens prefilled, cache after
+    decode_steps = [0]
+    real_forward, real_block = model.forward, model.blocks[-1].forward
+
+    def forward(tokens, **kwargs):
+        start = kwargs["cache"].length
+        if len(prefills) < len(recorded):  # the first forward of a turn
+            prefills.append({"before": list(seen), "start": start, "n": tokens.shape[1]})
+            decode_steps[0] = 0
+        else:
+            decode_steps[0] += 1
+        logits = real_forward(tokens, **kwargs)
+        seen[start:] = tokens[0].tolist()
+        prefills[-1].setdefault("after", list(seen))
+        return logits
+
+    def last_block(*args, **kwargs):
+        if len(recorded) == 2 and decode_steps[0] == 3:
+            raise KeyboardInterrupt  # after the other blocks wrote their keys and values
+        return real_block(*args, **kwargs)
+
+    monkeypatch.setattr(model, "forward", forward)
+    monkeypatch.setattr(model.blocks[-1], "forward", last_block)
+    users = ["Hi there", "Tell me\nmore", "line one\nline two", "Thanks", "Again"]
+    stdin = 'Hi there\nTell me\\\nmore\n"""\nline one\nline two\n"""\nThanks\n/reset\nAgain\n'
+    monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+    args = argparse.Namespace(system="Be brief.", max_new_tokens=6, temperature=0.0,
+                              top_k=None, top_p=None, seed=None)  # fmt: skip
+    assert chat_loop(model, tok, args, sys.stdout) == 0
+    monkeypatch.undo()  # the references below run with plain forwards and fresh caches
+
+    assert len(recorded) == len(prefills) == 5
+    system = {"role": "system", "content": "Be brief."}
+    messages = [system]
+    for turn, (user, call, prefill) in enumerate(zip(users, recorded, prefills), 1):
+        if turn == 5:  # after /reset
+            messages = [system]
+        messages.append({"role": "user", "content": user})
+        prompt = encode_chat(tok, messages, True).ids
+        assert call["prompt"] == prompt  # multi-line messages arrive whole
+        assert prefill["after"] == prompt  # what the model has seen is exactly the prompt
+        reference = generation.generate(model, [prompt], 6, stop_tokens=call["stops"])[0]
+        if turn == 2:  # stopped by Ctrl-C: the part shown so far
+            assert 0 < len(call["out"]) < len(reference)
+            assert call["out"] == reference[: len(call["out"])]
+        else:
+            assert call["out"] == reference
+        messages.append({"role": "model", "content": tok.decode(call["out"])})
+        # Only what the cache lacks is prefilled: everything after the longest common prefix
+        # (nothing kept on the first turn and after /reset).
+        kept = min(generation.common_prefix(prefill["before"], prompt), len(prompt) - 1)
+        kept = 0 if turn in (1, 5) else kept
+        assert prefill["start"] == kept and prefill["n"] == len(prompt) - kept
+        if turn in (2, 3, 4):  # at least the previous prompt is reused
+            assert kept >= len(recorded[turn - 2]["prompt"])
+    turn3 = prefills[2]
+    assert turn3["n"] < len(recorded[2]["prompt"]) - len(recorded[1]["prompt"]) + 6
     assert "[stopped]" in capsys.readouterr().out

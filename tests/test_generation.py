@@ -5,10 +5,14 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
 import torch
 
 import gemmakit
-from gemmakit.generation import generate, sample_next, stream_generate
+from gemmakit.api import build_model
+from gemmakit.config import get_config
+from gemmakit.generation import Session, generate, sample_next, stream_generate
+from gemmakit.model import KVCache
 
 
 def test_greedy_is_argmax_and_temperature_zero():
@@ -87,3 +91,65 @@ def test_cli_generate_streams_a_continuation(tmp_path):
         capture_output=True, text=True, check=True,
     )  # fmt: skip
     assert out.stdout.startswith("the cat") and len(out.stdout.strip()) > len("the cat")
+
+
+def varied_model():
+    """Tiny random weights large enough that greedy answers depend on the whole context."""
+    return build_model(get_config("tiny"), seed=0, init_std=0.2)
+
+
+def test_generation_continues_a_padded_batch_in_its_cache():
+    model = varied_model()
+    a, b = [2, 10, 11, 12], [2, 13]
+    cache = KVCache(model.config, 2, 0, model.dtype)
+    first = generate(model, [a, b], 3, stop_tokens=[], cache=cache)
+    assert cache.length == 4 + 2  # the prompts (b left-padded) and the two tokens fed back
+    # New tokens of different lengths: padding now sits in the middle of each row's keys.
+    more = [[first[0][-1], 20], [first[1][-1], 21, 22]]
+    second = generate(model, more, 4, stop_tokens=[], cache=cache)
+    fresh = generate(model, [a + first[0] + [20], b + first[1] + [21, 22]], 4, stop_tokens=[])
+    assert second == fresh and first != [[], []]
+
+
+def test_session_prefills_only_what_its_cache_lacks():
+    model = varied_model()
+    fed: list[int] = []  # tokens of each forward call
+    real_forward = model.forward
+
+    def forward(tokens, **kwargs):
+        fed.append(tokens.shape[1])
+        return real_forward(tokens, **kwargs)
+
+    model.forward = forward
+    session = Session(model)
+
+    def answer(prompt: list[int], n: int = 5) -> list[int]:
+        fed.clear()
+        out = [s[0] for s in session.stream(prompt, n, stop_tokens=[])]
+        model.forward = real_forward  # the reference runs uncounted, with a fresh cache
+        assert out == generate(model, [prompt], n, stop_tokens=[])[0]
+        model.forward = forward
+        return out
+
+    p1 = [2, 10, 11, 12]
+    out1 = answer(p1)
+    assert fed == [4, 1, 1, 1, 1] and session.reused == 0
+    assert session.ids == p1 + out1[:-1]  # the last token is yielded, never fed
+    p2 = p1 + out1 + [20, 21]
+    out2 = answer(p2)
+    assert fed[0] == 3 and session.reused == len(p2) - 3  # out1[-1], 20, 21
+    p3 = p2[:6] + [30, 31, 32]  # an edit in the middle: back to the common prefix
+    answer(p3)
+    assert fed[0] == 3 and session.reused == 6
+    answer(p3)  # the same prompt again: its last token is prefilled again for its logits
+    assert fed[0] == 1
+    # A stream left after two tokens (as Ctrl-C leaves it), then the next prompt
+    steps = session.stream(p2, 5, stop_tokens=[])
+    t1, t2 = next(steps)[0], next(steps)[0]
+    assert [t1, t2] == out2[:2] and session.ids == p2 + [t1]
+    answer(p2 + [t1, t2, 40])
+    assert fed[0] == 2
+    with pytest.raises(StopIteration):
+        next(steps)  # the new stream ended the old one
+    session.reset()
+    assert session.ids == [] and answer(p1) == out1 and fed[0] == 4

@@ -1,18 +1,25 @@
 """`gemmakit chat`: talk with an instruction-tuned model in Gemma's chat format, streaming
-each answer; Ctrl-C stops an answer, Ctrl-D (end of input) or /exit quits, /reset starts over."""
+each answer; Ctrl-C stops an answer, Ctrl-D (end of input) or /exit quits, /reset starts over.
+A line that ends with a backslash goes on to the next line; a message that opens with \"\"\"
+goes on, line by line, until a line that ends with \"\"\". The KV cache is kept between turns:
+each turn prefills only the tokens that are new."""
 
 from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TextIO
 
 from gemmakit.chat import encode_chat
 from gemmakit.commands.common import add_model_args, add_sampling_args, load_model_and_tokenizer
 from gemmakit.commands.generate import stream_text
 
-HELP = "/reset: new conversation, /exit or Ctrl-D: quit, Ctrl-C: stop an answer"
+HELP = (
+    "/reset: new conversation, /exit or Ctrl-D: quit, Ctrl-C: stop an answer; "
+    'more lines: end a line with \\, or put """ before and after them'
+)
+CONTINUED = "... "  # the prompt for the next line of a message
 
 
 def register(sub) -> None:
@@ -43,13 +50,45 @@ def read_line(prompt: str = "> ") -> str:
     return line.removesuffix("\n")
 
 
+def read_message(read: Callable[[str], str] = read_line) -> str:
+    """One user message from `read` (read_line): a line; while a line ends with a backslash,
+    the next one too (the backslash dropped, the newline kept); from a line that opens with
+    \"\"\" to one that ends with \"\"\", every line in between (the quotes dropped). End of input
+    inside a message ends the message; EOFError only before it."""
+    line = read("> ")
+    parts = []
+    if line.lstrip().startswith('"""'):
+        line = line.lstrip()[3:]
+        while not line.rstrip().endswith('"""'):
+            parts.append(line)
+            try:
+                line = read(CONTINUED)
+            except EOFError:
+                return "\n".join(parts)
+        parts.append(line.rstrip()[:-3])
+        return "\n".join(parts)
+    while line.endswith("\\"):
+        parts.append(line[:-1])
+        try:
+            line = read(CONTINUED)
+        except EOFError:
+            line = ""
+            break
+    parts.append(line)
+    return "\n".join(parts)
+
+
 def chat_loop(model, tokenizer, args: argparse.Namespace, out: TextIO) -> int:
-    """Read user lines until /exit or end of input (returns 0), answering each in turn."""
+    """Read user messages until /exit or end of input (returns 0), answering each in turn
+    with one KV cache for the conversation."""
+    from gemmakit.generation import Session  # imports torch: only once a chat runs
+
+    session = Session(model)
     start = [{"role": "system", "content": args.system}] if args.system else []
     messages = list(start)
     while True:
         try:
-            line = read_line()
+            line = read_message()
         except EOFError:
             out.write("\n")
             return 0
@@ -61,23 +100,27 @@ def chat_loop(model, tokenizer, args: argparse.Namespace, out: TextIO) -> int:
             return 0
         if command == "/reset":
             messages = list(start)
+            session.reset()
             out.write("(new conversation)\n")
             continue
         if command == "/help" or not command:
             out.write(HELP + "\n" if command else "")
             continue
         messages.append({"role": "user", "content": line})
-        answer = respond(model, tokenizer, messages, args, out)
+        answer = respond(session, tokenizer, messages, args, out)
         if answer is None:
             messages.pop()
         else:
             messages.append({"role": "model", "content": answer})
 
 
-def respond(model, tokenizer, messages: list[dict], args: argparse.Namespace, out: TextIO):
+def respond(session, tokenizer, messages: list[dict], args: argparse.Namespace, out: TextIO):
     """Stream the model's answer to `messages` (ending in a user turn) to `out` and return its
-    text; the part already shown when Ctrl-C stops it. None when the context is full."""
-    cfg = model.config
+    text; the part already shown when Ctrl-C stops it. None when the context is full.
+
+    The whole conversation is encoded each turn; `session` (a generation.Session) prefills only
+    the ids after those its cache holds, so the model sees exactly `encode_chat`'s ids."""
+    cfg = session.model.config
     prompt = encode_chat(tokenizer, messages, add_generation_prompt=True, token_ids=cfg.tokens)
     room = cfg.max_seq_len - len(prompt.ids)
     if room <= 0:
@@ -86,11 +129,9 @@ def respond(model, tokenizer, messages: list[dict], args: argparse.Namespace, ou
     ids = tokenizer.token_ids(cfg.tokens)
     # <start_of_turn> too: a model that opens a turn has ended its own (base models do that)
     stops = {ids.eos, ids.end_of_turn, ids.start_of_turn}
-    from gemmakit import generation  # imports torch: only once a chat runs
-
-    steps = generation.stream_generate(
-        model, [prompt.ids], min(args.max_new_tokens, room), args.temperature, args.top_k,
-        args.top_p, stop_tokens=stops, seed=args.seed,
+    steps = session.stream(
+        prompt.ids, min(args.max_new_tokens, room), args.temperature, args.top_k, args.top_p,
+        stop_tokens=stops, seed=args.seed,
     )  # fmt: skip
     answer: list[int] = []
     try:

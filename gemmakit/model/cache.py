@@ -40,3 +40,30 @@ class KVCache:
         self.k[layer][:, :, self.length : end] = k
         self.v[layer][:, :, self.length : end] = v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    def truncate(self, length: int) -> None:
+        """Forget every position from `length` on (the next update writes there)."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot truncate a KV cache of length {self.length} to {length}")
+        self.length = length
+        self.key_valid[:, length:] = True  # left padding of an earlier prefill no longer applies
+
+    def reserve(self, max_len: int) -> None:
+        """Grow the buffers to hold `max_len` positions, keeping what is filled (no-op if they
+        already do), so a cache that lives across calls need not be allocated at full context."""
+        if max_len <= self.max_len:
+            return
+        k0 = self.k[0]
+        shape = (k0.shape[0], k0.shape[1], max_len, k0.shape[3])
+
+        def grown(old: torch.Tensor) -> torch.Tensor:
+            new = old.new_zeros(shape)
+            new[:, :, : self.length] = old[:, :, : self.length]
+            return new
+
+        self.k = [grown(k) for k in self.k]
+        self.v = [grown(v) for v in self.v]
+        valid = self.key_valid.new_ones(k0.shape[0], max_len)
+        valid[:, : self.length] = self.key_valid[:, : self.length]
+        self.key_valid = valid
+        self.max_len = max_len
