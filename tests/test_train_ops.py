@@ -194,3 +194,19 @@ def test_first_kernel_use_inside_activation_checkpointing_does_not_deadlock():
                          text=True, timeout=120)  # fmt: skip
     assert out.returncode == 0, out.stderr
     assert out.stdout.split()[-1] == "True"
+
+
+@needs_kernel
+def test_nan_propagates_so_divergence_is_seen():
+    # The loop stops on a non-finite loss; a kernel that turned NaN into a finite number would
+    # hide a diverged run.
+    a = torch.randn(64)
+    a[3] = a[40] = float("nan")  # one in the vector body, one in a second vector
+    b = torch.ones(64, requires_grad=True)
+    h = train_ops.gelu_mul(a.requires_grad_(), b)
+    assert torch.isnan(h[[3, 40]]).all() and torch.isfinite(h[:3]).all()
+    z = torch.randn(3, 100)
+    z[1, 57] = float("nan")
+    lib = train_ops.xent_rows_kernel(z)
+    loss = train_ops.xent_rows(lib, z, torch.tensor([0, 1, 2]), want_grad=True)
+    assert torch.isnan(loss[1]) and torch.isfinite(loss[[0, 2]]).all()

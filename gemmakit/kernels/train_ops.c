@@ -109,10 +109,10 @@ int rmsnorm_bwd(const float *g, const float *x, const float *w, const float *rst
 
 /* exp(x) for x <= 0 (the only range tanh needs below): x = n ln2 + r, |r| <= ln2 / 2,
  * exp(r) by a degree-6 polynomial (Cephes expf coefficients), 2^n through the exponent bits.
- * Below -87 the result flushes to 0. */
+ * Below -87 the result is exp(-87) ~ 1.6e-38, not 0; NaN stays NaN. */
 INLINE __m256 exp_neg(__m256 x) {
     const __m256 lo = _mm256_set1_ps(-87.0f);
-    x = _mm256_max_ps(x, lo);
+    x = _mm256_max_ps(lo, x); /* NaN in x stays NaN: maxps returns its second operand */
     __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
                                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
