@@ -297,3 +297,31 @@ def test_cache_reuse_answers_as_re_encoding_does(monkeypatch, capsys, tok, recor
     turn3 = prefills[2]
     assert turn3["n"] < len(recorded[2]["prompt"]) - len(recorded[1]["prompt"]) + 6
     assert "[stopped]" in capsys.readouterr().out
+
+
+def test_long_conversation_drops_oldest_exchanges_but_keeps_the_system_prompt(tok):
+    from gemmakit.commands.chat import fit_context
+    from gemmakit.config import get_config
+
+    cfg = get_config("tiny").replace(max_seq_len=120)
+    long = "word " * 3
+    messages = [{"role": "system", "content": "Be brief."}]
+    for i in range(8):
+        messages += [{"role": "user", "content": f"q{i} {long}"},
+                     {"role": "model", "content": f"a{i} {long}"}]  # fmt: skip
+    messages.append({"role": "user", "content": "last question"})
+    full = len(encode_chat(tok, messages, add_generation_prompt=True, token_ids=cfg.tokens).ids)
+    assert full > 120  # it does not fit as it is
+    fitted = fit_context(tok, messages, cfg, reserve=20)
+    assert fitted is not None and fitted.dropped > 0 and fitted.dropped % 2 == 0
+    assert len(fitted.encoded.ids) + 20 <= 120
+    assert messages[0]["role"] == "system" and messages[-1]["content"] == "last question"
+    assert messages[1]["content"].startswith(f"q{fitted.dropped // 2}")  # oldest went first
+    assert len(messages) > 3  # and only as many as needed: some exchanges remain
+    assert (
+        fitted.encoded.ids
+        == encode_chat(tok, messages, add_generation_prompt=True, token_ids=cfg.tokens).ids
+    )  # the session sees what the kept messages encode to
+    # a single message longer than the context cannot be answered
+    alone = [{"role": "user", "content": "word " * 500}]
+    assert fit_context(tok, alone, cfg, reserve=20) is None

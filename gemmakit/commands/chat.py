@@ -2,16 +2,18 @@
 each answer; Ctrl-C stops an answer, Ctrl-D (end of input) or /exit quits, /reset starts over.
 A line that ends with a backslash goes on to the next line; a message that opens with \"\"\"
 goes on, line by line, until a line that ends with \"\"\". The KV cache is kept between turns:
-each turn prefills only the tokens that are new."""
+each turn prefills only the tokens that are new. When the conversation outgrows the context,
+its oldest exchanges are dropped (a system prompt stays)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import TextIO
 
-from gemmakit.chat import encode_chat
+from gemmakit.chat import ChatEncoding, encode_chat
 from gemmakit.commands.common import add_model_args, add_sampling_args, load_model_and_tokenizer
 from gemmakit.commands.generate import stream_text
 
@@ -114,6 +116,29 @@ def chat_loop(model, tokenizer, args: argparse.Namespace, out: TextIO) -> int:
             messages.append({"role": "model", "content": answer})
 
 
+@dataclass
+class FittedPrompt:
+    encoded: ChatEncoding  # ids and SFT mask of the kept conversation
+    dropped: int  # messages removed from the front of the conversation
+
+
+def fit_context(tokenizer, messages: list[dict], cfg, reserve: int) -> FittedPrompt | None:
+    """The conversation encoded with a generation prompt, leaving `reserve` tokens of the
+    context for the answer: the oldest user/model exchanges are dropped first (from
+    `messages` itself, so the session forgets them too); a system message stays. None when
+    even the last user message alone does not fit."""
+    first = 1 if messages and messages[0]["role"] == "system" else 0
+    dropped = 0
+    while True:
+        enc = encode_chat(tokenizer, messages, add_generation_prompt=True, token_ids=cfg.tokens)
+        if len(enc.ids) + reserve <= cfg.max_seq_len:
+            return FittedPrompt(enc, dropped)
+        if len(messages) - first <= 1:  # only the new user message is left
+            return None if len(enc.ids) >= cfg.max_seq_len else FittedPrompt(enc, dropped)
+        del messages[first : first + 2]  # a user message and the model's answer to it
+        dropped += 2
+
+
 def respond(session, tokenizer, messages: list[dict], args: argparse.Namespace, out: TextIO):
     """Stream the model's answer to `messages` (ending in a user turn) to `out` and return its
     text; the part already shown when Ctrl-C stops it. None when the context is full.
@@ -121,11 +146,15 @@ def respond(session, tokenizer, messages: list[dict], args: argparse.Namespace, 
     The whole conversation is encoded each turn; `session` (a generation.Session) prefills only
     the ids after those its cache holds, so the model sees exactly `encode_chat`'s ids."""
     cfg = session.model.config
-    prompt = encode_chat(tokenizer, messages, add_generation_prompt=True, token_ids=cfg.tokens)
-    room = cfg.max_seq_len - len(prompt.ids)
-    if room <= 0:
-        out.write(f"(the conversation fills the {cfg.max_seq_len}-token context: /reset)\n")
+    prompt = fit_context(tokenizer, messages, cfg, min(args.max_new_tokens, cfg.max_seq_len // 4))
+    if prompt is None:
+        out.write(f"(the message alone fills the {cfg.max_seq_len}-token context)\n")
         return None
+    if prompt.dropped:
+        out.write(f"(dropped the oldest {prompt.dropped} message(s) to fit the "
+                  f"{cfg.max_seq_len}-token context)\n")  # fmt: skip
+    prompt = prompt.encoded
+    room = cfg.max_seq_len - len(prompt.ids)
     ids = tokenizer.token_ids(cfg.tokens)
     # <start_of_turn> too: a model that opens a turn has ended its own (base models do that)
     stops = {ids.eos, ids.end_of_turn, ids.start_of_turn}
