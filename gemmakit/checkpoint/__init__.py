@@ -1,7 +1,15 @@
 """Checkpoint formats: each is a layout (names and fusions) over a lazy tensor reader."""
 
+from gemmakit.checkpoint.gguf_write import save_gguf
 from gemmakit.checkpoint.load import load_checkpoint
 from gemmakit.checkpoint.save import save_gemma_pytorch, save_hf
 from gemmakit.checkpoint.sources import CheckpointError, open_source
 
-__all__ = ["CheckpointError", "load_checkpoint", "open_source", "save_gemma_pytorch", "save_hf"]
+__all__ = [
+    "CheckpointError",
+    "load_checkpoint",
+    "open_source",
+    "save_gemma_pytorch",
+    "save_gguf",
+    "save_hf",
+]

@@ -1,37 +1,69 @@
-"""`gemmakit convert SRC DST`: between HF safetensors, gemma_pytorch .ckpt (and from GGUF)."""
+"""`gemmakit convert SRC DST`: between HF safetensors, gemma_pytorch .ckpt and GGUF."""
 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from gemmakit.commands.common import DTYPES, torch_dtype
 
+# --dtype name -> the GGUF dtype of save_gguf
+GGUF_DTYPE = {"float32": "f32", "float16": "f16", "bfloat16": "bf16", "q8_0": "q8_0"}
+
 
 def register(sub) -> None:
     p = sub.add_parser("convert", help="convert a checkpoint to another format")
-    p.add_argument("src", help="HF directory, .safetensors, .ckpt or .gguf")
-    p.add_argument("dst", help="a directory (HF layout) or a .ckpt file (gemma_pytorch)")
-    p.add_argument("--to", choices=["hf", "gemma_pytorch"], help="default: from dst's name")
+    p.add_argument("src", help="HF directory, .safetensors, .ckpt, .gguf or an installed model")
+    p.add_argument(
+        "dst", help="a directory (HF layout), a .ckpt file (gemma_pytorch) or a .gguf file"
+    )
+    p.add_argument("--to", choices=["hf", "gemma_pytorch", "gguf"], help="default: from dst's name")
     p.add_argument("--preset", help="check the source against this preset")
-    p.add_argument("--dtype", choices=DTYPES, help="default: the source's own")
+    p.add_argument(
+        "--dtype",
+        choices=[*DTYPES, "q8_0"],
+        help="default: the source's own (GGUF: bfloat16 from a bfloat16 source, else float16); "
+        "q8_0 only for GGUF",
+    )
     p.add_argument("--max-shard-size", type=float, default=None, help="GB per HF shard")
+    p.add_argument(
+        "--tokenizer", help="SentencePiece .model or .gguf whose vocabulary to use "
+        "(default: the source's own)"
+    )  # fmt: skip
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from gemmakit.checkpoint import load_checkpoint, save_gemma_pytorch, save_hf
+    from gemmakit.installed import installed_model_path
 
+    src = installed_model_path(args.src) or Path(args.src)
     dst = Path(args.dst)
-    fmt = args.to or ("gemma_pytorch" if dst.suffix == ".ckpt" else "hf")
-    dtype = torch_dtype(args.dtype)
-    model = load_checkpoint(args.src, config=args.preset, dtype=dtype)
+    suffixes = {".ckpt": "gemma_pytorch", ".gguf": "gguf"}
+    fmt = args.to or suffixes.get(dst.suffix, "hf")
+    if args.dtype == "q8_0" and fmt != "gguf":
+        raise ValueError("--dtype q8_0 is for GGUF output only")
+    load_dtype = None if fmt == "gguf" else torch_dtype(args.dtype)
+    model = load_checkpoint(src, config=args.preset, dtype=load_dtype)
+    if args.tokenizer and not Path(args.tokenizer).exists():
+        raise FileNotFoundError(f"{args.tokenizer}: no such tokenizer file")
+    tok = _tokenizer_file(Path(args.tokenizer) if args.tokenizer else src)
+    if fmt == "gguf":
+        from gemmakit.checkpoint import save_gguf
+        from gemmakit.tokenizer import Tokenizer
+
+        dtype = args.dtype or ("bfloat16" if str(model.dtype) == "torch.bfloat16" else "float16")
+        if tok is None:
+            print(f"warning: no tokenizer found for {src}: {dst} gets no vocabulary (llama.cpp "
+                  "needs one; give --tokenizer)", file=sys.stderr)  # fmt: skip
+        tokenizer = Tokenizer(tok) if tok is not None else None
+        save_gguf(model, dst, tokenizer=tokenizer, dtype=GGUF_DTYPE[dtype])
+        print(f"wrote {dst} (gguf, {model.config.name}, {GGUF_DTYPE[dtype]})")
+        return 0
     if fmt == "hf":
         shard = int(args.max_shard_size * 1e9) if args.max_shard_size else None
-        extra = {}
-        tok = _tokenizer_file(Path(args.src))
-        if tok is not None:
-            extra["tokenizer.model"] = tok
+        extra = {"tokenizer.model": tok} if tok is not None else {}
         save_hf(model, dst, max_shard_bytes=shard, extra_files=extra)
     else:
         save_gemma_pytorch(model, dst)
@@ -40,11 +72,16 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _tokenizer_file(src: Path) -> Path | None:
-    """The tokenizer that travels with a checkpoint, if there is one."""
+    """The tokenizer that travels with a checkpoint (or is named by --tokenizer), if any."""
     if src.suffix == ".gguf":
+        from gemmakit.checkpoint.gguf_file import GGUFFile
         from gemmakit.tokenizer import tokenizer_file_for_gguf
 
+        if GGUFFile(src).get("tokenizer.ggml.tokens") is None:
+            return None  # weights only
         return tokenizer_file_for_gguf(src)
+    if src.suffix == ".model":
+        return src
     folder = src if src.is_dir() else src.parent
     tok = folder / "tokenizer.model"
     return tok if tok.exists() else None
