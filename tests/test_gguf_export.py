@@ -123,6 +123,24 @@ def test_tokenizer_round_trip(models, tokenizers, preset, ids, tmp_path):
     assert gemmakit.load_model(path).config == model.config
 
 
+def test_user_defined_pieces_store_spaces(models, tmp_path):
+    """llama.cpp's convention: a user-defined piece "\u2581\u2581" is stored as two spaces."""
+    from gemmakit.checkpoint.gguf_vocab import sentencepiece_proto_from_metadata
+
+    tokens = ["<pad>", "<eos>", "<bos>", "<unk>", "  ", *[f"<0x{i:02X}>" for i in range(256)],
+              "\u2581", "a", "b", "ab", "\u2581a"]  # fmt: skip
+    meta = {"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": tokens,
+            "tokenizer.ggml.token_type": [3, 3, 3, 3, 4] + [6] * 256 + [1] * 5,
+            "tokenizer.ggml.scores": [0.0] * 261 + [-1.0, -2.0, -3.0, -4.0, -5.0],
+            "tokenizer.ggml.unknown_token_id": 3, "tokenizer.ggml.bos_token_id": 2,
+            "tokenizer.ggml.eos_token_id": 1, "tokenizer.ggml.padding_token_id": 0}  # fmt: skip
+    tok = Tokenizer(model_proto=sentencepiece_proto_from_metadata(meta))
+    assert tok.id_to_piece(4) == "\u2581\u2581"
+    path = save_gguf(models["tiny"][0], tmp_path / "m.gguf", tokenizer=tok)
+    assert GGUFFile(path).metadata["tokenizer.ggml.tokens"][4] == "  "
+    assert load_tokenizer(path).encode("ab  a") == tok.encode("ab  a") == [2, 264, 4, 262]
+
+
 def test_reference_reader_sees_what_llama_cpp_expects(models, tokenizers, tmp_path):
     """gguf-py's GGUFReader on a Gemma 3 export: values, tensor names, shapes and types."""
     model, _ = models["tiny-gemma3"]
