@@ -93,20 +93,21 @@ def decode_speed(path: Path, device: str, new_tokens: int) -> tuple[float, float
     del ours
     hf = hf_model(path, torch.bfloat16, device)
     ids = torch.tensor([prompt], device=device)
-    with torch.no_grad():
-        for n in (1, new_tokens + 1):  # 1 new token: the prefill alone, then the whole run
-            kw = {"max_new_tokens": n, "min_new_tokens": n, "do_sample": False}
-            hf.generate(ids, **kw)  # warm-up
+
+    def hf_seconds(n: int) -> float:  # greedy generation of n tokens, after a warm-up run
+        kw = {"max_new_tokens": n, "min_new_tokens": n, "do_sample": False}
+        with torch.no_grad():
+            hf.generate(ids, **kw)
             if device == "cuda":
                 torch.cuda.synchronize()
             t = time.perf_counter()
             hf.generate(ids, **kw)
             if device == "cuda":
                 torch.cuda.synchronize()
-            if n == 1:
-                prefill = time.perf_counter() - t
-            else:
-                hf_tps = new_tokens / (time.perf_counter() - t - prefill)
+        return time.perf_counter() - t
+
+    # n + 1 tokens minus 1 token (the prefill and its token): the n decode steps alone
+    hf_tps = new_tokens / (hf_seconds(new_tokens + 1) - hf_seconds(1))
     return ours_tps, hf_tps
 
 

@@ -61,6 +61,12 @@ class GemmaConfig:
             raise ValueError(f"config {self.name!r}: global_every must be >= 1")
 
     @property
+    def generation(self) -> int:
+        """1, 2 or 3: the Gemma generation these fields describe (q/k norms mean Gemma 3,
+        sandwich norms Gemma 2); what checkpoint formats name the architecture by."""
+        return 3 if self.qk_norm else 2 if self.sandwich_norm else 1
+
+    @property
     def query_scale(self) -> float:
         scalar = self.query_pre_attn_scalar or self.head_dim
         return scalar**-0.5

@@ -22,7 +22,7 @@ from gguf import GGUFValueType as V
 from gguf import GGUFWriter, LlamaFileType, quants
 
 from gemmakit.atomic import atomic_path
-from gemmakit.checkpoint.gguf import config_from_gguf, gguf_layout
+from gemmakit.checkpoint.gguf import ARCHITECTURES, config_from_gguf, gguf_layout
 from gemmakit.checkpoint.gguf_vocab import SPACE, UNUSED, USER_DEFINED
 from gemmakit.checkpoint.sources import CheckpointError
 from gemmakit.config import GemmaConfig
@@ -41,8 +41,8 @@ Q8_BLOCK = 32  # Q8_0 quantizes rows in blocks of 32; a row of another length is
 
 
 def architecture(config: GemmaConfig) -> str:
-    """llama.cpp's name for the generation: q/k norms mean Gemma 3, sandwich norms Gemma 2."""
-    return "gemma3" if config.qk_norm else "gemma2" if config.sandwich_norm else "gemma"
+    """llama.cpp's name for the config's Gemma generation."""
+    return ARCHITECTURES[config.generation - 1]
 
 
 def gguf_metadata(config: GemmaConfig, tokenizer: Any = None) -> dict[str, tuple[Any, V]]:

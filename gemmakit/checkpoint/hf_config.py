@@ -70,7 +70,7 @@ def config_from_hf(hf: dict[str, Any], name: str = "checkpoint") -> GemmaConfig:
 
 def config_to_hf(config: GemmaConfig) -> dict[str, Any]:
     """The `config.json` fields HF transformers needs to load our saved checkpoint."""
-    kind = "gemma3_text" if config.qk_norm else "gemma2" if config.sandwich_norm else "gemma"
+    kind = {1: "gemma", 2: "gemma2", 3: "gemma3_text"}[config.generation]
     t: TokenIds = config.tokens
     hf: dict[str, Any] = dict(
         architectures=[_ARCH[kind]], model_type=kind, vocab_size=config.vocab_size,

@@ -142,7 +142,20 @@ INLINE __m256 tanh8(__m256 y) {
 #define GELU_S 0.7978845608028654f /* sqrt(2 / pi) */
 #define GELU_C 0.044715f
 
-static float tanh1(float y) { return tanhf(y); }
+/* t = tanh(s (x + c x^3)) of 8 lanes into *t; returns gelu(x) = 0.5 x (1 + t). */
+INLINE __m256 gelu8(__m256 x, __m256 *t) {
+    const __m256 one = _mm256_set1_ps(1.0f);
+    __m256 inner = _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(GELU_S), x),
+                                 _mm256_fmadd_ps(_mm256_set1_ps(GELU_C), _mm256_mul_ps(x, x), one));
+    *t = tanh8(inner);
+    return _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(0.5f), x), _mm256_add_ps(one, *t));
+}
+
+/* The same for one element (the tails). */
+INLINE float gelu1(float x, float *t) {
+    *t = tanhf(GELU_S * x * (1.0f + GELU_C * x * x));
+    return 0.5f * x * (1.0f + *t);
+}
 
 /* Blocks of 4096 elements per OpenMP iteration: big enough to amortize scheduling, small
  * enough that 2 threads split a 1M-element activation evenly. */
@@ -154,20 +167,12 @@ int gelu_mul_fwd(const float *a, const float *b, float *h, int64_t n, int thread
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t blk = 0; blk < blocks; blk++) {
         int64_t i = blk * BLOCK, end = i + BLOCK < n ? i + BLOCK : n;
-        const __m256 half = _mm256_set1_ps(0.5f), one = _mm256_set1_ps(1.0f);
-        const __m256 s = _mm256_set1_ps(GELU_S), c = _mm256_set1_ps(GELU_C);
-        for (; i + 8 <= end; i += 8) {
-            __m256 x = _mm256_loadu_ps(a + i);
-            __m256 x2 = _mm256_mul_ps(x, x);
-            __m256 inner = _mm256_mul_ps(_mm256_mul_ps(s, x), _mm256_fmadd_ps(c, x2, one));
-            __m256 t = tanh8(inner);
-            __m256 gelu = _mm256_mul_ps(_mm256_mul_ps(half, x), _mm256_add_ps(one, t));
-            _mm256_storeu_ps(h + i, _mm256_mul_ps(gelu, _mm256_loadu_ps(b + i)));
-        }
-        for (; i < end; i++) {
-            float x = a[i], t = tanh1(GELU_S * x * (1.0f + GELU_C * x * x));
-            h[i] = 0.5f * x * (1.0f + t) * b[i];
-        }
+        __m256 t;
+        float t1;
+        for (; i + 8 <= end; i += 8)
+            _mm256_storeu_ps(h + i, _mm256_mul_ps(gelu8(_mm256_loadu_ps(a + i), &t),
+                                                  _mm256_loadu_ps(b + i)));
+        for (; i < end; i++) h[i] = gelu1(a[i], &t1) * b[i];
     }
     return 0;
 }
@@ -182,15 +187,13 @@ int gelu_mul_bwd(const float *a, const float *b, const float *gh, float *ga, flo
     for (int64_t blk = 0; blk < blocks; blk++) {
         int64_t i = blk * BLOCK, end = i + BLOCK < n ? i + BLOCK : n;
         const __m256 half = _mm256_set1_ps(0.5f), one = _mm256_set1_ps(1.0f);
-        const __m256 s = _mm256_set1_ps(GELU_S), c = _mm256_set1_ps(GELU_C);
         const __m256 c3 = _mm256_set1_ps(3.0f * GELU_C);
         for (; i + 8 <= end; i += 8) {
-            __m256 x = _mm256_loadu_ps(a + i);
+            __m256 x = _mm256_loadu_ps(a + i), t;
+            __m256 gelu = gelu8(x, &t);
             __m256 x2 = _mm256_mul_ps(x, x);
-            __m256 sx = _mm256_mul_ps(s, x);
-            __m256 t = tanh8(_mm256_mul_ps(sx, _mm256_fmadd_ps(c, x2, one)));
+            __m256 sx = _mm256_mul_ps(_mm256_set1_ps(GELU_S), x);
             __m256 onept = _mm256_add_ps(one, t);
-            __m256 gelu = _mm256_mul_ps(_mm256_mul_ps(half, x), onept);
             __m256 sech2 = _mm256_fnmadd_ps(t, t, one);
             __m256 dinner = _mm256_mul_ps(sx, _mm256_mul_ps(sech2, _mm256_fmadd_ps(c3, x2, one)));
             __m256 dgelu = _mm256_mul_ps(half, _mm256_add_ps(onept, dinner));
@@ -199,8 +202,7 @@ int gelu_mul_bwd(const float *a, const float *b, const float *gh, float *ga, flo
             _mm256_storeu_ps(gb + i, _mm256_mul_ps(g, gelu));
         }
         for (; i < end; i++) {
-            float x = a[i], t = tanh1(GELU_S * x * (1.0f + GELU_C * x * x));
-            float gelu = 0.5f * x * (1.0f + t);
+            float x = a[i], t, gelu = gelu1(x, &t);
             float d = 0.5f * (1.0f + t) + 0.5f * GELU_S * x * (1.0f - t * t) *
                                               (1.0f + 3.0f * GELU_C * x * x);
             ga[i] = gh[i] * b[i] * d;

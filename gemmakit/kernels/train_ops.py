@@ -18,12 +18,14 @@ import torch.nn.functional as F
 from gemmakit.kernels import cpu
 
 
-def _kernel_lib(*tensors: torch.Tensor, strided: torch.Tensor | None = None) -> ctypes.CDLL | None:
+def _kernel_lib(
+    *tensors: torch.Tensor, strided: torch.Tensor | None = None, for_grad: bool = True
+) -> ctypes.CDLL | None:
     """The kernel library when every tensor is a contiguous float32 CPU tensor (`strided` may
-    have any strides but a unit last one), grad mode is on and one of them requires grad;
-    else None (torch's ops take over)."""
+    have any strides but a unit last one) and, with `for_grad`, grad mode is on and one of
+    them requires grad; else None (torch's ops take over)."""
     every = (*tensors, strided) if strided is not None else tensors
-    if not torch.is_grad_enabled() or not any(t.requires_grad for t in every):
+    if for_grad and (not torch.is_grad_enabled() or not any(t.requires_grad for t in every)):
         return None
     for t in every:
         if t.dtype != torch.float32 or t.device.type != "cpu":
@@ -180,12 +182,9 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
 
 
 def xent_rows_kernel(z: torch.Tensor) -> ctypes.CDLL | None:
-    """The library when `xent_rows` can take logits z (contiguous float32 CPU [C, V])."""
-    if z.dtype != torch.float32 or z.device.type != "cpu" or not z.is_contiguous() or z.dim() != 2:
-        return None
-    if torch.compiler.is_compiling() or not cpu.enabled():
-        return None
-    return cpu.library()
+    """The library when `xent_rows` can take logits z (contiguous float32 CPU [C, V]); the
+    loss computes their gradient itself, so no autograd is involved."""
+    return _kernel_lib(z, for_grad=False) if z.dim() == 2 else None
 
 
 def xent_rows(
