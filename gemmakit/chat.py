@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from gemmakit.config import TokenIds
+from gemmakit.config import GemmaConfig, TokenIds
 from gemmakit.tokenizer import Tokenizer
 
 ROLES = {"user": "user", "model": "model", "assistant": "model", "system": "system"}
@@ -110,3 +110,28 @@ def render_chat(messages: Sequence[Mapping[str, str]], add_generation_prompt: bo
         f"<start_of_turn>{role}\n{body}<end_of_turn>\n" for role, body in turns
     )
     return text + ("<start_of_turn>model\n" if add_generation_prompt else "")
+
+
+@dataclass
+class FittedPrompt:
+    encoded: ChatEncoding  # ids and SFT mask of the kept conversation
+    dropped: int  # messages removed from the front of the conversation
+
+
+def fit_context(
+    tokenizer: Tokenizer, messages: list[dict], cfg: GemmaConfig, reserve: int
+) -> FittedPrompt | None:
+    """The conversation encoded with a generation prompt, leaving `reserve` tokens of the
+    context for the answer: the oldest user/model exchanges are dropped first (from
+    `messages` itself, so the session forgets them too); a system message stays. None when
+    even the last user message alone does not fit."""
+    first = 1 if messages and messages[0]["role"] == "system" else 0
+    dropped = 0
+    while True:
+        enc = encode_chat(tokenizer, messages, add_generation_prompt=True, token_ids=cfg.tokens)
+        if len(enc.ids) + reserve <= cfg.max_seq_len:
+            return FittedPrompt(enc, dropped)
+        if len(messages) - first <= 1:  # only the new user message is left
+            return None if len(enc.ids) >= cfg.max_seq_len else FittedPrompt(enc, dropped)
+        del messages[first : first + 2]  # a user message and the model's answer to it
+        dropped += 2

@@ -300,7 +300,7 @@ def test_cache_reuse_answers_as_re_encoding_does(monkeypatch, capsys, tok, recor
 
 
 def test_long_conversation_drops_oldest_exchanges_but_keeps_the_system_prompt(tok):
-    from gemmakit.commands.chat import fit_context
+    from gemmakit.chat import fit_context
     from gemmakit.config import get_config
 
     cfg = get_config("tiny").replace(max_seq_len=120)

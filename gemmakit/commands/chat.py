@@ -10,10 +10,9 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import TextIO
 
-from gemmakit.chat import ChatEncoding, encode_chat
+from gemmakit.chat import fit_context
 from gemmakit.commands.common import add_model_args, add_sampling_args, load_model_and_tokenizer
 from gemmakit.commands.generate import stream_text
 
@@ -114,29 +113,6 @@ def chat_loop(model, tokenizer, args: argparse.Namespace, out: TextIO) -> int:
             messages.pop()
         else:
             messages.append({"role": "model", "content": answer})
-
-
-@dataclass
-class FittedPrompt:
-    encoded: ChatEncoding  # ids and SFT mask of the kept conversation
-    dropped: int  # messages removed from the front of the conversation
-
-
-def fit_context(tokenizer, messages: list[dict], cfg, reserve: int) -> FittedPrompt | None:
-    """The conversation encoded with a generation prompt, leaving `reserve` tokens of the
-    context for the answer: the oldest user/model exchanges are dropped first (from
-    `messages` itself, so the session forgets them too); a system message stays. None when
-    even the last user message alone does not fit."""
-    first = 1 if messages and messages[0]["role"] == "system" else 0
-    dropped = 0
-    while True:
-        enc = encode_chat(tokenizer, messages, add_generation_prompt=True, token_ids=cfg.tokens)
-        if len(enc.ids) + reserve <= cfg.max_seq_len:
-            return FittedPrompt(enc, dropped)
-        if len(messages) - first <= 1:  # only the new user message is left
-            return None if len(enc.ids) >= cfg.max_seq_len else FittedPrompt(enc, dropped)
-        del messages[first : first + 2]  # a user message and the model's answer to it
-        dropped += 2
 
 
 def respond(session, tokenizer, messages: list[dict], args: argparse.Namespace, out: TextIO):
