@@ -26,6 +26,7 @@ run: install
 
 test: install
 	$(VENV)/bin/ruff check gemmakit tests benchmarks
+	$(VENV)/bin/ruff format --check gemmakit tests benchmarks
 	$(PY) -m pytest -q
 
 bench: install

@@ -129,12 +129,16 @@ def main() -> None:
             del hf
         prof = profile_step(model, prompt)
 
-    print(f"\n{cfg.name} ({cfg.n_layers} layers), {args.dtype}, batch 1, "
-          f"{torch.get_num_threads()} threads, weights {weight_gb:.2f} GB")  # fmt: skip
+    print(
+        f"\n{cfg.name} ({cfg.n_layers} layers), {args.dtype}, batch 1, "
+        f"{torch.get_num_threads()} threads, weights {weight_gb:.2f} GB"
+    )
     print(f"streaming read of the weights: {weight_gb / read_s:.1f} GB/s, floor {floor:.2f} tok/s")
     print(f"{'':24}{'tok/s':>8}{'vs floor':>10}{'vs HF':>8}")
-    print(f"{'gemmakit':24}{ours:8.2f}{ours / floor:10.0%}"
-          f"{(ours / theirs if theirs else float('nan')):8.2f}x")  # fmt: skip
+    print(
+        f"{'gemmakit':24}{ours:8.2f}{ours / floor:10.0%}"
+        f"{(ours / theirs if theirs else float('nan')):8.2f}x"
+    )
     if theirs:
         print(f"{'HF transformers':24}{theirs:8.2f}{theirs / floor:10.0%}{1.0:8.2f}x")
     print("\nwhere a gemmakit decode step goes (torch.profiler, self time):")

@@ -46,8 +46,9 @@ def main() -> None:
     ours32 = gemmakit.load_model(path)
     load_ours = time.perf_counter() - t
     t = time.perf_counter()
-    hf32 = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
-                                                dtype=torch.float32).eval()  # fmt: skip
+    hf32 = AutoModelForCausalLM.from_pretrained(
+        path.parent, gguf_file=path.name, dtype=torch.float32
+    ).eval()
     load_hf = time.perf_counter() - t
 
     rows = []
@@ -55,17 +56,25 @@ def main() -> None:
         dtype = getattr(torch, name)
         # Module.to converts in place: float32 first, then bfloat16 (the default order)
         ours, hf = ours32.to(dtype), hf32.to(dtype)
-        same = generate(ours, [prompt], args.new_tokens, stop_tokens=[])[0] == hf.generate(
-            torch.tensor([prompt]), max_new_tokens=args.new_tokens, do_sample=False,
-            eos_token_id=None, pad_token_id=0,
-        )[0, len(prompt):].tolist()  # fmt: skip
+        same = (
+            generate(ours, [prompt], args.new_tokens, stop_tokens=[])[0]
+            == hf.generate(
+                torch.tensor([prompt]),
+                max_new_tokens=args.new_tokens,
+                do_sample=False,
+                eos_token_id=None,
+                pad_token_id=0,
+            )[0, len(prompt) :].tolist()
+        )
         a = max(gemmakit_decode(ours, prompt, args.new_tokens) for _ in range(2))
         b = hf_decode(hf, prompt, args.new_tokens)
         rows.append((name, a, b, same, profile_step(ours, prompt)))
 
     threads = torch.get_num_threads()
-    print(f"\nGemma 3 270M (Q4_K_M GGUF, dequantized), batch 1, {threads} threads, "
-          f"{args.new_tokens} greedy tokens after {len(prompt)} prompt tokens")  # fmt: skip
+    print(
+        f"\nGemma 3 270M (Q4_K_M GGUF, dequantized), batch 1, {threads} threads, "
+        f"{args.new_tokens} greedy tokens after {len(prompt)} prompt tokens"
+    )
     print(f"load: gemmakit {load_ours:.1f} s, HF transformers {load_hf:.1f} s")
     print(f"{'dtype':10}{'gemmakit tok/s':>16}{'HF tok/s':>10}{'ratio':>8}  same tokens")
     for name, a, b, same, _ in rows:

@@ -49,8 +49,9 @@ def correctness(path: Path, device: str, vocab: int) -> list[tuple[str, str, boo
         with torch.no_grad():
             diff = (ours(tokens).float() - hf(tokens).logits.float()).abs().max().item()
         name = str(dtype).removeprefix("torch.")
-        rows.append((f"logits vs HF, {name}", f"max abs diff {diff:.2e} (bound {bound})",
-                     diff <= bound))  # fmt: skip
+        rows.append(
+            (f"logits vs HF, {name}", f"max abs diff {diff:.2e} (bound {bound})", diff <= bound)
+        )
         if dtype == torch.float32:
             prompt = tokens[0, :8].tolist()
             got = generate(ours, [prompt], max_new_tokens=16, stop_tokens=[])[0]
@@ -72,8 +73,13 @@ def correctness(path: Path, device: str, vocab: int) -> list[tuple[str, str, boo
             (g_chunk,) = torch.autograd.grad(chunked, [ours.embedder.weight])
             dl = abs(chunked.item() - full.item())
             rel = ((g_chunk - g_full).norm() / g_full.norm()).item()
-            rows.append(("chunked CE vs full, bf16 autocast", f"loss diff {dl:.1e}, grad rel "
-                         f"{rel:.1e}", dl < 2e-2 and rel < 5e-2))  # fmt: skip
+            rows.append(
+                (
+                    "chunked CE vs full, bf16 autocast",
+                    f"loss diff {dl:.1e}, grad rel {rel:.1e}",
+                    dl < 2e-2 and rel < 5e-2,
+                )
+            )
         del ours, hf
     return rows
 
@@ -137,21 +143,38 @@ def main() -> None:
             print(f"{'ok  ' if row[2] else 'FAIL'} {row[0]}: {row[1]}", flush=True)
 
         decode_cfg = base if not args.quick else base.replace(n_layers=2)
-        path = save_hf(gemmakit.build_model(decode_cfg, dtype=torch.bfloat16, seed=0),
-                       Path(tmp) / "decode")  # fmt: skip
+        path = save_hf(
+            gemmakit.build_model(decode_cfg, dtype=torch.bfloat16, seed=0), Path(tmp) / "decode"
+        )
         ours_tps, hf_tps = decode_speed(path, args.device, args.new_tokens)
-        table.append((f"decode bf16 batch 1, {decode_cfg.name}",
-                      f"{ours_tps:,.1f} tok/s vs HF {hf_tps:,.1f} ({ours_tps / hf_tps:.2f}x)",
-                      None))  # fmt: skip
+        table.append(
+            (
+                f"decode bf16 batch 1, {decode_cfg.name}",
+                f"{ours_tps:,.1f} tok/s vs HF {hf_tps:,.1f} ({ours_tps / hf_tps:.2f}x)",
+                None,
+            )
+        )
         print(table[-1][0], table[-1][1], flush=True)
 
-    r = measure("tiny" if args.quick else "gemma-2b", args.train_layers,
-                256 if args.quick else args.seq_len, 1, args.train_steps,
-                compile=not args.quick, checkpointing=True, device=args.device)  # fmt: skip
+    r = measure(
+        "tiny" if args.quick else "gemma-2b",
+        args.train_layers,
+        256 if args.quick else args.seq_len,
+        1,
+        args.train_steps,
+        compile=not args.quick,
+        checkpointing=True,
+        device=args.device,
+    )
     mem = f", {r['memory_gib']:.1f} GiB" if r["memory_gib"] is not None else ""
-    table.append((f"training step, {r['model']}, {r['batch']}x{r['seq_len']}",
-                  f"MFU {r['mfu']:.1%} (target 45%), {r['tokens_per_s']:,.0f} tok/s, "
-                  f"{r['step_s'] * 1e3:.0f} ms{mem}", None))  # fmt: skip
+    table.append(
+        (
+            f"training step, {r['model']}, {r['batch']}x{r['seq_len']}",
+            f"MFU {r['mfu']:.1%} (target 45%), {r['tokens_per_s']:,.0f} tok/s, "
+            f"{r['step_s'] * 1e3:.0f} ms{mem}",
+            None,
+        )
+    )
 
     name = torch.cuda.get_device_name() if args.device == "cuda" else args.device
     print(f"\n| check on {name} | result | ok |\n|---|---|---|")

@@ -48,17 +48,21 @@ def measure(
             "run_dir": tmp,
             "model": {"preset": preset, "config_overrides": overrides},
             "data": {"synthetic": True},
-            "training": {"steps": warmup + steps, "seq_len": seq_len,
-                         "batch_size": batch, "micro_batch_size": batch,
-                         "dtype": "bfloat16" if device == "cuda" else "auto",
-                         "compile": compile, "activation_checkpointing": checkpointing,
-                         "device": device},
+            "training": {
+                "steps": warmup + steps,
+                "seq_len": seq_len,
+                "batch_size": batch,
+                "micro_batch_size": batch,
+                "dtype": "bfloat16" if device == "cuda" else "auto",
+                "compile": compile,
+                "activation_checkpointing": checkpointing,
+                "device": device,
+            },
             "optimizer": {"lr": 1e-4, "min_lr": 1e-5, "warmup_steps": 2},
             "eval": {"interval": 0},
             "checkpoint": {"interval": 0, "keep": 1},
-            "log": {"progress": False, "tensorboard": False, "interval": 1,
-                    "peak_flops": peak},
-        }  # fmt: skip
+            "log": {"progress": False, "tensorboard": False, "interval": 1, "peak_flops": peak},
+        }
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
         pretrain(recipe)  # its final checkpoint goes to the temporary run dir and away
@@ -69,13 +73,20 @@ def measure(
     flops = train_flops_per_token(cfg, seq_len) * tokens_per_step
     step_s = sorted(step_times)[len(step_times) // 2]  # the median step
     return {
-        "model": f"{cfg.name} ({cfg.n_layers} layers)", "batch": batch, "seq_len": seq_len,
-        "dtype": str(dtype).removeprefix("torch."), "compiled": compile,
-        "checkpointing": checkpointing, "peak_flops": peak, "flops_per_step": flops,
-        "step_s": step_s, "steps": len(step_times), "tokens_per_s": tokens_per_step / step_s,
+        "model": f"{cfg.name} ({cfg.n_layers} layers)",
+        "batch": batch,
+        "seq_len": seq_len,
+        "dtype": str(dtype).removeprefix("torch."),
+        "compiled": compile,
+        "checkpointing": checkpointing,
+        "peak_flops": peak,
+        "flops_per_step": flops,
+        "step_s": step_s,
+        "steps": len(step_times),
+        "tokens_per_s": tokens_per_step / step_s,
         "mfu": flops / step_s / peak,
         "memory_gib": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None,
-    }  # fmt: skip
+    }
 
 
 def main() -> None:

@@ -51,8 +51,9 @@ def hf_stepper(args, hf_dir: Path):
     rest = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
     opt = torch.optim.AdamW(
         [{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}],
-        lr=1e-3, betas=(0.9, 0.95),
-    )  # fmt: skip
+        lr=1e-3,
+        betas=(0.9, 0.95),
+    )
     dtype = compute_dtype(args.dtype, torch.device("cpu"))
     batches = SyntheticTokens(model.config.vocab_size).batches(args.seq_len, args.batch, seed=SEED)
 
@@ -90,18 +91,26 @@ def paired_step_times(args, run_dir: Path, hf_dir: Path) -> tuple[list, list, fl
                 hf_times.append(hf_step())
             yield windows_to_batch(torch.from_numpy(w))
 
-    recipe = as_recipe({
-        "run_dir": str(run_dir),
-        "model": {"preset": "tiny"},
-        "data": {"synthetic": True},
-        "training": {"steps": args.steps + 1, "seq_len": args.seq_len,
-                     "batch_size": args.batch, "micro_batch_size": args.batch,
-                     "dtype": args.dtype, "compile": args.compile, "seed": SEED},
-        "optimizer": {"lr": 1e-3, "min_lr": 1e-3, "warmup_steps": 0, "weight_decay": 0.1},
-        "eval": {"interval": 0},
-        "checkpoint": {"interval": 0, "keep": 1},
-        "log": {"progress": False, "tensorboard": False, "interval": 10**9},
-    })  # fmt: skip
+    recipe = as_recipe(
+        {
+            "run_dir": str(run_dir),
+            "model": {"preset": "tiny"},
+            "data": {"synthetic": True},
+            "training": {
+                "steps": args.steps + 1,
+                "seq_len": args.seq_len,
+                "batch_size": args.batch,
+                "micro_batch_size": args.batch,
+                "dtype": args.dtype,
+                "compile": args.compile,
+                "seed": SEED,
+            },
+            "optimizer": {"lr": 1e-3, "min_lr": 1e-3, "warmup_steps": 0, "weight_decay": 0.1},
+            "eval": {"interval": 0},
+            "checkpoint": {"interval": 0, "keep": 1},
+            "log": {"progress": False, "tensorboard": False, "interval": 10**9},
+        }
+    )
     train(recipe, next_token_loss, make_batches)
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     times = [r["step_s"] for r in map(json.loads, lines) if "step_s" in r]
@@ -135,8 +144,9 @@ print(peak - base)
 
 
 def step_peak_bytes(kind: str) -> int:
-    out = subprocess.run([sys.executable, "-c", MEMORY_CHILD, kind], capture_output=True,
-                         text=True, check=True)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-c", MEMORY_CHILD, kind], capture_output=True, text=True, check=True
+    )
     return int(out.stdout.split()[-1])
 
 
@@ -172,25 +182,38 @@ def main() -> None:
             theirs += hf_times
             warmups.append(warmup)
             ratios.append(statistics.median(hf_times) / statistics.median(times))
-            print(f"round {r + 1}: median step gemmakit {statistics.median(times) * 1e3:.0f} ms, "
-                  f"HF {statistics.median(hf_times) * 1e3:.0f} ms ({ratios[-1]:.2f}x)",
-                  flush=True)  # fmt: skip
+            print(
+                f"round {r + 1}: median step gemmakit {statistics.median(times) * 1e3:.0f} ms, "
+                f"HF {statistics.median(hf_times) * 1e3:.0f} ms ({ratios[-1]:.2f}x)",
+                flush=True,
+            )
     tokens = args.batch * args.seq_len
     ours_tps, theirs_tps = tokens / statistics.median(ours), tokens / statistics.median(theirs)
-    print(f"\ntiny preset training, batch {args.batch} x {args.seq_len}, "
-          f"{str(dtype).removeprefix('torch.')}, {args.threads} threads, "
-          f"{args.rounds} rounds x {args.steps} steps"
-          f"{', gemmakit compiled' if args.compile else ''}")  # fmt: skip
+    print(
+        f"\ntiny preset training, batch {args.batch} x {args.seq_len}, "
+        f"{str(dtype).removeprefix('torch.')}, {args.threads} threads, "
+        f"{args.rounds} rounds x {args.steps} steps"
+        f"{', gemmakit compiled' if args.compile else ''}"
+    )
     ratio = statistics.median(ratios)  # each round's pair ran under the same load
     print(f"{'':20}{'tokens/s':>10}{'vs HF':>8}")
-    print(f"{'gemmakit':20}{ours_tps:10,.0f}{ratio:7.2f}x  (rounds: "
-          f"{' '.join(f'{x:.2f}' for x in ratios)})")  # fmt: skip
+    print(
+        f"{'gemmakit':20}{ours_tps:10,.0f}{ratio:7.2f}x  (rounds: "
+        f"{' '.join(f'{x:.2f}' for x in ratios)})"
+    )
     print(f"{'HF transformers':20}{theirs_tps:10,.0f}{1.0:7.2f}x")
-    print(f"gemmakit's first step (warm-up{', compile' if args.compile else ''}): "
-          f"{warmups[0]:.1f} s in the first round, {statistics.median(warmups[1:] or warmups):.1f}"
-          " s after")  # fmt: skip
-    figures = {"tokens_per_s": ours_tps, "hf_tokens_per_s": theirs_tps, "ratio": ratio,
-               "round_ratios": ratios, "threads": args.threads}  # fmt: skip
+    print(
+        f"gemmakit's first step (warm-up{', compile' if args.compile else ''}): "
+        f"{warmups[0]:.1f} s in the first round, {statistics.median(warmups[1:] or warmups):.1f}"
+        " s after"
+    )
+    figures = {
+        "tokens_per_s": ours_tps,
+        "hf_tokens_per_s": theirs_tps,
+        "ratio": ratio,
+        "round_ratios": ratios,
+        "threads": args.threads,
+    }
 
     if not args.skip_memory:
         full, chunked = step_peak_bytes("full"), step_peak_bytes("chunked")

@@ -8,6 +8,7 @@ import torch
 
 from gemmakit.checkpoint import load_checkpoint
 from gemmakit.config import PRESETS, GemmaConfig, get_config
+from gemmakit.errors import MissingFileError
 from gemmakit.model.transformer import Gemma, init_weights
 
 
@@ -52,7 +53,7 @@ def load_model(
         return load_checkpoint(path, config, dtype, device)
     if str(source) in PRESETS:
         return build_model(get_config(str(source)), dtype, device)
-    raise FileNotFoundError(
+    raise MissingFileError(
         f"{source}: not a checkpoint path, an installed model or a preset "
         f"(presets: {', '.join(PRESETS)})"
     )

@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from gemmakit.config import GemmaConfig, TokenIds
+from gemmakit.errors import DataError
 from gemmakit.tokenizer import Tokenizer
 
 ROLES = {"user": "user", "model": "model", "assistant": "model", "system": "system"}
@@ -38,22 +39,22 @@ def chat_turns(messages: Sequence[Mapping[str, str]]) -> list[tuple[str, str]]:
     system: str | None = None
     for i, m in enumerate(messages):
         if not isinstance(m, Mapping) or "role" not in m or "content" not in m:
-            raise ValueError(f"messages[{i}]: expected {{'role': ..., 'content': ...}}, got {m!r}")
+            raise DataError(f"messages[{i}]: expected {{'role': ..., 'content': ...}}, got {m!r}")
         role, text = ROLES.get(m["role"]), m["content"]
         if role is None:
-            raise ValueError(f"messages[{i}]: unknown role {m['role']!r}; use {', '.join(ROLES)}")
+            raise DataError(f"messages[{i}]: unknown role {m['role']!r}; use {', '.join(ROLES)}")
         if not isinstance(text, str):
-            raise ValueError(f"messages[{i}]: content must be a string, got {type(text).__name__}")
+            raise DataError(f"messages[{i}]: content must be a string, got {type(text).__name__}")
         text = text.strip()
         if role == "system":
             if i != 0:
-                raise ValueError(f"messages[{i}]: a system message may only come first")
+                raise DataError(f"messages[{i}]: a system message may only come first")
             system = text
             continue
         expected = "user" if not turns or turns[-1][0] == "model" else "model"
         if role != expected:
             after = f"after a {turns[-1][0]} turn" if turns else "first"
-            raise ValueError(
+            raise DataError(
                 f"messages[{i}]: role {m['role']!r} {after}; roles must alternate user/model, "
                 f"starting with user"
             )
@@ -61,13 +62,13 @@ def chat_turns(messages: Sequence[Mapping[str, str]]) -> list[tuple[str, str]]:
             text, system = f"{system}\n\n{text}", None
         turns.append((role, text))
     if system is not None:
-        raise ValueError("messages[0]: a system message needs a user message after it")
+        raise DataError("messages[0]: a system message needs a user message after it")
     return turns
 
 
 def _check_prompt(turns: list[tuple[str, str]], add_generation_prompt: bool) -> None:
     if add_generation_prompt and turns and turns[-1][0] == "model":
-        raise ValueError("add_generation_prompt: the last message must be a user turn")
+        raise DataError("add_generation_prompt: the last message must be a user turn")
 
 
 def encode_chat(

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import sys
+
+from gemmakit.errors import GemmakitError
 
 # Subcommand modules; each has `register(subparsers)` that adds its parser and sets `func`.
 COMMANDS = [
@@ -17,6 +20,19 @@ COMMANDS = [
     "gemmakit.commands.chat",
     "gemmakit.commands.data",
 ]
+
+_USER_OS_ERRORS = {
+    errno.ENOENT,
+    errno.EACCES,
+    errno.EPERM,
+    errno.EISDIR,
+    errno.ENOTDIR,
+    errno.ENOSPC,
+    errno.EROFS,
+    errno.EEXIST,
+    errno.ENAMETOOLONG,
+    errno.EDQUOT,
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,9 +50,17 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130
-    except (FileNotFoundError, ValueError, KeyError, ModuleNotFoundError) as e:
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"gemmakit {args.command}: error: {msg}", file=sys.stderr)
+    except GemmakitError as e:
+        # A user error: one line naming what is wrong. Anything else is a bug and keeps its
+        # traceback.
+        print(f"gemmakit {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        # The machine refused a path the user named (missing, no permission, disk full):
+        # not a bug in gemmakit, so one line naming the path.
+        if e.errno not in _USER_OS_ERRORS or e.filename is None:
+            raise
+        print(f"gemmakit {args.command}: error: {e.filename}: {e.strerror}", file=sys.stderr)
         return 2
 
 

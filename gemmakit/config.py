@@ -8,6 +8,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from gemmakit.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class TokenIds:
@@ -53,12 +55,12 @@ class GemmaConfig:
 
     def __post_init__(self) -> None:
         if self.n_heads % self.n_kv_heads:
-            raise ValueError(
+            raise ConfigError(
                 f"config {self.name!r}: n_heads={self.n_heads} is not a multiple of "
                 f"n_kv_heads={self.n_kv_heads}"
             )
         if self.global_every < 1:
-            raise ValueError(f"config {self.name!r}: global_every must be >= 1")
+            raise ConfigError(f"config {self.name!r}: global_every must be >= 1")
 
     @property
     def generation(self) -> int:
@@ -99,75 +101,136 @@ class GemmaConfig:
 
 def gemma_2b() -> GemmaConfig:
     return GemmaConfig(
-        name="gemma-2b", vocab_size=256_000, padded_vocab_size=256_128, d_model=2048,
-        n_layers=18, n_heads=8, n_kv_heads=1, head_dim=256, ffn_dim=16_384,
-    )  # fmt: skip
+        name="gemma-2b",
+        vocab_size=256_000,
+        padded_vocab_size=256_128,
+        d_model=2048,
+        n_layers=18,
+        n_heads=8,
+        n_kv_heads=1,
+        head_dim=256,
+        ffn_dim=16_384,
+    )
 
 
 def gemma_7b() -> GemmaConfig:
     return GemmaConfig(
-        name="gemma-7b", vocab_size=256_000, padded_vocab_size=256_128, d_model=3072,
-        n_layers=28, n_heads=16, n_kv_heads=16, head_dim=256, ffn_dim=24_576,
-    )  # fmt: skip
+        name="gemma-7b",
+        vocab_size=256_000,
+        padded_vocab_size=256_128,
+        d_model=3072,
+        n_layers=28,
+        n_heads=16,
+        n_kv_heads=16,
+        head_dim=256,
+        ffn_dim=24_576,
+    )
 
 
 # --- Gemma 2 --------------------------------------------------------------------------------
 
 _GEMMA2 = dict(
-    vocab_size=256_000, padded_vocab_size=256_128, sandwich_norm=True, attn_logit_softcap=50.0,
-    final_logit_softcap=30.0, sliding_window=4096, global_every=2, head_dim=256,
-)  # fmt: skip
+    vocab_size=256_000,
+    padded_vocab_size=256_128,
+    sandwich_norm=True,
+    attn_logit_softcap=50.0,
+    final_logit_softcap=30.0,
+    sliding_window=4096,
+    global_every=2,
+    head_dim=256,
+)
 
 
 def gemma2_2b() -> GemmaConfig:
     return GemmaConfig(
-        name="gemma2-2b", d_model=2304, n_layers=26, n_heads=8, n_kv_heads=4, ffn_dim=9216,
+        name="gemma2-2b",
+        d_model=2304,
+        n_layers=26,
+        n_heads=8,
+        n_kv_heads=4,
+        ffn_dim=9216,
         **_GEMMA2,
-    )  # fmt: skip
+    )
 
 
 def gemma2_9b() -> GemmaConfig:
     return GemmaConfig(
-        name="gemma2-9b", d_model=3584, n_layers=42, n_heads=16, n_kv_heads=8, ffn_dim=14_336,
+        name="gemma2-9b",
+        d_model=3584,
+        n_layers=42,
+        n_heads=16,
+        n_kv_heads=8,
+        ffn_dim=14_336,
         **_GEMMA2,
-    )  # fmt: skip
+    )
 
 
 def gemma2_27b() -> GemmaConfig:
     return GemmaConfig(
-        name="gemma2-27b", d_model=4608, n_layers=46, n_heads=32, n_kv_heads=16,
-        ffn_dim=36_864, query_pre_attn_scalar=4608 / 32, **{**_GEMMA2, "head_dim": 128},
-    )  # fmt: skip
+        name="gemma2-27b",
+        d_model=4608,
+        n_layers=46,
+        n_heads=32,
+        n_kv_heads=16,
+        ffn_dim=36_864,
+        query_pre_attn_scalar=4608 / 32,
+        **{**_GEMMA2, "head_dim": 128},
+    )
 
 
 # --- Gemma 3 (text) -------------------------------------------------------------------------
 
 _GEMMA3 = dict(
-    vocab_size=262_144, sandwich_norm=True, qk_norm=True, rope_theta=1_000_000.0,
-    rope_local_theta=10_000.0, global_every=6, head_dim=256, tokens=GEMMA3_TOKEN_IDS,
+    vocab_size=262_144,
+    sandwich_norm=True,
+    qk_norm=True,
+    rope_theta=1_000_000.0,
+    rope_local_theta=10_000.0,
+    global_every=6,
+    head_dim=256,
+    tokens=GEMMA3_TOKEN_IDS,
     max_seq_len=32_768,
-)  # fmt: skip
+)
 
 
 def gemma3_270m() -> GemmaConfig:
     return GemmaConfig(
-        name="gemma3-270m", d_model=640, n_layers=18, n_heads=4, n_kv_heads=1, ffn_dim=2048,
-        sliding_window=512, **_GEMMA3,
-    )  # fmt: skip
+        name="gemma3-270m",
+        d_model=640,
+        n_layers=18,
+        n_heads=4,
+        n_kv_heads=1,
+        ffn_dim=2048,
+        sliding_window=512,
+        **_GEMMA3,
+    )
 
 
 def gemma3_1b() -> GemmaConfig:
     return GemmaConfig(
-        name="gemma3-1b", d_model=1152, n_layers=26, n_heads=4, n_kv_heads=1, ffn_dim=6912,
-        sliding_window=512, **_GEMMA3,
-    )  # fmt: skip
+        name="gemma3-1b",
+        d_model=1152,
+        n_layers=26,
+        n_heads=4,
+        n_kv_heads=1,
+        ffn_dim=6912,
+        sliding_window=512,
+        **_GEMMA3,
+    )
 
 
 def gemma3_4b() -> GemmaConfig:
     return GemmaConfig(
-        name="gemma3-4b", d_model=2560, n_layers=34, n_heads=8, n_kv_heads=4, ffn_dim=10_240,
-        sliding_window=1024, rope_scaling=8.0, **{**_GEMMA3, "max_seq_len": 131_072},
-    )  # fmt: skip
+        name="gemma3-4b",
+        d_model=2560,
+        n_layers=34,
+        n_heads=8,
+        n_kv_heads=4,
+        ffn_dim=10_240,
+        sliding_window=1024,
+        rope_scaling=8.0,
+        **{**_GEMMA3, "max_seq_len": 131_072},
+    )
 
 
 # --- small presets for tests and the tiny recipe -----------------------------------------
@@ -176,32 +239,65 @@ def gemma3_4b() -> GemmaConfig:
 def tiny() -> GemmaConfig:
     """A Gemma-1-shaped model small enough to train in minutes on 2 CPU cores."""
     return GemmaConfig(
-        name="tiny", vocab_size=4096, d_model=128, n_layers=4, n_heads=4, n_kv_heads=1,
-        head_dim=32, ffn_dim=512, max_seq_len=512,
-    )  # fmt: skip
+        name="tiny",
+        vocab_size=4096,
+        d_model=128,
+        n_layers=4,
+        n_heads=4,
+        n_kv_heads=1,
+        head_dim=32,
+        ffn_dim=512,
+        max_seq_len=512,
+    )
 
 
 def tiny_gemma2() -> GemmaConfig:
     return gemma2_2b().replace(
-        name="tiny-gemma2", vocab_size=4096, padded_vocab_size=None, d_model=128, n_layers=4,
-        n_heads=4, n_kv_heads=2, head_dim=32, ffn_dim=512, max_seq_len=512, sliding_window=16,
-    )  # fmt: skip
+        name="tiny-gemma2",
+        vocab_size=4096,
+        padded_vocab_size=None,
+        d_model=128,
+        n_layers=4,
+        n_heads=4,
+        n_kv_heads=2,
+        head_dim=32,
+        ffn_dim=512,
+        max_seq_len=512,
+        sliding_window=16,
+    )
 
 
 def tiny_gemma3() -> GemmaConfig:
     return gemma3_270m().replace(
-        name="tiny-gemma3", vocab_size=4096, d_model=128, n_layers=6, n_heads=4, n_kv_heads=1,
-        head_dim=32, ffn_dim=512, max_seq_len=512, sliding_window=16,
-    )  # fmt: skip
+        name="tiny-gemma3",
+        vocab_size=4096,
+        d_model=128,
+        n_layers=6,
+        n_heads=4,
+        n_kv_heads=1,
+        head_dim=32,
+        ffn_dim=512,
+        max_seq_len=512,
+        sliding_window=16,
+    )
 
 
 PRESETS = {
     cfg().name: cfg
     for cfg in (
-        gemma_2b, gemma_7b, gemma2_2b, gemma2_9b, gemma2_27b, gemma3_270m, gemma3_1b,
-        gemma3_4b, tiny, tiny_gemma2, tiny_gemma3,
+        gemma_2b,
+        gemma_7b,
+        gemma2_2b,
+        gemma2_9b,
+        gemma2_27b,
+        gemma3_270m,
+        gemma3_1b,
+        gemma3_4b,
+        tiny,
+        tiny_gemma2,
+        tiny_gemma3,
     )
-}  # fmt: skip
+}
 
 
 def get_config(name: str) -> GemmaConfig:
@@ -209,4 +305,4 @@ def get_config(name: str) -> GemmaConfig:
     try:
         return PRESETS[name]()
     except KeyError:
-        raise KeyError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}") from None
+        raise ConfigError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}") from None

@@ -7,6 +7,7 @@ from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 
+from gemmakit.errors import UsageError
 from gemmakit.model.cache import KVCache
 from gemmakit.model.transformer import Gemma
 
@@ -44,7 +45,7 @@ def left_pad(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """tokens [B, T] and validity [B, T] with each prompt aligned to the right."""
     if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("every prompt needs at least one token")
+        raise UsageError("every prompt needs at least one token")
     T = max(len(p) for p in prompts)
     tokens = torch.full((len(prompts), T), pad_id, dtype=torch.long)
     valid = torch.zeros(len(prompts), T, dtype=torch.bool)
@@ -86,7 +87,7 @@ def stream_generate(
     if cache is None:
         cache = KVCache(cfg, B, T + max_new_tokens, model.dtype, device)
     elif cache.key_valid.shape[0] != B:
-        raise ValueError(f"a KV cache of batch {cache.key_valid.shape[0]} for {B} prompts")
+        raise UsageError(f"a KV cache of batch {cache.key_valid.shape[0]} for {B} prompts")
     start = cache.length
     cache.reserve(start + T + max_new_tokens)
     cache.key_valid[:, start:] = True  # what an interrupted call may have left is no longer used
@@ -190,7 +191,7 @@ class Session:
         """`stream_generate` of the one prompt (ids [T]), reusing the cache: yields [token]
         per step, [None] once stopped. A new call ends the stream of the previous one."""
         if not prompt:
-            raise ValueError("the prompt needs at least one token")
+            raise UsageError("the prompt needs at least one token")
         self._close()
         # At least one token is prefilled: its logits give the first new token.
         keep = min(common_prefix(self.ids, prompt), len(prompt) - 1)
@@ -202,9 +203,16 @@ class Session:
         doubled = min(2 * self.cache.max_len, self.model.config.max_seq_len)
         self.cache.reserve(max(needed, doubled))
         steps = stream_generate(
-            self.model, [prompt[keep:]], max_new_tokens, temperature, top_k, top_p,
-            stop_tokens, seed, cache=self.cache,
-        )  # fmt: skip
+            self.model,
+            [prompt[keep:]],
+            max_new_tokens,
+            temperature,
+            top_k,
+            top_p,
+            stop_tokens,
+            seed,
+            cache=self.cache,
+        )
         self._active = self._record(steps)
         return self._active
 

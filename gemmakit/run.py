@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from gemmakit.errors import UsageError
+
 DEFAULT_STEPS = 200
 
 
@@ -21,8 +23,9 @@ def _stage(name: str) -> float:
     return time.perf_counter()
 
 
-def run_all(out: str | Path = "runs/main", steps: int = DEFAULT_STEPS, vocab_size: int = 4096,
-            seed: int = 0) -> dict[str, Any]:  # fmt: skip
+def run_all(
+    out: str | Path = "runs/main", steps: int = DEFAULT_STEPS, vocab_size: int = 4096, seed: int = 0
+) -> dict[str, Any]:
     """Run every stage into `out`; returns the report (also written as report.json/.html)."""
     from gemmakit.data.pipeline import DEFAULT_CONFIG, prepare
     from gemmakit.data.shards import TokenShards
@@ -30,7 +33,7 @@ def run_all(out: str | Path = "runs/main", steps: int = DEFAULT_STEPS, vocab_siz
 
     out = Path(out)
     if (out / "pretrain").exists():
-        raise ValueError(f"{out}: a run is already there; choose another --out or remove it")
+        raise UsageError(f"{out}: a run is already there; choose another --out or remove it")
     out.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {"out": str(out), "stages": {}}
     seconds = report["seconds"] = {}
@@ -58,9 +61,13 @@ def run_all(out: str | Path = "runs/main", steps: int = DEFAULT_STEPS, vocab_siz
 
     t = _stage("data: tokenize and pack into token shards")
     data = prepare(DEFAULT_CONFIG, out / "data", tokenizer=tok, verbose=False)
-    report["data"] = {"sources": {n: {"documents": s["documents"], "tokens": s["tokens"],
-                                      "stages": s["stages"]} for n, s in data["sources"].items()},
-                      "totals": data["totals"]}  # fmt: skip
+    report["data"] = {
+        "sources": {
+            n: {"documents": s["documents"], "tokens": s["tokens"], "stages": s["stages"]}
+            for n, s in data["sources"].items()
+        },
+        "totals": data["totals"],
+    }
     tt = data["totals"]
     print(f"{tt['read']} documents read, {tt['kept']} kept, {tt['train_tokens']} train tokens")
     seconds["data"] = time.perf_counter() - t
@@ -69,10 +76,14 @@ def run_all(out: str | Path = "runs/main", steps: int = DEFAULT_STEPS, vocab_siz
     t = _stage(f"pretrain: tiny preset, {steps} steps")
     result = pretrain_tiny(out, tok.vocab_size, steps, seed)
     report["pretrain"] = {
-        "steps": result.steps, "first_loss": result.losses[0], "final_loss": result.losses[-1],
-        "losses": result.losses, "val_losses": result.val_losses,
-        "tokens_per_s": result.tokens_per_s, "checkpoint": str(result.checkpoint),
-    }  # fmt: skip
+        "steps": result.steps,
+        "first_loss": result.losses[0],
+        "final_loss": result.losses[-1],
+        "losses": result.losses,
+        "val_losses": result.val_losses,
+        "tokens_per_s": result.tokens_per_s,
+        "checkpoint": str(result.checkpoint),
+    }
     seconds["pretrain"] = time.perf_counter() - t
 
     # 3. What the model learned, and what it memorized (report section on memorization).
@@ -94,8 +105,10 @@ def run_all(out: str | Path = "runs/main", steps: int = DEFAULT_STEPS, vocab_siz
         docs = [shards.document(i).tolist() for i in range(min(shards.num_documents, 64))]
         memo[name] = memorization(model, docs).to_dict()
         m = memo[name]
-        print(f"{name}: {m['documents']} documents, exact {m['exact_rate']:.1%}, "
-              f"approximate {m['approximate_rate']:.1%}")  # fmt: skip
+        print(
+            f"{name}: {m['documents']} documents, exact {m['exact_rate']:.1%}, "
+            f"approximate {m['approximate_rate']:.1%}"
+        )
     report["memorization"] = memo
     seconds["evaluate"] = time.perf_counter() - t
 
@@ -111,13 +124,18 @@ def pretrain_tiny(out: Path, vocab_size: int, steps: int, seed: int):
         "run_dir": str(out / "pretrain"),
         "model": {"preset": "tiny", "config_overrides": {"vocab_size": vocab_size}},
         "data": {"train": [str(out / "data")], "tokenizer": str(out / "tokenizer.model")},
-        "training": {"steps": steps, "seq_len": 256, "batch_size": 16, "micro_batch_size": 16,
-                     "seed": seed},
+        "training": {
+            "steps": steps,
+            "seq_len": 256,
+            "batch_size": 16,
+            "micro_batch_size": 16,
+            "seed": seed,
+        },
         "optimizer": {"lr": 3e-3, "min_lr": 3e-4, "warmup_steps": max(1, steps // 10)},
         "eval": {"interval": max(1, steps // 4), "batches": 4},
         "checkpoint": {"interval": 0, "keep": 1},
         "log": {"interval": 10, "tensorboard": False},
-    }  # fmt: skip
+    }
     return pretrain(recipe)
 
 
@@ -149,8 +167,10 @@ def write_report(out: Path, report: dict) -> None:
     (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
     plot = _loss_plot(out, report)
     e = html.escape
-    rows = lambda pairs: "".join(f"<tr><td>{e(str(a))}</td><td>{e(str(b))}</td></tr>"  # noqa: E731
-                                 for a, b in pairs)  # fmt: skip
+
+    def rows(pairs) -> str:
+        return "".join(f"<tr><td>{e(str(a))}</td><td>{e(str(b))}</td></tr>" for a, b in pairs)
+
     drops = report["data"]["totals"]["dropped_by_reason"]
     p = report["pretrain"]
     memo = report["memorization"]
@@ -167,7 +187,7 @@ def write_report(out: Path, report: dict) -> None:
                 ("train tokens", report["data"]["totals"]["train_tokens"]),
                 ("validation tokens", report["data"]["totals"]["val_tokens"]),
             ]
-        ),  # fmt: skip
+        ),
         "</table><h3>Dropped, by reason</h3><table>",
         rows(sorted(drops.items())),
         "</table>",
@@ -184,7 +204,7 @@ def write_report(out: Path, report: dict) -> None:
                 ("tokens/s", f"{p['tokens_per_s']:.0f}"),
                 ("checkpoint", p["checkpoint"]),
             ]
-        ),  # fmt: skip
+        ),
         "</table>",
         f'<p><img src="{plot}" alt="loss curve"></p>' if plot else "",
         "<h2>Samples (greedy)</h2><table>",
@@ -196,7 +216,7 @@ def write_report(out: Path, report: dict) -> None:
             f"<tr><td>{e(n)}</td><td>{m['documents']}</td><td>{m['exact_rate']:.1%}</td>"
             f"<td>{m['approximate_rate']:.1%}</td></tr>"
             for n, m in memo.items()
-        ),  # fmt: skip
+        ),
         "</table><h2>Time</h2><table>",
         rows((k, f"{v:.1f} s") for k, v in report["seconds"].items()),
         "</table>",

@@ -11,6 +11,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 from gemmakit.config import TokenIds
+from gemmakit.errors import DataError, MissingFileError
 
 GEMMA_TOKEN_IDS = TokenIds()  # Gemma 1/2: turn markers at 106/107
 
@@ -20,9 +21,14 @@ SPACE_MARKER = "\u2581"
 
 # TokenIds field -> the piece that holds it.
 SPECIAL_PIECES = {
-    "pad": "<pad>", "eos": "<eos>", "bos": "<bos>", "unk": "<unk>", "mask": "<mask>",
-    "start_of_turn": "<start_of_turn>", "end_of_turn": "<end_of_turn>",
-}  # fmt: skip
+    "pad": "<pad>",
+    "eos": "<eos>",
+    "bos": "<bos>",
+    "unk": "<unk>",
+    "mask": "<mask>",
+    "start_of_turn": "<start_of_turn>",
+    "end_of_turn": "<end_of_turn>",
+}
 
 
 class Tokenizer:
@@ -44,7 +50,7 @@ class Tokenizer:
             else:
                 self.sp = spm.SentencePieceProcessor(model_file=str(self.path))
         except Exception as e:
-            raise ValueError(f"{label}: not a SentencePiece model ({e})") from e
+            raise DataError(f"{label}: not a SentencePiece model ({e})") from e
         self.bos_id = self.sp.bos_id()
         self.eos_id = self.sp.eos_id()
         self.pad_id = self.sp.pad_id()
@@ -96,7 +102,7 @@ def load_tokenizer(source: str | Path) -> Tokenizer:
     if path.is_dir():
         path = path / "tokenizer.model"
     if not path.exists():
-        raise FileNotFoundError(f"{path}: no tokenizer file")
+        raise MissingFileError(f"{path}: no tokenizer file")
     return Tokenizer(path)
 
 
@@ -113,7 +119,7 @@ def control_pieces(ids: TokenIds = GEMMA_TOKEN_IDS) -> list[str]:
     first = max(ids.pad, ids.eos, ids.bos, ids.unk) + 1
     turns = ids.end_of_turn == ids.start_of_turn + 1
     if not (ids.mask == first and first < ids.start_of_turn and turns):
-        raise ValueError(f"unsupported special-id layout {ids}")
+        raise DataError(f"unsupported special-id layout {ids}")
     unused = [f"<unused{i}>" for i in range(ids.start_of_turn - ids.mask - 1)]
     return ["<mask>", *unused, "<start_of_turn>", "<end_of_turn>"]
 
@@ -140,11 +146,11 @@ def read_text_files(paths: Iterable[str | Path]) -> Iterator[str]:
     for p in paths:
         p = Path(p)
         if not p.is_file():
-            raise FileNotFoundError(f"{p}: no such text file")
+            raise MissingFileError(f"{p}: no such text file")
         try:
             yield p.read_text(encoding="utf-8")
         except UnicodeDecodeError as e:
-            raise ValueError(f"{p}: not UTF-8 text ({e})") from None
+            raise DataError(f"{p}: not UTF-8 text ({e})") from None
 
 
 def train_tokenizer(
@@ -172,14 +178,14 @@ def train_tokenizer(
     controls = control_pieces(token_ids)
     reserved = 4 + len(controls) + 256  # specials, controls, bytes
     if vocab_size <= reserved:
-        raise ValueError(
+        raise DataError(
             f"vocab_size {vocab_size} is too small: {reserved} ids are reserved for special, "
             f"control and byte pieces"
         )
     sources = [*read_text_files(files), *(texts or [])]
     sentences = list(chunk_text(sources))
     if not sentences:
-        raise ValueError("no training text: give texts or files")
+        raise DataError("no training text: give texts or files")
     model = io.BytesIO()
     spm.set_random_generator_seed(seed)  # for the sentence shuffle
     try:
@@ -198,8 +204,13 @@ def train_tokenizer(
             normalization_rule_name="identity",
             add_dummy_prefix=False,
             remove_extra_whitespaces=False,
-            pad_id=token_ids.pad, eos_id=token_ids.eos, bos_id=token_ids.bos,
-            unk_id=token_ids.unk, pad_piece="<pad>", eos_piece="<eos>", bos_piece="<bos>",
+            pad_id=token_ids.pad,
+            eos_id=token_ids.eos,
+            bos_id=token_ids.bos,
+            unk_id=token_ids.unk,
+            pad_piece="<pad>",
+            eos_piece="<eos>",
+            bos_piece="<bos>",
             unk_piece="<unk>",
             control_symbols=controls,
             max_sentence_length=4 * CHUNK_CHARS,
@@ -207,9 +218,9 @@ def train_tokenizer(
             shuffle_input_sentence=True,
             num_threads=num_threads or os.cpu_count() or 1,
             minloglevel=2,
-        )  # fmt: skip
+        )
     except RuntimeError as e:
-        raise ValueError(f"tokenizer training failed: {e}") from None
+        raise DataError(f"tokenizer training failed: {e}") from None
     proto = model.getvalue()
     name = str(output) + ".model" if output is not None else "trained tokenizer"
     tok = Tokenizer(model_proto=proto, name=name)

@@ -22,9 +22,13 @@ def make_hf_model(kind: str, seed: int = 0):
     import transformers as tf
 
     common = dict(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, head_dim=16,
-        max_position_embeddings=256, num_attention_heads=4,
-    )  # fmt: skip
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        head_dim=16,
+        max_position_embeddings=256,
+        num_attention_heads=4,
+    )
     if kind == "gemma-mq":
         model = tf.GemmaForCausalLM(
             tf.GemmaConfig(num_hidden_layers=3, num_key_value_heads=1, **common)
@@ -35,9 +39,12 @@ def make_hf_model(kind: str, seed: int = 0):
         )
     elif kind == "gemma2":
         cfg = tf.Gemma2Config(
-            num_hidden_layers=4, num_key_value_heads=2, sliding_window=8,
-            query_pre_attn_scalar=24, **common,
-        )  # fmt: skip
+            num_hidden_layers=4,
+            num_key_value_heads=2,
+            sliding_window=8,
+            query_pre_attn_scalar=24,
+            **common,
+        )
         model = tf.Gemma2ForCausalLM(cfg)
     elif kind == "gemma3":
         cfg = tf.Gemma3TextConfig(

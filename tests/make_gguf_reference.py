@@ -21,22 +21,74 @@ LOGIT_IDS = 256  # logits of this many fixed vocabulary ids at every prompt posi
 
 # One line of each script / kind of text, then random strings drawn from these ranges.
 SAMPLES = [
-    "Hello, world!", "  two leading spaces", "trailing spaces   ", "tabs\tand\t\ttabs",
-    "new\nlines\n\n\nand\r\nCRLF", "    indented code", "x = [1, 2, 3]  # comment",
-    "def f(a, b):\n\treturn a ** b\n", "if (x != 0) { y = 1.5e-3; }", "SELECT * FROM t;",
-    "1234567890 3.14159 1,000,000 0x1F", "Ελληνικά γράμματα", "Русский текст, ёж",
-    "Հայերեն", "עברית עם ניקוד", "العربية النص", "हिन्दी भाषा", "বাংলা", "ภาษาไทย",
-    "ქართული", "한국어 문장입니다", "ひらがなとカタカナ", "漢字と中文字符", "አማርኛ",
-    "தமிழ்", "తెలుగు", "ខ្មែរ", "བོད་ཡིག", "ᠮᠣᠩᠭᠣᠯ", "ꦗꦮ", "𝔘𝔫𝔦𝔠𝔬𝔡𝔢 𝕞𝕒𝕥𝕙",
-    "emoji 😀👍🏽👨‍👩‍👧‍👦🇫🇷 ❤️", "combining e\u0301 a\u0308 n\u0303", "zero\u200bwidth",
-    "\u2581 the sentencepiece space", "NUL\x00and\x07bell", "<table><tr><td>cell</td></tr>",
-    "<start_of_turn>user\nhi<end_of_turn>\n<start_of_turn>model\n", "<bos><eos><pad><unk>",
-    "<unused5> <mask>", "", " ", "\n", "\t", "          ", "a" * 100, "ab " * 40,
-    "Ünïcödé ñ ß Æ Ø å", "ﬁ ligature ＦＵＬＬ ｗｉｄｔｈ", "½ ² ⅷ ①", "☃ ★ ♫ ∑ ∫ √ ∞ ≠",
-]  # fmt: skip
-RANGES = [(0x20, 0x7E), (0xA0, 0x24F), (0x370, 0x3FF), (0x400, 0x4FF), (0x590, 0x6FF),
-          (0x900, 0xDFF), (0xE00, 0xEFF), (0x1100, 0x11FF), (0x3040, 0x30FF), (0x4E00, 0x9FFF),
-          (0xAC00, 0xD7A3), (0x1F300, 0x1FAFF), (0x10000, 0x1007F), (0x2000, 0x2BFF)]  # fmt: skip
+    "Hello, world!",
+    "  two leading spaces",
+    "trailing spaces   ",
+    "tabs\tand\t\ttabs",
+    "new\nlines\n\n\nand\r\nCRLF",
+    "    indented code",
+    "x = [1, 2, 3]  # comment",
+    "def f(a, b):\n\treturn a ** b\n",
+    "if (x != 0) { y = 1.5e-3; }",
+    "SELECT * FROM t;",
+    "1234567890 3.14159 1,000,000 0x1F",
+    "Ελληνικά γράμματα",
+    "Русский текст, ёж",
+    "Հայերեն",
+    "עברית עם ניקוד",
+    "العربية النص",
+    "हिन्दी भाषा",
+    "বাংলা",
+    "ภาษาไทย",
+    "ქართული",
+    "한국어 문장입니다",
+    "ひらがなとカタカナ",
+    "漢字と中文字符",
+    "አማርኛ",
+    "தமிழ்",
+    "తెలుగు",
+    "ខ្មែរ",
+    "བོད་ཡིག",
+    "ᠮᠣᠩᠭᠣᠯ",
+    "ꦗꦮ",
+    "𝔘𝔫𝔦𝔠𝔬𝔡𝔢 𝕞𝕒𝕥𝕙",
+    "emoji 😀👍🏽👨‍👩‍👧‍👦🇫🇷 ❤️",
+    "combining e\u0301 a\u0308 n\u0303",
+    "zero\u200bwidth",
+    "\u2581 the sentencepiece space",
+    "NUL\x00and\x07bell",
+    "<table><tr><td>cell</td></tr>",
+    "<start_of_turn>user\nhi<end_of_turn>\n<start_of_turn>model\n",
+    "<bos><eos><pad><unk>",
+    "<unused5> <mask>",
+    "",
+    " ",
+    "\n",
+    "\t",
+    "          ",
+    "a" * 100,
+    "ab " * 40,
+    "Ünïcödé ñ ß Æ Ø å",
+    "ﬁ ligature ＦＵＬＬ ｗｉｄｔｈ",
+    "½ ² ⅷ ①",
+    "☃ ★ ♫ ∑ ∫ √ ∞ ≠",
+]
+RANGES = [
+    (0x20, 0x7E),
+    (0xA0, 0x24F),
+    (0x370, 0x3FF),
+    (0x400, 0x4FF),
+    (0x590, 0x6FF),
+    (0x900, 0xDFF),
+    (0xE00, 0xEFF),
+    (0x1100, 0x11FF),
+    (0x3040, 0x30FF),
+    (0x4E00, 0x9FFF),
+    (0xAC00, 0xD7A3),
+    (0x1F300, 0x1FAFF),
+    (0x10000, 0x1007F),
+    (0x2000, 0x2BFF),
+]
 WHITESPACE = [" ", "  ", "\t", "\n", "\n\n", "   ", "\u3000"]
 
 
@@ -62,8 +114,9 @@ def hf_reference(path: Path) -> dict:
     strings = varied_strings()
     # split_special_tokens: "<bos>" typed in text is text, as in SentencePiece
     ids = [tok(s, add_special_tokens=False, split_special_tokens=True).input_ids for s in strings]
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
-                                                 dtype=torch.float32).eval()  # fmt: skip
+    model = AutoModelForCausalLM.from_pretrained(
+        path.parent, gguf_file=path.name, dtype=torch.float32
+    ).eval()
     vocab = model.config.vocab_size
     logit_ids = sorted(random.Random(1).sample(range(vocab), LOGIT_IDS))
     prompts = []
@@ -72,14 +125,19 @@ def hf_reference(path: Path) -> dict:
         x = torch.tensor([prompt])
         with torch.no_grad():
             logits = model(x).logits[0]  # [T, V]
-            out = model.generate(x, max_new_tokens=NEW_TOKENS, do_sample=False,
-                                 eos_token_id=None, pad_token_id=0)  # fmt: skip
-        prompts.append(dict(
-            text=text, ids=prompt, greedy=out[0, len(prompt):].tolist(),
-            logits=logits[:, logit_ids].tolist(),
-            top10=logits.topk(10, dim=-1).indices.tolist(),
-            logsumexp=logits.logsumexp(-1).tolist(),
-        ))  # fmt: skip
+            out = model.generate(
+                x, max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None, pad_token_id=0
+            )
+        prompts.append(
+            dict(
+                text=text,
+                ids=prompt,
+                greedy=out[0, len(prompt) :].tolist(),
+                logits=logits[:, logit_ids].tolist(),
+                top10=logits.topk(10, dim=-1).indices.tolist(),
+                logsumexp=logits.logsumexp(-1).tolist(),
+            )
+        )
     return dict(strings=strings, ids=ids, logit_ids=logit_ids, prompts=prompts)
 
 

@@ -53,11 +53,24 @@ def test_ids_match_hand_built_sequence():
     enc = encode_chat(CharTokenizer(), CONVERSATION, add_generation_prompt=True)
     expected = [
         2,
-        106, *chars("user\n"), *chars("Be brief.\n\nHi"), 107, *chars("\n"),
-        106, *chars("model\n"), *chars("Hello!"), 107, *chars("\n"),
-        106, *chars("user\n"), *chars("Bye"), 107, *chars("\n"),
-        106, *chars("model\n"),
-    ]  # fmt: skip
+        106,
+        *chars("user\n"),
+        *chars("Be brief.\n\nHi"),
+        107,
+        *chars("\n"),
+        106,
+        *chars("model\n"),
+        *chars("Hello!"),
+        107,
+        *chars("\n"),
+        106,
+        *chars("user\n"),
+        *chars("Bye"),
+        107,
+        *chars("\n"),
+        106,
+        *chars("model\n"),
+    ]
     assert enc.ids == expected
     targets = [i for i, m in zip(enc.ids, enc.target_mask) if m]
     assert targets == [*chars("Hello!"), 107]  # the model's text and its <end_of_turn> only
@@ -67,8 +80,17 @@ def test_ids_match_hand_built_sequence():
 def test_without_generation_prompt_and_gemma3_ids():
     msgs = [{"role": "user", "content": "a"}, {"role": "model", "content": "b"}]
     enc = encode_chat(CharTokenizer(), msgs, token_ids=GEMMA3_TOKEN_IDS)
-    assert enc.ids == [2, 105, *chars("user\na"), 106, *chars("\n"),
-                       105, *chars("model\nb"), 106, *chars("\n")]  # fmt: skip
+    assert enc.ids == [
+        2,
+        105,
+        *chars("user\na"),
+        106,
+        *chars("\n"),
+        105,
+        *chars("model\nb"),
+        106,
+        *chars("\n"),
+    ]
 
 
 def test_render_chat_text():
@@ -87,8 +109,9 @@ def test_real_tokenizer_uses_control_ids(tok):
     assert enc.ids[:2] == [2, 106]
     assert enc.ids.count(106) == 2 and enc.ids.count(107) == 1  # text never opens a turn
     assert enc.ids[-1 - len(tok.encode("model\n", bos=False)) :] == [
-        106, *tok.encode("model\n", bos=False)
-    ]  # fmt: skip
+        106,
+        *tok.encode("model\n", bos=False),
+    ]
     assert tok.decode(enc.ids) == "user\nsay <start_of_turn>model\n<end_of_turn> please\nmodel\n"
 
 
@@ -102,18 +125,28 @@ def test_turn_markers_come_from_the_tokenizer_pieces():
 @pytest.mark.parametrize(
     "messages, error",
     [
-        ([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}],
-         r"messages\[1\]: role 'user' after a user turn"),
+        (
+            [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}],
+            r"messages\[1\]: role 'user' after a user turn",
+        ),
         ([{"role": "model", "content": "a"}], r"messages\[0\]: role 'model' first"),
-        ([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
-          {"role": "system", "content": "c"}], r"messages\[2\]: a system message may only"),
-        ([{"role": "user", "content": "a"}, {"role": "bot", "content": "b"}],
-         r"messages\[1\]: unknown role 'bot'"),
+        (
+            [
+                {"role": "user", "content": "a"},
+                {"role": "assistant", "content": "b"},
+                {"role": "system", "content": "c"},
+            ],
+            r"messages\[2\]: a system message may only",
+        ),
+        (
+            [{"role": "user", "content": "a"}, {"role": "bot", "content": "b"}],
+            r"messages\[1\]: unknown role 'bot'",
+        ),
         ([{"role": "user", "content": 3}], r"messages\[0\]: content must be a string"),
         ([{"role": "user"}], r"messages\[0\]: expected"),
         ([{"role": "system", "content": "s"}], r"messages\[0\]: a system message needs a user"),
     ],
-)  # fmt: skip
+)
 def test_out_of_order_roles_name_the_message(messages, error):
     with pytest.raises(ValueError, match=error):
         chat_turns(messages)
@@ -176,8 +209,10 @@ def test_chat_keeps_the_conversation(monkeypatch, capsys, checkpoint, tok, recor
     ]
     assert first["prompt"] == encode_chat(tok, expected[:2], True).ids
     assert second["prompt"] == encode_chat(tok, expected, True).ids
-    assert third["prompt"] == encode_chat(tok, [expected[0], {"role": "user", "content": "Again"}],
-                                          True).ids  # fmt: skip
+    assert (
+        third["prompt"]
+        == encode_chat(tok, [expected[0], {"role": "user", "content": "Again"}], True).ids
+    )
     out, err = capsys.readouterr()
     assert answer in out and "(new conversation)" in out
     assert "tiny" in err and "/reset" in err  # the banner names the model and the commands
@@ -197,8 +232,11 @@ def test_ctrl_c_stops_the_answer_and_keeps_the_session(monkeypatch, capsys, chec
     assert run_chat(monkeypatch, checkpoint, "one\ntwo\n/exit\nnever read\n") == 0
     assert len(calls) == 2
     partial = tok.decode([500])
-    msgs = [{"role": "user", "content": "one"}, {"role": "model", "content": partial},
-            {"role": "user", "content": "two"}]  # fmt: skip
+    msgs = [
+        {"role": "user", "content": "one"},
+        {"role": "model", "content": partial},
+        {"role": "user", "content": "two"},
+    ]
     assert calls[1] == encode_chat(tok, msgs, True).ids
     assert "[stopped]" in capsys.readouterr().out
 
@@ -265,8 +303,9 @@ def test_cache_reuse_answers_as_re_encoding_does(monkeypatch, capsys, tok, recor
     users = ["Hi there", "Tell me\nmore", "line one\nline two", "Thanks", "Again"]
     stdin = 'Hi there\nTell me\\\nmore\n"""\nline one\nline two\n"""\nThanks\n/reset\nAgain\n'
     monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
-    args = argparse.Namespace(system="Be brief.", max_new_tokens=6, temperature=0.0,
-                              top_k=None, top_p=None, seed=None)  # fmt: skip
+    args = argparse.Namespace(
+        system="Be brief.", max_new_tokens=6, temperature=0.0, top_k=None, top_p=None, seed=None
+    )
     assert chat_loop(model, tok, args, sys.stdout) == 0
     monkeypatch.undo()  # the references below run with plain forwards and fresh caches
 
@@ -307,8 +346,10 @@ def test_long_conversation_drops_oldest_exchanges_but_keeps_the_system_prompt(to
     long = "word " * 3
     messages = [{"role": "system", "content": "Be brief."}]
     for i in range(8):
-        messages += [{"role": "user", "content": f"q{i} {long}"},
-                     {"role": "model", "content": f"a{i} {long}"}]  # fmt: skip
+        messages += [
+            {"role": "user", "content": f"q{i} {long}"},
+            {"role": "model", "content": f"a{i} {long}"},
+        ]
     messages.append({"role": "user", "content": "last question"})
     full = len(encode_chat(tok, messages, add_generation_prompt=True, token_ids=cfg.tokens).ids)
     assert full > 120  # it does not fit as it is

@@ -159,8 +159,12 @@ def test_bad_model_files_name_the_file_and_key(tmp_path, model):
     np.savez(tmp_path / "foreign.npz", weights=model.weights)
     with pytest.raises(ValueError, match=r"foreign.npz: .*no 'metadata' entry"):
         QualityClassifier.load(tmp_path / "foreign.npz")
-    meta = {"format": "gemmakit-quality-classifier", "version": 1, "bias": 0.0,
-            "features": {"bits": 18, "word_ngrams": [1, 2]}}  # fmt: skip
+    meta = {
+        "format": "gemmakit-quality-classifier",
+        "version": 1,
+        "bias": 0.0,
+        "features": {"bits": 18, "word_ngrams": [1, 2]},
+    }
     np.savez(tmp_path / "short.npz", weights=model.weights[:10], metadata=json.dumps(meta))
     with pytest.raises(ValueError, match=r"short.npz: 'weights' is float32\[10\]"):
         QualityClassifier.load(tmp_path / "short.npz")
@@ -266,15 +270,41 @@ def test_cli_train_and_score(tmp_path, corpus, capsys):
     (tmp_path / "pos.jsonl").write_text("".join(json.dumps({"body": t}) + "\n" for t in pos))
     (tmp_path / "neg.jsonl").write_text("".join(json.dumps({"body": t}) + "\n" for t in neg))
     model = tmp_path / "m.npz"
-    rc = main(["data", "classifier", "train", "--positive", str(tmp_path / "pos.jsonl"),
-               "--negative", str(tmp_path / "neg.jsonl"), "--out", str(model),
-               "--text-field", "body", "--bits", "18"])  # fmt: skip
+    rc = main(
+        [
+            "data",
+            "classifier",
+            "train",
+            "--positive",
+            str(tmp_path / "pos.jsonl"),
+            "--negative",
+            str(tmp_path / "neg.jsonl"),
+            "--out",
+            str(model),
+            "--text-field",
+            "body",
+            "--bits",
+            "18",
+        ]
+    )
     assert rc == 0 and "held-out accuracy" in capsys.readouterr().out
     rng = random.Random(4)
     docs = [{"text": web_document(rng)} for _ in range(5)] + [{"text": spam(rng)}]
     (tmp_path / "docs.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
-    rc = main(["data", "classifier", "score", str(tmp_path / "docs.jsonl"), "--model", str(model),
-               "--out", str(tmp_path / "kept.jsonl"), "--threshold", "0.5"])  # fmt: skip
+    rc = main(
+        [
+            "data",
+            "classifier",
+            "score",
+            str(tmp_path / "docs.jsonl"),
+            "--model",
+            str(model),
+            "--out",
+            str(tmp_path / "kept.jsonl"),
+            "--threshold",
+            "0.5",
+        ]
+    )
     assert rc == 0
     s = json.loads((tmp_path / "kept.jsonl.summary.json").read_text())
     assert s["stage"] == "classifier" and s["kept"] == 5

@@ -24,9 +24,17 @@ def tokenizer():
     texts = [json.loads(line)["text"] for line in open(CORPUS_DIR / "web.jsonl")][:60]
     buf = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(texts), model_writer=buf, vocab_size=400, model_type="bpe",
-        pad_id=0, eos_id=1, bos_id=2, unk_id=3, byte_fallback=True, minloglevel=2,
-    )  # fmt: skip
+        sentence_iterator=iter(texts),
+        model_writer=buf,
+        vocab_size=400,
+        model_type="bpe",
+        pad_id=0,
+        eos_id=1,
+        bos_id=2,
+        unk_id=3,
+        byte_fallback=True,
+        minloglevel=2,
+    )
     return Tokenizer(model_proto=buf.getvalue())
 
 
@@ -90,18 +98,32 @@ def test_prepare_default_corpus_catches_every_planted_document(prepared):
             for reason, examples in st["examples"].items():
                 for e in examples:
                     dropped[e["id"] if isinstance(e, dict) else e] = f"{st['stage']}: {reason}"
-    planted = [r["id"] for recs in generate().values() for r in recs
-               if "-bad-" in r["id"] or "-dup-" in r["id"] or "-eval-copy-" in r["id"]
-               or "-blocklisted-" in r["id"]]  # fmt: skip
+    planted = [
+        r["id"]
+        for recs in generate().values()
+        for r in recs
+        if "-bad-" in r["id"]
+        or "-dup-" in r["id"]
+        or "-eval-copy-" in r["id"]
+        or "-blocklisted-" in r["id"]
+    ]
     assert planted and all(p in dropped for p in planted), set(planted) - set(dropped)
-    assert not [d for d in dropped if not any(k in d for k in ("-bad-", "-dup-", "-eval-",
-                                                                "-blocklisted-"))]  # fmt: skip
+    assert not [
+        d for d in dropped if not any(k in d for k in ("-bad-", "-dup-", "-eval-", "-blocklisted-"))
+    ]
     assert dropped["web-eval-copy-0"] == "decontaminate: contains eval"
     assert dropped["web-blocklisted-1"] == "safety: blocklist"
     assert dropped["web-dup-near-2"] == "dedup: near duplicate"
     pii = next(s for s in report["sources"]["web"]["stages"] if s["stage"] == "pii")
-    assert pii["counts"] == {"documents changed": 4, "email": 2, "phone": 2, "ipv4": 1,
-                             "ipv6": 1, "credit_card": 1, "ssn": 1}  # fmt: skip
+    assert pii["counts"] == {
+        "documents changed": 4,
+        "email": 2,
+        "phone": 2,
+        "ipv4": 1,
+        "ipv6": 1,
+        "credit_card": 1,
+        "ssn": 1,
+    }
     summary = json.loads((out / "summary.json").read_text())
     assert summary["totals"] == report["totals"] and summary["totals"]["train_tokens"] > 50_000
     texts = (out / "web" / "documents.jsonl").read_text()
@@ -143,9 +165,16 @@ def test_cli_prepare_and_stage_commands(tmp_path, tokenizer, capsys):
         "Solve for x in the equation that the teacher wrote on the board this morning\n"
     )
     (tmp_path / "docs.jsonl").write_text(
-        json.dumps({"text": "Today the teacher asked us to solve for x in the equation that "
-                            "the teacher wrote on the board this morning, quickly."}) + "\n"
-        + json.dumps({"text": "A clean document about gardens."}) + "\n")  # fmt: skip
+        json.dumps(
+            {
+                "text": "Today the teacher asked us to solve for x in the equation that "
+                "the teacher wrote on the board this morning, quickly."
+            }
+        )
+        + "\n"
+        + json.dumps({"text": "A clean document about gardens."})
+        + "\n"
+    )
     rc = main(
         [
             "data",

@@ -75,21 +75,40 @@ def test_cli_generate_streams_a_continuation(tmp_path):
     import sentencepiece as spm
 
     corpus = tmp_path / "c.txt"
-    corpus.write_text("\n".join(f"the {w} sat on the mat number {i}" for i, w in
-                                enumerate(["cat", "dog", "bird"] * 50)))  # fmt: skip
+    corpus.write_text(
+        "\n".join(
+            f"the {w} sat on the mat number {i}" for i, w in enumerate(["cat", "dog", "bird"] * 50)
+        )
+    )
     spm.SentencePieceTrainer.train(
-        input=str(corpus), model_prefix=str(tmp_path / "tok"), vocab_size=40,
-        pad_id=0, eos_id=1, bos_id=2, unk_id=3,
-    )  # fmt: skip
+        input=str(corpus),
+        model_prefix=str(tmp_path / "tok"),
+        vocab_size=40,
+        pad_id=0,
+        eos_id=1,
+        bos_id=2,
+        unk_id=3,
+    )
     model = gemmakit.load_model("tiny")
     gemmakit.checkpoint.save_hf(
         model, tmp_path / "m", extra_files={"tokenizer.model": tmp_path / "tok.model"}
     )
     out = subprocess.run(
-        [sys.executable, "-m", "gemmakit.cli", "generate", "--checkpoint", str(tmp_path / "m"),
-         "--max-new-tokens", "8", "the cat"],
-        capture_output=True, text=True, check=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "gemmakit.cli",
+            "generate",
+            "--checkpoint",
+            str(tmp_path / "m"),
+            "--max-new-tokens",
+            "8",
+            "the cat",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert out.stdout.startswith("the cat") and len(out.stdout.strip()) > len("the cat")
 
 

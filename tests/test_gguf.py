@@ -136,13 +136,22 @@ def test_float_types(qtype):
 
 SMALL = dict(d_model=256, n_layers=2, n_heads=2, head_dim=128, vocab_size=320)  # K-quant rows: 256
 TINY = tiny_gemma3().replace(**SMALL)
-TINY_BY_ARCH = {"gemma": tiny().replace(**SMALL), "gemma2": tiny_gemma2().replace(**SMALL),
-                "gemma3": TINY}  # fmt: skip
+TINY_BY_ARCH = {
+    "gemma": tiny().replace(**SMALL),
+    "gemma2": tiny_gemma2().replace(**SMALL),
+    "gemma3": TINY,
+}
 # a stored type for each tensor kind, so that one file holds every type we read
 TYPES = {
-    "token_embd": Q.Q8_0, "attn_q": Q.Q5_0, "attn_k": Q.F16, "attn_v": Q.BF16,
-    "attn_output": Q.Q4_K, "ffn_gate": Q.Q4_K, "ffn_up": Q.Q8_0, "ffn_down": Q.Q6_K,
-}  # fmt: skip
+    "token_embd": Q.Q8_0,
+    "attn_q": Q.Q5_0,
+    "attn_k": Q.F16,
+    "attn_v": Q.BF16,
+    "attn_output": Q.Q4_K,
+    "ffn_gate": Q.Q4_K,
+    "ffn_up": Q.Q8_0,
+    "ffn_down": Q.Q6_K,
+}
 
 
 def write_gguf(path: Path, config: GemmaConfig, arch: str = "gemma3") -> dict[str, torch.Tensor]:
@@ -155,18 +164,24 @@ def write_gguf(path: Path, config: GemmaConfig, arch: str = "gemma3") -> dict[st
             p.normal_(0, 0.5 if "norm" in name else 0.05)
     writer = GGUFWriter(str(path), arch)
     h = f"{arch}."
-    for key, value in {"context_length": config.max_seq_len, "embedding_length": config.d_model,
-                       "block_count": config.n_layers, "feed_forward_length": config.ffn_dim,
-                       "attention.head_count": config.n_heads,
-                       "attention.head_count_kv": config.n_kv_heads,
-                       "attention.key_length": config.head_dim,
-                       "attention.value_length": config.head_dim,
-                       "attention.sliding_window": config.sliding_window}.items():  # fmt: skip
+    for key, value in {
+        "context_length": config.max_seq_len,
+        "embedding_length": config.d_model,
+        "block_count": config.n_layers,
+        "feed_forward_length": config.ffn_dim,
+        "attention.head_count": config.n_heads,
+        "attention.head_count_kv": config.n_kv_heads,
+        "attention.key_length": config.head_dim,
+        "attention.value_length": config.head_dim,
+        "attention.sliding_window": config.sliding_window,
+    }.items():
         if value is not None:
             writer.add_uint32(h + key, value)
-    for key, value in {"attention.layer_norm_rms_epsilon": config.norm_eps,
-                       "attn_logit_softcapping": config.attn_logit_softcap,
-                       "final_logit_softcapping": config.final_logit_softcap}.items():  # fmt: skip
+    for key, value in {
+        "attention.layer_norm_rms_epsilon": config.norm_eps,
+        "attn_logit_softcapping": config.attn_logit_softcap,
+        "final_logit_softcapping": config.final_logit_softcap,
+    }.items():
         if value is not None:
             writer.add_float32(h + key, value)
     writer.add_float32(h + "rope.freq_base", config.rope_theta)
@@ -192,9 +207,10 @@ def write_gguf(path: Path, config: GemmaConfig, arch: str = "gemma3") -> dict[st
         else:
             raw = quants.quantize(w.numpy(), qtype)
             expected[name] = (
-                w.bfloat16().float() if qtype == Q.BF16
+                w.bfloat16().float()
+                if qtype == Q.BF16
                 else torch.from_numpy(quants.dequantize(raw, qtype))
-            )  # fmt: skip
+            )
         if qtype in (Q.F16, Q.F32):
             writer.add_tensor(key, raw)
         else:

@@ -55,8 +55,10 @@ def tokenizers():
         "\n".join(" ".join(rng.choice(words) for _ in range(12)) for _ in range(4))
         for _ in range(300)
     ]
-    return {ids: train_tokenizer(texts, vocab_size=800, token_ids=ids, num_threads=1)
-            for ids in (TokenIds(), GEMMA3_TOKEN_IDS)}  # fmt: skip
+    return {
+        ids: train_tokenizer(texts, vocab_size=800, token_ids=ids, num_threads=1)
+        for ids in (TokenIds(), GEMMA3_TOKEN_IDS)
+    }
 
 
 @pytest.mark.parametrize("preset", PRESETS)
@@ -127,13 +129,29 @@ def test_user_defined_pieces_store_spaces(models, tmp_path):
     """llama.cpp's convention: a user-defined piece "\u2581\u2581" is stored as two spaces."""
     from gemmakit.checkpoint.gguf_vocab import sentencepiece_proto_from_metadata
 
-    tokens = ["<pad>", "<eos>", "<bos>", "<unk>", "  ", *[f"<0x{i:02X}>" for i in range(256)],
-              "\u2581", "a", "b", "ab", "\u2581a"]  # fmt: skip
-    meta = {"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": tokens,
-            "tokenizer.ggml.token_type": [3, 3, 3, 3, 4] + [6] * 256 + [1] * 5,
-            "tokenizer.ggml.scores": [0.0] * 261 + [-1.0, -2.0, -3.0, -4.0, -5.0],
-            "tokenizer.ggml.unknown_token_id": 3, "tokenizer.ggml.bos_token_id": 2,
-            "tokenizer.ggml.eos_token_id": 1, "tokenizer.ggml.padding_token_id": 0}  # fmt: skip
+    tokens = [
+        "<pad>",
+        "<eos>",
+        "<bos>",
+        "<unk>",
+        "  ",
+        *[f"<0x{i:02X}>" for i in range(256)],
+        "\u2581",
+        "a",
+        "b",
+        "ab",
+        "\u2581a",
+    ]
+    meta = {
+        "tokenizer.ggml.model": "llama",
+        "tokenizer.ggml.tokens": tokens,
+        "tokenizer.ggml.token_type": [3, 3, 3, 3, 4] + [6] * 256 + [1] * 5,
+        "tokenizer.ggml.scores": [0.0] * 261 + [-1.0, -2.0, -3.0, -4.0, -5.0],
+        "tokenizer.ggml.unknown_token_id": 3,
+        "tokenizer.ggml.bos_token_id": 2,
+        "tokenizer.ggml.eos_token_id": 1,
+        "tokenizer.ggml.padding_token_id": 0,
+    }
     tok = Tokenizer(model_proto=sentencepiece_proto_from_metadata(meta))
     assert tok.id_to_piece(4) == "\u2581\u2581"
     path = save_gguf(models["tiny"][0], tmp_path / "m.gguf", tokenizer=tok)
@@ -175,9 +193,21 @@ def test_reference_reader_sees_what_llama_cpp_expects(models, tokenizers, tmp_pa
     assert reader.fields["gemma3.block_count"].types[0].name == "UINT32"
 
     tensors = {t.name: t for t in reader.tensors}
-    per_block = ["attn_q", "attn_k", "attn_v", "attn_output", "attn_q_norm", "attn_k_norm",
-                 "attn_norm", "post_attention_norm", "ffn_norm", "ffn_gate", "ffn_up",
-                 "ffn_down", "post_ffw_norm"]  # fmt: skip
+    per_block = [
+        "attn_q",
+        "attn_k",
+        "attn_v",
+        "attn_output",
+        "attn_q_norm",
+        "attn_k_norm",
+        "attn_norm",
+        "post_attention_norm",
+        "ffn_norm",
+        "ffn_gate",
+        "ffn_up",
+        "ffn_down",
+        "post_ffw_norm",
+    ]
     names = {"token_embd.weight", "output_norm.weight"} | {
         f"blk.{i}.{n}.weight" for i in range(cfg.n_layers) for n in per_block
     }
@@ -185,9 +215,16 @@ def test_reference_reader_sees_what_llama_cpp_expects(models, tokenizers, tmp_pa
     hd, d, f = cfg.head_dim, cfg.d_model, cfg.ffn_dim
     q, kv = cfg.n_heads * hd, cfg.n_kv_heads * hd
     # ggml order: (in, out), the reverse of PyTorch's
-    shapes = {"token_embd": [d, cfg.vocab_size], "attn_q": [d, q], "attn_k": [d, kv],
-              "attn_output": [q, d], "ffn_gate": [d, f], "ffn_down": [f, d],
-              "attn_q_norm": [hd], "attn_norm": [d]}  # fmt: skip
+    shapes = {
+        "token_embd": [d, cfg.vocab_size],
+        "attn_q": [d, q],
+        "attn_k": [d, kv],
+        "attn_output": [q, d],
+        "ffn_gate": [d, f],
+        "ffn_down": [f, d],
+        "attn_q_norm": [hd],
+        "attn_norm": [d],
+    }
     for n, shape in shapes.items():
         name = f"{n}.weight" if n == "token_embd" else f"blk.0.{n}.weight"
         assert [int(x) for x in tensors[name].shape] == shape, name
@@ -297,8 +334,10 @@ def test_convert_command(models, tokenizers, tmp_path, capsys):
     save_hf(model, tmp_path / "hf", extra_files={"tokenizer.model": tok_file})
     assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "a.gguf")]) == 0
     assert GGUFFile(tmp_path / "a.gguf").get("general.file_type") == 1  # float32 source: f16
-    assert main(["convert", str(tmp_path / "a.gguf"), str(tmp_path / "b.gguf"),
-                 "--dtype", "float32"]) == 0  # fmt: skip
+    assert (
+        main(["convert", str(tmp_path / "a.gguf"), str(tmp_path / "b.gguf"), "--dtype", "float32"])
+        == 0
+    )
     assert "wrote" in capsys.readouterr().out
     back = load_tokenizer(tmp_path / "b.gguf")
     assert [back.encode(t) for t in TEXTS] == [tok.encode(t) for t in TEXTS]

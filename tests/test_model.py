@@ -33,8 +33,15 @@ def test_parameter_counts_equal_report_table_2(preset, embedding, embedding_padd
 def test_info_prints_table_1_and_2(capsys):
     assert cli(["info", "gemma-2b"]) == 0
     out = capsys.readouterr().out
-    for expected in ("2048", "8 / 1 (multi-query)", "32768", "524,550,144", "1,981,884,416",
-                     "524,288,000", "256128"):  # fmt: skip
+    for expected in (
+        "2048",
+        "8 / 1 (multi-query)",
+        "32768",
+        "524,550,144",
+        "1,981,884,416",
+        "524,288,000",
+        "256128",
+    ):
         assert expected in out
 
 

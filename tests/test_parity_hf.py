@@ -94,7 +94,10 @@ def test_gemma2_softcaps_and_window_are_active(hf_checkpoints):
     tokens = torch.randint(0, 512, (1, 40), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         want = hf(tokens).logits
-        for change in ({"sliding_window": None}, {"attn_logit_softcap": None},
-                       {"final_logit_softcap": None}):  # fmt: skip
+        for change in (
+            {"sliding_window": None},
+            {"attn_logit_softcap": None},
+            {"final_logit_softcap": None},
+        ):
             other = gemmakit.load_model(path, config=model.config.replace(**change))
             assert (other(tokens) - want).abs().max() > 1e-3, change

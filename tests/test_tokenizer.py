@@ -84,9 +84,19 @@ def tok() -> Tokenizer:
 
 
 def test_special_pieces_at_gemma_ids(tok):
-    expected = {0: "<pad>", 1: "<eos>", 2: "<bos>", 3: "<unk>", 4: "<mask>", 5: "<unused0>",
-                105: "<unused100>", 106: "<start_of_turn>", 107: "<end_of_turn>",
-                108: "<0x00>", 363: "<0xFF>"}  # fmt: skip
+    expected = {
+        0: "<pad>",
+        1: "<eos>",
+        2: "<bos>",
+        3: "<unk>",
+        4: "<mask>",
+        5: "<unused0>",
+        105: "<unused100>",
+        106: "<start_of_turn>",
+        107: "<end_of_turn>",
+        108: "<0x00>",
+        363: "<0xFF>",
+    }
     assert {i: tok.id_to_piece(i) for i in expected} == expected
     assert tok.token_ids() == TokenIds()
     assert (tok.bos_id, tok.eos_id, tok.pad_id) == (2, 1, 0)
@@ -121,8 +131,9 @@ def test_learned_pieces_follow_gemma_options(tok):
     def other_script(c: str) -> bool:
         return "\u0400" <= c <= "\u04ff" or "\u4e00" <= c <= "\u9fff"  # Cyrillic, CJK
 
-    assert not any(any(c in string.ascii_letters for c in p) and any(map(other_script, p))
-                   for p in pieces)  # fmt: skip
+    assert not any(
+        any(c in string.ascii_letters for c in p) and any(map(other_script, p)) for p in pieces
+    )
     # no dummy prefix: a word at the start of text has no leading space marker
     assert not tok.id_to_piece(tok.encode("the", bos=False)[0]).startswith(SPACE_MARKER)
 
@@ -202,8 +213,21 @@ def test_cli_train_encode_decode(tmp_path, capsys):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("".join(multilingual_texts(400)), encoding="utf-8")
     prefix = tmp_path / "out" / "tok"
-    assert main(["tokenizer", "train", "--input", str(corpus), "--vocab-size", "1000",
-                 "--output", str(prefix)]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "tokenizer",
+                "train",
+                "--input",
+                str(corpus),
+                "--vocab-size",
+                "1000",
+                "--output",
+                str(prefix),
+            ]
+        )
+        == 0
+    )
     assert f"wrote {prefix}.model: 1000 pieces" in capsys.readouterr().out
     assert [p.name for p in prefix.parent.iterdir()] == ["tok.model"]  # no temp file left
     tok = load_tokenizer(tmp_path / "out" / "tok.model")

@@ -57,8 +57,9 @@ def test_gelu_mul_matches_torch(n, threads):
     exact = grads(train_ops.gelu_mul_reference, [a64, b64], g.double())
     # gelu' crosses zero near a = -0.75, where its float32 terms cancel: judge the kernel by
     # its distance from float64, against torch's own float32 distance from it
-    for ours, theirs, truth in zip([got[0], *got[1]], [torch_f32[0], *torch_f32[1]],
-                                   [exact[0], *exact[1]]):  # fmt: skip
+    for ours, theirs, truth in zip(
+        [got[0], *got[1]], [torch_f32[0], *torch_f32[1]], [exact[0], *exact[1]]
+    ):
         err = (ours.double() - truth).abs().max().item()
         torch_err = (theirs.double() - truth).abs().max().item()
         assert err <= 2 * torch_err + 1e-6, (err, torch_err)
@@ -100,9 +101,11 @@ def test_kernels_run_only_where_a_gradient_is_wanted(monkeypatch):
     assert train_ops._kernel_lib(x.t(), w[:4]) is None  # not contiguous
     # inference is torch's ops exactly (bit-identical to HF transformers)
     torch.testing.assert_close(
-        train_ops.rms_norm(x, w.detach(), 1e-6), train_ops.rms_norm_reference(x, w, 1e-6),
-        rtol=0, atol=0,
-    )  # fmt: skip
+        train_ops.rms_norm(x, w.detach(), 1e-6),
+        train_ops.rms_norm_reference(x, w, 1e-6),
+        rtol=0,
+        atol=0,
+    )
     monkeypatch.setenv("GEMMAKIT_NO_KERNELS", "1")
     assert train_ops._kernel_lib(x, w) is None
 
@@ -190,8 +193,9 @@ def test_first_kernel_use_inside_activation_checkpointing_does_not_deadlock():
     import subprocess
     import sys
 
-    out = subprocess.run([sys.executable, "-c", CHECKPOINTED_STEP], capture_output=True,
-                         text=True, timeout=120)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-c", CHECKPOINTED_STEP], capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.split()[-1] == "True"
 

@@ -18,8 +18,15 @@ from gemmakit.training.losses import IGNORE, chunked_cross_entropy, next_token_l
 from gemmakit.training.recipe import RecipeError, build_recipe, load_recipe
 from gemmakit.training.schedule import lr_at
 
-SMALL = {"vocab_size": 256, "d_model": 64, "n_layers": 2, "n_heads": 2, "n_kv_heads": 1,
-         "head_dim": 32, "ffn_dim": 128}  # fmt: skip
+SMALL = {
+    "vocab_size": 256,
+    "d_model": 64,
+    "n_layers": 2,
+    "n_heads": 2,
+    "n_kv_heads": 1,
+    "head_dim": 32,
+    "ffn_dim": 128,
+}
 
 
 def small_model(preset: str = "tiny"):
@@ -165,13 +172,19 @@ def tiny_recipe(run_dir, **sections) -> dict:
         "run_dir": str(run_dir),
         "model": {"preset": "tiny", "config_overrides": SMALL},
         "data": {"synthetic": True},
-        "training": {"steps": 6, "seq_len": 16, "batch_size": 4, "micro_batch_size": 2,
-                     "loss_chunk_tokens": 8, "dtype": "float32"},
+        "training": {
+            "steps": 6,
+            "seq_len": 16,
+            "batch_size": 4,
+            "micro_batch_size": 2,
+            "loss_chunk_tokens": 8,
+            "dtype": "float32",
+        },
         "optimizer": {"lr": 1e-2, "min_lr": 1e-3, "warmup_steps": 2},
         "eval": {"interval": 3, "batches": 2},
         "checkpoint": {"interval": 3},
         "log": {"progress": False, "tensorboard": False},
-    }  # fmt: skip
+    }
     for section, values in sections.items():
         recipe[section] = {**recipe.get(section, {}), **values}
     return recipe

@@ -54,8 +54,18 @@ def torchrun_probe(tmp_path: Path, recipe: dict, *args: str) -> list[dict]:
     for old in out.glob("rank*.json"):
         old.unlink()
     path = write_recipe(tmp_path / "r.yaml", {**recipe, "distributed": {"mode": "fsdp"}})
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           str(script), str(path), str(out), *args]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        str(script),
+        str(path),
+        str(out),
+        *args,
+    ]
     run = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]

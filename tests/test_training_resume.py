@@ -41,8 +41,9 @@ def env() -> dict:
 
 def test_kill_9_then_resume_matches_uninterrupted_run(tmp_path):
     steps = 40
-    sections = dict(training={"steps": steps}, checkpoint={"interval": 10, "keep": 1},
-                    eval={"interval": 0})  # fmt: skip
+    sections = dict(
+        training={"steps": steps}, checkpoint={"interval": 10, "keep": 1}, eval={"interval": 0}
+    )
     torch.set_num_threads(1)  # the same threads as the subprocess, so the same float sums
     try:
         whole = pretrain(tiny_recipe(tmp_path / "whole", **sections))
@@ -70,8 +71,19 @@ def test_kill_9_then_resume_matches_uninterrupted_run(tmp_path):
 
 
 def torchrun(recipe_path: Path, *args: str) -> None:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "gemmakit.cli", "pretrain", str(recipe_path), *args]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "gemmakit.cli",
+        "pretrain",
+        str(recipe_path),
+        *args,
+    ]
     out = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
 

@@ -73,14 +73,14 @@ def config_from_gguf(meta: dict[str, Any], vocab_size: int | None = None) -> Gem
     """
     arch = meta.get("general.architecture")
     if arch not in ARCHITECTURES:
-        raise ValueError(
+        raise CheckpointError(
             f"general.architecture is {arch!r}, not a Gemma text model ({', '.join(ARCHITECTURES)})"
         )
 
     def field(key: str, default: Any = KeyError) -> Any:  # KeyError: required
         value = meta.get(f"{arch}.{key}", default)
         if value is KeyError:
-            raise KeyError(f"metadata field {arch}.{key} is missing")
+            raise CheckpointError(f"metadata field {arch}.{key} is missing")
         return value
 
     n_heads = int(field("attention.head_count"))
@@ -132,10 +132,14 @@ def _token_ids(meta: dict[str, Any], defaults: TokenIds) -> TokenIds:
     """Special ids from tokenizer.ggml.* where the file names them, the family's otherwise."""
     found = {
         name: meta[f"tokenizer.ggml.{key}"]
-        for name, key in (("bos", "bos_token_id"), ("eos", "eos_token_id"),
-                          ("pad", "padding_token_id"), ("unk", "unknown_token_id"))
+        for name, key in (
+            ("bos", "bos_token_id"),
+            ("eos", "eos_token_id"),
+            ("pad", "padding_token_id"),
+            ("unk", "unknown_token_id"),
+        )
         if f"tokenizer.ggml.{key}" in meta
-    }  # fmt: skip
+    }
     return TokenIds(**{**defaults.__dict__, **{k: int(v) for k, v in found.items()}})
 
 
@@ -150,15 +154,20 @@ def gguf_layout(config: GemmaConfig) -> dict[str, Spec]:
         "final_norm.weight": Spec("output_norm.weight", transform=_minus_one),
     }
     block = {
-        "attn.q_proj.weight": "attn_q", "attn.k_proj.weight": "attn_k",
-        "attn.v_proj.weight": "attn_v", "attn.o_proj.weight": "attn_output",
-        "mlp.gate_proj.weight": "ffn_gate", "mlp.up_proj.weight": "ffn_up",
+        "attn.q_proj.weight": "attn_q",
+        "attn.k_proj.weight": "attn_k",
+        "attn.v_proj.weight": "attn_v",
+        "attn.o_proj.weight": "attn_output",
+        "mlp.gate_proj.weight": "ffn_gate",
+        "mlp.up_proj.weight": "ffn_up",
         "mlp.down_proj.weight": "ffn_down",
-    }  # fmt: skip
+    }
     norms = {"attn_norm.weight": "attn_norm", "mlp_norm.weight": "ffn_norm"}
     if config.sandwich_norm:
-        norms |= {"post_attn_norm.weight": "post_attention_norm",
-                  "post_mlp_norm.weight": "post_ffw_norm"}  # fmt: skip
+        norms |= {
+            "post_attn_norm.weight": "post_attention_norm",
+            "post_mlp_norm.weight": "post_ffw_norm",
+        }
     if config.qk_norm:
         norms |= {"attn.q_norm.weight": "attn_q_norm", "attn.k_norm.weight": "attn_k_norm"}
     for i in range(config.n_layers):

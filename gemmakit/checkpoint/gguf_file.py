@@ -17,14 +17,27 @@ from typing import Any
 import numpy as np
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
+from gemmakit.errors import CheckpointError
+
 # GGUF value types: u8 i8 u16 i16 u32 i32 f32 bool string array u64 i64 f64
-_SCALAR = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q",
-           12: "d"}  # fmt: skip
+_SCALAR = {
+    0: "B",
+    1: "b",
+    2: "H",
+    3: "h",
+    4: "I",
+    5: "i",
+    6: "f",
+    7: "?",
+    10: "Q",
+    11: "q",
+    12: "d",
+}
 _STRING, _ARRAY = 8, 9
 _MAGIC = b"GGUF"
 
 
-class GGUFFormatError(ValueError):
+class GGUFFormatError(CheckpointError):
     """A file that is not a readable GGUF; the message names the file and what is wrong."""
 
 

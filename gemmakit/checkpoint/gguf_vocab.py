@@ -14,6 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from gemmakit.checkpoint.gguf_file import GGUFFile
+from gemmakit.errors import CheckpointError
 
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 BPE = 2  # TrainerSpec.ModelType
@@ -31,16 +32,20 @@ def sentencepiece_proto_from_metadata(meta: dict, name: str = "gguf") -> bytes:
 
     kind = meta.get("tokenizer.ggml.model")
     if kind != "llama":
-        raise ValueError(f"{name}: tokenizer.ggml.model is {kind!r}; only 'llama' (SentencePiece)")
+        raise CheckpointError(
+            f"{name}: tokenizer.ggml.model is {kind!r}; only 'llama' (SentencePiece)"
+        )
     tokens = meta["tokenizer.ggml.tokens"]
     scores = meta.get("tokenizer.ggml.scores") or [0.0] * len(tokens)
     types = meta.get("tokenizer.ggml.token_type") or [NORMAL] * len(tokens)
     if not len(tokens) == len(scores) == len(types):
-        raise ValueError(f"{name}: tokenizer.ggml tokens/scores/token_type lengths differ")
-    ids = {key: meta.get(f"tokenizer.ggml.{key}") for key in
-           ("unknown_token_id", "bos_token_id", "eos_token_id", "padding_token_id")}  # fmt: skip
+        raise CheckpointError(f"{name}: tokenizer.ggml tokens/scores/token_type lengths differ")
+    ids = {
+        key: meta.get(f"tokenizer.ggml.{key}")
+        for key in ("unknown_token_id", "bos_token_id", "eos_token_id", "padding_token_id")
+    }
     if ids["unknown_token_id"] is None:
-        raise ValueError(f"{name}: tokenizer.ggml.unknown_token_id is missing")
+        raise CheckpointError(f"{name}: tokenizer.ggml.unknown_token_id is missing")
 
     model = pb.ModelProto()
     for i, (text, score, kind_) in enumerate(zip(tokens, scores, types)):
@@ -59,8 +64,12 @@ def sentencepiece_proto_from_metadata(meta: dict, name: str = "gguf") -> bytes:
     spec.bos_id = -1 if ids["bos_token_id"] is None else ids["bos_token_id"]
     spec.eos_id = -1 if ids["eos_token_id"] is None else ids["eos_token_id"]
     spec.pad_id = -1 if ids["padding_token_id"] is None else ids["padding_token_id"]
-    pieces = {"unk_piece": "unknown_token_id", "bos_piece": "bos_token_id",
-              "eos_piece": "eos_token_id", "pad_piece": "padding_token_id"}  # fmt: skip
+    pieces = {
+        "unk_piece": "unknown_token_id",
+        "bos_piece": "bos_token_id",
+        "eos_piece": "eos_token_id",
+        "pad_piece": "padding_token_id",
+    }
     for field, key in pieces.items():
         if ids[key] is not None:
             setattr(spec, field, tokens[ids[key]])

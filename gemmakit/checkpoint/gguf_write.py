@@ -92,7 +92,7 @@ def _vocabulary(tokenizer: Any, rows: int) -> dict[str, tuple[Any, V]]:
 
     proto = pb.ModelProto.FromString(tokenizer.sp.serialized_model_proto())
     if len(proto.pieces) > rows:
-        raise ValueError(
+        raise CheckpointError(
             f"the tokenizer has {len(proto.pieces)} pieces, more than the model's {rows} "
             f"embedding rows"
         )
@@ -113,8 +113,12 @@ def _vocabulary(tokenizer: Any, rows: int) -> dict[str, tuple[Any, V]]:
         "tokenizer.ggml.scores": (scores, V.FLOAT32),
         "tokenizer.ggml.token_type": (types, V.INT32),
     }
-    special = {"bos_token_id": sp.bos_id(), "eos_token_id": sp.eos_id(),
-               "unknown_token_id": sp.unk_id(), "padding_token_id": sp.pad_id()}  # fmt: skip
+    special = {
+        "bos_token_id": sp.bos_id(),
+        "eos_token_id": sp.eos_id(),
+        "unknown_token_id": sp.unk_id(),
+        "padding_token_id": sp.pad_id(),
+    }
     for key, i in special.items():
         if i >= 0:
             meta[f"tokenizer.ggml.{key}"] = (i, V.UINT32)
@@ -129,14 +133,17 @@ def _vocabulary(tokenizer: Any, rows: int) -> dict[str, tuple[Any, V]]:
 
 def _check_expressible(config: GemmaConfig, meta: dict[str, tuple[Any, V]]) -> None:
     """The config read back from `meta` (floats as float32) must be `config`."""
-    stored = {k: float(np.float32(v)) if t == V.FLOAT32 and not isinstance(v, list) else v
-              for k, (v, t) in meta.items()}  # fmt: skip
+    stored = {
+        k: float(np.float32(v)) if t == V.FLOAT32 and not isinstance(v, list) else v
+        for k, (v, t) in meta.items()
+    }
     back = config_from_gguf(stored, config.vocab_size)
 
     def same(c: GemmaConfig) -> GemmaConfig:  # what the file does not need to carry
         scalar = None if c.query_pre_attn_scalar == c.head_dim else c.query_pre_attn_scalar
-        return c.replace(name="", padded_vocab_size=None, tokens=config.tokens,
-                         query_pre_attn_scalar=scalar)  # fmt: skip
+        return c.replace(
+            name="", padded_vocab_size=None, tokens=config.tokens, query_pre_attn_scalar=scalar
+        )
 
     if same(back) != same(config):
         diff = [
@@ -144,7 +151,7 @@ def _check_expressible(config: GemmaConfig, meta: dict[str, tuple[Any, V]]) -> N
             for f in config.__dataclass_fields__
             if getattr(same(config), f) != getattr(same(back), f)
         ]
-        raise ValueError(
+        raise CheckpointError(
             f"config {config.name!r} cannot be written as a {meta['general.architecture'][0]} "
             f"GGUF, llama.cpp would read it differently: {', '.join(diff)}"
         )
@@ -179,7 +186,7 @@ def save_gguf(
     """
     path = Path(path)
     if dtype not in GGUF_DTYPES:
-        raise ValueError(f"unknown GGUF dtype {dtype!r}; choose from {', '.join(GGUF_DTYPES)}")
+        raise CheckpointError(f"unknown GGUF dtype {dtype!r}; choose from {', '.join(GGUF_DTYPES)}")
     qtype, file_type = GGUF_DTYPES[dtype]
     config = model.config
     meta = gguf_metadata(config, tokenizer)

@@ -7,9 +7,13 @@ from pathlib import Path
 from typing import Any
 
 from gemmakit.config import GEMMA3_TOKEN_IDS, PRESETS, GemmaConfig, TokenIds
+from gemmakit.errors import CheckpointError
 
-_ARCH = {"gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM",
-         "gemma3_text": "Gemma3ForCausalLM"}  # fmt: skip
+_ARCH = {
+    "gemma": "GemmaForCausalLM",
+    "gemma2": "Gemma2ForCausalLM",
+    "gemma3_text": "Gemma3ForCausalLM",
+}
 
 
 def config_from_hf(hf: dict[str, Any], name: str = "checkpoint") -> GemmaConfig:
@@ -18,7 +22,7 @@ def config_from_hf(hf: dict[str, Any], name: str = "checkpoint") -> GemmaConfig:
         hf = {"model_type": "gemma3_text", **hf["text_config"]}
     kind = hf.get("model_type", "gemma")
     if kind not in _ARCH:
-        raise ValueError(f"model_type {kind!r} is not a Gemma text model ({', '.join(_ARCH)})")
+        raise CheckpointError(f"model_type {kind!r} is not a Gemma text model ({', '.join(_ARCH)})")
     rope = hf.get("rope_parameters") or {}
     global_rope = rope.get("full_attention", rope)
     local_rope = rope.get("sliding_attention", {})
@@ -47,7 +51,7 @@ def config_from_hf(hf: dict[str, Any], name: str = "checkpoint") -> GemmaConfig:
             globals_ = [i for i, t in enumerate(types) if t == "full_attention"]
             every = globals_[0] + 1 if globals_ else len(types) + 1
             if any(((i + 1) % every == 0) != (t == "full_attention") for i, t in enumerate(types)):
-                raise ValueError(f"layer_types pattern {types} is not periodic")
+                raise CheckpointError(f"layer_types pattern {types} is not periodic")
         else:
             every = hf.get("sliding_window_pattern", hf.get("_sliding_window_pattern", 2))
         fields |= dict(
@@ -73,15 +77,26 @@ def config_to_hf(config: GemmaConfig) -> dict[str, Any]:
     kind = {1: "gemma", 2: "gemma2", 3: "gemma3_text"}[config.generation]
     t: TokenIds = config.tokens
     hf: dict[str, Any] = dict(
-        architectures=[_ARCH[kind]], model_type=kind, vocab_size=config.vocab_size,
-        hidden_size=config.d_model, intermediate_size=config.ffn_dim,
-        num_hidden_layers=config.n_layers, num_attention_heads=config.n_heads,
-        num_key_value_heads=config.n_kv_heads, head_dim=config.head_dim,
-        hidden_act="gelu_pytorch_tanh", hidden_activation="gelu_pytorch_tanh",
-        max_position_embeddings=config.max_seq_len, rms_norm_eps=config.norm_eps,
-        rope_theta=config.rope_theta, attention_bias=False, tie_word_embeddings=True,
-        pad_token_id=t.pad, eos_token_id=t.eos, bos_token_id=t.bos,
-    )  # fmt: skip
+        architectures=[_ARCH[kind]],
+        model_type=kind,
+        vocab_size=config.vocab_size,
+        hidden_size=config.d_model,
+        intermediate_size=config.ffn_dim,
+        num_hidden_layers=config.n_layers,
+        num_attention_heads=config.n_heads,
+        num_key_value_heads=config.n_kv_heads,
+        head_dim=config.head_dim,
+        hidden_act="gelu_pytorch_tanh",
+        hidden_activation="gelu_pytorch_tanh",
+        max_position_embeddings=config.max_seq_len,
+        rms_norm_eps=config.norm_eps,
+        rope_theta=config.rope_theta,
+        attention_bias=False,
+        tie_word_embeddings=True,
+        pad_token_id=t.pad,
+        eos_token_id=t.eos,
+        bos_token_id=t.bos,
+    )
     if config.rope_scaling != 1.0:
         hf["rope_scaling"] = {"rope_type": "linear", "factor": config.rope_scaling}
     if kind != "gemma":
@@ -103,9 +118,10 @@ def config_to_hf(config: GemmaConfig) -> dict[str, Any]:
         }
         if config.rope_scaling != 1.0:
             hf["rope_parameters"]["full_attention"] = {
-                "rope_type": "linear", "rope_theta": config.rope_theta,
+                "rope_type": "linear",
+                "rope_theta": config.rope_theta,
                 "factor": config.rope_scaling,
-            }  # fmt: skip
+            }
     return hf
 
 
@@ -118,7 +134,7 @@ def read_hf_config(directory: Path) -> GemmaConfig | None:
     try:
         return config_from_hf(json.loads(path.read_text()), name=directory.name)
     except (ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"{path}: {e}") from e
+        raise CheckpointError(f"{path}: {e}") from e
 
 
 def infer_config(shapes: dict[str, tuple[int, ...]], embed_key: str) -> GemmaConfig:
@@ -135,9 +151,12 @@ def infer_config(shapes: dict[str, tuple[int, ...]], embed_key: str) -> GemmaCon
     for make in PRESETS.values():
         cfg = make()
         if (cfg.d_model, cfg.ffn_dim, cfg.qk_norm, cfg.sandwich_norm) == (
-            d, ffn, has_qk_norm, has_sandwich,
-        ):  # fmt: skip
+            d,
+            ffn,
+            has_qk_norm,
+            has_sandwich,
+        ):
             return cfg.replace(name=f"{cfg.name} (inferred)", vocab_size=vocab, n_layers=n_layers)
-    raise ValueError(
+    raise CheckpointError(
         f"no preset has d_model={d}, ffn_dim={ffn}; pass the preset (config=...) explicitly"
     )

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from gemmakit.config import GemmaConfig
+from gemmakit.errors import CheckpointError
 
 
 @dataclass(frozen=True)
@@ -42,8 +43,10 @@ def _block_names(config: GemmaConfig) -> dict[str, str]:
     else:  # Gemma 1 calls its pre-MLP norm "post_attention_layernorm"
         names["mlp_norm.weight"] = "post_attention_layernorm.weight"
     if config.qk_norm:
-        names |= {"attn.q_norm.weight": "self_attn.q_norm.weight",
-                  "attn.k_norm.weight": "self_attn.k_norm.weight"}  # fmt: skip
+        names |= {
+            "attn.q_norm.weight": "self_attn.q_norm.weight",
+            "attn.k_norm.weight": "self_attn.k_norm.weight",
+        }
     return names
 
 
@@ -99,7 +102,7 @@ def detect_layout(keys: list[str], config: GemmaConfig) -> tuple[str, dict[str, 
         from gemmakit.checkpoint.gguf import gguf_layout
 
         return "gguf", gguf_layout(config)
-    raise ValueError(
+    raise CheckpointError(
         "no embedding table found (looked for 'model.embed_tokens.weight', 'embedder.weight', "
         "'token_embd.weight')"
     )

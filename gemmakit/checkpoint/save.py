@@ -13,6 +13,7 @@ import torch
 from gemmakit.atomic import atomic_path
 from gemmakit.checkpoint.hf_config import config_to_hf
 from gemmakit.checkpoint.layouts import Spec, gemma_pytorch_layout, hf_layout
+from gemmakit.errors import CheckpointError
 from gemmakit.model.transformer import Gemma
 
 
@@ -23,7 +24,7 @@ def export_state(model: Gemma, layout: dict[str, Spec]) -> dict[str, torch.Tenso
     for name, t in model.state_dict().items():
         spec = layout[name]
         if spec.transform is not None:
-            raise ValueError(f"layout of {spec.key!r} cannot be written back")
+            raise CheckpointError(f"layout of {spec.key!r} cannot be written back")
         if spec.rows is None:
             out[spec.key] = t.detach().contiguous()
         else:

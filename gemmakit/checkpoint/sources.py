@@ -8,9 +8,7 @@ from pathlib import Path
 
 import torch
 
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used as asked; the message names the file and key."""
+from gemmakit.errors import CheckpointError
 
 
 class TensorSource:

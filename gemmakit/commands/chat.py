@@ -127,17 +127,24 @@ def respond(session, tokenizer, messages: list[dict], args: argparse.Namespace, 
         out.write(f"(the message alone fills the {cfg.max_seq_len}-token context)\n")
         return None
     if prompt.dropped:
-        out.write(f"(dropped the oldest {prompt.dropped} message(s) to fit the "
-                  f"{cfg.max_seq_len}-token context)\n")  # fmt: skip
+        out.write(
+            f"(dropped the oldest {prompt.dropped} message(s) to fit the "
+            f"{cfg.max_seq_len}-token context)\n"
+        )
     prompt = prompt.encoded
     room = cfg.max_seq_len - len(prompt.ids)
     ids = tokenizer.token_ids(cfg.tokens)
     # <start_of_turn> too: a model that opens a turn has ended its own (base models do that)
     stops = {ids.eos, ids.end_of_turn, ids.start_of_turn}
     steps = session.stream(
-        prompt.ids, min(args.max_new_tokens, room), args.temperature, args.top_k, args.top_p,
-        stop_tokens=stops, seed=args.seed,
-    )  # fmt: skip
+        prompt.ids,
+        min(args.max_new_tokens, room),
+        args.temperature,
+        args.top_k,
+        args.top_p,
+        stop_tokens=stops,
+        seed=args.seed,
+    )
     answer: list[int] = []
     try:
         stream_text(tokenizer, _recorded(steps, answer), out)

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from gemmakit.commands.common import DTYPES, torch_dtype
+from gemmakit.errors import MissingFileError, UsageError
 
 # --dtype name -> the GGUF dtype of save_gguf
 GGUF_DTYPE = {"float32": "f32", "float16": "f16", "bfloat16": "bf16", "q8_0": "q8_0"}
@@ -28,9 +29,9 @@ def register(sub) -> None:
     )
     p.add_argument("--max-shard-size", type=float, default=None, help="GB per HF shard")
     p.add_argument(
-        "--tokenizer", help="SentencePiece .model or .gguf whose vocabulary to use "
-        "(default: the source's own)"
-    )  # fmt: skip
+        "--tokenizer",
+        help="SentencePiece .model or .gguf whose vocabulary to use (default: the source's own)",
+    )
     p.set_defaults(func=run)
 
 
@@ -43,11 +44,11 @@ def run(args: argparse.Namespace) -> int:
     suffixes = {".ckpt": "gemma_pytorch", ".gguf": "gguf"}
     fmt = args.to or suffixes.get(dst.suffix, "hf")
     if args.dtype == "q8_0" and fmt != "gguf":
-        raise ValueError("--dtype q8_0 is for GGUF output only")
+        raise UsageError("--dtype q8_0 is for GGUF output only")
     load_dtype = None if fmt == "gguf" else torch_dtype(args.dtype)
     model = load_checkpoint(src, config=args.preset, dtype=load_dtype)
     if args.tokenizer and not Path(args.tokenizer).exists():
-        raise FileNotFoundError(f"{args.tokenizer}: no such tokenizer file")
+        raise MissingFileError(f"{args.tokenizer}: no such tokenizer file")
     tok = _tokenizer_file(Path(args.tokenizer) if args.tokenizer else src)
     if fmt == "gguf":
         from gemmakit.checkpoint import save_gguf
@@ -55,8 +56,11 @@ def run(args: argparse.Namespace) -> int:
 
         dtype = args.dtype or ("bfloat16" if str(model.dtype) == "torch.bfloat16" else "float16")
         if tok is None:
-            print(f"warning: no tokenizer found for {src}: {dst} gets no vocabulary (llama.cpp "
-                  "needs one; give --tokenizer)", file=sys.stderr)  # fmt: skip
+            print(
+                f"warning: no tokenizer found for {src}: {dst} gets no vocabulary (llama.cpp "
+                "needs one; give --tokenizer)",
+                file=sys.stderr,
+            )
         tokenizer = Tokenizer(tok) if tok is not None else None
         save_gguf(model, dst, tokenizer=tokenizer, dtype=GGUF_DTYPE[dtype])
         print(f"wrote {dst} (gguf, {model.config.name}, {GGUF_DTYPE[dtype]})")

@@ -17,6 +17,7 @@ import yaml
 
 from gemmakit.data.readers import Document
 from gemmakit.data.summary import StageSummary
+from gemmakit.errors import UsageError
 
 Stage = Callable[[Iterable[Document], StageSummary, argparse.Namespace], Iterator[Document]]
 
@@ -174,7 +175,7 @@ def _quality(docs, summary, args):
     for item in args.set:
         key, sep, value = item.partition("=")
         if not sep:
-            raise ValueError(f"--set {item!r}: expected RULE=VALUE")
+            raise UsageError(f"--set {item!r}: expected RULE=VALUE")
         overrides[key.strip()] = yaml.safe_load(value)
     return filter_quality(docs, QualityConfig.from_dict(overrides), summary)
 

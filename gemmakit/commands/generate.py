@@ -45,9 +45,14 @@ def run(args: argparse.Namespace) -> int:
     model, tokenizer = load_model_and_tokenizer(args)
     prompt = tokenizer.encode(args.prompt, bos=True)
     steps = stream_generate(
-        model, [prompt], args.max_new_tokens, args.temperature, args.top_k, args.top_p,
+        model,
+        [prompt],
+        args.max_new_tokens,
+        args.temperature,
+        args.top_k,
+        args.top_p,
         seed=args.seed,
-    )  # fmt: skip
+    )
     sys.stdout.write(args.prompt)
     stream_text(tokenizer, steps)
     sys.stdout.write("\n")

@@ -28,19 +28,25 @@ def run(args: argparse.Namespace) -> int:
     rows = [
         ("d_model", cfg.d_model),
         ("layers", cfg.n_layers),
-        ("query heads / KV heads", f"{cfg.n_heads} / {cfg.n_kv_heads} "
-         f"({kinds.get(cfg.n_kv_heads, 'grouped-query')})"),
+        (
+            "query heads / KV heads",
+            f"{cfg.n_heads} / {cfg.n_kv_heads} ({kinds.get(cfg.n_kv_heads, 'grouped-query')})",
+        ),
         ("head_dim", cfg.head_dim),
         ("FFN width (gate, up each)", cfg.ffn_dim),
         ("feedforward hidden dims (Table 1)", 2 * cfg.ffn_dim),
         ("vocab (checkpoint)", cfg.vocab_size),
         ("context length", cfg.max_seq_len),
-        ("sliding window", f"{cfg.sliding_window}, every {cfg.global_every}th layer global"
-         if cfg.sliding_window else "none"),
+        (
+            "sliding window",
+            f"{cfg.sliding_window}, every {cfg.global_every}th layer global"
+            if cfg.sliding_window
+            else "none",
+        ),
         ("embedding params", f"{embedding:,}"),
         ("non-embedding params", f"{non_embedding:,}"),
         ("total params", f"{embedding + non_embedding:,}"),
-    ]  # fmt: skip
+    ]
     if cfg.padded_vocab_size:
         padded = cfg.embedding_params(padded=True)
         rows += [

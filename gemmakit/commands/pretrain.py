@@ -32,7 +32,7 @@ def register(sub) -> None:
         default=None,
         help="per-device peak FLOP/s for MFU (default: GPU datasheet or measured)",
     )
-    p.set_defaults(func=run)  # fmt: skip
+    p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -44,7 +44,9 @@ def run(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, overrides)
     result = pretrain(recipe, resume=args.resume)
     if result.losses:
-        print(f"done: {result.steps} steps, final loss {result.losses[-1]:.4f}, "
-              f"{result.tokens_per_s:,.0f} tokens/s, MFU {result.mfu:.1%}; "
-              f"checkpoint {result.checkpoint}")  # fmt: skip
+        print(
+            f"done: {result.steps} steps, final loss {result.losses[-1]:.4f}, "
+            f"{result.tokens_per_s:,.0f} tokens/s, MFU {result.mfu:.1%}; "
+            f"checkpoint {result.checkpoint}"
+        )
     return 0

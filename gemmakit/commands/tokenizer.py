@@ -8,6 +8,8 @@ import json
 import sys
 import time
 
+from gemmakit.errors import UsageError
+
 
 def register(sub) -> None:
     p = sub.add_parser("tokenizer", help="train or inspect a tokenizer", description=__doc__)
@@ -44,9 +46,12 @@ def run_train(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     tok = train_tokenizer(
-        files=args.input, vocab_size=args.vocab_size, output=args.output,
-        character_coverage=args.character_coverage, num_threads=args.threads,
-    )  # fmt: skip
+        files=args.input,
+        vocab_size=args.vocab_size,
+        output=args.output,
+        character_coverage=args.character_coverage,
+        num_threads=args.threads,
+    )
     took = time.perf_counter() - start
     print(f"wrote {tok.path}: {tok.vocab_size} pieces ({took:.1f}s)")
     if tok.vocab_size < args.vocab_size:
@@ -66,9 +71,9 @@ def run_encode(args: argparse.Namespace) -> int:
         try:
             messages = json.loads(text)
         except json.JSONDecodeError as err:
-            raise ValueError(f"--chat: not JSON ({err})") from None
+            raise UsageError(f"--chat: not JSON ({err})") from None
         if not isinstance(messages, list) or not messages:
-            raise ValueError("--chat: expected a non-empty JSON list of messages")
+            raise UsageError("--chat: expected a non-empty JSON list of messages")
         last = messages[-1]
         prompt = isinstance(last, dict) and last.get("role") == "user"
         enc = encode_chat(tok, messages, add_generation_prompt=prompt)
@@ -88,7 +93,7 @@ def run_decode(args: argparse.Namespace) -> int:
     tok = load_tokenizer(args.tokenizer)
     bad = [i for i in args.ids if not 0 <= i < tok.vocab_size]
     if bad:
-        raise ValueError(f"ids {bad} outside the vocabulary (0..{tok.vocab_size - 1})")
+        raise UsageError(f"ids {bad} outside the vocabulary (0..{tok.vocab_size - 1})")
     sys.stdout.write(tok.decode(args.ids) + "\n")
     return 0
 

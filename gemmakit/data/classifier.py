@@ -34,6 +34,7 @@ import numpy as np
 from gemmakit.atomic import atomic_path
 from gemmakit.data.readers import Document
 from gemmakit.data.summary import StageSummary
+from gemmakit.errors import DataError, MissingFileError
 
 FORMAT = "gemmakit-quality-classifier"
 VERSION = 1
@@ -92,14 +93,14 @@ class HashedFeatures:
 
     def __post_init__(self) -> None:
         if not 8 <= self.bits <= 26:
-            raise ValueError(f"features: bits must be in 8..26, got {self.bits}")
+            raise DataError(f"features: bits must be in 8..26, got {self.bits}")
         for name in ("word_ngrams", "char_ngrams"):
             orders = tuple(getattr(self, name))
             if any(not isinstance(n, int) or n < 1 for n in orders):
-                raise ValueError(f"features: {name} must be positive integers, got {orders}")
+                raise DataError(f"features: {name} must be positive integers, got {orders}")
             object.__setattr__(self, name, orders)
         if not self.word_ngrams and not self.char_ngrams:
-            raise ValueError("features: no n-gram orders (word_ngrams and char_ngrams empty)")
+            raise DataError("features: no n-gram orders (word_ngrams and char_ngrams empty)")
 
     def to_dict(self) -> dict[str, Any]:
         return {"hash": "blake2b64-splitmix64", **dataclasses.asdict(self)}
@@ -108,11 +109,11 @@ class HashedFeatures:
     def from_dict(cls, d: Mapping[str, Any], where: str = "features") -> HashedFeatures:
         d = dict(d)
         if d.pop("hash", "blake2b64-splitmix64") != "blake2b64-splitmix64":
-            raise ValueError(f"{where}: unknown 'hash' (this version reads blake2b64-splitmix64)")
+            raise DataError(f"{where}: unknown 'hash' (this version reads blake2b64-splitmix64)")
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - names
         if unknown:
-            raise ValueError(f"{where}: unknown key(s) {sorted(unknown)} (known: {sorted(names)})")
+            raise DataError(f"{where}: unknown key(s) {sorted(unknown)} (known: {sorted(names)})")
         for k in ("word_ngrams", "char_ngrams"):
             if k in d:
                 d[k] = tuple(d[k])
@@ -221,37 +222,37 @@ class QualityClassifier:
         """A model written by save(); a missing, foreign or damaged file is an error naming it."""
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"{path}: no classifier file")
+            raise MissingFileError(f"{path}: no classifier file")
         what = f"not a {FORMAT} .npz"
         try:
             with np.load(path, allow_pickle=False) as z:
                 if not hasattr(z, "files"):
-                    raise ValueError("a single .npy array")
+                    raise DataError("a single .npy array")
                 arrays = {k: z[k] for k in z.files}
         except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
-            raise ValueError(f"{path}: {what} ({e})") from None
+            raise DataError(f"{path}: {what} ({e})") from None
         for key in ("weights", "metadata"):
             if key not in arrays:
-                raise ValueError(f"{path}: {what}: no {key!r} entry (entries: {sorted(arrays)})")
+                raise DataError(f"{path}: {what}: no {key!r} entry (entries: {sorted(arrays)})")
         try:
             meta = json.loads(str(arrays["metadata"]))
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: {what}: 'metadata' is not JSON ({e.msg})") from None
+            raise DataError(f"{path}: {what}: 'metadata' is not JSON ({e.msg})") from None
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
             got = meta.get("format") if isinstance(meta, dict) else meta
-            raise ValueError(f"{path}: {what}: metadata 'format' is {got!r}")
+            raise DataError(f"{path}: {what}: metadata 'format' is {got!r}")
         if not isinstance(meta.get("version"), int) or meta["version"] > VERSION:
-            raise ValueError(
+            raise DataError(
                 f"{path}: metadata 'version' is {meta.get('version')!r}; this gemmakit reads "
                 f"up to {VERSION}"
             )
         for key in ("features", "bias"):
             if key not in meta:
-                raise ValueError(f"{path}: metadata has no {key!r}")
+                raise DataError(f"{path}: metadata has no {key!r}")
         features = HashedFeatures.from_dict(meta["features"], f"{path}: metadata 'features'")
         weights = arrays["weights"]
         if weights.shape != (1 << features.bits,) or weights.dtype != np.float32:
-            raise ValueError(
+            raise DataError(
                 f"{path}: 'weights' is {weights.dtype}{list(weights.shape)}, expected "
                 f"float32[{1 << features.bits}] for bits={features.bits}"
             )
@@ -295,12 +296,12 @@ def train_classifier(
     features = features or HashedFeatures()
     pos, neg = list(positive), list(negative)
     if not pos or not neg:
-        raise ValueError(
+        raise DataError(
             f"train_classifier: need positive and negative texts (got {len(pos)} positive, "
             f"{len(neg)} negative)"
         )
     if not 0 <= holdout < 1:
-        raise ValueError(f"train_classifier: holdout must be in [0, 1), got {holdout}")
+        raise DataError(f"train_classifier: holdout must be in [0, 1), got {holdout}")
     rng = np.random.default_rng(seed)
     y = np.r_[np.ones(len(pos)), np.zeros(len(neg))]
     held = _split(len(pos), len(neg), holdout, rng)
@@ -380,11 +381,11 @@ class KeepPolicy:
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
-            raise ValueError(f"classifier: policy must be one of {POLICIES}, got {self.policy!r}")
+            raise DataError(f"classifier: policy must be one of {POLICIES}, got {self.policy!r}")
         if not 0 <= self.threshold <= 1:
-            raise ValueError(f"classifier: threshold must be in [0, 1], got {self.threshold}")
+            raise DataError(f"classifier: threshold must be in [0, 1], got {self.threshold}")
         if not self.alpha > 0:
-            raise ValueError(f"classifier: alpha must be positive, got {self.alpha}")
+            raise DataError(f"classifier: alpha must be positive, got {self.alpha}")
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any] | None, where: str = "classifier") -> KeepPolicy:
@@ -394,16 +395,16 @@ class KeepPolicy:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - names
         if unknown:
-            raise ValueError(f"{where}: unknown key(s) {sorted(unknown)} (known: {sorted(names)})")
+            raise DataError(f"{where}: unknown key(s) {sorted(unknown)} (known: {sorted(names)})")
         policy = d.get("policy", "threshold")
         if policy == "pareto" and "threshold" in d:
-            raise ValueError(f"{where}: threshold applies to policy threshold, not pareto")
+            raise DataError(f"{where}: threshold applies to policy threshold, not pareto")
         if policy == "threshold" and "alpha" in d:
-            raise ValueError(f"{where}: alpha applies to policy pareto, not threshold")
+            raise DataError(f"{where}: alpha applies to policy pareto, not threshold")
         try:
             return cls(**d)
         except (TypeError, ValueError) as e:  # TypeError: a string where a number belongs
-            raise ValueError(f"{where}: {str(e).removeprefix('classifier: ')}") from None
+            raise DataError(f"{where}: {str(e).removeprefix('classifier: ')}") from None
 
     @property
     def reason(self) -> str:

@@ -12,6 +12,7 @@ from pathlib import Path
 from gemmakit.data.dedup import normalize
 from gemmakit.data.readers import Document, read_documents
 from gemmakit.data.summary import StageSummary
+from gemmakit.errors import DataError
 
 
 @dataclass(frozen=True)
@@ -28,7 +29,7 @@ class EvalIndex:
 
     def __init__(self, n: int = 13, min_words: int = 8) -> None:
         if n < 1 or min_words < 1:
-            raise ValueError("decontaminate: n and min_words must be >= 1")
+            raise DataError("decontaminate: n and min_words must be >= 1")
         self.n, self.min_words = n, min_words
         self.grams: dict[str, Match] = {}
         self.lengths: set[int] = set()
@@ -62,7 +63,7 @@ class EvalIndex:
             for item in read_documents(path, text_field=text_field, split="paragraph"):
                 index.add(name, item.id, item.text)
         if not index.grams:
-            raise ValueError(
+            raise DataError(
                 f"decontaminate: no evaluation item of >= {min_words} words in "
                 f"{[str(p) for p in paths]}"
             )

@@ -23,6 +23,7 @@ import numpy as np
 
 from gemmakit.data.readers import Document
 from gemmakit.data.summary import StageSummary
+from gemmakit.errors import ConfigError
 
 _PRIME = np.uint64((1 << 61) - 1)  # Mersenne prime > every 32-bit shingle hash
 _WORD = re.compile(r"\w+")
@@ -74,9 +75,9 @@ class MinHashDedup:
         self, threshold: float = 0.8, shingle: int = 5, num_perm: int = 128, seed: int = 1
     ) -> None:
         if not 0.0 < threshold <= 1.0:
-            raise ValueError(f"near-dup threshold must be in (0, 1], got {threshold}")
+            raise ConfigError(f"near-dup threshold must be in (0, 1], got {threshold}")
         if shingle < 1 or num_perm < 2:
-            raise ValueError("shingle must be >= 1 and num_perm >= 2")
+            raise ConfigError("shingle must be >= 1 and num_perm >= 2")
         self.threshold, self.shingle, self.num_perm = threshold, shingle, num_perm
         self.bands, self.rows = lsh_params(threshold, num_perm)
         rng = np.random.default_rng(seed)

@@ -30,6 +30,7 @@ from gemmakit.data.shards import (
     seed_key,
     window_order,
 )
+from gemmakit.errors import DataError, MissingFileError
 
 MIXTURE_FILE = "mixture.json"
 _REPLAY_CHUNK = 1 << 20  # draws per vectorized replay chunk
@@ -39,23 +40,23 @@ def check_stages(stages: Sequence[Mapping[str, Any]], names: Sequence[str]) -> l
     """Validated stages: `until` increasing in (0, 1], weights >= 0 over known sources with a
     positive sum, normalised to sum 1."""
     if not stages:
-        raise ValueError("mixture: stages is empty")
+        raise DataError("mixture: stages is empty")
     out, last = [], 0.0
     for i, st in enumerate(stages):
         where = f"mixture stage {i}"
         if not isinstance(st, Mapping) or set(st) - {"until", "weights"} or "weights" not in st:
-            raise ValueError(
+            raise DataError(
                 f"{where}: expected {{until: FRACTION, weights: {{SOURCE: W}}}}, got {st!r}"
             )
         until = float(st.get("until", 1.0))
         if not last < until <= 1.0:
-            raise ValueError(f"{where}: until={until} must be in ({last}, 1.0]")
+            raise DataError(f"{where}: until={until} must be in ({last}, 1.0]")
         unknown = set(st["weights"]) - set(names)
         if unknown:
-            raise ValueError(f"{where}: unknown source(s) {sorted(unknown)} (sources: {names})")
+            raise DataError(f"{where}: unknown source(s) {sorted(unknown)} (sources: {names})")
         w = np.array([float(st["weights"].get(n, 0.0)) for n in names])
         if (w < 0).any() or w.sum() <= 0:
-            raise ValueError(f"{where}: weights must be >= 0 with a positive sum, got {w}")
+            raise DataError(f"{where}: weights must be >= 0 with a positive sum, got {w}")
         out.append({"until": until, "weights": dict(zip(names, (w / w.sum()).tolist()))})
         last = until
     return out
@@ -72,9 +73,9 @@ class MixtureSampler:
         total_steps: int,
     ) -> None:
         if not sources:
-            raise ValueError("mixture: no sources")
+            raise DataError("mixture: no sources")
         if total_steps < 1:
-            raise ValueError(f"mixture: total_steps must be >= 1, got {total_steps}")
+            raise DataError(f"mixture: total_steps must be >= 1, got {total_steps}")
         self.names = list(sources)
         self.sources = {
             n: s if isinstance(s, TokenShards) else TokenShards(s) for n, s in sources.items()
@@ -90,7 +91,7 @@ class MixtureSampler:
         shard folders (relative to directory) and the stages."""
         path = Path(directory) / MIXTURE_FILE
         if not path.exists():
-            raise FileNotFoundError(f"{path}: no mixture file")
+            raise MissingFileError(f"{path}: no mixture file")
         spec = json.loads(path.read_text())
         sources = {n: Path(directory) / p for n, p in spec["sources"].items()}
         return cls(sources, spec["stages"], total_steps)
@@ -151,7 +152,7 @@ class MixtureSampler:
                 sel = mine == i
                 first = counts[i] + int((before == i).sum())
                 if sizes[i] == 0:
-                    raise ValueError(
+                    raise DataError(
                         f"mixture source {self.names[i]!r} has no window of {seq_len + 1} tokens"
                     )
                 order[sel] = window_order(first + np.arange(sel.sum()), sizes[i], (seed, i + 1))

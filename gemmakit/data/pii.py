@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 
 from gemmakit.data.readers import Document
 from gemmakit.data.summary import StageSummary
+from gemmakit.errors import ConfigError
 
 TAGS = {
     "email": "<EMAIL>",
@@ -80,7 +81,7 @@ def scrub_pii(text: str, kinds: Sequence[str] = KINDS) -> tuple[str, Counter[str
     """(text with each detected item replaced by its kind's tag, count per kind)."""
     unknown = set(kinds) - set(KINDS)
     if unknown:
-        raise ValueError(f"pii: unknown kind(s) {sorted(unknown)} (kinds: {list(KINDS)})")
+        raise ConfigError(f"pii: unknown kind(s) {sorted(unknown)} (kinds: {list(KINDS)})")
     counts: Counter[str] = Counter()
     for kind, pattern, valid in DETECTORS:
         if kind not in kinds:

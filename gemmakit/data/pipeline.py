@@ -26,6 +26,7 @@ from gemmakit.data.readers import Document, read_documents
 from gemmakit.data.safety import Blocklist, filter_safety
 from gemmakit.data.summary import StageSummary
 from gemmakit.data.tokenize import Encoder, tokenize_to_shards
+from gemmakit.errors import ConfigError, MissingFileError
 
 DEFAULT_CONFIG = Path(__file__).parent / "corpus" / "default.yaml"
 DOCUMENTS_FILE = "documents.jsonl"
@@ -53,10 +54,10 @@ def _merge(name: str, default: Any, given: Any) -> Any:
         return False if given is False else default
     if isinstance(default, dict) and default:
         if not isinstance(given, dict):
-            raise ValueError(f"config: {name} must be a mapping, got {given!r}")
+            raise ConfigError(f"config: {name} must be a mapping, got {given!r}")
         unknown = set(given) - set(default)
         if unknown:
-            raise ValueError(
+            raise ConfigError(
                 f"config: unknown key(s) {sorted(unknown)} under {name} (known: {sorted(default)})"
             )
         return {k: _merge(f"{name}.{k}", v, given.get(k)) for k, v in default.items()}
@@ -71,26 +72,26 @@ def load_config(source: str | Path | dict[str, Any]) -> tuple[dict[str, Any], Pa
     else:
         path = Path(source)
         if not path.exists():
-            raise FileNotFoundError(f"{path}: no config file")
+            raise MissingFileError(f"{path}: no config file")
         try:
             raw = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:
-            raise ValueError(f"{path}: not valid YAML ({e})") from None
+            raise ConfigError(f"{path}: not valid YAML ({e})") from None
         base = path.parent
     if not isinstance(raw, dict):
-        raise ValueError(f"config: expected a mapping at the top level, got {type(raw).__name__}")
+        raise ConfigError(f"config: expected a mapping at the top level, got {type(raw).__name__}")
     unknown = set(raw) - set(DEFAULTS)
     if unknown:
-        raise ValueError(f"config: unknown key(s) {sorted(unknown)} (known: {sorted(DEFAULTS)})")
+        raise ConfigError(f"config: unknown key(s) {sorted(unknown)} (known: {sorted(DEFAULTS)})")
     cfg = {k: _merge(k, v, raw.get(k)) for k, v in DEFAULTS.items()}
     if not cfg["sources"]:
-        raise ValueError("config: no sources")
+        raise ConfigError("config: no sources")
     for name, src in cfg["sources"].items():
         if not isinstance(src, dict) or "paths" not in src:
-            raise ValueError(f"config: sources.{name} needs paths: [FILE or FOLDER, ...]")
+            raise ConfigError(f"config: sources.{name} needs paths: [FILE or FOLDER, ...]")
         unknown = set(src) - SOURCE_KEYS
         if unknown:
-            raise ValueError(
+            raise ConfigError(
                 f"config: unknown key(s) {sorted(unknown)} under sources.{name} "
                 f"(known: {sorted(SOURCE_KEYS)})"
             )
@@ -123,7 +124,7 @@ def _classifier_config(c: Any, name: str, base: Path) -> dict[str, Any]:
     """sources.NAME.classifier checked (a policy error names the key), its path resolved."""
     where = f"config: sources.{name}.classifier"
     if not isinstance(c, dict) or not isinstance(c.get("path"), str):
-        raise ValueError(f"{where} needs path: MODEL.npz (and policy, threshold or alpha)")
+        raise ConfigError(f"{where} needs path: MODEL.npz (and policy, threshold or alpha)")
     KeepPolicy.from_dict({k: v for k, v in c.items() if k != "path"}, where)
     return {**c, "path": str(base / c["path"])}
 

@@ -17,6 +17,7 @@ import numpy as np
 
 from gemmakit.data.readers import Document
 from gemmakit.data.summary import StageSummary
+from gemmakit.errors import ConfigError
 
 STOP_WORDS = frozenset({"the", "be", "to", "of", "and", "that", "have", "with"})  # Gopher's
 BULLETS = ("•", "-", "*", "‣", "▪", "●", "◦", "–", "·")
@@ -59,11 +60,11 @@ class QualityConfig:
         d = dict(d or {})
         base = PRESETS.get(d.pop("preset", "web"))
         if base is None:
-            raise ValueError(f"quality: unknown preset (presets: {sorted(PRESETS)})")
+            raise ConfigError(f"quality: unknown preset (presets: {sorted(PRESETS)})")
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - names
         if unknown:
-            raise ValueError(
+            raise ConfigError(
                 f"quality: unknown setting(s) {sorted(unknown)} (settings: {sorted(names)})"
             )
         for k in ("max_top_ngram_chars_fraction", "max_duplicate_ngram_chars_fraction"):

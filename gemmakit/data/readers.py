@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TextIO
 
 from gemmakit.atomic import atomic_path
+from gemmakit.errors import DataError, MissingFileError
 
 TEXT_SUFFIXES = {".txt", ".md", ".text"}
 JSONL_SUFFIXES = {".jsonl", ".ndjson", ".json"}
@@ -39,7 +40,7 @@ def _kind(path: Path) -> str:
             if kind == "parquet" and path.suffix == ".gz":
                 break
             return kind
-    raise ValueError(
+    raise DataError(
         f"{path}: unknown document format (expected .txt/.md, .jsonl or .parquet, "
         "text formats optionally .gz)"
     )
@@ -55,10 +56,10 @@ def _record_text(record: dict, text_field: str, where: str) -> str:
     if text_field == ALL_FIELDS:
         return "\n".join(v for v in record.values() if isinstance(v, str))
     if text_field not in record:
-        raise ValueError(f"{where}: no field {text_field!r} (fields: {sorted(record)})")
+        raise DataError(f"{where}: no field {text_field!r} (fields: {sorted(record)})")
     text = record[text_field]
     if not isinstance(text, str):
-        raise ValueError(f"{where}: field {text_field!r} is {type(text).__name__}, not a string")
+        raise DataError(f"{where}: field {text_field!r} is {type(text).__name__}, not a string")
     return text
 
 
@@ -66,7 +67,7 @@ def read_text(path: Path, split: str = "file", source: str = "") -> Iterator[Doc
     """A plain-text file as one document (`split="file"`) or one per blank-line-separated
     block (`split="paragraph"`), read line by line."""
     if split not in ("file", "paragraph"):
-        raise ValueError(f"split must be 'file' or 'paragraph', not {split!r}")
+        raise DataError(f"split must be 'file' or 'paragraph', not {split!r}")
     with _open_text(path) as f:
         if split == "file":
             text = f.read()
@@ -99,9 +100,9 @@ def read_jsonl(
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
+                raise DataError(f"{where}: not valid JSON ({e.msg})") from None
             if not isinstance(record, dict):
-                raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
+                raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
             doc_id = record.get(id_field)
             doc_id = str(doc_id) if doc_id is not None else f"{path.name}:{lineno}"
             src = source or record.get("source") or ""
@@ -121,12 +122,12 @@ def read_parquet(
     try:
         pf = pq.ParquetFile(path)
     except Exception as e:
-        raise ValueError(f"{path}: not a Parquet file ({e})") from e
+        raise DataError(f"{path}: not a Parquet file ({e})") from e
     names = pf.schema_arrow.names
     if text_field == ALL_FIELDS:
         columns = names
     elif text_field not in names:
-        raise ValueError(f"{path}: no column {text_field!r} (columns: {names})")
+        raise DataError(f"{path}: no column {text_field!r} (columns: {names})")
     else:
         columns = [text_field] + ([id_field] if id_field in names else [])
     row = 0
@@ -145,12 +146,12 @@ def _expand(paths: Iterable[str | Path]) -> Iterator[Path]:
         if p.is_dir():
             files = sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith("."))
             if not files:
-                raise FileNotFoundError(f"{p}: folder holds no files")
+                raise MissingFileError(f"{p}: folder holds no files")
             yield from files
         elif p.exists():
             yield p
         else:
-            raise FileNotFoundError(f"{p}: no such file or folder")
+            raise MissingFileError(f"{p}: no such file or folder")
 
 
 def read_documents(

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from gemmakit.data.readers import Document
 from gemmakit.data.summary import StageSummary
+from gemmakit.errors import DataError, MissingFileError
 
 
 class Blocklist:
@@ -17,7 +18,7 @@ class Blocklist:
     def __init__(self, terms: Iterable[str]) -> None:
         self.terms = sorted({t.strip().lower() for t in terms if t.strip()}, key=len, reverse=True)
         if not self.terms:
-            raise ValueError("blocklist is empty")
+            raise DataError("blocklist is empty")
         alternatives = "|".join(r"\s+".join(map(re.escape, t.split())) for t in self.terms)
         self.pattern = re.compile(rf"(?<!\w)(?:{alternatives})(?!\w)", re.IGNORECASE)
 
@@ -26,11 +27,11 @@ class Blocklist:
         """One term per line; blank lines and lines starting with '#' are skipped."""
         path = Path(path)
         if not path.exists():
-            raise FileNotFoundError(f"{path}: no blocklist file")
+            raise MissingFileError(f"{path}: no blocklist file")
         lines = path.read_text(encoding="utf-8").splitlines()
         terms = [ln for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
         if not terms:
-            raise ValueError(f"{path}: blocklist holds no terms")
+            raise DataError(f"{path}: blocklist holds no terms")
         return cls(terms)
 
     def find(self, text: str) -> list[str]:

@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from gemmakit.atomic import atomic_path, write_json
+from gemmakit.errors import DataError, MissingFileError
 
 INDEX = "index.json"
 FORMAT = "gemmakit-token-shards"
@@ -65,7 +66,7 @@ def permute(index: np.ndarray, n: int, key: np.uint64, rounds: int = 4) -> np.nd
     a balanced Feistel network over the smallest even power of two >= n, cycle-walking values
     that land outside range(n) back through the network (each walk ends: it is a permutation)."""
     if n <= 0:
-        raise ValueError("permute needs n > 0")
+        raise DataError("permute needs n > 0")
     half = max(1, (int(n - 1).bit_length() + 1) // 2)
     mask = np.uint64((1 << half) - 1)
     keys = [mix64(np.uint64(key) + np.uint64(i + 1)) for i in range(rounds)]
@@ -179,9 +180,9 @@ class ShardWriter:
         meta: dict[str, Any] | None = None,
     ) -> None:
         if shard_tokens <= 0:
-            raise ValueError(f"shard_tokens must be positive, got {shard_tokens}")
+            raise DataError(f"shard_tokens must be positive, got {shard_tokens}")
         if not 0.0 <= val_fraction < 1.0:
-            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+            raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
         self.directory = Path(directory)
         self.eos_id, self.bos_id = int(eos_id), bos_id
         self.val_fraction = val_fraction
@@ -198,11 +199,9 @@ class ShardWriter:
         """Append one document; returns the split it went to ("train" or "val")."""
         arr = np.asarray(ids, dtype=np.int64)
         if arr.ndim != 1:
-            raise ValueError(
-                f"document {key!r}: ids must be a flat sequence, got shape {arr.shape}"
-            )
+            raise DataError(f"document {key!r}: ids must be a flat sequence, got shape {arr.shape}")
         if len(arr) and (arr.min() < 0 or arr.max() > 0xFFFFFFFF):
-            raise ValueError(f"document {key!r}: token ids must be in [0, 2**32)")
+            raise DataError(f"document {key!r}: token ids must be in [0, 2**32)")
         split = "val" if is_validation(key, self.val_fraction) else "train"
         self._splits[split].add(np.concatenate([arr, self._eos]))
         return split
@@ -260,13 +259,13 @@ def load_index(directory: str | Path) -> dict[str, Any]:
     """The parsed index.json of a shard directory, checked for format."""
     path = Path(directory) / INDEX
     if not path.exists():
-        raise FileNotFoundError(f"{path}: no shard index (is {directory} a token-shard folder?)")
+        raise MissingFileError(f"{path}: no shard index (is {directory} a token-shard folder?)")
     try:
         index = json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e.msg})") from None
+        raise DataError(f"{path}: not valid JSON ({e.msg})") from None
     if index.get("format") != FORMAT or index.get("dtype") != "uint32":
-        raise ValueError(f"{path}: not a {FORMAT} index with dtype uint32")
+        raise DataError(f"{path}: not a {FORMAT} index with dtype uint32")
     return index
 
 
@@ -281,7 +280,7 @@ class TokenShards:
         self.directory = Path(directory)
         self.index = load_index(self.directory)
         if split not in self.index["splits"]:
-            raise ValueError(
+            raise DataError(
                 f"{self.directory / INDEX}: no split {split!r} "
                 f"(splits: {sorted(self.index['splits'])})"
             )
@@ -308,9 +307,9 @@ class TokenShards:
             path = self.directory / self._shards[i]["file"]
             want = self._shards[i]["tokens"] * DTYPE.itemsize
             if not path.exists():
-                raise FileNotFoundError(f"{path}: shard listed in {INDEX} is missing")
+                raise MissingFileError(f"{path}: shard listed in {INDEX} is missing")
             if path.stat().st_size != want:
-                raise ValueError(f"{path}: {path.stat().st_size} bytes, index says {want}")
+                raise DataError(f"{path}: {path.stat().st_size} bytes, index says {want}")
             self._maps[i] = np.memmap(path, dtype=DTYPE, mode="r")
         return self._maps[i]
 
@@ -350,7 +349,7 @@ class TokenShards:
     def num_windows(self, seq_len: int) -> int:
         """How many distinct windows of seq_len + 1 tokens (stride seq_len) the split holds."""
         if seq_len <= 0:
-            raise ValueError(f"seq_len must be positive, got {seq_len}")
+            raise DataError(f"seq_len must be positive, got {seq_len}")
         return max(0, (self.num_tokens - 1) // seq_len)
 
     def windows(self, index: np.ndarray, seq_len: int) -> np.ndarray:
@@ -360,7 +359,7 @@ class TokenShards:
     def _need_windows(self, seq_len: int) -> int:
         n = self.num_windows(seq_len)
         if n == 0:
-            raise ValueError(
+            raise DataError(
                 f"{self.directory} ({self.split}): {self.num_tokens} tokens, too "
                 f"few for one window of seq_len + 1 = {seq_len + 1}"
             )
@@ -401,9 +400,9 @@ class TokenShards:
 
 def _check_rank(rank: int, world_size: int, batch_size: int) -> None:
     if world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} is not in a world of size {world_size}")
+        raise DataError(f"rank {rank} is not in a world of size {world_size}")
     if batch_size < 1:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
+        raise DataError(f"batch_size must be positive, got {batch_size}")
 
 
 def _draws(step: int, rank: int, world_size: int, batch_size: int) -> np.ndarray:

@@ -11,6 +11,7 @@ from typing import Any, Protocol
 from gemmakit.data.readers import Document
 from gemmakit.data.shards import ShardWriter
 from gemmakit.data.summary import StageSummary
+from gemmakit.errors import DataError
 
 
 class Encoder(Protocol):
@@ -80,7 +81,7 @@ def tokenize_to_shards(
     summary = summary if summary is not None else StageSummary("tokenize")
     eos = eos_id if eos_id is not None else getattr(tokenizer, "eos_id", None)
     if eos is None or eos < 0:
-        raise ValueError("tokenizer has no eos_id; pass eos_id=")
+        raise DataError("tokenizer has no eos_id; pass eos_id=")
     bos = getattr(tokenizer, "bos_id", None)
     with ShardWriter(
         out_dir,

@@ -41,8 +41,11 @@ class MemorizationResult:
         return self.approximate / self.documents if self.documents else 0.0
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "exact_rate": self.exact_rate,
-                "approximate_rate": self.approximate_rate}  # fmt: skip
+        return {
+            **asdict(self),
+            "exact_rate": self.exact_rate,
+            "approximate_rate": self.approximate_rate,
+        }
 
 
 def memorization(

@@ -62,8 +62,12 @@ class _RMSNorm(torch.autograd.Function):
         y = torch.empty_like(x)
         rstd = torch.empty(n, dtype=torch.float32)
         threads = torch.get_num_threads()
-        _check(lib.rmsnorm_fwd(x.data_ptr(), weight.data_ptr(), y.data_ptr(), rstd.data_ptr(),
-                               n, d, eps, threads), "rmsnorm_fwd")  # fmt: skip
+        _check(
+            lib.rmsnorm_fwd(
+                x.data_ptr(), weight.data_ptr(), y.data_ptr(), rstd.data_ptr(), n, d, eps, threads
+            ),
+            "rmsnorm_fwd",
+        )
         ctx.save_for_backward(x, weight, rstd)
         ctx.lib = lib
         return y
@@ -76,9 +80,20 @@ class _RMSNorm(torch.autograd.Function):
         threads = torch.get_num_threads()
         gx = torch.empty_like(x)
         parts = torch.empty(threads, d, dtype=torch.float32)
-        _check(ctx.lib.rmsnorm_bwd(gy.data_ptr(), x.data_ptr(), weight.data_ptr(),
-                                   rstd.data_ptr(), gx.data_ptr(), parts.data_ptr(),
-                                   x.numel() // d, d, threads), "rmsnorm_bwd")  # fmt: skip
+        _check(
+            ctx.lib.rmsnorm_bwd(
+                gy.data_ptr(),
+                x.data_ptr(),
+                weight.data_ptr(),
+                rstd.data_ptr(),
+                gx.data_ptr(),
+                parts.data_ptr(),
+                x.numel() // d,
+                d,
+                threads,
+            ),
+            "rmsnorm_bwd",
+        )
         return gx, parts.sum(0), None, None
 
 
@@ -102,8 +117,10 @@ class _GeluMul(torch.autograd.Function):
     def forward(ctx, a, b, lib):
         h = torch.empty_like(a)
         threads = torch.get_num_threads()
-        _check(lib.gelu_mul_fwd(a.data_ptr(), b.data_ptr(), h.data_ptr(), a.numel(), threads),
-               "gelu_mul_fwd")  # fmt: skip
+        _check(
+            lib.gelu_mul_fwd(a.data_ptr(), b.data_ptr(), h.data_ptr(), a.numel(), threads),
+            "gelu_mul_fwd",
+        )
         ctx.save_for_backward(a, b)
         ctx.lib = lib
         return h
@@ -113,9 +130,18 @@ class _GeluMul(torch.autograd.Function):
         a, b = ctx.saved_tensors
         gh = gh.contiguous()
         ga, gb = torch.empty_like(a), torch.empty_like(b)
-        _check(ctx.lib.gelu_mul_bwd(a.data_ptr(), b.data_ptr(), gh.data_ptr(), ga.data_ptr(),
-                                    gb.data_ptr(), a.numel(), torch.get_num_threads()),
-               "gelu_mul_bwd")  # fmt: skip
+        _check(
+            ctx.lib.gelu_mul_bwd(
+                a.data_ptr(),
+                b.data_ptr(),
+                gh.data_ptr(),
+                ga.data_ptr(),
+                gb.data_ptr(),
+                a.numel(),
+                torch.get_num_threads(),
+            ),
+            "gelu_mul_bwd",
+        )
         return ga, gb, None
 
 
@@ -141,10 +167,27 @@ def rope_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tor
 def _rope_call(lib, x: torch.Tensor, cos, sin, inverse: bool) -> torch.Tensor:
     y = torch.empty_like(x)  # the same strides as x (e.g. a [B, T, N, H] buffer seen transposed)
     B, N, T, H = x.shape
-    _check(lib.rope_apply(x.data_ptr(), cos.data_ptr(), sin.data_ptr(), y.data_ptr(), B, N, T, H,
-                          x.stride(0), x.stride(1), x.stride(2), y.stride(0), y.stride(1),
-                          y.stride(2), int(inverse), torch.get_num_threads()),
-           "rope_apply")  # fmt: skip
+    _check(
+        lib.rope_apply(
+            x.data_ptr(),
+            cos.data_ptr(),
+            sin.data_ptr(),
+            y.data_ptr(),
+            B,
+            N,
+            T,
+            H,
+            x.stride(0),
+            x.stride(1),
+            x.stride(2),
+            y.stride(0),
+            y.stride(1),
+            y.stride(2),
+            int(inverse),
+            torch.get_num_threads(),
+        ),
+        "rope_apply",
+    )
     return y
 
 
@@ -195,8 +238,15 @@ def xent_rows(
     ignored). Returns the [C] float32 losses."""
     targets = targets.to(torch.int64).contiguous()
     loss = torch.empty(z.shape[0], dtype=torch.float32)
-    rc = lib.xent_rows(z.data_ptr(), targets.data_ptr(), loss.data_ptr(), z.shape[0],
-                       z.shape[1], int(want_grad), torch.get_num_threads())  # fmt: skip
+    rc = lib.xent_rows(
+        z.data_ptr(),
+        targets.data_ptr(),
+        loss.data_ptr(),
+        z.shape[0],
+        z.shape[1],
+        int(want_grad),
+        torch.get_num_threads(),
+    )
     if rc == 2:
         raise ValueError(f"a target id is >= the vocabulary size {z.shape[1]}")
     _check(rc, "xent_rows")
@@ -232,8 +282,11 @@ def self_test(lib: ctypes.CDLL) -> None:
     g = torch.randn(2, 3, 5, 20, generator=gen)
     y = _Rope.apply(xt, cos, sin, lib)
     _close("rope", y, rope_reference(xt, cos, sin))
-    _close("rope backward", torch.autograd.grad(y, xt, g)[0],
-           torch.autograd.grad(rope_reference(xt, cos, sin), xt, g)[0])  # fmt: skip
+    _close(
+        "rope backward",
+        torch.autograd.grad(y, xt, g)[0],
+        torch.autograd.grad(rope_reference(xt, cos, sin), xt, g)[0],
+    )
     z = torch.randn(6, 1003, generator=gen) * 8
     t = torch.tensor([0, 1002, -100, 5, 77, 500])
     loss = xent_rows(lib, z.clone(), t, want_grad=False)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from gemmakit.config import GemmaConfig
+from gemmakit.errors import UsageError
 
 
 class KVCache:
@@ -36,7 +37,7 @@ class KVCache:
         """Write k, v [B, Nkv, T, H] at the current length; return all keys and values so far."""
         end = self.length + k.shape[2]
         if end > self.max_len:
-            raise ValueError(f"KV cache full: {end} positions needed, {self.max_len} allocated")
+            raise UsageError(f"KV cache full: {end} positions needed, {self.max_len} allocated")
         self.k[layer][:, :, self.length : end] = k
         self.v[layer][:, :, self.length : end] = v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
@@ -44,7 +45,7 @@ class KVCache:
     def truncate(self, length: int) -> None:
         """Forget every position from `length` on (the next update writes there)."""
         if not 0 <= length <= self.length:
-            raise ValueError(f"cannot truncate a KV cache of length {self.length} to {length}")
+            raise UsageError(f"cannot truncate a KV cache of length {self.length} to {length}")
         self.length = length
         self.key_valid[:, length:] = True  # left padding of an earlier prefill no longer applies
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from gemmakit.errors import DataError
 from gemmakit.training.recipe import DataSection
 
 
@@ -96,7 +97,7 @@ def valid_shards(data: DataSection, train, seq_len: int) -> list:
     if data.valid:
         val = TokenShards(data.valid, "val")
         if val.num_windows(seq_len) == 0:
-            raise ValueError(
+            raise DataError(
                 f"{data.valid}: the val split holds {val.num_tokens} tokens, fewer than one "
                 f"window of {seq_len + 1}"
             )

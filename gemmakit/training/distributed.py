@@ -15,6 +15,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from gemmakit.errors import CheckpointError, ConfigError
+
 
 @dataclass(frozen=True)
 class DistEnv:
@@ -37,7 +39,7 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError("training.device is cuda but no CUDA device is available")
+            raise ConfigError("training.device is cuda but no CUDA device is available")
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
     return torch.device(name)
@@ -80,7 +82,7 @@ def wrap(module: nn.Module, blocks: nn.ModuleList, mode: str, env: DistEnv) -> n
 
         ids = [env.device.index] if env.device.type == "cuda" else None
         return DistributedDataParallel(module, device_ids=ids)
-    raise ValueError(f"distributed.mode must be fsdp or ddp, got {mode!r}")
+    raise ConfigError(f"distributed.mode must be fsdp or ddp, got {mode!r}")
 
 
 def load_full_state(module: nn.Module, full_state: dict[str, torch.Tensor], env: DistEnv) -> None:
@@ -98,7 +100,9 @@ def load_full_state(module: nn.Module, full_state: dict[str, torch.Tensor], env:
             f"FSDP meta-device init cannot restore the non-persistent buffer {lost[0]!r}"
         )
     if env.is_main and set(full_state) != set(local_state):
-        raise KeyError(f"weights and model differ in {sorted(set(full_state) ^ set(local_state))}")
+        raise CheckpointError(
+            f"weights and model differ in {sorted(set(full_state) ^ set(local_state))}"
+        )
     module.to_empty(device=env.device)
     # Smallest first: the largest tensor (the embedding) goes once rank 0 has freed the others.
     order = sorted(module.state_dict(keep_vars=True).items(), key=lambda kv: kv[1].numel())

@@ -20,6 +20,7 @@ from torch.utils.checkpoint import checkpoint
 
 from gemmakit.api import build_model, load_model
 from gemmakit.config import GemmaConfig, get_config
+from gemmakit.errors import ConfigError
 from gemmakit.model.transformer import Gemma
 from gemmakit.training import allocator, distributed, state
 from gemmakit.training.data import eval_windows, train_source, valid_shards
@@ -76,8 +77,10 @@ def model_config(recipe: Recipe) -> GemmaConfig:
     known = set(GemmaConfig.__dataclass_fields__) - {"tokens"}
     for key in overrides:
         if key not in known:
-            raise RecipeError(f"recipe: unknown key 'model.config_overrides.{key}' "
-                              f"(GemmaConfig fields: {', '.join(sorted(known))})")  # fmt: skip
+            raise RecipeError(
+                f"recipe: unknown key 'model.config_overrides.{key}' "
+                f"(GemmaConfig fields: {', '.join(sorted(known))})"
+            )
     return cfg.replace(**overrides) if overrides else cfg
 
 
@@ -173,7 +176,7 @@ def train(
     # Resume point: the newest complete checkpoint (rank 0 decides, every rank follows).
     resume_from = state.latest_checkpoint(run_dir) if resume else None
     if not resume and state.latest_checkpoint(run_dir) is not None:
-        raise ValueError(
+        raise ConfigError(
             f"{run_dir}: already holds checkpoints; pass --resume to continue that run, or "
             f"choose another run_dir (--set run_dir=...)"
         )
@@ -216,8 +219,10 @@ def train(
     # Data position in sequences, so a resume may use another world size or micro-batch.
     data_position = saved["data_position"] if saved else 0
     if data_position % per_step:
-        raise ValueError(f"{resume_from}: data position {data_position} does not fall on a "
-                         f"micro-batch of {per_step} sequences")  # fmt: skip
+        raise ConfigError(
+            f"{resume_from}: data position {data_position} does not fall on a "
+            f"micro-batch of {per_step} sequences"
+        )
     batches = make_batches(env, data_position // per_step)
 
     dtype = compute_dtype(t.dtype, env.device)
@@ -265,17 +270,27 @@ def train(
         tok_s = tokens_per_step / dt
         mfu = flops_per_step / dt / peak
         result.losses.append(loss_value)
-        record = {"step": step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
-                  "tokens": step * tokens_per_step, "tokens_per_s": tok_s, "mfu": mfu,
-                  "step_s": dt}  # fmt: skip
+        record = {
+            "step": step,
+            "loss": loss_value,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "tokens": step * tokens_per_step,
+            "tokens_per_s": tok_s,
+            "mfu": mfu,
+            "step_s": dt,
+        }
         if log:
             log.write(record)
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tok_s:,.0f}", mfu=f"{mfu:.1%}")
         if env.is_main and (step % recipe.log.interval == 0 or step == t.steps):
-            _say(bar, f"step {step}/{t.steps}  loss {loss_value:.4f}  lr {lr:.2e}  "
-                      f"grad {grad_norm:.2f}  {tok_s:,.0f} tok/s  mfu {mfu:.1%}")  # fmt: skip
+            _say(
+                bar,
+                f"step {step}/{t.steps}  loss {loss_value:.4f}  lr {lr:.2e}  "
+                f"grad {grad_norm:.2f}  {tok_s:,.0f} tok/s  mfu {mfu:.1%}",
+            )
         if not math.isfinite(loss_value):
             raise FloatingPointError(f"loss is {loss_value} at step {step}; lower optimizer.lr")
 
@@ -293,12 +308,21 @@ def train(
 
         every = recipe.checkpoint.interval
         if step == t.steps or (every and step % every == 0):
-            info = {"data_position": data_position, "world_size": env.world_size,
-                    "recipe": recipe.to_dict()}  # fmt: skip
+            info = {
+                "data_position": data_position,
+                "world_size": env.world_size,
+                "recipe": recipe.to_dict(),
+            }
             last_ckpt = state.save_checkpoint(
-                run_dir, step, loss_module, optimizer, env, info,
-                tokenizer=recipe.data.tokenizer, keep=recipe.checkpoint.keep,
-            )  # fmt: skip
+                run_dir,
+                step,
+                loss_module,
+                optimizer,
+                env,
+                info,
+                tokenizer=recipe.data.tokenizer,
+                keep=recipe.checkpoint.keep,
+            )
 
     if bar is not None:
         bar.close()
@@ -367,19 +391,23 @@ def pretrain(recipe: Recipe | dict | str | Path, resume: bool = False) -> RunRes
     def make_batches(env: DistEnv, start: int) -> Iterator[dict]:
         accum = t.batch_size // (t.micro_batch_size * env.world_size)
         source = train_source(recipe.data, vocab, t.steps * accum)
-        windows = source.batches(t.seq_len, t.micro_batch_size, env.rank, env.world_size,
-                                 t.seed, start)  # fmt: skip
+        windows = source.batches(
+            t.seq_len, t.micro_batch_size, env.rank, env.world_size, t.seed, start
+        )
         for w in windows:
             if w.max() >= vocab:
-                raise ValueError(f"{', '.join(recipe.data.train)}: token id {int(w.max())} is "
-                                 f"outside the model's vocabulary of {vocab}")  # fmt: skip
+                raise ConfigError(
+                    f"{', '.join(recipe.data.train)}: token id {int(w.max())} is "
+                    f"outside the model's vocabulary of {vocab}"
+                )
             yield windows_to_batch(torch.from_numpy(w))
 
     vals = valid_shards(recipe.data, train_source(recipe.data, vocab, t.steps), t.seq_len)
 
     def make_eval(env: DistEnv) -> Iterator[dict]:
-        windows = eval_windows(vals, t.seq_len, t.micro_batch_size, env.rank, env.world_size,
-                               recipe.eval.batches)  # fmt: skip
+        windows = eval_windows(
+            vals, t.seq_len, t.micro_batch_size, env.rank, env.world_size, recipe.eval.batches
+        )
         return (windows_to_batch(torch.from_numpy(w)) for w in windows)
 
     loss_fn = functools.partial(next_token_loss, chunk_tokens=t.loss_chunk_tokens)

@@ -15,6 +15,8 @@ from typing import Any
 
 import yaml
 
+from gemmakit.errors import ConfigError, MissingFileError
+
 
 @dataclass
 class ModelSection:
@@ -118,7 +120,7 @@ CHOICES = {
 }
 
 
-class RecipeError(ValueError):
+class RecipeError(ConfigError):
     """A recipe key or value that is not valid; the message names the key and the source."""
 
 
@@ -228,7 +230,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     """Read a YAML recipe file and apply `--set` overrides."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such recipe file")
+        raise MissingFileError(f"{path}: no such recipe file")
     try:
         values = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:

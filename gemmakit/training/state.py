@@ -26,6 +26,7 @@ import torch.distributed as dist
 from torch import nn
 
 from gemmakit.checkpoint import save_hf
+from gemmakit.errors import CheckpointError, MissingFileError
 from gemmakit.model.transformer import Gemma
 from gemmakit.training.distributed import DistEnv, barrier
 
@@ -136,8 +137,9 @@ def save_checkpoint(
             config = loss_module.model.config
             with torch.device("meta"):
                 holder = Gemma(config)  # a module around the gathered tensors, for save_hf
-            gemma_sd = {k.removeprefix("model."): v for k, v in model_sd.items()
-                        if k.startswith("model.")}  # fmt: skip
+            gemma_sd = {
+                k.removeprefix("model."): v for k, v in model_sd.items() if k.startswith("model.")
+            }
             holder.load_state_dict(gemma_sd, assign=True)
             extra = {"tokenizer.model": Path(tokenizer)} if tokenizer else None
             save_hf(holder, tmp, extra_files=extra)
@@ -177,11 +179,11 @@ def read_train_state(ckpt_dir: str | Path, mmap: bool = False) -> dict:
     """train_state.pt; with mmap its tensors are mapped from the file, read only when used."""
     path = Path(ckpt_dir) / STATE_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no training state (not a training checkpoint)")
+        raise MissingFileError(f"{path}: no training state (not a training checkpoint)")
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # a truncated or foreign file
-        raise ValueError(f"{path}: cannot read training state ({e})") from e
+        raise CheckpointError(f"{path}: cannot read training state ({e})") from e
 
 
 def restore(
