@@ -11,7 +11,7 @@ from gemmakit.data.quality import PRESETS, QualityConfig, filter_quality, qualit
 from gemmakit.data.readers import Document
 from gemmakit.data.safety import Blocklist, filter_safety
 from gemmakit.data.summary import StageSummary
-from gemmakit.data.synthetic import web_document
+from gemmakit.data.generated_corpus import web_document
 
 GOOD = web_document(random.Random(1))
 

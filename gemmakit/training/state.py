@@ -13,11 +13,14 @@ killed at any moment leaves either the whole checkpoint or none.
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import re
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +35,10 @@ from gemmakit.training.distributed import DistEnv, barrier
 
 STATE_FILE = "train_state.pt"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+# What a save killed midway leaves: the checkpoint's temporary folder `.step_N.XXXX`, and
+# save_hf's own temporary beside it, `..step_N.XXXX.YYYY`.
+_TEMPORARY = re.compile(r"^\.+step_\d+\.")
+_LOW_SPACE = 64 << 20  # bytes free under which a failed write is taken for a full disk
 
 
 def checkpoint_root(run_dir: str | Path) -> Path:
@@ -47,6 +54,14 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
         if m and (d / STATE_FILE).is_file():
             found.append((int(m.group(1)), d))
     return max(found)[1] if found else None
+
+
+def remove_temporaries(run_dir: str | Path) -> None:
+    """Delete the temporaries of checkpoint saves killed midway (rank 0, at start and save)."""
+    root = checkpoint_root(run_dir)
+    for d in root.iterdir() if root.is_dir() else []:
+        if _TEMPORARY.match(d.name):
+            shutil.rmtree(d, ignore_errors=True)
 
 
 # --- RNG -----------------------------------------------------------------------------------
@@ -134,23 +149,18 @@ def save_checkpoint(
         root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
         try:
-            config = loss_module.model.config
-            with torch.device("meta"):
-                holder = Gemma(config)  # a module around the gathered tensors, for save_hf
-            gemma_sd = {
-                k.removeprefix("model."): v for k, v in model_sd.items() if k.startswith("model.")
-            }
-            holder.load_state_dict(gemma_sd, assign=True)
-            extra = {"tokenizer.model": Path(tokenizer)} if tokenizer else None
-            save_hf(holder, tmp, extra_files=extra)
-            state = {
-                "step": step,
-                "optimizer": optim_sd,
-                "loss_params": {k: v for k, v in model_sd.items() if not k.startswith("model.")},
-                "rng": rngs,
-                **info,
-            }
-            torch.save(state, tmp / STATE_FILE)
+            with _disk_full_names(final):
+                _write(tmp, loss_module.model.config, model_sd, tokenizer)
+                state = {
+                    "step": step,
+                    "optimizer": optim_sd,
+                    "loss_params": {
+                        k: v for k, v in model_sd.items() if not k.startswith("model.")
+                    },
+                    "rng": rngs,
+                    **info,
+                }
+                torch.save(state, tmp / STATE_FILE)
             tmp.chmod(0o755)  # mkdtemp makes it private
             if final.exists():  # the same step saved again (a resumed run's final step)
                 shutil.rmtree(final)
@@ -163,13 +173,43 @@ def save_checkpoint(
     return final
 
 
+def _write(tmp: Path, config, model_sd: dict, tokenizer: str | Path | None) -> None:
+    """The HF half of a checkpoint (config.json, model.safetensors, tokenizer.model) into tmp."""
+    with torch.device("meta"):
+        holder = Gemma(config)  # a module around the gathered tensors, for save_hf
+    gemma_sd = {k.removeprefix("model."): v for k, v in model_sd.items() if k.startswith("model.")}
+    holder.load_state_dict(gemma_sd, assign=True)
+    extra = {"tokenizer.model": Path(tokenizer)} if tokenizer else None
+    save_hf(holder, tmp, extra_files=extra)
+
+
+@contextmanager
+def _disk_full_names(final: Path) -> Iterator[None]:
+    """A write that fails for want of space (ENOSPC, or torch's zip writer's "unexpected pos"
+    on a full disk) becomes one CheckpointError saying so and naming the checkpoint."""
+    try:
+        yield
+    except (OSError, RuntimeError) as e:
+        full = isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
+        if not full:
+            try:
+                full = shutil.disk_usage(final.parent).free < _LOW_SPACE
+            except OSError:
+                full = False
+        if not full:
+            raise
+        raise CheckpointError(
+            f"{final}: no space left on device while writing the checkpoint "
+            f"(free space on {final.parent} and --resume)"
+        ) from e
+
+
 def _prune(root: Path, keep: int, newest: Path) -> None:
     steps = sorted(d for d in root.glob("step_*") if _STEP_DIR.match(d.name))
     for d in steps[: max(0, len(steps) - max(keep, 1))]:
         if d != newest:
             shutil.rmtree(d, ignore_errors=True)
-    for d in root.glob(".step_*"):  # temporaries of a killed save
-        shutil.rmtree(d, ignore_errors=True)
+    remove_temporaries(root.parent)
 
 
 # --- load ------------------------------------------------------------------------------------
