@@ -102,19 +102,28 @@ def new(cls: type[T], values: Any, key: str, where: str, error=ConfigError) -> T
     return obj
 
 
+def updated(obj: T, values: Any, key: str, where: str, error=ConfigError) -> T:
+    """A copy of `obj` (a dataclass, frozen or not) with the fields `values` names, typed and
+    checked as `fill` does."""
+    if not isinstance(values, dict):
+        raise error(f"{where}: {key or 'the top level'} must be a mapping, got {values!r}")
+    hints = typing.get_type_hints(type(obj))
+    _check_keys(obj, values, key, where, error)
+    changes = {
+        name: coerce(v, hints[name], _join(key, name), where, getattr(obj, name), error)
+        for name, v in values.items()
+    }
+    return dataclasses.replace(obj, **changes)
+
+
 def fill(obj: Any, values: Any, key: str, where: str, error=ConfigError) -> None:
     """Set `obj`'s fields (a dataclass, in place) from `values`; nested sections are filled in
     place too, so later overrides change only the leaves they name."""
     if not isinstance(values, dict):
         raise error(f"{where}: {key or 'the top level'} must be a mapping, got {values!r}")
     hints = typing.get_type_hints(type(obj))
-    names = [f.name for f in dataclasses.fields(obj)]
+    _check_keys(obj, values, key, where, error)
     for name, value in values.items():
-        if name not in names:
-            raise error(
-                f"{where}: unknown key {_join(key, str(name))!r} "
-                f"(known under {key or 'the top'}: {', '.join(sorted(names))})"
-            )
         current = getattr(obj, name)
         setattr(obj, name, coerce(value, hints[name], _join(key, name), where, current, error))
 
@@ -152,6 +161,8 @@ def coerce(
             value = [value]  # a single shard dir is a list of one
         return [coerce(v, args[0], f"{key}[{i}]", where, error=error) for i, v in enumerate(value)]
     if hint is dict or origin is dict:
+        if value is None:  # an empty section
+            return {}
         if not isinstance(value, dict):
             raise error(f"{where}: {key} must be a mapping, got {value!r}")
         if not args:
@@ -208,6 +219,16 @@ def _scalar(value: Any, hint: Any) -> Any:
 def to_dict(obj: Any) -> dict:
     """A dataclass tree as nested plain dicts (what a file would say)."""
     return dataclasses.asdict(obj)
+
+
+def _check_keys(obj: Any, values: dict, key: str, where: str, error) -> None:
+    names = [f.name for f in dataclasses.fields(obj)]
+    for name in values:
+        if name not in names:
+            raise error(
+                f"{where}: unknown key {_join(key, str(name))!r} "
+                f"(known under {key or 'the top'}: {', '.join(sorted(names))})"
+            )
 
 
 def _is_choice(value: Any, choices: tuple) -> bool:
