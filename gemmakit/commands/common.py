@@ -25,10 +25,19 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--temperature", type=float, default=0.0, help=">= 0; 0: greedy")
+    p.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens (>= 1)")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus mass, in (0, 1]")
     p.add_argument("--seed", type=int, default=None)
+
+
+def check_sampling_args(args: argparse.Namespace) -> None:
+    """UsageError (one line) when --max-new-tokens or a sampling option is out of range."""
+    from gemmakit.generation import check_sampling
+
+    options = ("max_new_tokens", "temperature", "top_k", "top_p", "seed")
+    names = {k: "--" + k.replace("_", "-") for k in options}
+    check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed, names)
 
 
 def load_model_and_tokenizer(args: argparse.Namespace):
