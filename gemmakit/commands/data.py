@@ -96,6 +96,7 @@ def register(sub) -> None:
     c = dsub.add_parser("corpus", help="write the embedded default corpus files to a folder")
     c.add_argument("directory")
     c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--force", action="store_true", help="replace corpus files already there")
     c.set_defaults(func=run_corpus)
 
 
@@ -293,13 +294,24 @@ def run_inspect(args: argparse.Namespace) -> int:
 
 
 def run_corpus(args: argparse.Namespace) -> int:
-    import shutil
+    from gemmakit.atomic import atomic_path
+    from gemmakit.data.synthetic import CORPUS_DIR, CORPUS_FILES, write_corpus
 
-    from gemmakit.data.synthetic import CORPUS_DIR, write_corpus
-
-    for name, path in write_corpus(args.directory, args.seed).items():
+    directory = Path(args.directory)
+    if directory.exists() and not directory.is_dir():
+        raise UsageError(f"{directory}: not a folder")
+    extras = ("blocklist.txt", "default.yaml")
+    there = [n for n in (*CORPUS_FILES, *extras) if (directory / n).exists()]
+    if there and not args.force:
+        # these are the files the README tells users to adapt: never replaced silently
+        raise UsageError(
+            f"{directory} already holds {', '.join(there)}; "
+            "choose another folder, or pass --force to replace them"
+        )
+    for name, path in write_corpus(directory, args.seed).items():
         print(f"{name}: {path} ({path.stat().st_size} bytes)")
-    for extra in ("blocklist.txt", "default.yaml"):
-        shutil.copyfile(CORPUS_DIR / extra, Path(args.directory) / extra)
-        print(f"{extra}: {Path(args.directory) / extra}")
+    for extra in extras:
+        with atomic_path(directory / extra) as tmp:
+            tmp.write_bytes((CORPUS_DIR / extra).read_bytes())
+        print(f"{extra}: {directory / extra}")
     return 0
