@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from gemmakit.errors import UsageError
+
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -40,10 +42,23 @@ def check_sampling_args(args: argparse.Namespace) -> None:
     check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed, names)
 
 
+def check_device(name: str | None) -> None:
+    """UsageError when --device names no device torch knows (cpu, cuda, cuda:1, mps, ...)."""
+    import torch
+
+    if name is None:
+        return
+    try:
+        torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device {name!r}: not a device (cpu, cuda, cuda:N, mps, ...)") from None
+
+
 def load_model_and_tokenizer(args: argparse.Namespace):
     from gemmakit.api import load_model
     from gemmakit.tokenizer import load_tokenizer
 
+    check_device(args.device)
     source = args.model or args.checkpoint
     dtype = torch_dtype(args.dtype)
     model = load_model(source, dtype=dtype, device=args.device, config=args.preset)
