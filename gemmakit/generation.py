@@ -91,8 +91,8 @@ def check_sampling(
         or not 0.0 < top_p <= 1.0  # also false for nan
     ):
         raise bad("top_p", "in (0, 1]", top_p)
-    if seed is not None and not _is_int(seed):
-        raise bad("seed", "an integer", seed)
+    if seed is not None and (not _is_int(seed) or not -(2**63) <= seed < 2**64):
+        raise bad("seed", "an integer that fits 64 bits", seed)
 
 
 def _is_int(x: object) -> bool:
@@ -202,7 +202,7 @@ def _stream(
     positions = (before + valid.long().cumsum(-1) - 1).clamp(min=0)
     generator = None
     if seed is not None:
-        generator = torch.Generator(device=device).manual_seed(seed)
+        generator = torch.Generator(device=device).manual_seed(int(seed))
 
     logits = model(tokens, positions=positions, cache=cache, last_only=True)[:, -1]
     next_pos = positions[:, -1:] + 1
