@@ -397,8 +397,7 @@ def test_real_generate_command(real_path, reference, capsys):
 
 
 def test_real_convert_to_hf(real_path, real_model, tmp_path):
-    from transformers import AutoModelForCausalLM
-
+    AutoModelForCausalLM = pytest.importorskip("transformers").AutoModelForCausalLM
     from gemmakit.cli import main
 
     out = tmp_path / "gemma3-270m-hf"

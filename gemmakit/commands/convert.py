@@ -45,10 +45,16 @@ def run(args: argparse.Namespace) -> int:
     fmt = args.to or suffixes.get(dst.suffix, "hf")
     if args.dtype == "q8_0" and fmt != "gguf":
         raise UsageError("--dtype q8_0 is for GGUF output only")
+    if args.max_shard_size is not None and not args.max_shard_size > 0:
+        raise UsageError(f"--max-shard-size must be > 0 (GB), got {args.max_shard_size}")
     load_dtype = None if fmt == "gguf" else torch_dtype(args.dtype)
     model = load_checkpoint(src, config=args.preset, dtype=load_dtype)
-    if args.tokenizer and not Path(args.tokenizer).exists():
-        raise MissingFileError(f"{args.tokenizer}: no such tokenizer file")
+    if args.tokenizer:
+        if not Path(args.tokenizer).exists():
+            raise MissingFileError(f"{args.tokenizer}: no such tokenizer file")
+        from gemmakit.tokenizer import load_tokenizer
+
+        load_tokenizer(args.tokenizer)  # a file that is no tokenizer fails here, naming it
     tok = _tokenizer_file(Path(args.tokenizer) if args.tokenizer else src)
     if fmt == "gguf":
         from gemmakit.checkpoint import save_gguf
