@@ -13,8 +13,12 @@ from collections.abc import Callable, Iterator
 from typing import TextIO
 
 from gemmakit.chat import fit_context
-from gemmakit.commands.common import add_model_args, add_sampling_args, load_model_and_tokenizer
-from gemmakit.commands.generate import stream_text
+from gemmakit.commands.common import (
+    add_model_args,
+    add_sampling_args,
+    load_model_and_tokenizer,
+    stream_text,
+)
 
 HELP = (
     "/reset: new conversation, /exit or Ctrl-D: quit, Ctrl-C: stop an answer; "

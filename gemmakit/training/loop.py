@@ -19,9 +19,13 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from gemmakit.api import build_model, load_model
+from gemmakit.checkpoint import open_source
+from gemmakit.checkpoint.load import resolve_config
 from gemmakit.config import GemmaConfig, get_config
+from gemmakit.dtypes import torch_dtype
 from gemmakit.errors import ConfigError
 from gemmakit.model.transformer import Gemma
+from gemmakit.resolve import checkpoint_path
 from gemmakit.training import allocator, distributed, state
 from gemmakit.training.data import eval_windows, train_source, valid_shards
 from gemmakit.training.distributed import DistEnv
@@ -36,13 +40,11 @@ from gemmakit.training.metrics import MetricsLog, peak_flops, train_flops_per_to
 from gemmakit.training.recipe import OptimizerSection, Recipe, RecipeError, as_recipe
 from gemmakit.training.schedule import lr_at
 
-DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
-
 
 def compute_dtype(name: str, device: torch.device) -> torch.dtype:
     """The autocast dtype for training.dtype; auto is bfloat16 where the hardware has it."""
     if name != "auto":
-        return DTYPES[name]
+        return torch_dtype(name)
     if device.type == "cuda":
         return torch.bfloat16
     try:
@@ -422,11 +424,6 @@ def pretrain(recipe: Recipe | dict | str | Path, resume: bool = False) -> RunRes
 
 def _vocab_size(recipe: Recipe) -> int:
     if recipe.model.checkpoint:
-        from gemmakit.checkpoint import open_source
-        from gemmakit.checkpoint.load import resolve_config
-        from gemmakit.installed import installed_model_path
-
-        name = recipe.model.checkpoint
-        path = installed_model_path(str(name)) or Path(name)
+        path = checkpoint_path(recipe.model.checkpoint)
         return resolve_config(open_source(path), path, None).vocab_size
     return model_config(recipe).vocab_size
