@@ -17,7 +17,8 @@ from gguf.constants import GGMLQuantizationType as Q
 import gemmakit
 from gemmakit.checkpoint import CheckpointError
 from gemmakit.checkpoint.dequant import dequantize
-from gemmakit.checkpoint.gguf import GGUFSource, gguf_layout
+from gemmakit.checkpoint.layouts import gguf_layout
+from gemmakit.checkpoint.sources import GGUFSource
 from gemmakit.config import GemmaConfig, gemma3_270m, tiny, tiny_gemma2, tiny_gemma3
 
 REFERENCE = Path(__file__).parent / "data" / "gemma3_270m_hf_reference.json"

@@ -18,8 +18,8 @@ from gemmakit.commands.common import (
     add_sampling_args,
     check_sampling_args,
     load_model_and_tokenizer,
+    stream_text,
 )
-from gemmakit.commands.generate import stream_text
 
 HELP = (
     "/reset: new conversation, /exit or Ctrl-D: quit, Ctrl-C: stop an answer; "

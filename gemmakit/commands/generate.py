@@ -10,6 +10,7 @@ from gemmakit.commands.common import (
     add_sampling_args,
     check_sampling_args,
     load_model_and_tokenizer,
+    stream_text,
 )
 
 
@@ -30,24 +31,6 @@ def register(sub) -> None:
     )
     add_sampling_args(p)
     p.set_defaults(func=run)
-
-
-def stream_text(tokenizer, steps, out=None) -> list[int]:
-    """Print decoded text as tokens arrive (decoding the whole so far keeps multi-byte
-    characters and SentencePiece spaces right); returns the ids."""
-    out = out or sys.stdout  # looked up per call: sys.stdout may be replaced (tests, pipes)
-    ids: list[int] = []
-    shown = ""
-    for step in steps:
-        if step[0] is None:
-            break
-        ids.append(step[0])
-        text = tokenizer.decode(ids)
-        if not text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for more bytes
-            out.write(text[len(shown) :])
-            out.flush()
-            shown = text
-    return ids
 
 
 def run(args: argparse.Namespace) -> int:
