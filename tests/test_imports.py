@@ -17,9 +17,7 @@ DEFERRED_OK = {
     "gemmakit.commands.": "each subcommand imports what it runs when it runs: `gemmakit data` "
     "and `gemmakit tokenizer` start without torch",
     "gemmakit.tokenizer": "tokenizer commands start without torch (GGUF vocabularies need it)",
-    "gemmakit.run": "the main job's stages, imported stage by stage",
     "gemmakit.data.pipeline": "the tokenizer only when a config asks for tokenization",
-    "gemmakit.training.data": "the token-shard readers only for the data a recipe names",
 }
 
 
