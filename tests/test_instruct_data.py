@@ -89,6 +89,15 @@ def test_shipped_files_keep_the_split_and_formats(shipped):
         assert all(i.check(row["messages"][1]["content"]) for i in row_instructions(ev))
 
 
+def test_bullet_counts_match_what_a_reader_sees(shipped):
+    for row in shipped["sft_train"]:
+        for spec in row["instructions"]:
+            if spec["id"] == "detectable_format:number_bullet_lists":
+                lines = row["messages"][1]["content"].split("\n")
+                seen = sum(line.lstrip('"').startswith(("* ", "- ")) for line in lines)
+                assert seen == spec["kwargs"]["num_bullets"], row
+
+
 def test_answers_stay_short(shipped):
     from gemmakit.instruct.instructions import count_words
 

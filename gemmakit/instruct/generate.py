@@ -76,6 +76,7 @@ _JSON_OK = {LOWER, KEYWORD, FORBID}
 CONFLICTS = {
     frozenset((LOWER, UPPER)),
     frozenset((BULLETS, SENTENCES)),
+    frozenset((BULLETS, QUOTE)),  # a quote before the first bullet hides it from the count
     frozenset((TITLE, QUOTE)),
     frozenset((TITLE, START)),
     frozenset((END, POSTSCRIPT)),

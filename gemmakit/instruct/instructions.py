@@ -89,6 +89,9 @@ def _check_relation(relation: str) -> None:
         raise DataError(f"relation: {relation!r} is not one of {', '.join(RELATIONS)}")
 
 
+_COUNTED = "word|sentence|bullet point|paragraph|placeholder|section|time"
+
+
 class Instruction:
     """A verifiable instruction: `id` (IFEval's), `phrasings` (prompt texts, str.format'ed with
     the instance's fields), `describe(variant)` and `check(response)`."""
@@ -105,9 +108,7 @@ class Instruction:
         fmt = self.phrasings[variant % len(self.phrasings)]
         text = fmt.format(**self._format_args())
         # "exactly 1 bullet points" -> "exactly 1 bullet point"
-        return re.sub(
-            r"\b1 (word|sentence|bullet point|paragraph|placeholder|section|time)s\b", r"1 \1", text
-        )
+        return re.sub(rf"\b1 ((?:markdown )?(?:{_COUNTED}))s\b", r"1 \1", text)
 
     def _format_args(self) -> dict[str, Any]:
         return self.kwargs()
@@ -376,8 +377,8 @@ class Postscript(Instruction):
 
     id = "detectable_content:postscript"
     phrasings = (
-        "At the end of your response, add a postscript starting with {postscript_marker}",
-        "End with a postscript that starts with {postscript_marker}",
+        'At the end of your response, add a postscript starting with "{postscript_marker}".',
+        'End with a postscript that starts with "{postscript_marker}".',
     )
     postscript_marker: str = "P.S."
 
