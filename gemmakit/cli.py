@@ -19,6 +19,7 @@ COMMANDS = [
     "gemmakit.commands.tokenizer",
     "gemmakit.commands.chat",
     "gemmakit.commands.data",
+    "gemmakit.commands.instruct",
 ]
 
 _USER_OS_ERRORS = {
