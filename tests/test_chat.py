@@ -24,7 +24,7 @@ class CharTokenizer:
     """One id per character (1000 + code point) and no turn-marker pieces, so an expected
     sequence can be written out by hand."""
 
-    def encode(self, text: str, bos: bool = True) -> list[int]:
+    def encode(self, text: str, bos: bool = True, special: bool = True) -> list[int]:
         return [2] * bos + [1000 + ord(c) for c in text]
 
     def token_ids(self, default: TokenIds | None = None) -> TokenIds:

@@ -12,6 +12,7 @@ import torch
 
 from gemmakit.atomic import atomic_path
 from gemmakit.checkpoint.hf_config import config_to_hf
+from gemmakit.checkpoint.hf_tokenizer import write_hf_tokenizer_files
 from gemmakit.checkpoint.layouts import Spec, gemma_pytorch_layout, hf_layout
 from gemmakit.errors import CheckpointError
 from gemmakit.model.transformer import Gemma
@@ -89,6 +90,8 @@ def save_hf(
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
         for name, src in (extra_files or {}).items():
             shutil.copyfile(src, tmp / name)
+        if "tokenizer.model" in (extra_files or {}):  # what HF reads beside it
+            write_hf_tokenizer_files(tmp, model.config)
         _publish(tmp, directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
