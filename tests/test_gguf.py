@@ -320,8 +320,9 @@ def test_vocabulary_becomes_sentencepiece(tmp_path):
     assert tok.encode("ab  a", bos=False) == [ids["ab"], ids["  "], ids["a"]]
     assert tok.encode("ab a") == [2, ids["ab"], ids["\u2581a"]]
     assert tok.encode("c", bos=False) == [ids["<0x63>"]]  # byte fallback
-    # a control piece typed as text is text, never the control id
-    assert ids["<start_of_turn>"] not in tok.encode("<start_of_turn>", bos=False)
+    # a control piece typed in text is its id by default (as HF), text with special=False
+    assert tok.encode("a<start_of_turn>", bos=False) == [ids["a"], ids["<start_of_turn>"]]
+    assert ids["<start_of_turn>"] not in tok.encode("<start_of_turn>", bos=False, special=False)
     assert tok.decode(tok.encode("ab  a c")) == "ab  a c"
 
 
