@@ -2,9 +2,11 @@
 
     <bos><start_of_turn>user\\n{text}<end_of_turn>\\n<start_of_turn>model\\n{text}<end_of_turn>\\n
 
-The turn markers are control ids from the vocabulary, never tokenized from text, so a message
-that contains the string "<start_of_turn>" cannot open a turn (with a vocabulary whose markers
-are control pieces, as `train_tokenizer` makes them).
+The turn markers are control ids from the vocabulary, and each message is encoded as plain text
+(`encode(text, special=False)`), so a message that contains the string "<start_of_turn>" cannot
+open a turn. (HF transformers' `apply_chat_template` renders the template to text and then
+matches markers in it, so there such a message would open one; on any other message both give
+the same ids.)
 """
 
 from __future__ import annotations
@@ -32,8 +34,10 @@ def chat_turns(messages: Sequence[Mapping[str, str]]) -> list[tuple[str, str]]:
     """(role, text) of each turn, roles "user" / "model" alternating from "user".
 
     "assistant" means "model"; a leading system message is folded into the first user turn as
-    system text + "\\n\\n" + user text; each text is stripped of surrounding whitespace, as
-    Gemma's HF chat template does. Out-of-order roles raise ValueError naming the message.
+    system text + "\\n\\n" + user text; user and model texts are stripped of surrounding
+    whitespace, the system text is kept as it is, as Gemma's HF chat template does
+    (gemmakit.checkpoint.hf_tokenizer.CHAT_TEMPLATE). Out-of-order roles raise DataError naming
+    the message.
     """
     turns: list[tuple[str, str]] = []
     system: str | None = None
@@ -45,7 +49,6 @@ def chat_turns(messages: Sequence[Mapping[str, str]]) -> list[tuple[str, str]]:
             raise DataError(f"messages[{i}]: unknown role {m['role']!r}; use {', '.join(ROLES)}")
         if not isinstance(text, str):
             raise DataError(f"messages[{i}]: content must be a string, got {type(text).__name__}")
-        text = text.strip()
         if role == "system":
             if i != 0:
                 raise DataError(f"messages[{i}]: a system message may only come first")
@@ -58,6 +61,7 @@ def chat_turns(messages: Sequence[Mapping[str, str]]) -> list[tuple[str, str]]:
                 f"messages[{i}]: role {m['role']!r} {after}; roles must alternate user/model, "
                 f"starting with user"
             )
+        text = text.strip()
         if system is not None:
             text, system = f"{system}\n\n{text}", None
         turns.append((role, text))
@@ -82,7 +86,8 @@ def encode_chat(
     The turn markers are the tokenizer's <start_of_turn>/<end_of_turn> pieces, or where it has
     none, those of `token_ids` (the model config's). With `add_generation_prompt`, ends with
     <start_of_turn>model\\n for the model to answer. Each header ("user\\n") and text is
-    encoded on its own, so the mask boundary falls between tokens.
+    encoded on its own as plain text (special names in it stay text), so the mask boundary
+    falls between tokens.
     """
     turns = chat_turns(messages)
     _check_prompt(turns, add_generation_prompt)
@@ -93,13 +98,15 @@ def encode_chat(
         ids.extend(new)
         mask.extend([target] * len(new))
 
-    newline = tokenizer.encode("\n", bos=False)
+    def plain(text: str) -> list[int]:
+        return tokenizer.encode(text, bos=False, special=False)
+
     for role, text in turns:
-        add([tok.start_of_turn, *tokenizer.encode(role + "\n", bos=False)], False)
-        add([*tokenizer.encode(text, bos=False), tok.end_of_turn], role == "model")
-        add(newline, False)
+        add([tok.start_of_turn, *plain(role + "\n")], False)
+        add([*plain(text), tok.end_of_turn], role == "model")
+        add(plain("\n"), False)
     if add_generation_prompt:
-        add([tok.start_of_turn, *tokenizer.encode("model\n", bos=False)], False)
+        add([tok.start_of_turn, *plain("model\n")], False)
     return ChatEncoding(ids, mask)
 
 

@@ -54,11 +54,11 @@ def run_all(
     t = _stage("tokenizer: SentencePiece BPE with Gemma's options")
     tok = train_tokenizer(texts, vocab_size=vocab_size, output=out / "tokenizer", seed=seed)
     chars = sum(len(x) for x in texts)
-    n_tokens = sum(len(tok.encode(x, bos=False)) for x in texts)
+    n_tokens = sum(len(tok.encode(x, bos=False, special=False)) for x in texts)
     report["tokenizer"] = {
         "vocab_size": tok.vocab_size,
         "chars_per_token": chars / n_tokens,
-        "round_trip_exact": all(tok.decode(tok.encode(x)) == x for x in texts),
+        "round_trip_exact": all(tok.decode(tok.encode(x, special=False)) == x for x in texts),
     }
     print(f"vocab {tok.vocab_size}, {chars / n_tokens:.2f} characters per token")
     seconds["tokenizer"] = time.perf_counter() - t

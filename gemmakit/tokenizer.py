@@ -5,8 +5,10 @@ kept as is, split by unicode script)."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import os
+import re
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
@@ -33,7 +35,14 @@ SPECIAL_PIECES = {
 
 
 class Tokenizer:
-    """encode(text, bos=True) -> ids; decode(ids) -> text."""
+    """encode(text, bos=True, special=True) -> ids; decode(ids) -> text.
+
+    Special pieces (every control piece of the vocabulary, such as <bos> <eos> <pad> <mask>
+    <unusedN> <start_of_turn> <end_of_turn>, and <unk>) written literally in the text become
+    their ids, as HF transformers' Gemma tokenizer does; `special=False` treats all text as
+    text. User-defined pieces (Gemma's "\\n", "<start_of_image>", HTML tags...) are always one
+    piece: SentencePiece itself matches them.
+    """
 
     def __init__(
         self,
@@ -60,17 +69,70 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self.sp.get_piece_size()
 
-    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
+    @functools.cached_property
+    def special_pieces(self) -> dict[int, str]:
+        """id -> piece of each special piece: the control pieces and <unk>, the pieces HF
+        transformers matches in raw text as special tokens (SentencePiece never emits them)."""
+        sp = self.sp
+        return {
+            i: sp.id_to_piece(i)
+            for i in range(sp.get_piece_size())
+            if sp.is_control(i) or sp.is_unknown(i)
+        }
+
+    @functools.cached_property
+    def _special_ids(self) -> dict[str, int]:
+        return {p: i for i, p in self.special_pieces.items() if p}
+
+    @functools.cached_property
+    def _special_regex(self) -> re.Pattern[str] | None:
+        return re.compile(trie_regex(self._special_ids)) if self._special_ids else None
+
+    def encode(
+        self, text: str, bos: bool = True, eos: bool = False, special: bool = True
+    ) -> list[int]:
         """Token ids of `text`, with <bos> first (the default: Gemma needs it) and optionally
-        <eos> last. Special-token names inside `text` are not turned into control ids."""
-        ids = self.sp.encode(text.encode("utf-8"))  # a lone surrogate: UnicodeEncodeError
-        if bos:
-            ids = [self.bos_id, *ids]
+        <eos> last. With `special` (the default, as HF transformers), a special piece written
+        in the text ("<start_of_turn>", "<eos>"...) is its id, the longest one where several
+        start at the same place; `special=False` encodes the whole text as plain text (for
+        untrusted text, which then can never hold a control id)."""
+        ids = [self.bos_id] if bos else []
+        regex = self._special_regex if special else None
+        start = 0
+        if regex is not None:
+            for m in regex.finditer(text):
+                ids += self._plain(text[start : m.start()])
+                ids.append(self._special_ids[m.group()])
+                start = m.end()
+        ids += self._plain(text[start:])
         return [*ids, self.eos_id] if eos else ids
 
+    def _plain(self, text: str) -> list[int]:
+        # bytes: a lone surrogate raises UnicodeEncodeError instead of being replaced
+        return self.sp.encode(text.encode("utf-8")) if text else []
+
     def decode(self, ids: Sequence[int]) -> str:
-        """The text of `ids`; control tokens (<bos>, <eos>, turn markers) give no text."""
-        return self.sp.decode([int(i) for i in ids if i != self.bos_id])
+        """The text of `ids`: each special id gives its piece ("<end_of_turn>"), except a
+        leading <bos> (the one `encode` puts first), which gives no text; so
+        decode(encode(s)) == s."""
+        ids = [int(i) for i in ids]
+        if ids and ids[0] == self.bos_id:
+            ids = ids[1:]
+        special = self.special_pieces
+        out: list[str] = []
+        run: list[int] = []
+        for i in ids:
+            piece = special.get(i)
+            if piece is None:
+                run.append(i)
+                continue
+            if run:
+                out.append(self.sp.decode(run))
+                run = []
+            out.append(piece)
+        if run:
+            out.append(self.sp.decode(run))
+        return "".join(out)
 
     def piece_to_id(self, piece: str) -> int:
         return self.sp.piece_to_id(piece)
@@ -88,6 +150,28 @@ class Tokenizer:
         (Gemma 1/2 put the turn markers at 106/107, Gemma 3 at 105/106)."""
         found = {k: self.piece_to_id(p) for k, p in SPECIAL_PIECES.items() if self.has_piece(p)}
         return dataclasses.replace(default or GEMMA_TOKEN_IDS, **found)
+
+
+def trie_regex(words: Iterable[str]) -> str:
+    """A regex matching any of `words`, the longest where several match at the same place,
+    built as a trie ("<un(?:used(?:0|1)|k>)") so that a match costs about its own length however
+    many words there are (Gemma 3 has 6000+ special pieces)."""
+    trie: dict = {}
+    for w in words:
+        node = trie
+        for ch in w:
+            node = node.setdefault(ch, {})
+        node[""] = {}  # end of a word
+
+    def alternation(node: dict) -> str:
+        branches = [re.escape(ch) + alternation(child) for ch, child in node.items() if ch]
+        if not branches:
+            return ""
+        body = branches[0] if len(branches) == 1 else "(?:" + "|".join(branches) + ")"
+        # a word may end here: try the longer words first (greedy ?), then stop
+        return f"(?:{body})?" if "" in node else body
+
+    return alternation(trie)
 
 
 def load_tokenizer(source: str | Path) -> Tokenizer:

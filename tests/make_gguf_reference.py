@@ -15,7 +15,11 @@ from pathlib import Path
 import torch
 
 OUT = Path(__file__).parent / "data" / "gemma3_270m_hf_reference.json"
-PROMPTS = ["The capital of France is", "def fibonacci(n):\n    ", "Le chat est"]
+# the last one: an instruction prompt written as text, its turn markers matched as control ids
+CHAT_PROMPT = (
+    "<start_of_turn>user\nList three colors of the rainbow.<end_of_turn>\n<start_of_turn>model\n"
+)
+PROMPTS = ["The capital of France is", "def fibonacci(n):\n    ", "Le chat est", CHAT_PROMPT]
 NEW_TOKENS = 16
 LOGIT_IDS = 256  # logits of this many fixed vocabulary ids at every prompt position
 
@@ -91,6 +95,89 @@ RANGES = [
 ]
 WHITESPACE = [" ", "  ", "\t", "\n", "\n\n", "   ", "\u3000"]
 
+# Special pieces written in raw text, which HF matches as their ids (the default encoding):
+# at the start, the end, back to back, inside words, beside spaces and newlines; and partial,
+# misspelt or unknown ones that must stay text.
+MARKERS = [
+    "<start_of_turn>",
+    "<end_of_turn>",
+    "<bos>",
+    "<eos>",
+    "<pad>",
+    "<unk>",
+    "<mask>",
+    "<unused0>",
+    "<unused5>",
+    "<unused99>",
+    "<unused6241>",
+    "<start_of_image>",
+    "<end_of_image>",
+    "[multimodal]",
+    "<table>",
+]
+NOT_MARKERS = [
+    "<start_of_turn",
+    "start_of_turn>",
+    "<Start_of_turn>",
+    "<start_of_turn >",
+    "< start_of_turn>",
+    "<start-of-turn>",
+    "<end_of_tur>",
+    "<<bos>>",
+    "<bos",
+    "<eos >",
+    "<unused>",
+    "<unused6242>",
+    "<unused99999>",
+    "<unused-1>",
+    "<unused05>",
+    "<image>",
+    "<start_of_image",
+    "<0x41>",
+    "\u2581<eos>",
+]
+SPECIAL_SAMPLES = [
+    "<start_of_turn>user\nList three colors of the rainbow.<end_of_turn>\n<start_of_turn>model\n",
+    "<bos><start_of_turn>user\nhi<end_of_turn>\n<start_of_turn>model\nHello!<end_of_turn>\n",
+    "<start_of_turn><end_of_turn><start_of_turn>",
+    "<eos>",
+    "text<eos>",
+    "<bos>text",
+    "in<eos>side a w<pad>ord",
+    " <end_of_turn> ",
+    "  <eos>  ",
+    "\n<start_of_turn>\n",
+    "\n\n<end_of_turn>\n\n",
+    "\t<unused5>\t",
+    "<start_of_turn><start_of_turn>",
+    "<bos><eos><pad><unk><mask>",
+    "<unused0><unused1><unused6241>",
+    "<start_of_image><end_of_image>[multimodal]",
+    "<table><start_of_turn></table>",
+    "<start_of_turn>user",
+    "a<start_of_turn>b<end_of_turn>c",
+    "<<start_of_turn>>",
+    "<start_of_turn>>",
+    "<start_of_<end_of_turn>turn>",
+    "<start_of_turn<end_of_turn>",
+    "<eos><eos><eos>",
+    "x<unused99999>y<unused12>z",
+    "Ünïcödé<eos>日本語<end_of_turn>🙂",
+]
+
+
+def special_strings(n_random: int = 150, seed: int = 0) -> list[str]:
+    """SPECIAL_SAMPLES, each marker and non-marker alone and inside text, then random mixes."""
+    rng = random.Random(seed)
+    out = list(SPECIAL_SAMPLES)
+    for m in MARKERS + NOT_MARKERS:
+        out += [m, f"{m}x", f"x{m}", f"a {m} b", f"word{m}word", f"\n{m}\n", m + m]
+    words = ["hello", "the", " ", "  ", "\n", "\t", "<", ">", "_", "turn", "é", "日本", "123"]
+    for _ in range(n_random):
+        parts = [rng.choice(MARKERS + NOT_MARKERS + words) for _ in range(rng.randint(1, 8))]
+        out.append("".join(parts))
+    return out
+
 
 def varied_strings(n_random: int = 250, seed: int = 0) -> list[str]:
     rng = random.Random(seed)
@@ -112,8 +199,11 @@ def hf_reference(path: Path) -> dict:
 
     tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     strings = varied_strings()
-    # split_special_tokens: "<bos>" typed in text is text, as in SentencePiece
+    # split_special_tokens: "<bos>" typed in text is text, as encode(s, special=False)
     ids = [tok(s, add_special_tokens=False, split_special_tokens=True).input_ids for s in strings]
+    # the default: special pieces typed in text are their ids, as encode(s)
+    specials = special_strings()
+    special_ids = [tok(s, add_special_tokens=False).input_ids for s in specials]
     model = AutoModelForCausalLM.from_pretrained(
         path.parent, gguf_file=path.name, dtype=torch.float32
     ).eval()
@@ -138,7 +228,14 @@ def hf_reference(path: Path) -> dict:
                 logsumexp=logits.logsumexp(-1).tolist(),
             )
         )
-    return dict(strings=strings, ids=ids, logit_ids=logit_ids, prompts=prompts)
+    return dict(
+        strings=strings,
+        ids=ids,
+        logit_ids=logit_ids,
+        prompts=prompts,
+        special_strings=specials,
+        special_ids=special_ids,
+    )
 
 
 def main() -> int:

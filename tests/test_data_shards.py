@@ -16,7 +16,7 @@ class CharTokenizer:
 
     bos_id, eos_id = 2, 1
 
-    def encode(self, text: str, bos: bool = True) -> list[int]:
+    def encode(self, text: str, bos: bool = True, special: bool = False) -> list[int]:
         return ([self.bos_id] if bos else []) + [70_000 + ord(c) for c in text]
 
 

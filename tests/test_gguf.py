@@ -321,8 +321,9 @@ def test_vocabulary_becomes_sentencepiece(tmp_path):
     assert tok.encode("ab  a", bos=False) == [ids["ab"], ids["  "], ids["a"]]
     assert tok.encode("ab a") == [2, ids["ab"], ids["\u2581a"]]
     assert tok.encode("c", bos=False) == [ids["<0x63>"]]  # byte fallback
-    # a control piece typed as text is text, never the control id
-    assert ids["<start_of_turn>"] not in tok.encode("<start_of_turn>", bos=False)
+    # a control piece typed in text is its id by default (as HF), text with special=False
+    assert tok.encode("a<start_of_turn>", bos=False) == [ids["a"], ids["<start_of_turn>"]]
+    assert ids["<start_of_turn>"] not in tok.encode("<start_of_turn>", bos=False, special=False)
     assert tok.decode(tok.encode("ab  a c")) == "ab  a c"
 
 
@@ -362,10 +363,23 @@ def test_real_tokenizer_matches_hf(real_path, reference):
     mismatches = [
         (s, want, got)
         for s, want in zip(reference["strings"], reference["ids"])
-        if (got := tok.encode(s, bos=False)) != want
+        if (got := tok.encode(s, bos=False, special=False)) != want
     ]
     assert not mismatches, f"{len(mismatches)} strings differ, first: {mismatches[0]}"
     assert len(reference["strings"]) >= 250
+
+
+def test_real_tokenizer_matches_special_tokens_as_hf(real_path, reference):
+    """The default encoding: control pieces (turn markers, <bos>, <eos>, <pad>, <unusedN>...)
+    written in the text are their ids where HF's tokenizer makes them so, and only there;
+    decode gives the text back."""
+    tok = gemmakit.load_tokenizer("gemma3-270m")
+    pairs = list(zip(reference["special_strings"], reference["special_ids"]))
+    mismatches = [(s, want, got) for s, want in pairs if (got := tok.encode(s, bos=False)) != want]
+    assert not mismatches, f"{len(mismatches)} strings differ, first: {mismatches[0]}"
+    assert len(pairs) >= 300 and sum(105 in want for _, want in pairs) >= 20
+    assert tok.encode("<start_of_turn>user\n") == [2, 105, 2364, 107]
+    assert all(tok.decode(tok.encode(s)) == s for s, _ in pairs if "\u2581" not in s)
 
 
 def test_real_logits_and_greedy_match_hf(real_model, reference):
@@ -388,17 +402,32 @@ def test_real_logits_and_greedy_match_hf(real_model, reference):
         assert logits[T - 1 : -1].argmax(-1).tolist() == p["greedy"]
 
 
-def test_real_generate_command(real_path, reference, capsys):
+def greedy_until_stop(greedy: list[int]) -> list[int]:
+    """HF's greedy tokens (made without stop tokens) up to gemmakit generate's first stop
+    (<eos> or <end_of_turn>), which it does not print."""
+    stops = [i for i, t in enumerate(greedy) if t in (1, 106)]
+    return greedy[: stops[0]] if stops else greedy
+
+
+@pytest.mark.parametrize("index", [0, 3])  # plain text; a chat prompt written as text
+def test_real_generate_command(real_path, reference, capsys, index):
     from gemmakit.cli import main
 
-    p = reference["prompts"][0]
+    p = reference["prompts"][index]
     assert main(["generate", "--model", "gemma3-270m", "--max-new-tokens", "16", p["text"]]) == 0
     tok = gemmakit.load_tokenizer("gemma3-270m")
-    assert capsys.readouterr().out == p["text"] + tok.decode(p["greedy"]) + "\n"
+    want = p["text"] + tok.decode(greedy_until_stop(p["greedy"])) + "\n"
+    assert capsys.readouterr().out == want
 
 
-def test_real_convert_to_hf(real_path, real_model, tmp_path):
-    AutoModelForCausalLM = pytest.importorskip("transformers").AutoModelForCausalLM
+def test_real_convert_to_hf(real_path, real_model, reference, tmp_path):
+    """The converted folder as HF transformers reads it: the model's logits, the tokenizer's
+    ids (BOS first, markers in text as control ids), the chat template's prompt, and the
+    greedy text of `pipeline("text-generation")` are gemmakit's on the GGUF source."""
+    pytest.importorskip("transformers")
+    from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
+
+    from gemmakit.chat import encode_chat, render_chat
     from gemmakit.cli import main
 
     out = tmp_path / "gemma3-270m-hf"
@@ -411,3 +440,26 @@ def test_real_convert_to_hf(real_path, real_model, tmp_path):
         want = real_model(x)
         assert torch.equal(ours(x), want)
         torch.testing.assert_close(hf(x).logits, want, rtol=0, atol=1e-4)
+
+    hf_tok = AutoTokenizer.from_pretrained(out)
+    for s, want in zip(reference["special_strings"], reference["special_ids"]):
+        assert hf_tok(s).input_ids == [2, *want], s
+    for s, want in list(zip(reference["strings"], reference["ids"]))[:80]:
+        assert hf_tok(s, add_special_tokens=False, split_special_tokens=True).input_ids == want
+
+    chat = reference["prompts"][3]  # "<start_of_turn>user\nList three colors..." as text
+    messages = [{"role": "user", "content": "List three colors of the rainbow."}]
+    text = hf_tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert text == "<bos>" + chat["text"] == render_chat(messages, add_generation_prompt=True)
+    ids = hf_tok.apply_chat_template(messages, add_generation_prompt=True)["input_ids"]
+    assert (
+        ids
+        == chat["ids"]
+        == encode_chat(gemmakit.load_tokenizer("gemma3-270m"), messages, True).ids
+    )
+
+    # greedy, stopping at <eos> or <end_of_turn> (generation_config.json), as gemmakit generate
+    answer = gemmakit.load_tokenizer("gemma3-270m").decode(greedy_until_stop(chat["greedy"]))
+    pipe = pipeline("text-generation", model=hf, tokenizer=hf_tok)
+    got = pipe(chat["text"], max_new_tokens=16, do_sample=False)[0]["generated_text"]
+    assert got == chat["text"] + answer

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+import re
 import string
 
 import pytest
@@ -18,6 +20,7 @@ from gemmakit.tokenizer import (
     control_pieces,
     load_tokenizer,
     train_tokenizer,
+    trie_regex,
 )
 
 VARIED = [
@@ -109,7 +112,7 @@ def test_bos_by_default(tok):
     assert tok.encode("hello", bos=False)[0] != 2
     assert tok.encode("hello", bos=False, eos=True)[-1] == 1
     assert tok.encode("") == [2]
-    assert tok.decode(tok.encode("hello", eos=True)) == "hello"
+    assert tok.decode(tok.encode("hello", eos=True)) == "hello<eos>"  # as HF decodes it
 
 
 @pytest.mark.parametrize("text", VARIED)
@@ -138,9 +141,119 @@ def test_lone_surrogate_is_a_clear_error(tok):
         tok.encode("a\ud800")
 
 
-def test_special_names_in_text_are_plain_text(tok):
-    ids = tok.encode("<start_of_turn>user<end_of_turn><bos><eos>", bos=False)
-    assert not set(ids) & {0, 1, 2, 3, 4, 106, 107}
+CONTROL_IDS = {0, 1, 2, 3, 4, 5, 55, 105, 106, 107}  # pad eos bos unk mask unused0/50/100 turns
+
+
+def test_special_pieces_in_text_are_their_ids(tok):
+    """The default, as HF transformers: each control piece (and <unk>) written in the text is
+    its id, wherever it stands; text around it is encoded as it would be alone."""
+
+    def plain(s):
+        return tok.encode(s, bos=False, special=False)
+
+    assert tok.encode("<start_of_turn>user\n") == [2, 106, *plain("user\n")]
+    assert tok.encode("a<end_of_turn>b", bos=False) == [*plain("a"), 107, *plain("b")]
+    assert tok.encode(" <eos> ", bos=False) == [*plain(" "), 1, *plain(" ")]
+    assert tok.encode("<bos><eos><pad><unk><mask>", bos=False) == [2, 1, 0, 3, 4]
+    assert tok.encode("<unused0><unused50><unused100>", bos=False) == [5, 55, 105]
+    assert tok.encode("<start_of_turn><start_of_turn>", bos=False) == [106, 106]
+    assert tok.encode("<<eos>>", bos=False) == [*plain("<"), 1, *plain(">")]
+    assert tok.encode("<start_of_<end_of_turn>turn>", bos=False) == [
+        *plain("<start_of_"),
+        107,
+        *plain("turn>"),
+    ]
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "<start_of_turn",
+        "start_of_turn>",
+        "<Start_of_turn>",
+        "<start_of_turn >",
+        "< eos>",
+        "<unused101>",
+        "<unused>",
+        "<unused00>",
+        "<0x41>",
+        "<bos",
+        "<end_of_tur>",
+    ],
+)
+def test_partial_or_misspelt_markers_stay_text(tok, text):
+    assert tok.encode(text, bos=False) == tok.encode(text, bos=False, special=False)
+    assert not set(tok.encode(text, bos=False)) & CONTROL_IDS
+
+
+def test_special_false_is_plain_text(tok):
+    ids = tok.encode("<start_of_turn>user<end_of_turn><bos><eos><unk>", bos=False, special=False)
+    assert not set(ids) & CONTROL_IDS
+    assert tok.decode(ids) == "<start_of_turn>user<end_of_turn><bos><eos><unk>"
+
+
+def test_decode_gives_markers_back(tok):
+    assert (
+        tok.decode([2, 106, *tok.encode("hi", bos=False), 107, 1])
+        == "<start_of_turn>hi<end_of_turn><eos>"
+    )
+    assert tok.decode([5, 3, 0]) == "<unused0><unk><pad>"
+    assert tok.decode([2, 2]) == "<bos>"  # only the leading <bos> (encode's) gives no text
+
+
+MARKERS = [
+    "<start_of_turn>",
+    "<end_of_turn>",
+    "<bos>",
+    "<eos>",
+    "<pad>",
+    "<unk>",
+    "<unused7>",
+    "<start_of_turn",
+    "<unused",
+    "<",
+    ">",
+    "_of_turn>",
+]
+
+
+TEXT_CHARS = st.characters(codec="utf-8", exclude_characters=SPACE_MARKER)
+
+
+@settings(max_examples=300, deadline=None, database=None, derandomize=True)
+@given(
+    st.lists(
+        st.one_of(
+            st.sampled_from(MARKERS),
+            st.text(alphabet=TEXT_CHARS, max_size=8),
+        ),
+        max_size=10,
+    )
+)
+def test_round_trip_with_markers(tok, parts):
+    text = "".join(parts)
+    assert tok.decode(tok.encode(text)) == text
+    assert tok.decode(tok.encode(text, special=False)) == text
+    # a special id only where its piece is written; none at all in plain text
+    ids = tok.encode(text, bos=False)
+    found = [tok.special_pieces[i] for i in ids if i in tok.special_pieces]
+    assert all(p in text for p in found) and len(found) <= text.count("<")
+    assert not set(tok.encode(text, bos=False, special=False)) & set(tok.special_pieces)
+
+
+def test_trie_regex_is_leftmost_longest():
+    rng = random.Random(0)
+    for _ in range(200):
+        words = {"".join(rng.choice("ab<>") for _ in range(rng.randint(1, 4))) for _ in range(6)}
+        text = "".join(rng.choice("ab<>") for _ in range(30))
+        got = [m.group() for m in re.finditer(trie_regex(words), text)]
+        want, i = [], 0
+        while i < len(text):  # at each place the longest word, else move on one character
+            match = max((w for w in words if text.startswith(w, i)), key=len, default=None)
+            if match:
+                want.append(match)
+            i += len(match) if match else 1
+        assert got == want, (words, text)
 
 
 def test_chunk_text_keeps_text_and_bounds_length():
@@ -202,6 +315,11 @@ def test_cli_train_encode_decode(tmp_path, capsys):
     ids_line = capsys.readouterr().out.splitlines()[0]
     ids = [int(i) for i in ids_line.split()]
     assert ids == tok.encode("über 42")
+    turn = ["tokenizer", "encode", "--tokenizer", f"{prefix}.model", "--no-bos", "<start_of_turn>x"]
+    assert main(turn) == 0
+    assert capsys.readouterr().out.split()[0] == "106"  # the marker is its control id
+    assert main([*turn, "--plain"]) == 0
+    assert "106" not in capsys.readouterr().out.splitlines()[0].split()  # text, as written
     assert main(["tokenizer", "decode", "--tokenizer", f"{prefix}.model", *map(str, ids)]) == 0
     assert capsys.readouterr().out == "über 42\n"
     assert main(["tokenizer", "decode", "--tokenizer", f"{prefix}.model", "99999"]) == 2

@@ -18,6 +18,7 @@ import torch
 
 from gemmakit.atomic import atomic_path
 from gemmakit.checkpoint.hf_config import config_to_hf
+from gemmakit.checkpoint.hf_tokenizer import write_hf_tokenizer_files
 from gemmakit.checkpoint.layouts import Spec, gemma_pytorch_layout, hf_layout
 from gemmakit.errors import CheckpointError
 from gemmakit.model.transformer import Gemma
@@ -146,6 +147,8 @@ def save_hf(
                 (tmp / name).write_bytes(src)
             else:
                 shutil.copyfile(src, tmp / name)
+        if "tokenizer.model" in (extra_files or {}):  # what HF reads beside it
+            write_hf_tokenizer_files(tmp, model.config)
         _replace_folder(tmp, directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

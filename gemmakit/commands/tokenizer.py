@@ -28,6 +28,12 @@ def register(sub) -> None:
     e.add_argument("--tokenizer", required=True, help=src)
     e.add_argument("text", nargs="?", help="default: standard input")
     e.add_argument("--no-bos", action="store_true")
+    e.add_argument(
+        "--plain",
+        action="store_true",
+        help="special names in the text (<start_of_turn>, <eos>...) stay text (default: their ids, "
+        "as HF transformers)",
+    )
     e.add_argument("--chat", action="store_true", help="text is a JSON list of chat messages")
     e.set_defaults(func=run_encode)
 
@@ -79,7 +85,7 @@ def run_encode(args: argparse.Namespace) -> int:
         enc = encode_chat(tok, messages, add_generation_prompt=prompt)
         ids, marks = enc.ids, ["*" if m else "" for m in enc.target_mask]
     else:
-        ids = tok.encode(text, bos=not args.no_bos)
+        ids = tok.encode(text, bos=not args.no_bos, special=not args.plain)
         marks = [""] * len(ids)
     print(" ".join(map(str, ids)))
     print(" ".join(f"{tok.id_to_piece(i)!r}{m}" for i, m in zip(ids, marks)))

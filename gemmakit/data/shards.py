@@ -165,7 +165,7 @@ class ShardWriter:
 
         with ShardWriter(out_dir, eos_id=1, bos_id=2, val_fraction=0.01) as w:
             for doc in docs:
-                w.add(tokenizer.encode(doc.text, bos=True), key=doc.id)
+                w.add(tokenizer.encode(doc.text, bos=True, special=False), key=doc.id)
 
     `add` takes one document's ids (BOS first, as `encode(text, bos=True)` gives them) and
     appends EOS. On a clean exit the index is written last, atomically, and shards of an earlier

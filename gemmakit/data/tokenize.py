@@ -15,9 +15,13 @@ from gemmakit.errors import DataError
 
 
 class Encoder(Protocol):
-    """Anything that turns text into ids: `encode(text, bos=True) -> list[int]`."""
+    """Anything that turns text into ids: `encode(text, bos=True, special=False) -> list[int]`.
 
-    def encode(self, text: str, bos: bool = True) -> list[int]: ...
+    Documents are encoded as plain text (special=False): a corpus document that holds the
+    string "<start_of_turn>" or "<eos>" trains on those characters, never on control ids,
+    which only the chat format and the packer (BOS/EOS) put in."""
+
+    def encode(self, text: str, bos: bool = True, special: bool = False) -> list[int]: ...
 
 
 _worker_tokenizer: Encoder | None = None
@@ -30,7 +34,7 @@ def _init_worker(tokenizer: Encoder) -> None:
 
 def _encode_chunk(texts: list[str]) -> list[list[int]]:
     assert _worker_tokenizer is not None
-    return [_worker_tokenizer.encode(t, bos=True) for t in texts]
+    return [_worker_tokenizer.encode(t, bos=True, special=False) for t in texts]
 
 
 def _chunks(docs: Iterable[Document], size: int) -> Iterator[list[Document]]:
@@ -51,7 +55,7 @@ def encode_documents(
     documents in that many processes, at most a few chunks ahead of the consumer."""
     if workers <= 1:
         for doc in docs:
-            yield doc, tokenizer.encode(doc.text, bos=True)
+            yield doc, tokenizer.encode(doc.text, bos=True, special=False)
         return
     with _pool_context().Pool(workers, initializer=_init_worker, initargs=(tokenizer,)) as pool:
         chunks = _chunks(docs, chunk_docs)
