@@ -26,6 +26,17 @@ class TokenIds:
 
 GEMMA3_TOKEN_IDS = TokenIds(start_of_turn=105, end_of_turn=106)
 
+# TokenIds field -> the SentencePiece piece that holds that id in a vocabulary
+SPECIAL_PIECES = {
+    "pad": "<pad>",
+    "eos": "<eos>",
+    "bos": "<bos>",
+    "unk": "<unk>",
+    "mask": "<mask>",
+    "start_of_turn": "<start_of_turn>",
+    "end_of_turn": "<end_of_turn>",
+}
+
 
 # GemmaConfig fields checked at construction: positive integers (None allowed unless required)
 _REQUIRED = ("vocab_size", "d_model", "n_heads", "n_kv_heads", "head_dim", "ffn_dim")

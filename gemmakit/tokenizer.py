@@ -12,7 +12,7 @@ import re
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
-from gemmakit.config import TokenIds
+from gemmakit.config import SPECIAL_PIECES, TokenIds
 from gemmakit.errors import DataError, MissingFileError
 from gemmakit.resolve import find_tokenizer, model_path
 
@@ -22,18 +22,8 @@ GEMMA_TOKEN_IDS = TokenIds()  # Gemma 1/2: turn markers at 106/107
 # space: the one character whose round trip is not exact (Gemma's own tokenizer shares this).
 SPACE_MARKER = "\u2581"
 
+
 # TokenIds field -> the piece that holds it.
-SPECIAL_PIECES = {
-    "pad": "<pad>",
-    "eos": "<eos>",
-    "bos": "<bos>",
-    "unk": "<unk>",
-    "mask": "<mask>",
-    "start_of_turn": "<start_of_turn>",
-    "end_of_turn": "<end_of_turn>",
-}
-
-
 class Tokenizer:
     """encode(text, bos=True, special=True) -> ids; decode(ids) -> text.
 

@@ -9,10 +9,14 @@ Without them `AutoTokenizer` builds a tokenizer that prepends no <bos>, and a Ge
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
-from gemmakit.config import GemmaConfig
+from google.protobuf.message import DecodeError
+
+from gemmakit.config import SPECIAL_PIECES, GemmaConfig
+from gemmakit.errors import CheckpointError
 
 # Gemma 3's chat template as Google ships it (tokenizer_config.json of google/gemma-3-*-it):
 # a leading system message is folded into the first user turn, "assistant" is "model", each
@@ -82,12 +86,15 @@ def hf_tokenizer_files(tokenizer_model: Path, config: GemmaConfig) -> dict[str, 
     the vocabulary lacks a piece)."""
     import sentencepiece.sentencepiece_model_pb2 as pb
 
-    from gemmakit.tokenizer import Tokenizer
-
-    tok = Tokenizer(tokenizer_model)
-    ids = tok.token_ids(config.tokens)
+    try:
+        proto = pb.ModelProto.FromString(Path(tokenizer_model).read_bytes())
+    except DecodeError as e:
+        raise CheckpointError(f"{tokenizer_model}: not a SentencePiece model ({e})") from None
+    piece_ids = {p.piece: i for i, p in enumerate(proto.pieces)}
+    # the special ids as this vocabulary has them; a piece it lacks keeps the config's id
+    found = {k: piece_ids[p] for k, p in SPECIAL_PIECES.items() if p in piece_ids}
+    ids = dataclasses.replace(config.tokens, **found)
     kind = pb.ModelProto.SentencePiece
-    proto = pb.ModelProto.FromString(tok.sp.serialized_model_proto())
     # every control and unknown piece is a special token (matched in raw text, as
     # Tokenizer.encode does); user-defined pieces are added tokens that are not special
     added = {
@@ -95,7 +102,7 @@ def hf_tokenizer_files(tokenizer_model: Path, config: GemmaConfig) -> dict[str, 
         for i, p in enumerate(proto.pieces)
         if p.type in (kind.CONTROL, kind.UNKNOWN, kind.USER_DEFINED)
     }
-    specials = {k: p for k, p in SPECIAL_TOKENS.items() if tok.has_piece(p)}
+    specials = {k: p for k, p in SPECIAL_TOKENS.items() if p in piece_ids}
     tokenizer_config = {
         "tokenizer_class": "GemmaTokenizer",
         "add_bos_token": True,  # Gemma needs <bos> first
