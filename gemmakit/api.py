@@ -35,12 +35,30 @@ def load_model(
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
     config: GemmaConfig | str | None = None,
+    adapter: str | Path | None = None,
+    merge: bool = False,
 ) -> Gemma:
     """A Gemma model from a preset name (random weights), a GemmaConfig, a checkpoint path
     (HF directory, `.safetensors`, index json, `.ckpt`, `.gguf`) or an installed model name.
 
+    adapter: a LoRA folder in PEFT's format (`adapter_config.json` + `adapter_model.safetensors`,
+    e.g. a LoRA SFT checkpoint) put onto those weights; with `merge`, folded into them so the
+    result is a plain model.
     Returns an nn.Module whose forward(tokens [B, T]) gives logits [B, T, V].
     """
+    model = _load_base(source, dtype, device, config)
+    if adapter is not None:
+        from gemmakit.checkpoint.peft import load_lora
+        from gemmakit.model.lora import merge_lora
+
+        load_lora(model, adapter)
+        if merge:
+            merge_lora(model)
+        model.eval()
+    return model
+
+
+def _load_base(source, dtype, device, config) -> Gemma:
     if isinstance(source, GemmaConfig):
         return build_model(source, dtype, device)
     from gemmakit.installed import installed_model_path

@@ -86,8 +86,9 @@ def model_config(recipe: Recipe) -> GemmaConfig:
 
 def build_model_for(recipe: Recipe, resume_from: Path | None) -> Gemma:
     """float32 weights on the CPU: from the checkpoint being resumed, the recipe's starting
-    checkpoint, or the preset at random (seeded by training.seed)."""
-    if resume_from is not None:
+    checkpoint, or the preset at random (seeded by training.seed). A checkpoint without
+    config.json (a LoRA run's: the adapter alone) gives the recipe's base."""
+    if resume_from is not None and (resume_from / "config.json").is_file():
         return load_model(resume_from, dtype=torch.float32)
     if recipe.model.checkpoint:
         return load_model(recipe.model.checkpoint, dtype=torch.float32)
@@ -152,6 +153,7 @@ def train(
     make_eval_batches: EvalFn | None = None,
     resume: bool = False,
     env: DistEnv | None = None,
+    prepare_model: Callable[[Gemma, Path | None], None] | None = None,
 ) -> RunResult:
     """Minimize `loss_fn` over `make_batches` as the recipe says; returns what happened.
 
@@ -159,6 +161,8 @@ def train(
     micro-step `start` on; it must resume exactly: micro-step k of a fresh run and of a
     resumed one are the same batch. With resume, the run continues from the newest
     checkpoint in recipe.run_dir (or starts fresh when there is none).
+    prepare_model(model, resume_from) changes the built model in place before the optimizer
+    sees it (LoRA: adds adapters, freezes the base, loads the resumed adapter).
     """
     env = env or distributed.init(recipe.training.device, recipe.distributed.backend)
     if env.device.type == "cpu":
@@ -190,12 +194,16 @@ def train(
     # Model (float32 weights; autocast computes in bf16), the loss around it, then sharding.
     torch.manual_seed(t.seed)
     model = build_model_for(recipe, resume_from) if env.is_main or not sharded else None
+    if prepare_model is not None and model is not None:
+        prepare_model(model, resume_from)
     if sharded:
         # Only rank 0 builds or loads the whole weights, and keeps them aside: every rank
         # trains a meta-device model, which FSDP shards before each rank gets its shard.
         weights = model.state_dict() if env.is_main else {}
         config = distributed.broadcast_object(model.config if env.is_main else None, env)
         model = build_model(config, dtype=torch.float32, device="meta")
+        if prepare_model is not None:
+            prepare_model(model, None)  # the same structure; weights come from rank 0
     loss_module = LossModule(model, loss_fn)
     if saved and saved["loss_params"]:
         loss_module.load_state_dict(saved["loss_params"], strict=False)

@@ -163,9 +163,10 @@ def next_token_loss(model: nn.Module, batch: dict, chunk_tokens: int = 0) -> tor
     """Pretraining loss: mean next-token cross-entropy.
 
     batch: {"tokens": [B, T] int64 inputs, "targets": [B, T] int64 (the inputs shifted by one;
-    IGNORE to skip a position)}. chunk_tokens: positions per logits chunk (0: auto).
+    IGNORE to skip a position), optionally "segment_ids": [B, T] for packed sequences (see
+    Gemma.forward)}. chunk_tokens: positions per logits chunk (0: auto).
     """
-    hidden = model(batch["tokens"], return_hidden=True)  # [B, T, D]
+    hidden = model(batch["tokens"], segment_ids=batch.get("segment_ids"), return_hidden=True)
     cfg = model.config
     chunk_tokens = chunk_tokens or auto_chunk_tokens(cfg.vocab_size)
     return chunked_cross_entropy(

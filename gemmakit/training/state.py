@@ -2,7 +2,8 @@
 
 A checkpoint is a directory `RUN/checkpoints/step_0000100/` holding
 - config.json + model.safetensors (gemmakit.checkpoint.save_hf), so `gemmakit.load_model(dir)`
-  loads the trained model directly;
+  loads the trained model directly; in a LoRA run instead the adapter alone, in PEFT's format
+  (gemmakit.checkpoint.peft), for `load_model(base, adapter=dir)`;
 - train_state.pt (torch.save, read back with weights_only=True): optimizer state keyed by
   parameter name, the step, the data position, each rank's RNG states, the recipe, and the
   parameters of the loss itself if it has any (a reward head);
@@ -26,6 +27,7 @@ import torch.distributed as dist
 from torch import nn
 
 from gemmakit.checkpoint import save_hf
+from gemmakit.checkpoint.peft import spec_of, write_lora
 from gemmakit.errors import CheckpointError, MissingFileError
 from gemmakit.model.transformer import Gemma
 from gemmakit.training.distributed import DistEnv, barrier
@@ -135,14 +137,19 @@ def save_checkpoint(
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
         try:
             config = loss_module.model.config
-            with torch.device("meta"):
-                holder = Gemma(config)  # a module around the gathered tensors, for save_hf
             gemma_sd = {
                 k.removeprefix("model."): v for k, v in model_sd.items() if k.startswith("model.")
             }
-            holder.load_state_dict(gemma_sd, assign=True)
             extra = {"tokenizer.model": Path(tokenizer)} if tokenizer else None
-            save_hf(holder, tmp, extra_files=extra)
+            lora = {k: v for k, v in gemma_sd.items() if ".lora_" in k}
+            if lora:  # a LoRA run: the adapter alone (PEFT's format), never the frozen base
+                base = info.get("recipe", {}).get("model", {}).get("checkpoint")
+                write_lora(lora, config, spec_of(loss_module.model), tmp, base, extra)
+            else:
+                with torch.device("meta"):
+                    holder = Gemma(config)  # a module around the gathered tensors, for save_hf
+                holder.load_state_dict(gemma_sd, assign=True)
+                save_hf(holder, tmp, extra_files=extra)
             state = {
                 "step": step,
                 "optimizer": optim_sd,
