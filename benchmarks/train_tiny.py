@@ -32,10 +32,10 @@ from pathlib import Path
 import torch
 
 from gemmakit.config import get_config
-from gemmakit.training.data import SyntheticTokens
 from gemmakit.training.loop import compute_dtype, train
 from gemmakit.training.losses import next_token_loss, windows_to_batch
 from gemmakit.training.recipe import as_recipe
+from gemmakit.training.samplers import SyntheticTokens
 
 SEED = 0  # weights and data of both loops
 

@@ -21,10 +21,10 @@ from gemmakit.data.classifier import (
     stable_hash,
     train_classifier,
 )
+from gemmakit.data.generated_corpus import web_document
 from gemmakit.data.pipeline import load_config, prepare
 from gemmakit.data.readers import Document
 from gemmakit.data.summary import StageSummary
-from gemmakit.data.synthetic import web_document
 
 SPAM = "buy now cheap best price click here free offer deal discount limited subscribe".split()
 BOILERPLATE = [

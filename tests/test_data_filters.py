@@ -6,12 +6,12 @@ import pytest
 
 from gemmakit.data.decontaminate import EvalIndex, decontaminate
 from gemmakit.data.dedup import ExactDedup, MinHashDedup, dedup_documents
+from gemmakit.data.generated_corpus import web_document
 from gemmakit.data.pii import scrub_documents, scrub_pii
 from gemmakit.data.quality import PRESETS, QualityConfig, filter_quality, quality_failure
 from gemmakit.data.readers import Document
 from gemmakit.data.safety import Blocklist, filter_safety
 from gemmakit.data.summary import StageSummary
-from gemmakit.data.synthetic import web_document
 
 GOOD = web_document(random.Random(1))
 

@@ -7,11 +7,11 @@ import json
 import numpy as np
 import pytest
 
+from gemmakit.data.generated_corpus import CORPUS_DIR, generate
 from gemmakit.data.mixture import MixtureSampler
 from gemmakit.data.pipeline import load_config, prepare_default_corpus
 from gemmakit.data.readers import read_documents, write_documents
 from gemmakit.data.shards import TokenShards, is_validation
-from gemmakit.data.synthetic import CORPUS_DIR, generate
 
 
 @pytest.fixture(scope="module")

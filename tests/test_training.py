@@ -12,10 +12,11 @@ import torch.nn.functional as F
 
 from gemmakit.api import build_model
 from gemmakit.config import get_config
-from gemmakit.training.data import SyntheticTokens
-from gemmakit.training.loop import build_optimizer, checkpoint_blocks, pretrain
+from gemmakit.training.loop import build_optimizer, checkpoint_blocks
 from gemmakit.training.losses import IGNORE, chunked_cross_entropy, next_token_loss
+from gemmakit.training.pretrain import pretrain
 from gemmakit.training.recipe import RecipeError, build_recipe, load_recipe
+from gemmakit.training.samplers import SyntheticTokens
 from gemmakit.training.schedule import lr_at
 
 SMALL = {
@@ -254,7 +255,7 @@ def test_shipped_recipes_load(name):
 
 def test_recipe_init_std_and_installed_checkpoint_vocab():
     from gemmakit.installed import installed_model_path
-    from gemmakit.training.loop import _vocab_size, build_model_for
+    from gemmakit.training.loop import build_model_for
     from gemmakit.training.recipe import as_recipe
 
     wide = as_recipe({"model": {"preset": "tiny", "init_std": 0.5}, "data": {"synthetic": True}})
@@ -266,7 +267,7 @@ def test_recipe_init_std_and_installed_checkpoint_vocab():
         have_270m = False
     if have_270m:  # an installed model's name works as model.checkpoint
         named = as_recipe({"model": {"checkpoint": "gemma3-270m"}, "data": {"synthetic": True}})
-        assert _vocab_size(named) == 262144
+        assert build_model_for(named, None).config.vocab_size == 262144
 
 
 def test_cpu_peak_for_mfu_is_never_below_the_float32_rate(monkeypatch):

@@ -16,7 +16,7 @@ from test_training_resume import CONSTANT_LR, env, losses, write_recipe
 from gemmakit.api import build_model
 from gemmakit.checkpoint import save_hf
 from gemmakit.config import get_config
-from gemmakit.training.loop import pretrain
+from gemmakit.training.pretrain import pretrain
 
 # Runs pretrain under torchrun and records, on each rank, the devices of the parameters that
 # fully_shard receives and how many whole models the rank built or loaded.
@@ -24,7 +24,7 @@ PROBE = """
 import json, os, sys
 import torch.distributed.fsdp as fsdp
 import gemmakit.api as api
-from gemmakit.training.loop import pretrain
+from gemmakit.training.pretrain import pretrain
 
 seen = {"devices": set(), "whole_models": 0}
 def counted(fn):

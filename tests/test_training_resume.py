@@ -15,8 +15,8 @@ import torch
 import yaml
 from test_training import tiny_recipe
 
-from gemmakit.training.loop import pretrain
 from gemmakit.training.metrics import read_metrics
+from gemmakit.training.pretrain import pretrain
 from gemmakit.training.state import latest_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -295,7 +295,7 @@ def run_inspect(args: argparse.Namespace) -> int:
 def run_corpus(args: argparse.Namespace) -> int:
     import shutil
 
-    from gemmakit.data.synthetic import CORPUS_DIR, write_corpus
+    from gemmakit.data.generated_corpus import CORPUS_DIR, write_corpus
 
     for name, path in write_corpus(args.directory, args.seed).items():
         print(f"{name}: {path} ({path.stat().st_size} bytes)")

@@ -15,7 +15,7 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from gemmakit.run import run_all
+    from gemmakit.main_job import run_all
 
     run_all(args.out, args.steps, args.vocab_size, args.seed)
     return 0

@@ -172,6 +172,10 @@ class MixtureSampler:
         c = self._choose(_draws(step, 0, 1, g), self.stage_at(step), seed)
         return [self.names[i] for i in c[rank * batch_size : (rank + 1) * batch_size]]
 
+    def held_out(self) -> list[TokenShards]:
+        """Every source's val split, in source order."""
+        return [TokenShards(s.directory, "val") for s in self.sources.values()]
+
     def eval_batches(
         self, seq_len: int, batch_size: int, rank: int = 0, world_size: int = 1
     ) -> Iterator[tuple[str, np.ndarray]]:

@@ -386,6 +386,10 @@ class TokenShards:
             yield self.windows(window_order(draws, n, (seed,)), seq_len)
             step += 1
 
+    def held_out(self) -> list[TokenShards]:
+        """The directory's val split (what training on this split is measured against)."""
+        return [TokenShards(self.directory, "val")]
+
     def eval_batches(
         self, seq_len: int, batch_size: int, rank: int = 0, world_size: int = 1
     ) -> Iterator[np.ndarray]:

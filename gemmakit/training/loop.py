@@ -1,40 +1,436 @@
-"""The training loop, top to bottom: setup, model, optimizer, resume, steps, eval, checkpoints.
+"""The training loop every stage runs: pretraining, SFT, reward model, RLHF, DPO, distillation.
 
-One loop serves every stage: pretraining, SFT, reward model and RLHF are each a loss
-(`loss_fn(model, batch) -> scalar`) and a batch stream (`make_batches(env, start) -> batches`).
-`pretrain(recipe)` is the pretraining instance: next-token loss over token shards.
+A stage is a loss and a batch stream, handed to `train`:
+- loss_fn(model, batch) -> scalar loss; an nn.Module when it has parameters of its own (a
+  reward head), which are then optimized, sharded and checkpointed with the model's;
+- make_batches(env, start) -> this rank's micro-batches (dicts of tensors) from micro-step
+  `start` on, resuming exactly (micro-step k is the same batch in a fresh and a resumed run);
+- make_eval_batches(env) -> this rank's validation batches (optional);
+- adapt_model(model) (optional): change the model before it is sharded and the optimizer is
+  made (freeze parameters, add adapters), or learn what the batch stream needs from it.
+`gemmakit/training/pretrain.py` is the pretraining stage, the pattern the others follow.
+
+`train` itself reads top to bottom: set up (`plan_run`), build / shard / resume the model
+(`build_run`), then per step `optimizer_step`, `Progress.record`, `evaluate` and
+`save_checkpoint`.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+import random
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from gemmakit.api import build_model, load_model
 from gemmakit.config import GemmaConfig, get_config
-from gemmakit.errors import ConfigError
+from gemmakit.errors import ConfigError, MissingFileError
 from gemmakit.model.transformer import Gemma
 from gemmakit.training import allocator, distributed, state
-from gemmakit.training.data import eval_windows, train_source, valid_shards
 from gemmakit.training.distributed import DistEnv
-from gemmakit.training.losses import (
-    WORKSPACE,
-    LossFn,
-    LossModule,
-    next_token_loss,
-    windows_to_batch,
-)
+from gemmakit.training.losses import WORKSPACE, LossFn, LossModule
 from gemmakit.training.metrics import MetricsLog, peak_flops, train_flops_per_token
-from gemmakit.training.recipe import OptimizerSection, Recipe, RecipeError, as_recipe
+from gemmakit.training.recipe import OptimizerSection, Recipe, RecipeError
 from gemmakit.training.schedule import lr_at
+
+BatchFn = Callable[[DistEnv, int], Iterator[dict]]  # (env, first micro-step) -> this rank's
+EvalFn = Callable[[DistEnv], Iterable[dict]]  # env -> this rank's validation batches
+AdaptFn = Callable[[Gemma, Path | None], None]  # (model, checkpoint resumed or None)
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    checkpoint: Path | None  # the final checkpoint (loadable with gemmakit.load_model)
+    steps: int  # optimizer steps done, counting those before a resume
+    losses: list[float] = field(default_factory=list)  # train loss of each step run here
+    val_losses: list[tuple[int, float]] = field(default_factory=list)  # (step, loss)
+    tokens_per_s: float = 0.0  # over all ranks, first step (warm-up, compile) left out
+    mfu: float = 0.0
+
+
+# --- the loop ---------------------------------------------------------------------------------
+
+
+def train(
+    recipe: Recipe,
+    loss_fn: LossFn,
+    make_batches: BatchFn,
+    make_eval_batches: EvalFn | None = None,
+    resume: bool = False,
+    env: DistEnv | None = None,
+    *,
+    adapt_model: AdaptFn | None = None,
+) -> RunResult:
+    """Minimize `loss_fn` over `make_batches` as the recipe says; returns what happened.
+
+    With resume, the run continues from the newest checkpoint in recipe.run_dir (or starts
+    fresh when there is none). adapt_model is called on each model built before it is
+    sharded: under FSDP on rank 0's full model (whose weights it then sends) and on every
+    rank's meta-device shell, so both must come out with the same parameters.
+    """
+    env = env or distributed.init(recipe.training.device, recipe.distributed.backend)
+    plan = plan_run(recipe, env, resume)
+    run = build_run(recipe, env, plan, loss_fn, adapt_model)
+    batches = make_batches(env, run.data_position // plan.per_step)
+    progress = Progress(recipe, env, run, plan.resume_from)
+    last_ckpt = None
+    while run.step < recipe.training.steps:
+        stats = optimizer_step(run, batches)
+        progress.record(stats)  # a loss that is not finite is logged, then stops the run
+        if not math.isfinite(stats.loss):
+            raise FloatingPointError(
+                f"loss is {stats.loss} at step {stats.step}; lower optimizer.lr"
+            )
+        if make_eval_batches and _due(run.step, recipe.eval.interval, recipe.training.steps):
+            val = evaluate(run.train_module, make_eval_batches(env), env, run.autocast)
+            progress.record_eval(val)
+        if _due(run.step, recipe.checkpoint.interval, recipe.training.steps, always_last=True):
+            last_ckpt = save(run)
+    return progress.finish(last_ckpt or state.latest_checkpoint(recipe.run_dir))
+
+
+# --- set-up: the batch split, the resume point ------------------------------------------------
+
+
+@dataclass
+class Plan:
+    """What train decides before building anything."""
+
+    per_step: int  # sequences per micro-step over all ranks
+    accum: int  # micro-batches per optimizer step on each rank
+    resume_from: Path | None  # the checkpoint resumed (every rank agrees)
+    saved: dict | None  # its train_state (tensors mapped, not read, on FSDP ranks but 0)
+
+
+def plan_run(recipe: Recipe, env: DistEnv, resume: bool) -> Plan:
+    """Check the batch split and the recipe's files; find the checkpoint to resume from."""
+    if env.device.type == "cpu":
+        allocator.keep_freed_memory()  # no page faults re-touching each step's activations
+    t = recipe.training
+    per_step = t.micro_batch_size * env.world_size
+    if t.batch_size % per_step:
+        raise RecipeError(
+            f"recipe: training.batch_size={t.batch_size} is not a multiple of "
+            f"micro_batch_size * world_size = {t.micro_batch_size} * {env.world_size}"
+        )
+    check_files(recipe)
+    run_dir = Path(recipe.run_dir)
+    if env.is_main:
+        state.remove_temporaries(run_dir)  # of a save killed midway
+    latest = state.latest_checkpoint(run_dir)
+    if not resume and latest is not None:
+        raise ConfigError(
+            f"{run_dir}: already holds checkpoints; pass --resume to continue that run, or "
+            f"choose another run_dir (--set run_dir=...)"
+        )
+    resume_from = distributed.broadcast_object(latest if resume else None, env)
+    # Under FSDP rank 0 sends the other ranks their shards of the optimizer state: they map
+    # the file without reading its tensors.
+    lazy = env.distributed and recipe.distributed.mode == "fsdp" and not env.is_main
+    saved = state.read_train_state(resume_from, mmap=lazy) if resume_from else None
+    return Plan(per_step, t.batch_size // per_step, resume_from, saved)
+
+
+def check_files(recipe: Recipe) -> None:
+    """The files a run reads late (the tokenizer, copied into each checkpoint) exist now, so
+    a typo fails before the first step rather than at the first checkpoint."""
+    tok = recipe.data.tokenizer
+    if tok and not Path(tok).is_file():
+        raise MissingFileError(f"data.tokenizer: {tok}: no such file")
+
+
+# --- build, shard and resume the model --------------------------------------------------------
+
+
+@dataclass
+class Run:
+    """The state one call of train() carries from step to step."""
+
+    recipe: Recipe
+    env: DistEnv
+    accum: int  # micro-batches per optimizer step on each rank
+    model: Gemma  # the model trained (under FSDP: its sharded shell)
+    loss_module: LossModule  # the model and the loss as one module
+    train_module: nn.Module  # loss_module wrapped for DDP (itself alone or under FSDP)
+    optimizer: torch.optim.Optimizer
+    autocast: Callable  # () -> the autocast context of training.dtype
+    step: int = 0  # optimizer steps done
+    data_position: int = 0  # sequences read, over all ranks
+
+
+def build_run(
+    recipe: Recipe, env: DistEnv, plan: Plan, loss_fn: LossFn, adapt_model: AdaptFn | None
+) -> Run:
+    """The model (float32 weights; autocast computes in bf16) with its loss, sharded or
+    wrapped for the world, its optimizer, and the resumed state when there is one."""
+    t, saved = recipe.training, plan.saved
+    seed_rngs(t.seed)
+    model, weights = build_model_to_train(recipe, env, plan.resume_from, adapt_model)
+    check_context(recipe, model.config)
+    loss_module = LossModule(model, loss_fn)
+    if saved and saved["loss_params"]:
+        loss_module.load_state_dict(saved["loss_params"], strict=False)
+    if t.activation_checkpointing:
+        checkpoint_blocks(model)
+    if t.compile:
+        for block in model.blocks:
+            block.compile()
+    if weights is None:
+        loss_module.to(env.device)
+    train_module = distributed.wrap(loss_module, model.blocks, recipe.distributed.mode, env)
+    if weights is not None:
+        distributed.load_full_state(model, weights, env)  # empties rank 0's weights
+        del weights
+    optimizer = build_optimizer(loss_module, recipe.optimizer)
+    dtype = compute_dtype(t.dtype, env.device)
+    autocast = functools.partial(
+        torch.autocast, env.device.type, dtype=dtype, enabled=dtype != torch.float32
+    )
+    run = Run(recipe, env, plan.accum, model, loss_module, train_module, optimizer, autocast)
+    if saved:
+        state.restore(saved, loss_module, optimizer, env)
+        run.step = saved["step"]
+        # Data position in sequences, so a resume may use another world size or micro-batch.
+        run.data_position = saved["data_position"]
+        if run.data_position % plan.per_step:
+            raise ConfigError(
+                f"{plan.resume_from}: data position {run.data_position} does not fall on a "
+                f"micro-batch of {plan.per_step} sequences"
+            )
+    return run
+
+
+def seed_rngs(seed: int) -> None:
+    """torch's, numpy's and Python's global RNGs from training.seed (a resume then restores
+    each rank's saved states)."""
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+def build_model_to_train(
+    recipe: Recipe, env: DistEnv, resume_from: Path | None, adapt_model: AdaptFn | None
+) -> tuple[Gemma, dict | None]:
+    """(the model to train, adapted; the weights to send it under FSDP, else None).
+
+    Under FSDP only rank 0 builds or loads the whole weights and keeps them aside (its
+    weights; {} on other ranks): every rank trains a meta-device model, which FSDP shards
+    before each rank gets its shard."""
+    sharded = env.distributed and recipe.distributed.mode == "fsdp"
+    model = None
+    if env.is_main or not sharded:
+        model = build_model_for(recipe, resume_from)
+        if adapt_model:
+            adapt_model(model, resume_from)
+    if not sharded:
+        return model, None
+    weights = model.state_dict() if env.is_main else {}
+    config = distributed.broadcast_object(model.config if env.is_main else None, env)
+    shell = build_model(config, dtype=torch.float32, device="meta")
+    if adapt_model:
+        adapt_model(shell, None)  # the same structure; its weights come from rank 0
+    return shell, weights
+
+
+def check_context(recipe: Recipe, config: GemmaConfig) -> None:
+    """A training window must fit the model's context (its RoPE tables and masks)."""
+    seq_len = recipe.training.seq_len
+    if seq_len > config.max_seq_len:
+        raise RecipeError(
+            f"recipe: training.seq_len={seq_len} is beyond the model's context of "
+            f"{config.max_seq_len} tokens ({config.name})"
+        )
+
+
+# --- one optimizer step -------------------------------------------------------------------
+
+
+@dataclass
+class StepStats:
+    step: int
+    loss: float  # mean over micro-batches and ranks
+    grad_norm: float  # before clipping
+    lr: float
+    seconds: float
+
+
+def optimizer_step(run: Run, batches: Iterator[dict]) -> StepStats:
+    """Forward/backward over the step's micro-batches (gradients sync on the last one only),
+    clip, step the optimizer at the schedule's learning rate."""
+    t, opt = run.recipe.training, run.recipe.optimizer
+    lr = lr_at(run.step, opt.lr, opt.min_lr, opt.warmup_steps, t.steps)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    start = time.perf_counter()
+    loss_sum = torch.zeros((), device=run.env.device)
+    for micro in range(run.accum):
+        batch = to_device(next(batches), run.env.device)
+        distributed.set_grad_sync(run.train_module, micro == run.accum - 1)
+        with run.autocast():
+            loss = run.train_module(batch)
+        (loss / run.accum).backward()
+        loss_sum += loss.detach()
+    grad_norm = _clip(run.loss_module, t.grad_clip)
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.step += 1
+    run.data_position += t.batch_size
+    loss_value, grad_norm = distributed.mean_over_ranks(
+        [loss_sum.item() / run.accum, grad_norm], run.env
+    )  # .item() waits for the step, so the time taken is the step's
+    return StepStats(run.step, loss_value, grad_norm, lr, time.perf_counter() - start)
+
+
+def _due(step: int, interval: int, last: int, always_last: bool = False) -> bool:
+    """Whether `step` ends an interval (0: never), or is the run's last (with an interval, or
+    always when asked: the final checkpoint)."""
+    if step == last:
+        return bool(interval) or always_last
+    return bool(interval) and step % interval == 0
+
+
+# --- checkpoint ---------------------------------------------------------------------------
+
+
+def save(run: Run) -> Path:
+    """A checkpoint of the run at its step (collective: every rank calls it)."""
+    r = run.recipe
+    info = {
+        "data_position": run.data_position,
+        "world_size": run.env.world_size,
+        "recipe": r.to_dict(),
+    }
+    return state.save_checkpoint(
+        r.run_dir,
+        run.step,
+        run.loss_module,
+        run.optimizer,
+        run.env,
+        info,
+        tokenizer=r.data.tokenizer,
+        keep=r.checkpoint.keep,
+    )
+
+
+# --- what a run reports -------------------------------------------------------------------
+
+
+class Progress:
+    """Log lines, metrics.jsonl (rank 0), a progress bar (rank 0 on a terminal) and the
+    RunResult the run returns, with throughput and MFU."""
+
+    def __init__(self, recipe: Recipe, env: DistEnv, run: Run, resume_from: Path | None):
+        self.recipe, self.env, self.run = recipe, env, run
+        t = recipe.training
+        dtype = compute_dtype(t.dtype, env.device)
+        self.tokens_per_step = t.batch_size * t.seq_len
+        self.flops_per_step = (
+            train_flops_per_token(run.model.config, t.seq_len) * self.tokens_per_step
+        )
+        self.peak = peak_flops(env.device, dtype, recipe.log.peak_flops) * env.world_size
+        self.first_step = run.step
+        self.result = RunResult(Path(recipe.run_dir), None, run.step)
+        self.timed_s, self.timed_steps = 0.0, 0
+        self.log = (
+            MetricsLog(recipe.run_dir, recipe.log.tensorboard, run.step) if env.is_main else None
+        )
+        if env.is_main:
+            _announce(recipe, run.model, env, run.accum, resume_from, dtype)
+        self.bar = _progress_bar(recipe, run.step, env)
+
+    def record(self, s: StepStats) -> None:
+        t = self.recipe.training
+        if s.step > self.first_step + 1 or t.steps - self.first_step == 1:  # 1st: warm-up
+            self.timed_s, self.timed_steps = self.timed_s + s.seconds, self.timed_steps + 1
+        tok_s = self.tokens_per_step / s.seconds
+        mfu = self.flops_per_step / s.seconds / self.peak
+        self.result.losses.append(s.loss)
+        if self.log:
+            self.log.write(
+                {
+                    "step": s.step,
+                    "loss": s.loss,
+                    "lr": s.lr,
+                    "grad_norm": s.grad_norm,
+                    "tokens": s.step * self.tokens_per_step,
+                    "tokens_per_s": tok_s,
+                    "mfu": mfu,
+                    "step_s": s.seconds,
+                }
+            )
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{s.loss:.3f}", tok_s=f"{tok_s:,.0f}", mfu=f"{mfu:.1%}")
+        if self.env.is_main and (s.step % self.recipe.log.interval == 0 or s.step == t.steps):
+            self.say(
+                f"step {s.step}/{t.steps}  loss {s.loss:.4f}  lr {s.lr:.2e}  "
+                f"grad {s.grad_norm:.2f}  {tok_s:,.0f} tok/s  mfu {mfu:.1%}"
+            )
+
+    def record_eval(self, val: float) -> None:
+        step = self.run.step
+        self.result.val_losses.append((step, val))
+        if self.log:
+            self.log.write({"step": step, "val_loss": val})
+        if self.env.is_main:
+            self.say(f"step {step}/{self.recipe.training.steps}  val_loss {val:.4f}")
+
+    def say(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.write(text)
+        else:
+            print(text, flush=True)
+
+    def finish(self, checkpoint: Path | None) -> RunResult:
+        if self.bar is not None:
+            self.bar.close()
+        if self.log:
+            self.log.close()
+        WORKSPACE.release()
+        r = self.result
+        r.steps, r.checkpoint = self.run.step, checkpoint
+        if self.timed_steps:
+            r.tokens_per_s = self.tokens_per_step * self.timed_steps / self.timed_s
+            r.mfu = self.flops_per_step * self.timed_steps / self.timed_s / self.peak
+        return r
+
+
+def _progress_bar(recipe: Recipe, step: int, env: DistEnv):
+    """A tqdm bar on rank 0 when output goes to a terminal; none into a file or a pipe, where
+    each redraw would be one more carriage-return frame (the log lines say the same)."""
+    if not (recipe.log.progress and env.is_main and sys.stdout.isatty() and sys.stderr.isatty()):
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=recipe.training.steps, initial=step, unit="step", dynamic_ncols=True)
+
+
+def _announce(recipe: Recipe, model: Gemma, env: DistEnv, accum: int, resume_from, dtype) -> None:
+    t = recipe.training
+    n = sum(p.numel() for p in model.parameters())
+    where = f"resuming {resume_from}" if resume_from else "from the start"
+    print(
+        f"{model.config.name}: {n:,} parameters on {env.world_size} x {env.device.type} "
+        f"({recipe.distributed.mode if env.distributed else 'single process'}); batch "
+        f"{t.batch_size} x {t.seq_len} tokens = {t.micro_batch_size} x {accum} accumulation x "
+        f"{env.world_size} ranks; {str(dtype).removeprefix('torch.')}; {where}; "
+        f"run dir {recipe.run_dir}",
+        flush=True,
+    )
+
+
+# --- pieces the loop uses -----------------------------------------------------------------------
+
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -50,24 +446,6 @@ def compute_dtype(name: str, device: torch.device) -> torch.dtype:
     except (AttributeError, RuntimeError):
         native = False
     return torch.bfloat16 if native else torch.float32
-
-
-BatchFn = Callable[[DistEnv, int], Iterator[dict]]  # (env, first micro-step) -> this rank's
-EvalFn = Callable[[DistEnv], Iterable[dict]]  # env -> this rank's validation batches
-
-
-@dataclass
-class RunResult:
-    run_dir: Path
-    checkpoint: Path | None  # the final checkpoint (loadable with gemmakit.load_model)
-    steps: int  # optimizer steps done, counting those before a resume
-    losses: list[float] = field(default_factory=list)  # train loss of each step run here
-    val_losses: list[tuple[int, float]] = field(default_factory=list)  # (step, loss)
-    tokens_per_s: float = 0.0  # over all ranks, first step (warm-up, compile) left out
-    mfu: float = 0.0
-
-
-# --- pieces the loop uses ---------------------------------------------------------------------
 
 
 def model_config(recipe: Recipe) -> GemmaConfig:
@@ -143,208 +521,6 @@ def evaluate(train_module: nn.Module, batches: Iterable[dict], env: DistEnv, aut
     return total / rows if rows else math.nan
 
 
-# --- the loop ---------------------------------------------------------------------------------
-
-
-def train(
-    recipe: Recipe,
-    loss_fn: LossFn,
-    make_batches: BatchFn,
-    make_eval_batches: EvalFn | None = None,
-    resume: bool = False,
-    env: DistEnv | None = None,
-    prepare_model: Callable[[Gemma, Path | None], None] | None = None,
-) -> RunResult:
-    """Minimize `loss_fn` over `make_batches` as the recipe says; returns what happened.
-
-    make_batches(env, start) yields this rank's micro-batches (dicts of tensors) from
-    micro-step `start` on; it must resume exactly: micro-step k of a fresh run and of a
-    resumed one are the same batch. With resume, the run continues from the newest
-    checkpoint in recipe.run_dir (or starts fresh when there is none).
-    prepare_model(model, resume_from) changes the built model in place before the optimizer
-    sees it (LoRA: adds adapters, freezes the base, loads the resumed adapter).
-    """
-    env = env or distributed.init(recipe.training.device, recipe.distributed.backend)
-    if env.device.type == "cpu":
-        allocator.keep_freed_memory()  # no page faults re-touching each step's activations
-    t, opt_cfg = recipe.training, recipe.optimizer
-    run_dir = Path(recipe.run_dir)
-    per_step = t.micro_batch_size * env.world_size
-    if t.batch_size % per_step:
-        raise RecipeError(
-            f"recipe: training.batch_size={t.batch_size} is not a multiple of "
-            f"micro_batch_size * world_size = {t.micro_batch_size} * {env.world_size}"
-        )
-    accum = t.batch_size // per_step
-
-    # Resume point: the newest complete checkpoint (rank 0 decides, every rank follows).
-    resume_from = state.latest_checkpoint(run_dir) if resume else None
-    if not resume and state.latest_checkpoint(run_dir) is not None:
-        raise ConfigError(
-            f"{run_dir}: already holds checkpoints; pass --resume to continue that run, or "
-            f"choose another run_dir (--set run_dir=...)"
-        )
-    resume_from = distributed.broadcast_object(resume_from, env)
-    sharded = env.distributed and recipe.distributed.mode == "fsdp"
-    # Under FSDP rank 0 sends the other ranks their shards of the optimizer state: they map
-    # the file without reading its tensors.
-    lazy = sharded and not env.is_main
-    saved = state.read_train_state(resume_from, mmap=lazy) if resume_from else None
-
-    # Model (float32 weights; autocast computes in bf16), the loss around it, then sharding.
-    torch.manual_seed(t.seed)
-    model = build_model_for(recipe, resume_from) if env.is_main or not sharded else None
-    if prepare_model is not None and model is not None:
-        prepare_model(model, resume_from)
-    if sharded:
-        # Only rank 0 builds or loads the whole weights, and keeps them aside: every rank
-        # trains a meta-device model, which FSDP shards before each rank gets its shard.
-        weights = model.state_dict() if env.is_main else {}
-        config = distributed.broadcast_object(model.config if env.is_main else None, env)
-        model = build_model(config, dtype=torch.float32, device="meta")
-        if prepare_model is not None:
-            prepare_model(model, None)  # the same structure; weights come from rank 0
-    loss_module = LossModule(model, loss_fn)
-    if saved and saved["loss_params"]:
-        loss_module.load_state_dict(saved["loss_params"], strict=False)
-    if t.activation_checkpointing:
-        checkpoint_blocks(model)
-    if t.compile:
-        for block in model.blocks:
-            block.compile()
-    if not sharded:
-        loss_module.to(env.device)
-    train_module = distributed.wrap(loss_module, model.blocks, recipe.distributed.mode, env)
-    if sharded:
-        distributed.load_full_state(model, weights, env)
-        del weights
-    optimizer = build_optimizer(loss_module, opt_cfg)
-
-    step = 0
-    if saved:
-        state.restore(saved, loss_module, optimizer, env)
-        step = saved["step"]
-    # Data position in sequences, so a resume may use another world size or micro-batch.
-    data_position = saved["data_position"] if saved else 0
-    if data_position % per_step:
-        raise ConfigError(
-            f"{resume_from}: data position {data_position} does not fall on a "
-            f"micro-batch of {per_step} sequences"
-        )
-    batches = make_batches(env, data_position // per_step)
-
-    dtype = compute_dtype(t.dtype, env.device)
-    autocast = functools.partial(
-        torch.autocast, env.device.type, dtype=dtype, enabled=dtype != torch.float32
-    )
-    tokens_per_step = t.batch_size * t.seq_len
-    flops_per_step = train_flops_per_token(model.config, t.seq_len) * tokens_per_step
-    peak = peak_flops(env.device, dtype, recipe.log.peak_flops) * env.world_size
-
-    log = MetricsLog(run_dir, recipe.log.tensorboard, step) if env.is_main else None
-    result = RunResult(run_dir, None, step)
-    if env.is_main:
-        _announce(recipe, model, env, accum, resume_from, dtype)
-    bar = _progress(recipe, step, env)
-    timed_s, timed_steps, last_ckpt = 0.0, 0, None
-
-    while step < t.steps:
-        lr = lr_at(step, opt_cfg.lr, opt_cfg.min_lr, opt_cfg.warmup_steps, t.steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        start = time.perf_counter()
-
-        # Forward/backward over the micro-batches; gradients sync on the last one only.
-        loss_sum = torch.zeros((), device=env.device)
-        for micro in range(accum):
-            batch = to_device(next(batches), env.device)
-            distributed.set_grad_sync(train_module, micro == accum - 1)
-            with autocast():
-                loss = train_module(batch)
-            (loss / accum).backward()
-            loss_sum += loss.detach()
-        grad_norm = _clip(loss_module, t.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        data_position += t.batch_size
-
-        loss_value, grad_norm = distributed.mean_over_ranks(
-            [loss_sum.item() / accum, grad_norm], env
-        )  # .item() waits for the step, so the time below is the step's
-        dt = time.perf_counter() - start
-        if step > result.steps + 1 or t.steps - result.steps == 1:  # first step: warm-up
-            timed_s, timed_steps = timed_s + dt, timed_steps + 1
-        tok_s = tokens_per_step / dt
-        mfu = flops_per_step / dt / peak
-        result.losses.append(loss_value)
-        record = {
-            "step": step,
-            "loss": loss_value,
-            "lr": lr,
-            "grad_norm": grad_norm,
-            "tokens": step * tokens_per_step,
-            "tokens_per_s": tok_s,
-            "mfu": mfu,
-            "step_s": dt,
-        }
-        if log:
-            log.write(record)
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tok_s:,.0f}", mfu=f"{mfu:.1%}")
-        if env.is_main and (step % recipe.log.interval == 0 or step == t.steps):
-            _say(
-                bar,
-                f"step {step}/{t.steps}  loss {loss_value:.4f}  lr {lr:.2e}  "
-                f"grad {grad_norm:.2f}  {tok_s:,.0f} tok/s  mfu {mfu:.1%}",
-            )
-        if not math.isfinite(loss_value):
-            raise FloatingPointError(f"loss is {loss_value} at step {step}; lower optimizer.lr")
-
-        if (
-            make_eval_batches
-            and recipe.eval.interval
-            and (step % recipe.eval.interval == 0 or step == t.steps)
-        ):
-            val = evaluate(train_module, make_eval_batches(env), env, autocast)
-            result.val_losses.append((step, val))
-            if log:
-                log.write({"step": step, "val_loss": val})
-            if env.is_main:
-                _say(bar, f"step {step}/{t.steps}  val_loss {val:.4f}")
-
-        every = recipe.checkpoint.interval
-        if step == t.steps or (every and step % every == 0):
-            info = {
-                "data_position": data_position,
-                "world_size": env.world_size,
-                "recipe": recipe.to_dict(),
-            }
-            last_ckpt = state.save_checkpoint(
-                run_dir,
-                step,
-                loss_module,
-                optimizer,
-                env,
-                info,
-                tokenizer=recipe.data.tokenizer,
-                keep=recipe.checkpoint.keep,
-            )
-
-    if bar is not None:
-        bar.close()
-    if log:
-        log.close()
-    WORKSPACE.release()
-    result.steps = step
-    result.checkpoint = last_ckpt or state.latest_checkpoint(run_dir)
-    if timed_steps:
-        result.tokens_per_s = tokens_per_step * timed_steps / timed_s
-        result.mfu = flops_per_step * timed_steps / timed_s / peak
-    return result
-
-
 def _clip(module: nn.Module, max_norm: float) -> float:
     """Clip the global gradient norm (over all shards under FSDP); returns the norm before."""
     params = [p for p in module.parameters() if p.grad is not None]
@@ -355,86 +531,3 @@ def _clip(module: nn.Module, max_norm: float) -> float:
     if hasattr(norm, "full_tensor"):  # a DTensor under FSDP
         norm = norm.full_tensor()
     return float(norm)
-
-
-def _progress(recipe: Recipe, step: int, env: DistEnv):
-    if not (recipe.log.progress and env.is_main):
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=recipe.training.steps, initial=step, unit="step", dynamic_ncols=True)
-
-
-def _say(bar, text: str) -> None:
-    if bar is not None:
-        bar.write(text)
-    else:
-        print(text, flush=True)
-
-
-def _announce(recipe: Recipe, model: Gemma, env: DistEnv, accum: int, resume_from, dtype) -> None:
-    t = recipe.training
-    n = sum(p.numel() for p in model.parameters())
-    where = f"resuming {resume_from}" if resume_from else "from the start"
-    print(
-        f"{model.config.name}: {n:,} parameters on {env.world_size} x {env.device.type} "
-        f"({recipe.distributed.mode if env.distributed else 'single process'}); batch "
-        f"{t.batch_size} x {t.seq_len} tokens = {t.micro_batch_size} x {accum} accumulation x "
-        f"{env.world_size} ranks; {str(dtype).removeprefix('torch.')}; {where}; "
-        f"run dir {recipe.run_dir}",
-        flush=True,
-    )
-
-
-# --- pretraining --------------------------------------------------------------------------------
-
-
-def pretrain(recipe: Recipe | dict | str | Path, resume: bool = False) -> RunResult:
-    """Pretrain as the recipe says (a Recipe, a nested dict, or a YAML path): next-token
-    cross-entropy over the recipe's token shards. Works alone or under torchrun."""
-    recipe = as_recipe(recipe)
-    t = recipe.training
-    vocab = _vocab_size(recipe)
-
-    def make_batches(env: DistEnv, start: int) -> Iterator[dict]:
-        accum = t.batch_size // (t.micro_batch_size * env.world_size)
-        source = train_source(recipe.data, vocab, t.steps * accum)
-        windows = source.batches(
-            t.seq_len, t.micro_batch_size, env.rank, env.world_size, t.seed, start
-        )
-        for w in windows:
-            if w.max() >= vocab:
-                raise ConfigError(
-                    f"{', '.join(recipe.data.train)}: token id {int(w.max())} is "
-                    f"outside the model's vocabulary of {vocab}"
-                )
-            yield windows_to_batch(torch.from_numpy(w))
-
-    vals = valid_shards(recipe.data, train_source(recipe.data, vocab, t.steps), t.seq_len)
-
-    def make_eval(env: DistEnv) -> Iterator[dict]:
-        windows = eval_windows(
-            vals, t.seq_len, t.micro_batch_size, env.rank, env.world_size, recipe.eval.batches
-        )
-        return (windows_to_batch(torch.from_numpy(w)) for w in windows)
-
-    loss_fn = functools.partial(next_token_loss, chunk_tokens=t.loss_chunk_tokens)
-    joined = torch.distributed.is_initialized()  # a caller's process group is left open
-    env = distributed.init(t.device, recipe.distributed.backend)
-    try:
-        return train(recipe, loss_fn, make_batches, make_eval if vals else None, resume, env)
-    finally:
-        if not joined:
-            distributed.close()
-
-
-def _vocab_size(recipe: Recipe) -> int:
-    if recipe.model.checkpoint:
-        from gemmakit.checkpoint import open_source
-        from gemmakit.checkpoint.load import resolve_config
-        from gemmakit.installed import installed_model_path
-
-        name = recipe.model.checkpoint
-        path = installed_model_path(str(name)) or Path(name)
-        return resolve_config(open_source(path), path, None).vocab_size
-    return model_config(recipe).vocab_size

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from functools import cache
 from pathlib import Path
 
 import torch
 
+from gemmakit.atomic import atomic_path
 from gemmakit.config import GemmaConfig
+from gemmakit.errors import DataError
 
 # Dense bf16 peaks (no sparsity), per GPU, by name fragment as torch reports it.
 GPU_PEAK_BF16 = {
@@ -37,8 +40,9 @@ def measured_peak_flops(device_type: str, dtype: torch.dtype) -> float:
     """Matmul FLOP/s this device reaches in `dtype` (a 1024^3 matmul, best of a few runs):
     the CPU's practical peak, which has no datasheet figure to look up."""
     n = 1024
-    a = torch.randn(n, n, device=device_type).to(dtype)
-    b = torch.randn(n, n, device=device_type).to(dtype)
+    gen = torch.Generator(device_type).manual_seed(0)  # the global RNG stays as it was
+    a = torch.randn(n, n, device=device_type, generator=gen).to(dtype)
+    b = torch.randn(n, n, device=device_type, generator=gen).to(dtype)
     best = float("inf")
     for _ in range(5):
         start = time.perf_counter()
@@ -75,12 +79,9 @@ class MetricsLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.path.exists():
             # A resumed run drops what it logged after its last checkpoint: those steps rerun.
-            keep = [
-                line
-                for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= resume_step
-            ]
-            self.path.write_text("".join(line + "\n" for line in keep))
+            keep = [r for r in read_metrics(run_dir) if r.get("step", 0) <= resume_step]
+            with atomic_path(self.path) as tmp:
+                tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
         self.file = self.path.open("a")
         self.tb = None
         if tensorboard:
@@ -107,5 +108,18 @@ class MetricsLog:
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
+    """RUN/metrics.jsonl's records. A torn last line (a run killed mid-write) is dropped with
+    a warning; a bad line before it is a DataError naming the file and line."""
     path = Path(run_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    records = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if i < len(lines):
+                raise DataError(f"{path}:{i}: not a JSON record ({e.msg})") from None
+            warnings.warn(f"{path}:{i}: dropped a torn last line ({line[:40]!r})", stacklevel=2)
+    return records

@@ -1,21 +1,19 @@
 """Training recipes: every knob of a run, with its default, in one nested dataclass.
 
 A recipe file is YAML with the same nesting; `--set optimizer.lr=1e-3` overrides one leaf.
-Unknown keys and values of the wrong type are errors that name the key.
+Unknown keys and values of the wrong type are errors that name the file and key
+(gemmakit.typed_config). A later stage (sft, reward, rlhf, ...) adds its own section: a
+dataclass with defaults, and a field of that type on Recipe.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Literal
 
-import yaml
-
-from gemmakit.errors import ConfigError, MissingFileError
+from gemmakit import typed_config
+from gemmakit.errors import ConfigError
 
 
 @dataclass
@@ -48,14 +46,14 @@ class TrainingSection:
     # Compute dtype under autocast (weights stay float32): bfloat16, float32, or auto:
     # bfloat16 on GPUs and on CPUs with native bf16 matmul, float32 on others (where bf16 is
     # emulated and tens of times slower).
-    dtype: str = "auto"
+    dtype: Literal["auto", "bfloat16", "float32"] = "auto"
     compile: bool = False  # torch.compile each block
     activation_checkpointing: bool = False  # recompute each block's activations in backward
     # Tokens per logits chunk of the cross-entropy; 0: auto, chunks of at most 512 MiB of
     # float32 logits (524 tokens at a 256k vocabulary, the whole batch at a small one).
     loss_chunk_tokens: int = 0
     grad_clip: float = 1.0  # max global gradient norm (0: no clipping)
-    device: str = "auto"  # auto (cuda when present), cpu, cuda
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto (cuda when present), cpu, cuda
     seed: int = 0  # model init and data order
 
 
@@ -92,8 +90,8 @@ class LogSection:
 
 @dataclass
 class DistributedSection:
-    mode: str = "fsdp"  # under torchrun: fsdp (FSDP2 fully_shard) or ddp
-    backend: str = "auto"  # auto: nccl on GPU, gloo on CPU
+    mode: Literal["fsdp", "ddp"] = "fsdp"  # under torchrun: fsdp (FSDP2 fully_shard) or ddp
+    backend: Literal["auto", "gloo", "nccl"] = "auto"  # auto: nccl on GPU, gloo on CPU
 
 
 @dataclass
@@ -139,151 +137,25 @@ class Recipe:
     lora: LoRASection | None = None  # null: full fine-tuning
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-
-CHOICES = {
-    "training.dtype": ("auto", "bfloat16", "float32"),
-    "training.device": ("auto", "cpu", "cuda"),
-    "distributed.mode": ("fsdp", "ddp"),
-    "distributed.backend": ("auto", "gloo", "nccl"),
-}
+        return typed_config.to_dict(self)
 
 
 class RecipeError(ConfigError):
     """A recipe key or value that is not valid; the message names the key and the source."""
 
 
-def _coerce(value: Any, hint: Any, key: str, where: str) -> Any:
-    """`value` converted to the annotated type `hint`, or a RecipeError naming `key`."""
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    if origin in (types.UnionType, typing.Union):
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], key, where)
-    if origin is list:
-        if not isinstance(value, list | tuple):
-            value = [value]  # a single shard dir is a list of one
-        return [_coerce(v, args[0], f"{key}[{i}]", where) for i, v in enumerate(value)]
-    if hint is dict:
-        if not isinstance(value, dict):
-            raise RecipeError(f"{where}: {key} must be a mapping, got {value!r}")
-        return dict(value)
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
-            return value.lower() in ("true", "yes", "1")
-    elif hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                return int(float(value)) if float(value).is_integer() else int(value)
-            except ValueError:
-                pass
-    elif hint is float:
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML reads 3e-4 (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-    elif hint is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return str(value)
-    name = getattr(hint, "__name__", str(hint))
-    raise RecipeError(f"{where}: {key} must be {name}, got {value!r}")
-
-
-def _fill(obj: Any, values: dict, prefix: str, where: str) -> None:
-    if not isinstance(values, dict):
-        raise RecipeError(f"{where}: {prefix.rstrip('.') or 'recipe'} must be a mapping")
-    hints = typing.get_type_hints(type(obj))
-    fields = {f.name for f in dataclasses.fields(obj)}
-    for name, value in values.items():
-        key = f"{prefix}{name}"
-        if name not in fields:
-            raise RecipeError(
-                f"{where}: unknown key {key!r} (known under {prefix.rstrip('.') or 'the top'}: "
-                f"{', '.join(sorted(fields))})"
-            )
-        current = getattr(obj, name)
-        section = _optional_section(hints[name])
-        if section is not None and current is None and isinstance(value, dict):
-            current = section()  # an optional section (lora) switched on: defaults, then values
-            setattr(obj, name, current)
-        if dataclasses.is_dataclass(current) and (value is not None or section is None):
-            _fill(current, value, f"{key}.", where)
-            continue
-        if section is not None:
-            if value is not None:
-                raise RecipeError(f"{where}: {key} must be a mapping or null, got {value!r}")
-            setattr(obj, name, None)
-            continue
-        value = _coerce(value, hints[name], key, where)
-        if key in CHOICES and value not in CHOICES[key]:
-            raise RecipeError(f"{where}: {key} must be one of {CHOICES[key]}, got {value!r}")
-        setattr(obj, name, value)
-
-
-def _optional_section(hint: Any) -> type | None:
-    """The dataclass of a `Section | None` field (a section that may be switched off)."""
-    args = typing.get_args(hint)
-    if typing.get_origin(hint) in (types.UnionType, typing.Union) and type(None) in args:
-        inner = [a for a in args if a is not type(None)]
-        if len(inner) == 1 and dataclasses.is_dataclass(inner[0]):
-            return inner[0]
-    return None
-
-
-def _nest(dotted: str, value: Any) -> dict:
-    out: dict = {}
-    node = out
-    parts = dotted.split(".")
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-    node[parts[-1]] = value
-    return out
-
-
-def parse_override(text: str) -> tuple[str, Any]:
-    """'optimizer.lr=1e-3' -> ('optimizer.lr', 0.001); the value is read as YAML."""
-    key, sep, raw = text.partition("=")
-    if not sep or not key.strip():
-        raise RecipeError(f"--set {text!r}: expected key=value, e.g. optimizer.lr=1e-3")
-    return key.strip(), yaml.safe_load(raw) if raw.strip() else None
-
-
 def build_recipe(
     values: dict | None = None, overrides: list[str] | None = None, where: str = "recipe"
 ) -> Recipe:
     """A Recipe from nested `values` (defaults for what is missing), then `key=value` overrides."""
-    recipe = Recipe()
-    _fill(recipe, values or {}, "", where)
-    for text in overrides or []:
-        key, value = parse_override(text)
-        _fill(recipe, _nest(key, value), "", f"--set {text}")
+    recipe = typed_config.build(Recipe, values, overrides, where, RecipeError)
     _check(recipe, where)
     return recipe
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     """Read a YAML recipe file and apply `--set` overrides."""
-    path = Path(path)
-    if not path.is_file():
-        raise MissingFileError(f"{path}: no such recipe file")
-    try:
-        values = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise RecipeError(f"{path}: not valid YAML ({e})") from e
+    values = typed_config.read_yaml(path, "recipe file", RecipeError)
     return build_recipe(values, overrides, where=str(path))
 
 

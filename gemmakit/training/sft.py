@@ -154,7 +154,7 @@ def sft(recipe: Recipe | dict | str | Path, resume: bool = False) -> RunResult:
     make_eval = data.make_eval_batches if data.valid_examples else None
     try:
         return train(
-            recipe, loss_fn, data.make_batches, make_eval, resume, env, prepare_model=prepare
+            recipe, loss_fn, data.make_batches, make_eval, resume, env, adapt_model=prepare
         )
     finally:
         if not joined:

@@ -14,11 +14,14 @@ killed at any moment leaves either the whole checkpoint or none.
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import re
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +37,10 @@ from gemmakit.training.distributed import DistEnv, barrier
 
 STATE_FILE = "train_state.pt"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+# What a save killed midway leaves: the checkpoint's temporary folder `.step_N.XXXX`, and
+# save_hf's own temporary beside it, `..step_N.XXXX.YYYY`.
+_TEMPORARY = re.compile(r"^\.+step_\d+\.")
+_LOW_SPACE = 64 << 20  # bytes free under which a failed write is taken for a full disk
 
 
 def checkpoint_root(run_dir: str | Path) -> Path:
@@ -49,6 +56,14 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
         if m and (d / STATE_FILE).is_file():
             found.append((int(m.group(1)), d))
     return max(found)[1] if found else None
+
+
+def remove_temporaries(run_dir: str | Path) -> None:
+    """Delete the temporaries of checkpoint saves killed midway (rank 0, at start and save)."""
+    root = checkpoint_root(run_dir)
+    for d in root.iterdir() if root.is_dir() else []:
+        if _TEMPORARY.match(d.name):
+            shutil.rmtree(d, ignore_errors=True)
 
 
 # --- RNG -----------------------------------------------------------------------------------
@@ -136,28 +151,18 @@ def save_checkpoint(
         root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
         try:
-            config = loss_module.model.config
-            gemma_sd = {
-                k.removeprefix("model."): v for k, v in model_sd.items() if k.startswith("model.")
-            }
-            extra = {"tokenizer.model": Path(tokenizer)} if tokenizer else None
-            lora = {k: v for k, v in gemma_sd.items() if ".lora_" in k}
-            if lora:  # a LoRA run: the adapter alone (PEFT's format), never the frozen base
-                base = info.get("recipe", {}).get("model", {}).get("checkpoint")
-                write_lora(lora, config, spec_of(loss_module.model), tmp, base, extra)
-            else:
-                with torch.device("meta"):
-                    holder = Gemma(config)  # a module around the gathered tensors, for save_hf
-                holder.load_state_dict(gemma_sd, assign=True)
-                save_hf(holder, tmp, extra_files=extra)
-            state = {
-                "step": step,
-                "optimizer": optim_sd,
-                "loss_params": {k: v for k, v in model_sd.items() if not k.startswith("model.")},
-                "rng": rngs,
-                **info,
-            }
-            torch.save(state, tmp / STATE_FILE)
+            with _disk_full_names(final):
+                _write(tmp, loss_module.model, model_sd, tokenizer, info)
+                state = {
+                    "step": step,
+                    "optimizer": optim_sd,
+                    "loss_params": {
+                        k: v for k, v in model_sd.items() if not k.startswith("model.")
+                    },
+                    "rng": rngs,
+                    **info,
+                }
+                torch.save(state, tmp / STATE_FILE)
             tmp.chmod(0o755)  # mkdtemp makes it private
             if final.exists():  # the same step saved again (a resumed run's final step)
                 shutil.rmtree(final)
@@ -170,13 +175,51 @@ def save_checkpoint(
     return final
 
 
+def _write(
+    tmp: Path, model: Gemma, model_sd: dict, tokenizer: str | Path | None, info: dict
+) -> None:
+    """The model half of a checkpoint into tmp: config.json, model.safetensors and
+    tokenizer.model; in a LoRA run the adapter alone (PEFT's format), never the frozen base."""
+    gemma_sd = {k.removeprefix("model."): v for k, v in model_sd.items() if k.startswith("model.")}
+    extra = {"tokenizer.model": Path(tokenizer)} if tokenizer else None
+    lora = {k: v for k, v in gemma_sd.items() if ".lora_" in k}
+    if lora:
+        base = info.get("recipe", {}).get("model", {}).get("checkpoint")
+        write_lora(lora, model.config, spec_of(model), tmp, base, extra)
+        return
+    with torch.device("meta"):
+        holder = Gemma(model.config)  # a module around the gathered tensors, for save_hf
+    holder.load_state_dict(gemma_sd, assign=True)
+    save_hf(holder, tmp, extra_files=extra)
+
+
+@contextmanager
+def _disk_full_names(final: Path) -> Iterator[None]:
+    """A write that fails for want of space (ENOSPC, or torch's zip writer's "unexpected pos"
+    on a full disk) becomes one CheckpointError saying so and naming the checkpoint."""
+    try:
+        yield
+    except (OSError, RuntimeError) as e:
+        full = isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
+        if not full:
+            try:
+                full = shutil.disk_usage(final.parent).free < _LOW_SPACE
+            except OSError:
+                full = False
+        if not full:
+            raise
+        raise CheckpointError(
+            f"{final}: no space left on device while writing the checkpoint "
+            f"(free space on {final.parent} and --resume)"
+        ) from e
+
+
 def _prune(root: Path, keep: int, newest: Path) -> None:
     steps = sorted(d for d in root.glob("step_*") if _STEP_DIR.match(d.name))
     for d in steps[: max(0, len(steps) - max(keep, 1))]:
         if d != newest:
             shutil.rmtree(d, ignore_errors=True)
-    for d in root.glob(".step_*"):  # temporaries of a killed save
-        shutil.rmtree(d, ignore_errors=True)
+    remove_temporaries(root.parent)
 
 
 # --- load ------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """The embedded default corpus, generated: English-like web prose, worked arithmetic and small
 Python files, plus planted bad documents (spam, boilerplate, duplicates, near-duplicates,
 personal data, a blocklisted term, copies of evaluation items) so every filter has something
-to catch. Deterministic for a seed; `python -m gemmakit.data.synthetic [DIR]` rewrites the
+to catch. Deterministic for a seed; `python -m gemmakit.data.generated_corpus [DIR]` rewrites the
 shipped files in gemmakit/data/corpus/."""
 
 from __future__ import annotations
