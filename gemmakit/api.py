@@ -7,9 +7,11 @@ from pathlib import Path
 import torch
 
 from gemmakit.checkpoint import load_checkpoint
-from gemmakit.config import PRESETS, GemmaConfig, get_config
-from gemmakit.errors import MissingFileError
+from gemmakit.checkpoint.peft import load_lora
+from gemmakit.config import GemmaConfig
+from gemmakit.model.lora import merge_lora
 from gemmakit.model.transformer import Gemma, init_weights
+from gemmakit.resolve import resolve_source
 
 
 def build_model(
@@ -48,9 +50,6 @@ def load_model(
     """
     model = _load_base(source, dtype, device, config)
     if adapter is not None:
-        from gemmakit.checkpoint.peft import load_lora
-        from gemmakit.model.lora import merge_lora
-
         load_lora(model, adapter)
         if merge:
             merge_lora(model)
@@ -59,19 +58,7 @@ def load_model(
 
 
 def _load_base(source, dtype, device, config) -> Gemma:
-    if isinstance(source, GemmaConfig):
-        return build_model(source, dtype, device)
-    from gemmakit.installed import installed_model_path
-
-    installed = installed_model_path(str(source))
-    if installed is not None:
-        return load_checkpoint(installed, config, dtype, device)
-    path = Path(source)
-    if path.exists():
-        return load_checkpoint(path, config, dtype, device)
-    if str(source) in PRESETS:
-        return build_model(get_config(str(source)), dtype, device)
-    raise MissingFileError(
-        f"{source}: not a checkpoint path, an installed model or a preset "
-        f"(presets: {', '.join(PRESETS)})"
-    )
+    found = source if isinstance(source, GemmaConfig) else resolve_source(source)
+    if isinstance(found, GemmaConfig):
+        return build_model(found, dtype, device)
+    return load_checkpoint(found, config, dtype, device)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import uuid
@@ -15,6 +16,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path in `path`'s folder; on a clean exit rename it to `path`, on an
     exception delete it, so `path` is either the old file or the complete new one."""
     path = Path(path)
+    if path.is_dir():  # else the rename fails naming the temporary file, not `path`
+        raise IsADirectoryError(errno.EISDIR, "is a folder, not a file", str(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     # a fresh unique name (not mkstemp, whose files are private 0600) gets the usual permissions
     tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:12]}.tmp"

@@ -45,6 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def one_line(message: str) -> str:
+    """`message` on one line: a multi-line one (a YAML parser's, with its caret drawing) has its
+    lines joined with "; "."""
+    return "; ".join(line.strip() for line in message.splitlines() if line.strip())
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -55,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     except GemmakitError as e:
         # A user error: one line naming what is wrong. Anything else is a bug and keeps its
         # traceback.
-        print(f"gemmakit {args.command}: error: {e}", file=sys.stderr)
+        print(f"gemmakit {args.command}: error: {one_line(str(e))}", file=sys.stderr)
         return 2
     except OSError as e:
         # The machine refused a path the user named (missing, no permission, disk full):

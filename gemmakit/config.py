@@ -27,6 +27,20 @@ class TokenIds:
 GEMMA3_TOKEN_IDS = TokenIds(start_of_turn=105, end_of_turn=106)
 
 
+# GemmaConfig fields checked at construction: positive integers (None allowed unless required)
+_REQUIRED = ("vocab_size", "d_model", "n_heads", "n_kv_heads", "head_dim", "ffn_dim")
+_POSITIVE_INTS = (*_REQUIRED, "max_seq_len", "global_every", "sliding_window", "padded_vocab_size")
+_POSITIVE_FLOATS = (
+    "rope_theta",
+    "rope_local_theta",
+    "rope_scaling",
+    "norm_eps",
+    "query_pre_attn_scalar",
+    "attn_logit_softcap",
+    "final_logit_softcap",
+)
+
+
 @dataclass(frozen=True)
 class GemmaConfig:
     name: str
@@ -54,13 +68,46 @@ class GemmaConfig:
     tokens: TokenIds = field(default_factory=TokenIds)
 
     def __post_init__(self) -> None:
+        """Every field in its range (a config read from a file is checked here too): a
+        ConfigError names the field and its value."""
+
+        def bad(field_name: str, want: str) -> ConfigError:
+            value = getattr(self, field_name)
+            error = ConfigError(f"config {self.name!r}: {field_name}={value!r} must be {want}")
+            error.field = field_name  # for a reader to name the field as its file calls it
+            return error
+
+        for name in _POSITIVE_INTS:
+            value = getattr(self, name)
+            if value is not None or name in _REQUIRED:
+                if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                    raise bad(name, "a positive integer")
+        layers = self.n_layers  # 0 is allowed: embedding and final norm only (tests use it)
+        if isinstance(layers, bool) or not isinstance(layers, int) or layers < 0:
+            raise bad("n_layers", "an integer >= 0")
+        for name in _POSITIVE_FLOATS:
+            value = getattr(self, name)
+            if value is not None:
+                number = isinstance(value, int | float) and not isinstance(value, bool)
+                if not number or not 0 < value < float("inf"):
+                    raise bad(name, "a positive number")
         if self.n_heads % self.n_kv_heads:
             raise ConfigError(
                 f"config {self.name!r}: n_heads={self.n_heads} is not a multiple of "
                 f"n_kv_heads={self.n_kv_heads}"
             )
-        if self.global_every < 1:
-            raise ConfigError(f"config {self.name!r}: global_every must be >= 1")
+        if self.head_dim % 2:
+            raise bad("head_dim", "even (RoPE turns pairs of dimensions)")
+        if self.padded_vocab_size is not None and self.padded_vocab_size < self.vocab_size:
+            raise bad("padded_vocab_size", f">= vocab_size={self.vocab_size}")
+        if not isinstance(self.tokens, TokenIds):
+            raise bad("tokens", "a TokenIds")
+        for name, value in self.tokens.__dict__.items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigError(
+                    f"config {self.name!r}: token id {name}={value!r} must be a non-negative "
+                    "integer"
+                )
 
     @property
     def generation(self) -> int:

@@ -3,7 +3,9 @@ sampler does them, streaming one step at a time; `Session` keeps the cache betwe
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+import math
+import numbers
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import torch
 
@@ -55,7 +57,80 @@ def left_pad(
     return tokens.to(device), valid.to(device)
 
 
-@torch.inference_mode()
+def check_sampling(
+    max_new_tokens: int,
+    temperature: float | None = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    names: Mapping[str, str] | None = None,
+) -> None:
+    """Raise UsageError naming the option when one is out of range: max_new_tokens an integer
+    >= 0, temperature finite and >= 0 (0 or None: greedy), top_k an integer >= 1, top_p in
+    (0, 1], seed an integer (None for each: the default). `names` maps an argument's name to
+    what the message calls it (the CLI: "top_p" -> "--top-p")."""
+    names = names or {}
+
+    def bad(arg: str, rule: str, value: object) -> UsageError:
+        return UsageError(f"{names.get(arg, arg)} must be {rule}, got {value!r}")
+
+    if not _is_int(max_new_tokens) or max_new_tokens < 0:
+        raise bad("max_new_tokens", "an integer >= 0", max_new_tokens)
+    if temperature is not None and (
+        not isinstance(temperature, numbers.Real)
+        or isinstance(temperature, bool)
+        or not math.isfinite(temperature)
+        or temperature < 0
+    ):
+        raise bad("temperature", "a finite number >= 0", temperature)
+    if top_k is not None and (not _is_int(top_k) or top_k < 1):
+        raise bad("top_k", "an integer >= 1", top_k)
+    if top_p is not None and (
+        not isinstance(top_p, numbers.Real)
+        or isinstance(top_p, bool)
+        or not 0.0 < top_p <= 1.0  # also false for nan
+    ):
+        raise bad("top_p", "in (0, 1]", top_p)
+    if seed is not None and (not _is_int(seed) or not -(2**63) <= seed < 2**64):
+        raise bad("seed", "an integer that fits 64 bits", seed)
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def fit_prompts(
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    context: int,
+    used: int = 0,
+    truncate: bool = False,
+) -> tuple[list[list[int]], int]:
+    """(prompts, max_new_tokens) that fit a `context`-token model after `used` positions.
+
+    A prompt that leaves no room for one new token is refused (UsageError), or, with
+    `truncate`, cut to its last tokens so that it and max_new_tokens fit (at least one prompt
+    token is kept). Otherwise max_new_tokens is lowered to the room left: generation stops
+    when the context is full."""
+    room = context - used
+    longest = max((len(p) for p in prompts), default=0)
+    first = min(max_new_tokens, 1)  # the room one new token needs (none when none is asked)
+    if truncate:
+        keep = max(1, room - max_new_tokens)
+        prompts = [list(p)[-keep:] for p in prompts]
+    elif longest + first > room:
+        where = f" after the {used} tokens already in the cache" if used else ""
+        raise UsageError(
+            f"a prompt of {longest} tokens does not fit the model's {context}-token context"
+            f"{where} (room for {max(room - 1, 0)} prompt tokens and 1 new one); shorten it, "
+            "or truncate it to its last tokens (--truncate, or truncate=True)"
+        )
+    longest = max((len(p) for p in prompts), default=0)
+    if longest + first > room:
+        raise UsageError(f"no room left in the model's {context}-token context")
+    return [list(p) for p in prompts], min(max_new_tokens, room - longest)
+
+
 def stream_generate(
     model: Gemma,
     prompts: Sequence[Sequence[int]],
@@ -66,6 +141,7 @@ def stream_generate(
     stop_tokens: Iterable[int] | None = None,
     seed: int | None = None,
     cache: KVCache | None = None,
+    truncate: bool = False,
 ) -> Iterator[list[int | None]]:
     """Yield, at each step, the new token of every prompt (None once a prompt has stopped).
 
@@ -74,7 +150,36 @@ def stream_generate(
     they are prefilled, and the cache grows to fit. Afterwards it holds its old positions, the
     prompts and every yielded token fed back, which is all but the last one of each prompt
     (`cache.length` says how many, also after an interruption).
+
+    Options are checked first (`check_sampling`; UsageError). Context (config.max_seq_len):
+    a prompt that does not fit is refused, or with `truncate` cut to its last tokens so that
+    it and max_new_tokens fit; generation stops when the context is full (`fit_prompts`).
     """
+    check_sampling(max_new_tokens, temperature, top_k, top_p, seed)
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise UsageError("every prompt needs at least one token")
+    used = cache.length if cache is not None else 0
+    prompts, max_new_tokens = fit_prompts(
+        prompts, max_new_tokens, model.config.max_seq_len, used, truncate
+    )
+    # checked above, before the first step: the generator below runs only when iterated
+    return _stream(
+        model, prompts, max_new_tokens, temperature, top_k, top_p, stop_tokens, seed, cache
+    )
+
+
+@torch.inference_mode()
+def _stream(
+    model: Gemma,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    temperature: float | None,
+    top_k: int | None,
+    top_p: float | None,
+    stop_tokens: Iterable[int] | None,
+    seed: int | None,
+    cache: KVCache | None,
+) -> Iterator[list[int | None]]:
     cfg = model.config
     stops = (
         set(stop_tokens) if stop_tokens is not None else {cfg.tokens.eos, cfg.tokens.end_of_turn}
@@ -97,7 +202,7 @@ def stream_generate(
     positions = (before + valid.long().cumsum(-1) - 1).clamp(min=0)
     generator = None
     if seed is not None:
-        generator = torch.Generator(device=device).manual_seed(seed)
+        generator = torch.Generator(device=device).manual_seed(int(seed))
 
     logits = model(tokens, positions=positions, cache=cache, last_only=True)[:, -1]
     next_pos = positions[:, -1:] + 1
@@ -124,16 +229,26 @@ def generate(
     stop_tokens: Iterable[int] | None = None,
     seed: int | None = None,
     cache: KVCache | None = None,
+    truncate: bool = False,
 ) -> list[list[int]]:
     """The new token ids of each prompt (a list of token-id lists, any lengths).
 
     Greedy by default; see `sample_next` for temperature, top_k and top_p; `seed` makes
     sampling repeatable. Stop tokens (default EOS and <end_of_turn>) end a prompt's output
-    and are not included. `cache`: see `stream_generate`.
+    and are not included. `cache`, `truncate` and the context limit: see `stream_generate`.
     """
     outputs: list[list[int]] = [[] for _ in prompts]
     for step in stream_generate(
-        model, prompts, max_new_tokens, temperature, top_k, top_p, stop_tokens, seed, cache
+        model,
+        prompts,
+        max_new_tokens,
+        temperature,
+        top_k,
+        top_p,
+        stop_tokens,
+        seed,
+        cache,
+        truncate,
     ):
         for out, t in zip(outputs, step):
             if t is not None:
@@ -192,6 +307,8 @@ class Session:
         per step, [None] once stopped. A new call ends the stream of the previous one."""
         if not prompt:
             raise UsageError("the prompt needs at least one token")
+        check_sampling(max_new_tokens, temperature, top_k, top_p, seed)
+        _, max_new_tokens = fit_prompts([prompt], max_new_tokens, self.model.config.max_seq_len)
         self._close()
         # At least one token is prefilled: its logits give the first new token.
         keep = min(common_prefix(self.ids, prompt), len(prompt) - 1)
@@ -199,7 +316,7 @@ class Session:
         self._fed = list(prompt)
         self.reused = keep
         # Grow by doubling (up to the context), not by a few tokens each turn.
-        needed = len(prompt) + max(max_new_tokens, 0)
+        needed = len(prompt) + max_new_tokens
         doubled = min(2 * self.cache.max_len, self.model.config.max_seq_len)
         self.cache.reserve(max(needed, doubled))
         steps = stream_generate(

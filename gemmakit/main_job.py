@@ -13,7 +13,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+from gemmakit.api import load_model
+from gemmakit.data.pipeline import DEFAULT_CONFIG, prepare
+from gemmakit.data.shards import TokenShards
 from gemmakit.errors import UsageError
+from gemmakit.evaluation.memorization import memorization
+from gemmakit.generation import generate
+from gemmakit.tokenizer import train_tokenizer
+from gemmakit.training.pretrain import pretrain
 
 DEFAULT_STEPS = 200
 
@@ -27,9 +34,6 @@ def run_all(
     out: str | Path = "runs/main", steps: int = DEFAULT_STEPS, vocab_size: int = 4096, seed: int = 0
 ) -> dict[str, Any]:
     """Run every stage into `out`; returns the report (also written as report.json/.html)."""
-    from gemmakit.data.pipeline import DEFAULT_CONFIG, prepare
-    from gemmakit.data.shards import TokenShards
-    from gemmakit.tokenizer import train_tokenizer
 
     out = Path(out)
     if (out / "pretrain").exists():
@@ -87,13 +91,11 @@ def run_all(
     seconds["pretrain"] = time.perf_counter() - t
 
     # 3. What the model learned, and what it memorized (report section on memorization).
-    import gemmakit
-    from gemmakit.evaluation.memorization import memorization
 
     t = _stage("samples and memorization")
-    model = gemmakit.load_model(result.checkpoint)
+    model = load_model(result.checkpoint)
     prompts = ["The ", "def ", "Question: What is 12 + 7?"]
-    outs = gemmakit.generate(model, [tok.encode(p) for p in prompts], 40, seed=seed)
+    outs = generate(model, [tok.encode(p) for p in prompts], 40, seed=seed)
     report["samples"] = [
         {"prompt": p, "continuation": tok.decode(o)} for p, o in zip(prompts, outs)
     ]
@@ -118,7 +120,6 @@ def run_all(
 
 
 def pretrain_tiny(out: Path, vocab_size: int, steps: int, seed: int):
-    from gemmakit.training import pretrain
 
     recipe = {
         "run_dir": str(out / "pretrain"),

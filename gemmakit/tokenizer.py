@@ -12,6 +12,7 @@ from pathlib import Path
 
 from gemmakit.config import TokenIds
 from gemmakit.errors import DataError, MissingFileError
+from gemmakit.resolve import find_tokenizer, model_path
 
 GEMMA_TOKEN_IDS = TokenIds()  # Gemma 1/2: turn markers at 106/107
 
@@ -90,20 +91,14 @@ class Tokenizer:
 
 
 def load_tokenizer(source: str | Path) -> Tokenizer:
-    """A tokenizer from a `.model` file, a checkpoint directory holding `tokenizer.model`,
-    a `.gguf` file (its vocabulary) or an installed model name (gemma3-270m)."""
-    from gemmakit.installed import installed_model_path
-
-    path = installed_model_path(str(source)) or Path(source)
-    if path.suffix == ".gguf":
-        from gemmakit.checkpoint.gguf import sentencepiece_proto_from_gguf
+    """A tokenizer from a `.model` file, a checkpoint (folder or file) with `tokenizer.model`
+    beside it, a `.gguf` file (its vocabulary) or an installed model name (gemma3-270m)."""
+    path = model_path(source)
+    if path.suffix == ".gguf" and path.is_file():
+        from gemmakit.checkpoint.gguf_vocab import sentencepiece_proto_from_gguf
 
         return Tokenizer(model_proto=sentencepiece_proto_from_gguf(path), name=str(path))
-    if path.is_dir():
-        path = path / "tokenizer.model"
-    if not path.exists():
-        raise MissingFileError(f"{path}: no tokenizer file")
-    return Tokenizer(path)
+    return Tokenizer(find_tokenizer(path))
 
 
 # --- training --------------------------------------------------------------------------------
@@ -234,20 +229,3 @@ def train_tokenizer(
         with atomic_path(tok.path) as tmp:
             tmp.write_bytes(proto)
     return tok
-
-
-def tokenizer_file_for_gguf(path: str | Path) -> Path:
-    """A `tokenizer.model` file holding the vocabulary of a `.gguf` file, written once into the
-    temp directory under a name that is the hash of its content."""
-    import hashlib
-    import tempfile
-
-    from gemmakit.atomic import atomic_path
-    from gemmakit.checkpoint.gguf import sentencepiece_proto_from_gguf
-
-    proto = sentencepiece_proto_from_gguf(path)
-    out = Path(tempfile.gettempdir()) / f"gemmakit-{hashlib.sha256(proto).hexdigest()[:16]}.model"
-    if not out.exists():
-        with atomic_path(out) as tmp:
-            tmp.write_bytes(proto)
-    return out

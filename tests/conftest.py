@@ -1,9 +1,49 @@
-"""Shared fixtures: small HF transformers Gemma models with random weights, saved to disk."""
+"""Shared fixtures: each test's global state restored after it (torch threads, GEMMAKIT_*
+environment variables, the working folder), and small HF transformers Gemma models with random
+weights, saved to disk (skipped where transformers is not installed)."""
 
 from __future__ import annotations
 
+import os
+import tempfile
+
 import pytest
 import torch
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_temp_dir(tmp_path_factory):
+    """The temporary folder (tempfile's and $TMPDIR, which subprocesses inherit) is one inside
+    pytest's own for the session, so whatever code under test writes there (a tokenizer cache,
+    a library's scratch files) goes when pytest prunes its old folders, not left in /tmp."""
+    folder = tmp_path_factory.mktemp("tmpdir")
+    before = tempfile.tempdir, os.environ.get("TMPDIR")
+    tempfile.tempdir = str(folder)
+    os.environ["TMPDIR"] = str(folder)
+    yield folder
+    tempfile.tempdir = before[0]
+    if before[1] is None:
+        os.environ.pop("TMPDIR", None)
+    else:
+        os.environ["TMPDIR"] = before[1]
+
+
+@pytest.fixture(autouse=True)
+def _restore_global_state():
+    """Whatever a test does to torch's thread count, GEMMAKIT_* variables or the current
+    folder, the next test starts from what was there before."""
+    threads = torch.get_num_threads()
+    env = {k: v for k, v in os.environ.items() if k.startswith("GEMMAKIT_")}
+    cwd = os.getcwd()
+    yield
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    for k in [k for k in os.environ if k.startswith("GEMMAKIT_")]:
+        if k not in env:
+            del os.environ[k]
+    os.environ.update(env)
+    os.chdir(cwd)
+
 
 VOCAB = 512
 
@@ -18,8 +58,9 @@ def _randomize(model: torch.nn.Module, seed: int) -> None:
 
 
 def make_hf_model(kind: str, seed: int = 0):
-    """kind: gemma-mq (2B-shaped), gemma-mh (7B-shaped), gemma2, gemma3."""
-    import transformers as tf
+    """kind: gemma-mq (2B-shaped), gemma-mh (7B-shaped), gemma2, gemma3. The calling test is
+    skipped where transformers is not installed."""
+    tf = pytest.importorskip("transformers")
 
     common = dict(
         vocab_size=VOCAB,

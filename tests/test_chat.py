@@ -8,7 +8,7 @@ import io
 import sys
 
 import pytest
-from test_tokenizer import multilingual_texts
+from helpers import multilingual_texts
 
 from gemmakit import generation
 from gemmakit.api import build_model

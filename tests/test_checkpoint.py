@@ -43,7 +43,7 @@ def test_hf_round_trip_single_and_sharded(model, tmp_path):
 
 
 def test_saved_hf_checkpoint_loads_in_transformers(model, tmp_path):
-    from transformers import AutoModelForCausalLM
+    AutoModelForCausalLM = pytest.importorskip("transformers").AutoModelForCausalLM
 
     save_hf(model, tmp_path / "m")
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()

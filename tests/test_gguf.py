@@ -17,7 +17,8 @@ from gguf.constants import GGMLQuantizationType as Q
 import gemmakit
 from gemmakit.checkpoint import CheckpointError
 from gemmakit.checkpoint.dequant import dequantize
-from gemmakit.checkpoint.gguf import GGUFSource, gguf_layout
+from gemmakit.checkpoint.layouts import gguf_layout
+from gemmakit.checkpoint.sources import GGUFSource
 from gemmakit.config import GemmaConfig, gemma3_270m, tiny, tiny_gemma2, tiny_gemma3
 
 REFERENCE = Path(__file__).parent / "data" / "gemma3_270m_hf_reference.json"
@@ -397,8 +398,7 @@ def test_real_generate_command(real_path, reference, capsys):
 
 
 def test_real_convert_to_hf(real_path, real_model, tmp_path):
-    from transformers import AutoModelForCausalLM
-
+    AutoModelForCausalLM = pytest.importorskip("transformers").AutoModelForCausalLM
     from gemmakit.cli import main
 
     out = tmp_path / "gemma3-270m-hf"

@@ -15,8 +15,9 @@ import gemmakit
 from gemmakit.api import build_model
 from gemmakit.checkpoint import CheckpointError, save_gguf
 from gemmakit.checkpoint.gguf_file import GGUFFile
+from gemmakit.cli import main as cli
 from gemmakit.config import GEMMA3_TOKEN_IDS, TokenIds, get_config
-from gemmakit.tokenizer import Tokenizer, load_tokenizer, tokenizer_file_for_gguf, train_tokenizer
+from gemmakit.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
 
 PRESETS = ["tiny", "tiny-gemma2", "tiny-gemma3"]
 TEXTS = ["hello world", "x = 12345 + 678;\n\tif (a) {}", "  two  spaces and\nnew lines  ", "é€😀"]
@@ -117,7 +118,9 @@ def test_tokenizer_round_trip(models, tokenizers, preset, ids, tmp_path):
     meta = GGUFFile(path).metadata
     assert len(meta["tokenizer.ggml.tokens"]) == model.config.vocab_size  # padded to the rows
     assert meta["tokenizer.ggml.tokens"][tok.vocab_size] == f"[PAD{tok.vocab_size}]"
-    for back in (load_tokenizer(path), Tokenizer(tokenizer_file_for_gguf(path))):
+    # the vocabulary as read from the file, and as `convert` writes it into an HF folder
+    assert cli(["convert", str(path), str(tmp_path / "hf")]) == 0
+    for back in (load_tokenizer(path), load_tokenizer(tmp_path / "hf")):
         for text in TEXTS:
             assert back.encode(text) == tok.encode(text), text
             assert back.decode(back.encode(text)) == tok.decode(tok.encode(text))

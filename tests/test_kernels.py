@@ -1,20 +1,28 @@
-"""The bf16 GEMV C kernel: exact float32 math, the dispatch rules, the torch fallback, and a
-bf16 model decoding the same with and without it."""
+"""The C kernels: the bf16 GEMV's exact float32 math, its dispatch rules, the torch fallback
+(one warning, each library on its own), the verified build cache, and a bf16 model decoding
+the same with and without the GEMV."""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
+import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import gemmakit
-from gemmakit import kernels
 from gemmakit.generation import generate
-from gemmakit.kernels import cpu
+from gemmakit.kernels import build, gemv, train_ops
+from gemmakit.model import layers
+from gemmakit.model.layers import linear
 
-CAN_BUILD = cpu.cpu_supported() and shutil.which("cc") is not None
+CAN_BUILD = build.cpu_supported() and shutil.which("cc") is not None
 needs_kernel = pytest.mark.skipif(not CAN_BUILD, reason="needs x86-64 AVX2/FMA and a C compiler")
 
 
@@ -28,7 +36,7 @@ def rel_error(got: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> float:
 
 @needs_kernel
 def test_library_builds_on_this_machine():
-    assert cpu.library() is not None  # a silent fallback here would hide a broken build
+    assert gemv.library() is not None  # a silent fallback here would hide a broken build
 
 
 @needs_kernel
@@ -38,8 +46,8 @@ def test_kernel_equals_float32_matmul(m, n, k):
     gen = torch.Generator().manual_seed(m * 1000 + n + k)
     w = torch.randn(n, k, generator=gen).to(torch.bfloat16)
     x = torch.randn(m, k, generator=gen)
-    assert kernels.kernel_applies(x, w)
-    got = kernels.linear(x, w)
+    assert gemv.applies(x, w)
+    got = linear(x, w)
     want = x @ w.float().T
     assert got.dtype == torch.float32 and got.shape == (m, n)
     assert rel_error(got, x, w) < 1e-6
@@ -52,8 +60,8 @@ def test_bf16_input_gives_bf16_rounded_float32_result():
     gen = torch.Generator().manual_seed(0)
     w = torch.randn(300, 256, generator=gen).to(torch.bfloat16)
     x = torch.randn(2, 3, 256, generator=gen).to(torch.bfloat16)  # 6 rows over leading dims
-    assert kernels.kernel_applies(x, w)
-    got = kernels.linear(x, w)
+    assert gemv.applies(x, w)
+    got = linear(x, w)
     assert got.dtype == torch.bfloat16 and got.shape == (2, 3, 300)
     want = (x.float() @ w.float().T).to(torch.bfloat16)
     # both round one float32 sum: at most one bf16 ulp apart, and almost always equal
@@ -66,16 +74,16 @@ def test_bf16_input_gives_bf16_rounded_float32_result():
 def test_bias_is_added():
     w = torch.randn(10, 16).to(torch.bfloat16)
     x, b = torch.randn(1, 16), torch.randn(10)
-    torch.testing.assert_close(kernels.linear(x, w, b), x @ w.float().T + b)
+    torch.testing.assert_close(linear(x, w, b), x @ w.float().T + b)
 
 
 @needs_kernel
 def test_linear_calls_the_kernel_when_it_applies(monkeypatch):
     calls = []
-    real = kernels.bf16_matmul
-    monkeypatch.setattr(kernels, "bf16_matmul", lambda x, w: calls.append(1) or real(x, w))
+    real = gemv.bf16_matmul
+    monkeypatch.setattr(gemv, "bf16_matmul", lambda x, w: calls.append(1) or real(x, w))
     w = torch.randn(8, 16).to(torch.bfloat16)
-    kernels.linear(torch.randn(8, 16), w)
+    linear(torch.randn(8, 16), w)
     assert calls == [1]
 
 
@@ -85,7 +93,7 @@ def no_kernel(monkeypatch):
     def boom(x, w):
         raise AssertionError("the kernel ran where torch should have")
 
-    monkeypatch.setattr(kernels, "bf16_matmul", boom)
+    monkeypatch.setattr(gemv, "bf16_matmul", boom)
 
 
 @pytest.mark.parametrize(
@@ -106,8 +114,8 @@ def test_fallback_to_torch(monkeypatch, case):
         w = w.T.contiguous().T
     elif case == "training":
         w, x = w.requires_grad_(), x.to(torch.bfloat16).requires_grad_()
-    assert not kernels.kernel_applies(x, w)
-    got = kernels.linear(x, w)
+    assert not gemv.applies(x, w)
+    got = linear(x, w)
     torch.testing.assert_close(got, F.linear(x, w.to(x.dtype)))
     if case == "training":
         got.sum().backward()
@@ -117,9 +125,9 @@ def test_fallback_to_torch(monkeypatch, case):
 def test_bf16_parameter_with_grad_uses_torch_unless_grad_is_off(monkeypatch):
     w = torch.randn(24, 32).to(torch.bfloat16).requires_grad_()
     x = torch.randn(1, 32).to(torch.bfloat16)
-    assert not kernels.kernel_applies(x, w)  # autograd needs torch's backward
+    assert not gemv.applies(x, w)  # autograd needs torch's backward
     with torch.no_grad():
-        assert kernels.kernel_applies(x, w) == (cpu.library() is not None)
+        assert gemv.applies(x, w) == (gemv.library() is not None)
 
 
 def test_env_var_disables(monkeypatch):
@@ -127,30 +135,146 @@ def test_env_var_disables(monkeypatch):
     x = torch.randn(1, 32)
     monkeypatch.setenv("GEMMAKIT_NO_KERNELS", "1")
     no_kernel(monkeypatch)
-    assert not kernels.kernel_applies(x, w)
-    torch.testing.assert_close(kernels.linear(x, w), x @ w.float().T)
+    assert not gemv.applies(x, w)
+    torch.testing.assert_close(linear(x, w), x @ w.float().T)
 
 
-def test_no_compiler_falls_back_silently(monkeypatch, tmp_path):
-    monkeypatch.setattr(cpu, "_state", {})  # forget the loaded library for this test
+def forget_libraries(monkeypatch) -> None:
+    """Both kernel libraries unloaded for this test (restored after it), warnings unsaid."""
+    monkeypatch.setattr(gemv.LIBRARY, "_state", {})
+    monkeypatch.setattr(train_ops.LIBRARY, "_state", {})
+    monkeypatch.setattr(build, "_warned", set())
+
+
+def test_no_compiler_falls_back_with_one_warning(monkeypatch, tmp_path, caplog):
+    forget_libraries(monkeypatch)
+    monkeypatch.setattr(build, "cpu_supported", lambda: True)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
-    assert cpu.library() is None
+    with caplog.at_level(logging.WARNING, logger="gemmakit.kernels.build"):
+        assert gemv.library() is None
+        assert train_ops.library() is None
     w = torch.randn(24, 32).to(torch.bfloat16)
     x = torch.randn(1, 32).to(torch.bfloat16)
-    assert not kernels.kernel_applies(x, w)
-    torch.testing.assert_close(kernels.linear(x, w), F.linear(x, w))
+    assert not gemv.applies(x, w)
+    torch.testing.assert_close(linear(x, w), F.linear(x, w))
     assert not list(tmp_path.rglob("*.so*"))  # nothing half-written left behind
+    # one warning for the process (both libraries fail for the same reason), saying why and
+    # how to fix it
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1, warnings
+    assert "does not run" in warnings[0] and "install a C compiler" in warnings[0]
+    assert "GEMMAKIT_NO_KERNELS=1" in warnings[0]
+
+
+def test_no_warning_when_kernels_are_turned_off(monkeypatch, tmp_path, caplog):
+    forget_libraries(monkeypatch)
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    monkeypatch.setenv("GEMMAKIT_NO_KERNELS", "1")
+    w = torch.randn(24, 32).to(torch.bfloat16)
+    with caplog.at_level(logging.WARNING):
+        linear(torch.randn(1, 32), w)
+        layers.RMSNorm(32)(torch.randn(2, 32, requires_grad=True))
+    assert not caplog.records
+    assert "lib" not in gemv.LIBRARY._state  # never even tried
+
+
+@needs_kernel
+def test_each_library_falls_back_on_its_own(monkeypatch, tmp_path, caplog):
+    forget_libraries(monkeypatch)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    broken = tmp_path / "train_ops.c"
+    broken.write_text("int rmsnorm_fwd( {\n")  # does not compile
+    monkeypatch.setattr(train_ops.LIBRARY, "source", broken)
+    with caplog.at_level(logging.WARNING, logger="gemmakit.kernels.build"):
+        assert train_ops.library() is None
+        assert gemv.library() is not None  # the GEMV is unaffected
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert "fused training ops" in warning and "failed" in warning
+    x = torch.randn(3, 16, requires_grad=True)
+    norm = layers.RMSNorm(16)
+    torch.testing.assert_close(norm(x), layers.rms_norm(x, norm.weight, 1e-6))
+
+
+@needs_kernel
+def test_failed_self_test_disables_that_library(monkeypatch, tmp_path, caplog):
+    monkeypatch.setattr(build, "_warned", set())
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+
+    def wrong(lib):
+        raise RuntimeError("self-test failed for rms_norm: max error 3.0")
+
+    lib = build.CLibrary(
+        "fused training ops", train_ops.LIBRARY.source, train_ops.SIGNATURES, wrong
+    )
+    with caplog.at_level(logging.WARNING, logger="gemmakit.kernels.build"):
+        assert lib.get() is None
+        assert lib.get() is None  # decided once
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert "self-test failed" in warning and "report" in warning
 
 
 @needs_kernel
 def test_build_caches_by_content(monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    first = cpu.build()
+    source = gemv.LIBRARY.source
+    first = build.build(source, "gemv")
     assert first.parent == tmp_path / "gemmakit" / "kernels" and first.suffix == ".so"
     stamp = first.stat().st_mtime_ns
-    assert cpu.build() == first and first.stat().st_mtime_ns == stamp  # not rebuilt
-    assert [p.name for p in first.parent.iterdir()] == [first.name]  # no temp files left
+    assert build.build(source, "gemv") == first and first.stat().st_mtime_ns == stamp  # cached
+    record = json.loads(first.with_name(first.name + ".json").read_text())
+    assert record == {
+        "size": first.stat().st_size,
+        "sha256": hashlib.sha256(first.read_bytes()).hexdigest(),
+    }
+    names = sorted(p.name for p in first.parent.iterdir())
+    assert names == [first.name, first.name + ".json"]  # no temp files left
+
+
+DAMAGED_CACHE_RUN = """
+import torch
+from gemmakit.kernels import gemv, train_ops
+from gemmakit.model import layers
+assert gemv.library() is not None and train_ops.library() is not None
+w = torch.randn(24, 32, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+x = torch.randn(2, 32, generator=torch.Generator().manual_seed(1))
+torch.testing.assert_close(gemv.linear(x, w), x @ w.float().T)
+a = torch.randn(40, requires_grad=True)
+torch.testing.assert_close(train_ops.gelu_mul(a, a), layers.gelu_gate(a, a))
+print("ok")
+"""
+
+
+@needs_kernel
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty", "bad record"])
+def test_damaged_cached_library_is_rebuilt(tmp_path, damage):
+    """A cached .so cut short or overwritten (which dlopen turns into SIGBUS) is not loaded:
+    the next run rebuilds it and computes correct results."""
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
+    env.pop("GEMMAKIT_NO_KERNELS", None)
+
+    def run() -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "-c", DAMAGED_CACHE_RUN]
+        return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+
+    first = run()
+    assert first.returncode == 0 and first.stdout.strip() == "ok", first.stderr
+    libs = sorted((tmp_path / "gemmakit" / "kernels").glob("*.so"))
+    assert len(libs) == 2  # one library per source
+    for so in libs:
+        data = so.read_bytes()
+        if damage == "truncated":
+            so.write_bytes(data[: len(data) // 2])
+        elif damage == "garbage":
+            so.write_bytes(bytes(range(256)) * (len(data) // 256) + data[: len(data) % 256])
+        elif damage == "empty":
+            so.write_bytes(b"")
+        else:
+            so.with_name(so.name + ".json").write_text("{not json")
+    again = run()
+    assert again.returncode == 0 and again.stdout.strip() == "ok", (again.returncode, again.stderr)
+    assert "kernel is off" not in again.stderr  # rebuilt quietly, not disabled
+    assert all(build.verified(so) for so in libs)
 
 
 @needs_kernel
@@ -166,8 +290,8 @@ def test_bf16_greedy_decoding_same_with_and_without_kernel(monkeypatch):
                 p.mul_(5.0)
     prompts = [[2, 17, 300, 45, 9], [2, 1000, 7]]
     calls = []
-    real = kernels.bf16_matmul
-    monkeypatch.setattr(kernels, "bf16_matmul", lambda x, w: calls.append(1) or real(x, w))
+    real = gemv.bf16_matmul
+    monkeypatch.setattr(gemv, "bf16_matmul", lambda x, w: calls.append(1) or real(x, w))
     with_kernel = generate(model, prompts, max_new_tokens=16, stop_tokens=[])
     assert len(calls) >= 15 * (7 * 4 + 1)  # all projections and the logits, each decode step
     monkeypatch.setenv("GEMMAKIT_NO_KERNELS", "1")

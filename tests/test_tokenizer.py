@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import random
 import string
 
 import pytest
+from helpers import multilingual_texts
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -19,22 +19,6 @@ from gemmakit.tokenizer import (
     load_tokenizer,
     train_tokenizer,
 )
-
-WORDS = {
-    "en": "the quick brown fox jumps over a lazy dog while models learn from data".split(),
-    "de": "über straße größe mädchen schön fünf äpfel".split(),
-    "ru": "привет мир модель данные обучение слово".split(),
-    "el": "γειά σου κόσμε μοντέλο δεδομένα".split(),
-    "ar": "مرحبا بالعالم نموذج بيانات".split(),
-    "he": "שלום עולם מודל".split(),
-    "hi": "नमस्ते दुनिया मॉडल डेटा".split(),
-    "th": "สวัสดี โลก".split(),
-    "zh": ["你好", "世界", "模型", "数据", "训练", "中文"],
-    "ja": ["こんにちは", "世界", "カタカナ", "日本語"],
-    "ko": ["안녕하세요", "세계", "모델"],
-    "emoji": ["🙂", "🚀", "👍🏽", "🇫🇷", "👩‍💻"],
-    "code": ["def f(x):", "return x + 1", "if (a[i] == b) {", "}", "x = 12345 * 678;", "->"],
-}
 
 VARIED = [
     "",
@@ -58,24 +42,6 @@ VARIED = [
     "  \n  \n",
     "a" * 300,
 ]
-
-
-def multilingual_texts(n_docs: int, seed: int = 0) -> list[str]:
-    """Documents of random lines, each in one script (or code), with varied whitespace and
-    numbers: the scripts, spaces, tabs and newlines a Gemma-style vocabulary has to learn."""
-    rng = random.Random(seed)
-    docs = []
-    for _ in range(n_docs):
-        lines = []
-        for _ in range(rng.randint(1, 6)):
-            words = WORDS[rng.choice(list(WORDS))]
-            sep = rng.choice([" ", " ", " ", "  ", "\t"])
-            line = sep.join(rng.choice(words) for _ in range(rng.randint(1, 12)))
-            if rng.random() < 0.3:
-                line += f" {rng.randint(0, 10**6)}"
-            lines.append(rng.choice(["", "    ", "\t"]) + line)
-        docs.append("\n".join(lines) + "\n")
-    return docs
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,6 @@
-"""The fused CPU training ops (RMSNorm, gelu(a) * b): values and gradients equal torch's, the
-dispatch rules (training only), and a training step equal with and without them."""
+"""The fused CPU training ops (RMSNorm, RoPE, gelu(a) * b): values and gradients equal the
+model's math in gemmakit/model/layers.py, the dispatch rules (training only), and a training
+step equal with and without them."""
 
 from __future__ import annotations
 
@@ -10,10 +11,11 @@ import torch
 
 from gemmakit.api import build_model
 from gemmakit.config import get_config
-from gemmakit.kernels import cpu, train_ops
+from gemmakit.kernels import build, train_ops
+from gemmakit.model import layers
 from gemmakit.training.losses import next_token_loss
 
-CAN_BUILD = cpu.cpu_supported() and shutil.which("cc") is not None
+CAN_BUILD = build.cpu_supported() and shutil.which("cc") is not None
 needs_kernel = pytest.mark.skipif(not CAN_BUILD, reason="needs x86-64 AVX2/FMA and a C compiler")
 
 
@@ -33,7 +35,7 @@ def test_rms_norm_matches_torch(shape, threads):
     g = torch.randn(shape, generator=gen)
     assert train_ops._kernel_lib(x, w) is not None
     got, (gx, gw) = grads(lambda a, b: train_ops.rms_norm(a, b, 1e-6), [x, w], g)
-    want, (wx, ww) = grads(lambda a, b: train_ops.rms_norm_reference(a, b, 1e-6), [x, w], g)
+    want, (wx, ww) = grads(lambda a, b: layers.rms_norm(a, b, 1e-6), [x, w], g)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(gx, wx, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(gw, ww, rtol=1e-5, atol=1e-4)
@@ -52,9 +54,9 @@ def test_gelu_mul_matches_torch(n, threads):
     g = torch.randn(n, generator=gen)
     assert train_ops._kernel_lib(a, b) is not None
     got = grads(train_ops.gelu_mul, [a, b], g)
-    torch_f32 = grads(train_ops.gelu_mul_reference, [a, b], g)
+    torch_f32 = grads(layers.gelu_gate, [a, b], g)
     a64, b64 = (t.detach().double().requires_grad_() for t in (a, b))
-    exact = grads(train_ops.gelu_mul_reference, [a64, b64], g.double())
+    exact = grads(layers.gelu_gate, [a64, b64], g.double())
     # gelu' crosses zero near a = -0.75, where its float32 terms cancel: judge the kernel by
     # its distance from float64, against torch's own float32 distance from it
     for ours, theirs, truth in zip(
@@ -83,7 +85,7 @@ def test_rope_matches_torch(head_dim, transposed, threads):
     g = torch.randn(B, N, T, head_dim, generator=gen)
     assert train_ops._kernel_lib(cos, sin, strided=x) is not None
     got, (gx,) = grads(lambda a: train_ops.rope(a, cos, sin), [x], g)
-    want, (wx,) = grads(lambda a: train_ops.rope_reference(a, cos, sin), [x], g)
+    want, (wx,) = grads(lambda a: layers.rope(a, cos, sin), [x], g)
     assert got.stride() == x.stride()  # SDPA sees the layout it saw before
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(gx, wx, rtol=1e-5, atol=1e-6)
@@ -99,22 +101,26 @@ def test_kernels_run_only_where_a_gradient_is_wanted(monkeypatch):
         assert train_ops._kernel_lib(x, w) is None
     assert train_ops._kernel_lib(x.double(), w) is None
     assert train_ops._kernel_lib(x.t(), w[:4]) is None  # not contiguous
-    # inference is torch's ops exactly (bit-identical to HF transformers)
-    torch.testing.assert_close(
-        train_ops.rms_norm(x, w.detach(), 1e-6),
-        train_ops.rms_norm_reference(x, w, 1e-6),
-        rtol=0,
-        atol=0,
-    )
+    assert not train_ops.rms_norm_applies(x, w.detach())
+    # inference is the model's torch math exactly (bit-identical to HF transformers)
+    norm = layers.RMSNorm(16)
+    with torch.no_grad():
+        norm.weight.copy_(w)
+        torch.testing.assert_close(norm(x), layers.rms_norm(x, w, 1e-6), rtol=0, atol=0)
     monkeypatch.setenv("GEMMAKIT_NO_KERNELS", "1")
     assert train_ops._kernel_lib(x, w) is None
+    assert not train_ops.rms_norm_applies(x, w)
 
 
 def test_fallback_without_library(monkeypatch):
-    monkeypatch.setattr(cpu, "library", lambda: None)
+    monkeypatch.setattr(train_ops, "library", lambda: None)
     a = torch.randn(33, requires_grad=True)
     b = torch.randn(33, requires_grad=True)
-    torch.testing.assert_close(train_ops.gelu_mul(a, b), train_ops.gelu_mul_reference(a, b))
+    assert not train_ops.gelu_mul_applies(a, b)
+    mlp = layers.GatedMLP(8, 33)
+    x = torch.randn(2, 8, requires_grad=True)
+    want = mlp.down_proj(layers.gelu_gate(mlp.gate_proj(x), mlp.up_proj(x)))
+    torch.testing.assert_close(mlp(x), want, rtol=0, atol=0)
 
 
 @needs_kernel
@@ -174,15 +180,15 @@ CHECKPOINTED_STEP = """
 import torch
 from gemmakit.api import build_model
 from gemmakit.config import get_config
-from gemmakit.kernels import cpu
+from gemmakit.kernels import train_ops
 from gemmakit.training.loop import checkpoint_blocks
 from gemmakit.training.losses import next_token_loss
 model = build_model(get_config("tiny").replace(vocab_size=256, n_layers=2)).train()
 checkpoint_blocks(model)
-assert "lib" not in cpu._state  # the library loads inside the checkpointed forward
+assert "lib" not in train_ops.LIBRARY._state  # it loads inside the checkpointed forward
 tokens = torch.randint(0, 256, (2, 17))
 next_token_loss(model, {"tokens": tokens[:, :-1], "targets": tokens[:, 1:]}).backward()
-print(cpu._state["lib"] is not None)
+print(train_ops.LIBRARY._state["lib"] is not None)
 """
 
 

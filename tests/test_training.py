@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import SMALL, tiny_recipe
 
 from gemmakit.api import build_model
 from gemmakit.config import get_config
@@ -18,16 +19,6 @@ from gemmakit.training.pretrain import pretrain
 from gemmakit.training.recipe import RecipeError, build_recipe, load_recipe
 from gemmakit.training.samplers import SyntheticTokens
 from gemmakit.training.schedule import lr_at
-
-SMALL = {
-    "vocab_size": 256,
-    "d_model": 64,
-    "n_layers": 2,
-    "n_heads": 2,
-    "n_kv_heads": 1,
-    "head_dim": 32,
-    "ffn_dim": 128,
-}
 
 
 def small_model(preset: str = "tiny"):
@@ -166,29 +157,6 @@ def test_synthetic_batches_match_sampler_contract():
     r1 = next(src.batches(8, 2, 1, 2, seed=3))
     np.testing.assert_array_equal(np.concatenate([r0, r1]), rows)
     assert rows.max() < 97 and rows.shape == (4, 9)
-
-
-def tiny_recipe(run_dir, **sections) -> dict:
-    recipe = {
-        "run_dir": str(run_dir),
-        "model": {"preset": "tiny", "config_overrides": SMALL},
-        "data": {"synthetic": True},
-        "training": {
-            "steps": 6,
-            "seq_len": 16,
-            "batch_size": 4,
-            "micro_batch_size": 2,
-            "loss_chunk_tokens": 8,
-            "dtype": "float32",
-        },
-        "optimizer": {"lr": 1e-2, "min_lr": 1e-3, "warmup_steps": 2},
-        "eval": {"interval": 3, "batches": 2},
-        "checkpoint": {"interval": 3},
-        "log": {"progress": False, "tensorboard": False},
-    }
-    for section, values in sections.items():
-        recipe[section] = {**recipe.get(section, {}), **values}
-    return recipe
 
 
 def write_shards(directory, seed=0, docs=60):

@@ -10,8 +10,7 @@ import sys
 from pathlib import Path
 
 import torch
-from test_training import SMALL, tiny_recipe
-from test_training_resume import CONSTANT_LR, env, losses, write_recipe
+from helpers import CONSTANT_LR, SMALL, losses, subprocess_env, tiny_recipe, write_recipe
 
 from gemmakit.api import build_model
 from gemmakit.checkpoint import save_hf
@@ -66,7 +65,7 @@ def torchrun_probe(tmp_path: Path, recipe: dict, *args: str) -> list[dict]:
         str(out),
         *args,
     ]
-    run = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=300)
+    run = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
 

@@ -3,7 +3,6 @@ processes (FSDP2 or DDP over gloo) give the losses of one process with the same 
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -12,8 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
-from test_training import tiny_recipe
+from helpers import CONSTANT_LR, losses, subprocess_env, tiny_recipe, write_recipe
 
 from gemmakit.training.metrics import read_metrics
 from gemmakit.training.pretrain import pretrain
@@ -22,21 +20,8 @@ from gemmakit.training.state import latest_checkpoint
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def write_recipe(path: Path, recipe: dict) -> Path:
-    path.write_text(yaml.safe_dump(recipe))
-    return path
-
-
-def losses(run_dir: Path) -> list[float]:
-    return [r["loss"] for r in read_metrics(run_dir) if "loss" in r]
-
-
 def cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "gemmakit.cli", "pretrain", *args]
-
-
-def env() -> dict:
-    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 
 
 def test_kill_9_then_resume_matches_uninterrupted_run(tmp_path):
@@ -48,7 +33,9 @@ def test_kill_9_then_resume_matches_uninterrupted_run(tmp_path):
     try:
         whole = pretrain(tiny_recipe(tmp_path / "whole", **sections))
         recipe_path = write_recipe(tmp_path / "r.yaml", tiny_recipe(tmp_path / "cut", **sections))
-        proc = subprocess.Popen(cli(str(recipe_path)), env=env(), stdout=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            cli(str(recipe_path)), env=subprocess_env(), stdout=subprocess.DEVNULL
+        )
         first = tmp_path / "cut" / "checkpoints" / "step_0000010" / "train_state.pt"
         deadline = time.time() + 120
         while not first.exists() and proc.poll() is None and time.time() < deadline:
@@ -84,11 +71,8 @@ def torchrun(recipe_path: Path, *args: str) -> None:
         str(recipe_path),
         *args,
     ]
-    out = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=300)
+    out = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-
-
-CONSTANT_LR = {"lr": 1e-2, "min_lr": 1e-2, "warmup_steps": 0}  # so a run may be extended
 
 
 @pytest.mark.parametrize("mode", ["fsdp", "ddp"])

@@ -22,10 +22,12 @@ from gguf import GGUFValueType as V
 from gguf import GGUFWriter, LlamaFileType, quants
 
 from gemmakit.atomic import atomic_path
-from gemmakit.checkpoint.gguf import ARCHITECTURES, config_from_gguf, gguf_layout
+from gemmakit.checkpoint.gguf import ARCHITECTURES, config_from_gguf
 from gemmakit.checkpoint.gguf_vocab import SPACE, UNUSED, USER_DEFINED
-from gemmakit.checkpoint.sources import CheckpointError
+from gemmakit.checkpoint.layouts import gguf_layout
+from gemmakit.checkpoint.save import prepare_output
 from gemmakit.config import GemmaConfig
+from gemmakit.errors import CheckpointError
 from gemmakit.model.transformer import Gemma
 
 __all__ = ["GGUF_DTYPES", "gguf_metadata", "save_gguf"]
@@ -185,6 +187,7 @@ def save_gguf(
     float16 scale). Norm weights are always float32.
     """
     path = Path(path)
+    prepare_output(path, folder=False)
     if dtype not in GGUF_DTYPES:
         raise CheckpointError(f"unknown GGUF dtype {dtype!r}; choose from {', '.join(GGUF_DTYPES)}")
     qtype, file_type = GGUF_DTYPES[dtype]

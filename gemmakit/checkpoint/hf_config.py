@@ -7,7 +7,26 @@ from pathlib import Path
 from typing import Any
 
 from gemmakit.config import GEMMA3_TOKEN_IDS, PRESETS, GemmaConfig, TokenIds
-from gemmakit.errors import CheckpointError
+from gemmakit.errors import CheckpointError, ConfigError
+
+# GemmaConfig field -> the config.json key it comes from
+HF_KEYS = {
+    "vocab_size": "vocab_size",
+    "d_model": "hidden_size",
+    "n_layers": "num_hidden_layers",
+    "n_heads": "num_attention_heads",
+    "n_kv_heads": "num_key_value_heads",
+    "head_dim": "head_dim",
+    "ffn_dim": "intermediate_size",
+    "max_seq_len": "max_position_embeddings",
+    "norm_eps": "rms_norm_eps",
+    "rope_theta": "rope_theta",
+    "query_pre_attn_scalar": "query_pre_attn_scalar",
+    "sliding_window": "sliding_window",
+    "attn_logit_softcap": "attn_logit_softcapping",
+    "final_logit_softcap": "final_logit_softcapping",
+    "global_every": "layer_types",
+}
 
 _ARCH = {
     "gemma": "GemmaForCausalLM",
@@ -27,14 +46,17 @@ def config_from_hf(hf: dict[str, Any], name: str = "checkpoint") -> GemmaConfig:
     global_rope = rope.get("full_attention", rope)
     local_rope = rope.get("sliding_attention", {})
     scaling = hf.get("rope_scaling") or global_rope
+    n_heads, head_dim = hf["num_attention_heads"], hf.get("head_dim")
+    if head_dim is None and isinstance(n_heads, int) and n_heads > 0:
+        head_dim = hf["hidden_size"] // n_heads  # else GemmaConfig names num_attention_heads
     fields: dict[str, Any] = dict(
         name=name,
         vocab_size=hf["vocab_size"],
         d_model=hf["hidden_size"],
         n_layers=hf["num_hidden_layers"],
-        n_heads=hf["num_attention_heads"],
-        n_kv_heads=hf.get("num_key_value_heads", hf["num_attention_heads"]),
-        head_dim=hf.get("head_dim", hf["hidden_size"] // hf["num_attention_heads"]),
+        n_heads=n_heads,
+        n_kv_heads=hf.get("num_key_value_heads", n_heads),
+        head_dim=head_dim,
         ffn_dim=hf["intermediate_size"],
         max_seq_len=hf.get("max_position_embeddings", 8192),
         rope_theta=float(global_rope.get("rope_theta", hf.get("rope_theta", 10_000.0))),
@@ -69,7 +91,14 @@ def config_from_hf(hf: dict[str, Any], name: str = "checkpoint") -> GemmaConfig:
             ),
             tokens=GEMMA3_TOKEN_IDS,
         )
-    return GemmaConfig(**fields)
+    try:
+        return GemmaConfig(**fields)
+    except ConfigError as e:
+        key = HF_KEYS.get(getattr(e, "field", ""))
+        value = fields.get(getattr(e, "field", ""))
+        if key is None:
+            raise
+        raise ConfigError(f"{key}={value!r}: {e}") from None
 
 
 def config_to_hf(config: GemmaConfig) -> dict[str, Any]:
@@ -132,9 +161,13 @@ def read_hf_config(directory: Path) -> GemmaConfig | None:
     if not path.exists():
         return None
     try:
-        return config_from_hf(json.loads(path.read_text()), name=directory.name)
-    except (ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{path}: {e}") from e
+        hf = json.loads(path.read_text())
+        if not isinstance(hf, dict):
+            raise TypeError("not a JSON object")
+        return config_from_hf(hf, name=directory.name)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        detail = f"missing key {e}" if isinstance(e, KeyError) else str(e)
+        raise CheckpointError(f"{path}: {detail}") from e
 
 
 def infer_config(shapes: dict[str, tuple[int, ...]], embed_key: str) -> GemmaConfig:

@@ -1,7 +1,8 @@
 """Where each of the model's tensors lives in each checkpoint format.
 
-A layout maps the model's own parameter names to a `Spec`: the key in the file, and for fused
-tensors the rows that belong to this parameter. Adding a format means adding a layout here.
+A layout maps the model's own parameter names to a `Spec`: the key in the file, for fused
+tensors the rows that belong to this parameter, and a transform applied on reading. Adding a
+format means adding a layout here: HF transformers, gemma_pytorch and GGUF (llama.cpp).
 """
 
 from __future__ import annotations
@@ -84,6 +85,43 @@ def gemma_pytorch_layout(config: GemmaConfig) -> dict[str, Spec]:
     return layout
 
 
+# llama.cpp's converter stores every RMSNorm weight as 1 + w (it folds Gemma's "+1" in), so
+# reading subtracts 1; q and k rows are NOT permuted for Gemma (only for LLaMA-style RoPE).
+def _minus_one(t: torch.Tensor) -> torch.Tensor:
+    return t - 1.0
+
+
+def gguf_layout(config: GemmaConfig) -> dict[str, Spec]:
+    """Our parameter names -> llama.cpp tensor names; norm weights get their stored +1 removed."""
+    layout = {
+        "embedder.weight": Spec("token_embd.weight"),
+        "final_norm.weight": Spec("output_norm.weight", transform=_minus_one),
+    }
+    block = {
+        "attn.q_proj.weight": "attn_q",
+        "attn.k_proj.weight": "attn_k",
+        "attn.v_proj.weight": "attn_v",
+        "attn.o_proj.weight": "attn_output",
+        "mlp.gate_proj.weight": "ffn_gate",
+        "mlp.up_proj.weight": "ffn_up",
+        "mlp.down_proj.weight": "ffn_down",
+    }
+    norms = {"attn_norm.weight": "attn_norm", "mlp_norm.weight": "ffn_norm"}
+    if config.sandwich_norm:
+        norms |= {
+            "post_attn_norm.weight": "post_attention_norm",
+            "post_mlp_norm.weight": "post_ffw_norm",
+        }
+    if config.qk_norm:
+        norms |= {"attn.q_norm.weight": "attn_q_norm", "attn.k_norm.weight": "attn_k_norm"}
+    for i in range(config.n_layers):
+        for ours, theirs in block.items():
+            layout[f"blocks.{i}.{ours}"] = Spec(f"blk.{i}.{theirs}.weight")
+        for ours, theirs in norms.items():
+            layout[f"blocks.{i}.{ours}"] = Spec(f"blk.{i}.{theirs}.weight", transform=_minus_one)
+    return layout
+
+
 # Keys a file may hold that the model does not need.
 IGNORED_KEYS = ("lm_head.weight", "freqs_cis", "rotary_emb.inv_freq")
 
@@ -99,8 +137,6 @@ def detect_layout(keys: list[str], config: GemmaConfig) -> tuple[str, dict[str, 
         if f"{prefix}embed_tokens.weight" in keyset:
             return "hf", hf_layout(config, prefix)
     if "token_embd.weight" in keyset:
-        from gemmakit.checkpoint.gguf import gguf_layout
-
         return "gguf", gguf_layout(config)
     raise CheckpointError(
         "no embedding table found (looked for 'model.embed_tokens.weight', 'embedder.weight', "

@@ -8,8 +8,9 @@ import torch
 
 from gemmakit.checkpoint.hf_config import infer_config, read_hf_config
 from gemmakit.checkpoint.layouts import Spec, detect_layout, is_ignored
-from gemmakit.checkpoint.sources import CheckpointError, TensorSource, open_source
+from gemmakit.checkpoint.sources import TensorSource, open_source
 from gemmakit.config import GemmaConfig, get_config
+from gemmakit.errors import CheckpointError
 from gemmakit.model.transformer import Gemma
 
 

@@ -1,11 +1,17 @@
-"""Write a model as an HF safetensors directory or a gemma_pytorch `.ckpt`, atomically."""
+"""Write a model as an HF safetensors directory or a gemma_pytorch `.ckpt`, atomically.
+
+A writer owns its output: a folder is built beside the target and then replaces it whole, so no
+file of an earlier checkpoint (a stale shard or index) survives in it; a folder that holds
+anything but checkpoint files is refused rather than deleted.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
-import tempfile
+import uuid
 from pathlib import Path
 
 import torch
@@ -15,6 +21,13 @@ from gemmakit.checkpoint.hf_config import config_to_hf
 from gemmakit.checkpoint.layouts import Spec, gemma_pytorch_layout, hf_layout
 from gemmakit.errors import CheckpointError
 from gemmakit.model.transformer import Gemma
+
+# What an HF checkpoint folder holds: replacing a folder of only these loses nothing else.
+CHECKPOINT_FILES = re.compile(
+    r"config\.json|generation_config\.json|model(-\d+-of-\d+)?\.safetensors"
+    r"|model\.safetensors\.index\.json|tokenizer\.(model|json)|tokenizer_config\.json"
+    r"|special_tokens_map\.json"
+)
 
 
 def export_state(model: Gemma, layout: dict[str, Spec]) -> dict[str, torch.Tensor]:
@@ -34,14 +47,51 @@ def export_state(model: Gemma, layout: dict[str, Spec]) -> dict[str, torch.Tenso
     return out
 
 
-def _publish(tmp: Path, target: Path) -> None:
-    """Move a finished temporary directory's files into place, each by an atomic rename."""
+def prepare_output(path: Path, folder: bool) -> None:
+    """Check that `path` can be written as a checkpoint folder (`folder`) or file, and create
+    the folders above it. A CheckpointError names the problem: a file where a folder must be (above
+    `path`, or at it), a folder where the file must be, a folder holding files that are not a
+    checkpoint's (replacing it would delete them), or a folder that cannot be created."""
+    for above in path.parents:
+        if above.exists():
+            if not above.is_dir():
+                raise CheckpointError(
+                    f"{path}: cannot write there, {above} is a file, not a folder"
+                )
+            break
+    if folder and path.exists():
+        if not path.is_dir():
+            raise CheckpointError(f"{path}: is a file; a checkpoint folder would replace it")
+        foreign = sorted(p.name for p in path.iterdir() if not CHECKPOINT_FILES.fullmatch(p.name))
+        if foreign:
+            raise CheckpointError(
+                f"{path}: holds {foreign[0]!r}"
+                + (f" and {len(foreign) - 1} more" if len(foreign) > 1 else "")
+                + ", which is not a checkpoint file; writing a checkpoint there would delete "
+                "it: remove it or choose another folder"
+            )
+    if not folder and path.is_dir():
+        raise CheckpointError(f"{path}: is a folder; give a file name")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CheckpointError(f"{path.parent}: cannot create the folder ({e.strerror})") from None
+
+
+def _replace_folder(tmp: Path, target: Path) -> None:
+    """Put the finished folder `tmp` at `target`, whose old content (if any) goes whole: each
+    step a rename, and the old folder is deleted only once the new one is in place."""
     if not target.exists():
         os.replace(tmp, target)
         return
-    for f in tmp.iterdir():
-        os.replace(f, target / f.name)
-    shutil.rmtree(tmp)
+    old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:12]}")
+    os.replace(target, old)
+    try:
+        os.replace(tmp, target)
+    except BaseException:
+        os.replace(old, target)
+        raise
+    shutil.rmtree(old)
 
 
 def save_hf(
@@ -49,14 +99,16 @@ def save_hf(
     directory: str | Path,
     max_shard_bytes: int | None = None,
     dtype: torch.dtype | None = None,
-    extra_files: dict[str, Path] | None = None,
+    extra_files: dict[str, Path | bytes] | None = None,
 ) -> Path:
     """Write `directory/` as HF transformers writes it: config.json and model.safetensors, or
-    shards plus model.safetensors.index.json when larger than `max_shard_bytes`."""
+    shards plus model.safetensors.index.json when larger than `max_shard_bytes`; plus
+    `extra_files` (file name -> a file to copy or the bytes to write). An existing checkpoint
+    folder is replaced whole (see `prepare_output` for what is refused)."""
     from safetensors.torch import save_file
 
     directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
+    prepare_output(directory, folder=True)
     state = export_state(model, hf_layout(model.config))
     if dtype is not None:
         state = {k: v.to(dtype) for k, v in state.items()}
@@ -69,7 +121,9 @@ def save_hf(
             size = 0
         shards[-1][key] = t
         size += nbytes
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    # a fresh name (not mkdtemp, whose folders are private 0700) gets the usual permissions
+    tmp = directory.with_name(f".{directory.name}.{uuid.uuid4().hex[:12]}.tmp")
+    tmp.mkdir()
     try:
         hf = config_to_hf(model.config)
         hf["torch_dtype"] = hf["dtype"] = str(next(iter(state.values())).dtype).removeprefix(
@@ -88,8 +142,11 @@ def save_hf(
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
         for name, src in (extra_files or {}).items():
-            shutil.copyfile(src, tmp / name)
-        _publish(tmp, directory)
+            if isinstance(src, bytes):
+                (tmp / name).write_bytes(src)
+            else:
+                shutil.copyfile(src, tmp / name)
+        _replace_folder(tmp, directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -99,7 +156,7 @@ def save_hf(
 def save_gemma_pytorch(model: Gemma, path: str | Path, dtype: torch.dtype | None = None) -> Path:
     """Write a gemma_pytorch `.ckpt`: {"model_state_dict": ...} with fused qkv."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    prepare_output(path, folder=False)
     state = export_state(model, gemma_pytorch_layout(model.config))
     if dtype is not None:
         state = {k: v.to(dtype) for k, v in state.items()}

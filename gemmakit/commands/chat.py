@@ -13,8 +13,13 @@ from collections.abc import Callable, Iterator
 from typing import TextIO
 
 from gemmakit.chat import fit_context
-from gemmakit.commands.common import add_model_args, add_sampling_args, load_model_and_tokenizer
-from gemmakit.commands.generate import stream_text
+from gemmakit.commands.common import (
+    add_model_args,
+    add_sampling_args,
+    check_sampling_args,
+    load_model_and_tokenizer,
+    stream_text,
+)
 
 HELP = (
     "/reset: new conversation, /exit or Ctrl-D: quit, Ctrl-C: stop an answer; "
@@ -33,6 +38,7 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_sampling_args(args)  # before the model loads: a bad option fails at once
     model, tokenizer = load_model_and_tokenizer(args)
     print(f"{model.config.name}: {HELP}", file=sys.stderr)
     return chat_loop(model, tokenizer, args, sys.stdout)

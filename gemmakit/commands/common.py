@@ -1,17 +1,14 @@
-"""Options shared by the subcommands that load a model."""
+"""What the subcommands that load a model share: their options, loading the model and its
+tokenizer, and streaming generated text."""
 
 from __future__ import annotations
 
 import argparse
+import sys
 
-DTYPES = ("float32", "bfloat16", "float16")
-
-
-def torch_dtype(name: str | None):
-    """The torch dtype called `name` (torch is imported only by commands that need it)."""
-    import torch
-
-    return getattr(torch, name) if name else None
+from gemmakit.config import GemmaConfig
+from gemmakit.dtypes import DTYPES, torch_dtype
+from gemmakit.errors import CheckpointError, UsageError
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -25,19 +22,72 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--temperature", type=float, default=0.0, help=">= 0; 0: greedy")
+    p.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens (>= 1)")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus mass, in (0, 1]")
     p.add_argument("--seed", type=int, default=None)
 
 
+def check_sampling_args(args: argparse.Namespace) -> None:
+    """UsageError (one line) when --max-new-tokens or a sampling option is out of range."""
+    from gemmakit.generation import check_sampling
+
+    options = ("max_new_tokens", "temperature", "top_k", "top_p", "seed")
+    names = {k: "--" + k.replace("_", "-") for k in options}
+    check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed, names)
+
+
+def check_device(name: str | None) -> None:
+    """UsageError when --device names no device torch knows (cpu, cuda, cuda:1, mps, ...)."""
+    import torch
+
+    if name is None:
+        return
+    try:
+        torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device {name!r}: not a device (cpu, cuda, cuda:N, mps, ...)") from None
+
+
 def load_model_and_tokenizer(args: argparse.Namespace):
+    """(model, tokenizer) for --model/--checkpoint, --tokenizer, --preset, --dtype, --device;
+    a tokenizer whose ids do not fit the model's embedding is a CheckpointError."""
     from gemmakit.api import load_model
     from gemmakit.tokenizer import load_tokenizer
 
+    check_device(args.device)
     source = args.model or args.checkpoint
     dtype = torch_dtype(args.dtype)
     model = load_model(source, dtype=dtype, device=args.device, config=args.preset)
-    tok_source = args.tokenizer or source
-    tokenizer = load_tokenizer(tok_source)
+    tokenizer = load_tokenizer(args.tokenizer or source)
+    check_vocab_fits(tokenizer, model.config, args.tokenizer or source)
     return model, tokenizer
+
+
+def check_vocab_fits(tokenizer, config: GemmaConfig, name: object) -> None:
+    """Raise CheckpointError unless every id of `tokenizer` (loaded from `name`) has a row in
+    the model's embedding: an id beyond it would index out of range."""
+    if tokenizer.vocab_size > config.vocab_size:
+        raise CheckpointError(
+            f"{name}: the tokenizer has {tokenizer.vocab_size} pieces but the model "
+            f"{config.name!r} embeds only {config.vocab_size} ids; give the model's own "
+            "tokenizer (--tokenizer)"
+        )
+
+
+def stream_text(tokenizer, steps, out=None) -> list[int]:
+    """Print decoded text as tokens arrive (decoding the whole so far keeps multi-byte
+    characters and SentencePiece spaces right); returns the ids."""
+    out = out or sys.stdout  # looked up per call: sys.stdout may be replaced (tests, pipes)
+    ids: list[int] = []
+    shown = ""
+    for step in steps:
+        if step[0] is None:
+            break
+        ids.append(step[0])
+        text = tokenizer.decode(ids)
+        if not text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for more bytes
+            out.write(text[len(shown) :])
+            out.flush()
+            shown = text
+    return ids

@@ -6,8 +6,16 @@ import argparse
 import sys
 from pathlib import Path
 
-from gemmakit.commands.common import DTYPES, torch_dtype
+from gemmakit.commands.common import check_vocab_fits
+from gemmakit.dtypes import DTYPES, torch_dtype
 from gemmakit.errors import MissingFileError, UsageError
+from gemmakit.resolve import (
+    TOKENIZER_FILE,
+    checkpoint_path,
+    find_tokenizer,
+    model_path,
+    tokenizer_beside,
+)
 
 # --dtype name -> the GGUF dtype of save_gguf
 GGUF_DTYPE = {"float32": "f32", "float16": "f16", "bfloat16": "bf16", "q8_0": "q8_0"}
@@ -36,38 +44,41 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from gemmakit.checkpoint import load_checkpoint, save_gemma_pytorch, save_hf
-    from gemmakit.installed import installed_model_path
+    from gemmakit.checkpoint import load_checkpoint, save_gemma_pytorch, save_gguf, save_hf
+    from gemmakit.checkpoint.save import prepare_output
+    from gemmakit.tokenizer import Tokenizer
 
-    src = installed_model_path(args.src) or Path(args.src)
+    src = checkpoint_path(args.src)
     dst = Path(args.dst)
     suffixes = {".ckpt": "gemma_pytorch", ".gguf": "gguf"}
     fmt = args.to or suffixes.get(dst.suffix, "hf")
     if args.dtype == "q8_0" and fmt != "gguf":
         raise UsageError("--dtype q8_0 is for GGUF output only")
+    if args.max_shard_size is not None and not args.max_shard_size > 0:
+        raise UsageError(f"--max-shard-size must be > 0 (GB), got {args.max_shard_size}")
+    prepare_output(dst, folder=fmt == "hf")  # before the (long) load: a bad path fails now
+    proto = _tokenizer_proto(args.tokenizer, src)
+    tokenizer = None
+    if proto is not None:
+        tokenizer = Tokenizer(model_proto=proto, name=args.tokenizer or f"the tokenizer of {src}")
     load_dtype = None if fmt == "gguf" else torch_dtype(args.dtype)
     model = load_checkpoint(src, config=args.preset, dtype=load_dtype)
-    if args.tokenizer and not Path(args.tokenizer).exists():
-        raise MissingFileError(f"{args.tokenizer}: no such tokenizer file")
-    tok = _tokenizer_file(Path(args.tokenizer) if args.tokenizer else src)
+    if tokenizer is not None:
+        check_vocab_fits(tokenizer, model.config, args.tokenizer or src)
     if fmt == "gguf":
-        from gemmakit.checkpoint import save_gguf
-        from gemmakit.tokenizer import Tokenizer
-
         dtype = args.dtype or ("bfloat16" if str(model.dtype) == "torch.bfloat16" else "float16")
-        if tok is None:
+        if tokenizer is None:
             print(
                 f"warning: no tokenizer found for {src}: {dst} gets no vocabulary (llama.cpp "
                 "needs one; give --tokenizer)",
                 file=sys.stderr,
             )
-        tokenizer = Tokenizer(tok) if tok is not None else None
         save_gguf(model, dst, tokenizer=tokenizer, dtype=GGUF_DTYPE[dtype])
         print(f"wrote {dst} (gguf, {model.config.name}, {GGUF_DTYPE[dtype]})")
         return 0
     if fmt == "hf":
         shard = int(args.max_shard_size * 1e9) if args.max_shard_size else None
-        extra = {"tokenizer.model": tok} if tok is not None else {}
+        extra = {TOKENIZER_FILE: proto} if proto is not None else {}
         save_hf(model, dst, max_shard_bytes=shard, extra_files=extra)
     else:
         save_gemma_pytorch(model, dst)
@@ -75,17 +86,20 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _tokenizer_file(src: Path) -> Path | None:
-    """The tokenizer that travels with a checkpoint (or is named by --tokenizer), if any."""
-    if src.suffix == ".gguf":
-        from gemmakit.checkpoint.gguf_file import GGUFFile
-        from gemmakit.tokenizer import tokenizer_file_for_gguf
+def _tokenizer_proto(named: str | None, src: Path) -> bytes | None:
+    """The serialized SentencePiece model that goes with the output: the one `--tokenizer`
+    names (a `.model`, a checkpoint with one beside it, a `.gguf`), else the source's own;
+    None when the source has none. A GGUF vocabulary is rebuilt in memory, never in a file."""
+    from gemmakit.checkpoint.gguf_file import GGUFFile
+    from gemmakit.checkpoint.gguf_vocab import sentencepiece_proto_from_metadata
 
-        if GGUFFile(src).get("tokenizer.ggml.tokens") is None:
+    path = model_path(named) if named else src
+    if path.suffix == ".gguf" and path.is_file():
+        meta = GGUFFile(path).metadata
+        if meta.get("tokenizer.ggml.tokens") is None:
+            if named:
+                raise MissingFileError(f"{named}: this GGUF file holds no vocabulary")
             return None  # weights only
-        return tokenizer_file_for_gguf(src)
-    if src.suffix == ".model":
-        return src
-    folder = src if src.is_dir() else src.parent
-    tok = folder / "tokenizer.model"
-    return tok if tok.exists() else None
+        return sentencepiece_proto_from_metadata(meta, str(path))
+    found = find_tokenizer(path) if named else tokenizer_beside(path)
+    return found.read_bytes() if found is not None else None

@@ -96,6 +96,7 @@ def register(sub) -> None:
     c = dsub.add_parser("corpus", help="write the embedded default corpus files to a folder")
     c.add_argument("directory")
     c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--force", action="store_true", help="replace corpus files already there")
     c.set_defaults(func=run_corpus)
 
 
@@ -194,7 +195,10 @@ def run_classifier_train(args: argparse.Namespace) -> int:
     def texts(paths: list[str]) -> Iterator[str]:
         return (d.text for d in read_documents(paths, args.text_field, split=args.split))
 
-    chars = tuple(int(n) for n in args.char_ngrams.split(",") if n.strip())
+    try:
+        chars = tuple(int(n) for n in args.char_ngrams.split(",") if n.strip())
+    except ValueError:
+        raise UsageError(f"--char-ngrams {args.char_ngrams!r}: expected sizes like 3,4,5") from None
     model = train_classifier(
         texts(args.positive),
         texts(args.negative),
@@ -245,10 +249,16 @@ def _decontaminate(docs, summary, args):
     return decontaminate(docs, index, summary)
 
 
+def _check_workers(workers: int | None) -> None:
+    if workers is not None and workers < 1:
+        raise UsageError(f"--workers must be >= 1, got {workers}")
+
+
 def run_tokenize(args: argparse.Namespace) -> int:
     from gemmakit.data.tokenize import tokenize_to_shards
     from gemmakit.tokenizer import load_tokenizer
 
+    _check_workers(args.workers)
     summary = StageSummary("tokenize")
     tokenize_to_shards(
         _inputs(args),
@@ -266,6 +276,7 @@ def run_tokenize(args: argparse.Namespace) -> int:
 def run_prepare(args: argparse.Namespace) -> int:
     from gemmakit.data.pipeline import DEFAULT_CONFIG, SUMMARY_FILE, prepare
 
+    _check_workers(args.workers)
     config = args.config or DEFAULT_CONFIG
     report = prepare(config, args.out, args.tokenizer, workers=args.workers)
     print(f"summary: {Path(report['out_dir']) / SUMMARY_FILE}")
@@ -283,6 +294,11 @@ def run_inspect(args: argparse.Namespace) -> int:
             f"{len(info['shards'])} shards"
         )
     if shards.num_documents:
+        if not 0 <= args.document < shards.num_documents:
+            raise UsageError(
+                f"--document {args.document}: the {args.split} split holds documents "
+                f"0..{shards.num_documents - 1}"
+            )
         ids = shards.document(args.document)
         print(f"document {args.document} ({len(ids)} tokens): {ids[:16].tolist()} ...")
         if args.tokenizer:
@@ -293,13 +309,24 @@ def run_inspect(args: argparse.Namespace) -> int:
 
 
 def run_corpus(args: argparse.Namespace) -> int:
-    import shutil
+    from gemmakit.atomic import atomic_path
+    from gemmakit.data.generated_corpus import CORPUS_DIR, CORPUS_FILES, write_corpus
 
-    from gemmakit.data.generated_corpus import CORPUS_DIR, write_corpus
-
-    for name, path in write_corpus(args.directory, args.seed).items():
+    directory = Path(args.directory)
+    if directory.exists() and not directory.is_dir():
+        raise UsageError(f"{directory}: not a folder")
+    extras = ("blocklist.txt", "default.yaml")
+    there = [n for n in (*CORPUS_FILES, *extras) if (directory / n).exists()]
+    if there and not args.force:
+        # these are the files the README tells users to adapt: never replaced silently
+        raise UsageError(
+            f"{directory} already holds {', '.join(there)}; "
+            "choose another folder, or pass --force to replace them"
+        )
+    for name, path in write_corpus(directory, args.seed).items():
         print(f"{name}: {path} ({path.stat().st_size} bytes)")
-    for extra in ("blocklist.txt", "default.yaml"):
-        shutil.copyfile(CORPUS_DIR / extra, Path(args.directory) / extra)
-        print(f"{extra}: {Path(args.directory) / extra}")
+    for extra in extras:
+        with atomic_path(directory / extra) as tmp:
+            tmp.write_bytes((CORPUS_DIR / extra).read_bytes())
+        print(f"{extra}: {directory / extra}")
     return 0

@@ -15,7 +15,11 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from gemmakit.errors import UsageError
     from gemmakit.main_job import run_all
+
+    if args.steps < 1:
+        raise UsageError(f"--steps must be >= 1, got {args.steps}")
 
     run_all(args.out, args.steps, args.vocab_size, args.seed)
     return 0

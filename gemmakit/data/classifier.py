@@ -293,6 +293,10 @@ def train_classifier(
     each class is kept out of training and scored at the end (training["heldout_accuracy"],
     at score 0.5). The same inputs and seed give the same model, bit for bit."""
     t0 = time.perf_counter()
+    if epochs < 1 or batch_size < 1:
+        raise DataError(
+            f"train_classifier: epochs and batch_size must be >= 1, got {epochs}, {batch_size}"
+        )
     features = features or HashedFeatures()
     pos, neg = list(positive), list(negative)
     if not pos or not neg:

@@ -11,7 +11,10 @@ import random
 import sys
 from pathlib import Path
 
+from gemmakit.atomic import atomic_path
+
 CORPUS_DIR = Path(__file__).parent / "corpus"
+CORPUS_FILES = ("web.jsonl", "math.jsonl", "code.jsonl", "eval.jsonl")  # what write_corpus writes
 
 TOPICS = {
     "gardening": {
@@ -446,13 +449,14 @@ def generate(seed: int = 0, n_web: int = 160, n_math: int = 90, n_code: int = 70
 
 
 def write_corpus(directory: str | Path = CORPUS_DIR, seed: int = 0) -> dict[str, Path]:
-    """Write web.jsonl, math.jsonl, code.jsonl and eval.jsonl into `directory`."""
+    """Write web.jsonl, math.jsonl, code.jsonl and eval.jsonl (CORPUS_FILES) into `directory`,
+    each atomically, replacing files of those names."""
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     out = {}
     for name, records in generate(seed).items():
         path = directory / f"{name}.jsonl"
-        path.write_text("".join(json.dumps(r) + "\n" for r in records))
+        with atomic_path(path) as tmp:
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
         out[name] = path
     return out
 

@@ -31,6 +31,7 @@ from gemmakit.data.shards import (
     window_order,
 )
 from gemmakit.errors import DataError, MissingFileError
+from gemmakit.paths import confined
 
 MIXTURE_FILE = "mixture.json"
 _REPLAY_CHUNK = 1 << 20  # draws per vectorized replay chunk
@@ -92,9 +93,22 @@ class MixtureSampler:
         path = Path(directory) / MIXTURE_FILE
         if not path.exists():
             raise MissingFileError(f"{path}: no mixture file")
-        spec = json.loads(path.read_text())
-        sources = {n: Path(directory) / p for n, p in spec["sources"].items()}
-        return cls(sources, spec["stages"], total_steps)
+        try:
+            spec = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise DataError(f"{path}: not valid JSON ({e})") from None
+        if (
+            not isinstance(spec, dict)
+            or not isinstance(spec.get("sources"), dict)
+            or not isinstance(spec.get("stages"), list)
+        ):
+            raise DataError(f"{path}: expected {{sources: {{NAME: FOLDER}}, stages: [...]}}")
+        # the folders it names must lie inside `directory` (the file may come from anyone)
+        sources = {n: confined(directory, p, path) for n, p in spec["sources"].items()}
+        try:
+            return cls(sources, spec["stages"], total_steps)
+        except DataError as e:
+            raise DataError(f"{path}: {e}") from None
 
     def stage_at(self, step: int) -> int:
         """Index of the stage that step uses."""

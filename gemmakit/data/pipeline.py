@@ -25,6 +25,8 @@ from gemmakit.data.readers import Document, read_documents
 from gemmakit.data.safety import Blocklist, filter_safety
 from gemmakit.data.summary import StageSummary
 from gemmakit.data.tokenize import Encoder, tokenize_to_shards
+from gemmakit.errors import ConfigError
+from gemmakit.paths import confined
 
 DEFAULT_CONFIG = Path(__file__).parent / "corpus" / "default.yaml"
 DOCUMENTS_FILE = "documents.jsonl"
@@ -114,6 +116,7 @@ def prepare(
         if eval_index is not None:
             stages.append(StageSummary("decontaminate", name))
             docs = decontaminate(docs, eval_index, stages[-1])
+        confined(out, name, "config: sources", ConfigError)  # its folder must lie in out
         src_out = out / name
         with atomic_path(src_out / DOCUMENTS_FILE) as tmp, open(tmp, "w", encoding="utf-8") as f:
             docs = _tee(docs, f)

@@ -52,6 +52,34 @@ def _open_text(path: Path) -> TextIO:
     return open(path, encoding="utf-8")
 
 
+def decode_error(path: str | Path, err: UnicodeDecodeError) -> DataError:
+    """A DataError naming the file and the first line (1-based) that is not UTF-8. The file is
+    read again, line by line, to find it (a decoder reading in chunks does not know the line)."""
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                try:
+                    raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    return DataError(
+                        f"{path}:{lineno}: not UTF-8 text (byte {raw[e.start]:#04x} at column "
+                        f"{e.start + 1})"
+                    )
+    except OSError:
+        pass
+    return DataError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})")
+
+
+def read_utf8(path: str | Path) -> str:
+    """The whole text of a UTF-8 file; DataError naming the file and line when it is not UTF-8."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise decode_error(path, e) from None
+
+
 def _record_text(record: dict, text_field: str, where: str) -> str:
     if text_field == ALL_FIELDS:
         return "\n".join(v for v in record.values() if isinstance(v, str))
@@ -68,6 +96,13 @@ def read_text(path: Path, split: str = "file", source: str = "") -> Iterator[Doc
     block (`split="paragraph"`), read line by line."""
     if split not in ("file", "paragraph"):
         raise DataError(f"split must be 'file' or 'paragraph', not {split!r}")
+    try:
+        yield from _read_text(path, split, source)
+    except UnicodeDecodeError as e:
+        raise decode_error(path, e) from None
+
+
+def _read_text(path: Path, split: str, source: str) -> Iterator[Document]:
     with _open_text(path) as f:
         if split == "file":
             text = f.read()
@@ -92,6 +127,13 @@ def read_jsonl(
     path: Path, text_field: str = "text", id_field: str = "id", source: str = ""
 ) -> Iterator[Document]:
     """One document per JSON line; the id is `id_field` when the record has it, else file:line."""
+    try:
+        yield from _read_jsonl(path, text_field, id_field, source)
+    except UnicodeDecodeError as e:
+        raise decode_error(path, e) from None
+
+
+def _read_jsonl(path: Path, text_field: str, id_field: str, source: str) -> Iterator[Document]:
     with _open_text(path) as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():

@@ -7,7 +7,7 @@ import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from gemmakit.data.readers import Document
+from gemmakit.data.readers import Document, read_utf8
 from gemmakit.data.summary import StageSummary
 from gemmakit.errors import DataError, MissingFileError
 
@@ -28,7 +28,7 @@ class Blocklist:
         path = Path(path)
         if not path.exists():
             raise MissingFileError(f"{path}: no blocklist file")
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = read_utf8(path).splitlines()
         terms = [ln for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
         if not terms:
             raise DataError(f"{path}: blocklist holds no terms")

@@ -34,8 +34,10 @@ import numpy as np
 
 from gemmakit.atomic import atomic_path, write_json
 from gemmakit.errors import DataError, MissingFileError
+from gemmakit.paths import confined
 
 INDEX = "index.json"
+SHARD_KEYS = ("file", "docs")  # the file names each shard entry of an index holds
 FORMAT = "gemmakit-token-shards"
 VERSION = 1
 SPLITS = ("train", "val")
@@ -192,6 +194,11 @@ class ShardWriter:
         self._eos = np.array([self.eos_id], dtype=np.int64)
 
     def __enter__(self) -> ShardWriter:
+        if self.directory.exists() and not self.directory.is_dir():
+            raise DataError(f"{self.directory}: not a folder (shards need an output folder)")
+        # the earlier run's shards, to remove once the new index is in place; read (and its
+        # names confined to the folder) before anything is written, so a bad index stops here
+        self._old = _referenced_files(self.directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         return self
 
@@ -213,7 +220,6 @@ class ShardWriter:
         try:
             for w in self._splits.values():
                 w.flush(final=True)
-            old = _referenced_files(self.directory)
             index = {
                 "format": FORMAT,
                 "version": VERSION,
@@ -228,7 +234,7 @@ class ShardWriter:
             self._remove(self._files())
             raise
         self.index = index
-        self._remove(old - set(self._files()))
+        self._remove(self._old - {f.resolve() for f in self._files()})
 
     def _files(self) -> list[Path]:
         return [f for w in self._splits.values() for f in w.files]
@@ -236,20 +242,55 @@ class ShardWriter:
     @staticmethod
     def _remove(files) -> None:
         for f in files:
-            Path(f).unlink(missing_ok=True)
+            if not Path(f).is_dir():  # an old index may name a folder: never ours to remove
+                Path(f).unlink(missing_ok=True)
 
 
 def _referenced_files(directory: Path) -> set[Path]:
+    """The shard files an existing index in `directory` lists (resolved), none when there is no
+    readable index. A name that leads outside the folder (or to the index itself) is refused:
+    the caller deletes these files."""
+    path = directory / INDEX
     try:
-        index = json.loads((directory / INDEX).read_text())
-        return {
-            directory / s[k]
-            for sp in index["splits"].values()
-            for s in sp["shards"]
-            for k in ("file", "docs")
-        }
-    except (OSError, ValueError, KeyError, TypeError):
-        return set()
+        index = json.loads(path.read_text(encoding="utf-8"))
+        entries = [
+            s[k] for sp in index["splits"].values() for s in sp["shards"] for k in SHARD_KEYS
+        ]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return set()  # no index, or not one we wrote: nothing of ours to remove
+    files = {confined(directory, name, path) for name in entries}
+    if (directory / INDEX).resolve() in files:
+        raise DataError(f"{path}: a shard entry names the index itself")
+    return files
+
+
+def _check_index(index: Any, path: Path) -> None:
+    """Raise DataError naming `path` and the entry when the index is not shaped as we write it,
+    or one of its file names leads outside its folder."""
+    if not isinstance(index, dict):
+        raise DataError(f"{path}: expected a JSON object, got {type(index).__name__}")
+    if index.get("format") != FORMAT or index.get("dtype") != "uint32":
+        raise DataError(f"{path}: not a {FORMAT} index with dtype uint32")
+    if not isinstance(index.get("eos_id"), int) or isinstance(index.get("eos_id"), bool):
+        raise DataError(f"{path}: eos_id must be an integer, got {index.get('eos_id')!r}")
+    splits = index.get("splits")
+    if not isinstance(splits, dict):
+        raise DataError(f"{path}: splits must be an object, got {splits!r}")
+    for name, info in splits.items():
+        where = f"splits.{name}"
+        if not isinstance(info, dict) or not isinstance(info.get("shards"), list):
+            raise DataError(f"{path}: {where} must be an object with a shards list")
+        if not _count(info.get("documents")):
+            raise DataError(f"{path}: {where}.documents must be a count >= 0")
+        for i, shard in enumerate(info["shards"]):
+            if not isinstance(shard, dict) or not _count(shard.get("tokens")):
+                raise DataError(f"{path}: {where}.shards[{i}] needs tokens: a count >= 0")
+            for key in SHARD_KEYS:
+                confined(path.parent, shard.get(key), path)
+
+
+def _count(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
 
 
 # ---------------------------------------------------------------------------------- reading
@@ -261,11 +302,10 @@ def load_index(directory: str | Path) -> dict[str, Any]:
     if not path.exists():
         raise MissingFileError(f"{path}: no shard index (is {directory} a token-shard folder?)")
     try:
-        index = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}: not valid JSON ({e.msg})") from None
-    if index.get("format") != FORMAT or index.get("dtype") != "uint32":
-        raise DataError(f"{path}: not a {FORMAT} index with dtype uint32")
+        index = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: not valid JSON ({e})") from None
+    _check_index(index, path)
     return index
 
 
@@ -304,7 +344,7 @@ class TokenShards:
 
     def _map(self, i: int) -> np.ndarray:
         if self._maps[i] is None:
-            path = self.directory / self._shards[i]["file"]
+            path = confined(self.directory, self._shards[i]["file"], self.directory / INDEX)
             want = self._shards[i]["tokens"] * DTYPE.itemsize
             if not path.exists():
                 raise MissingFileError(f"{path}: shard listed in {INDEX} is missing")
@@ -334,7 +374,8 @@ class TokenShards:
     def doc_starts(self) -> np.ndarray:
         """int64 [num_documents]: where each document (its BOS) starts in the stream."""
         if self._doc_starts is None:
-            parts = [np.load(self.directory / s["docs"]) for s in self._shards]
+            index = self.directory / INDEX
+            parts = [_load_docs(confined(self.directory, s["docs"], index)) for s in self._shards]
             self._doc_starts = np.concatenate(parts) if parts else np.zeros(0, np.int64)
         return self._doc_starts
 
@@ -400,6 +441,19 @@ class TokenShards:
         for b, lo in enumerate(range(0, n, batch_size)):
             if b % world_size == rank:
                 yield self.windows(np.arange(lo, min(lo + batch_size, n)), seq_len)
+
+
+def _load_docs(path: Path) -> np.ndarray:
+    """A shard's document offsets (int64 [n]); never unpickles (allow_pickle=False)."""
+    if not path.exists():
+        raise MissingFileError(f"{path}: document offsets listed in {INDEX} are missing")
+    try:
+        starts = np.load(path, allow_pickle=False)
+    except ValueError as e:
+        raise DataError(f"{path}: not a .npy array of document offsets ({e})") from None
+    if starts.ndim != 1 or starts.dtype.kind not in "iu":
+        raise DataError(f"{path}: expected a 1-d integer array, got {starts.dtype} {starts.shape}")
+    return starts.astype(np.int64, copy=False)
 
 
 def _check_rank(rank: int, world_size: int, batch_size: int) -> None:

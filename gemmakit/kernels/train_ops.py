@@ -1,21 +1,39 @@
-"""Fused CPU training ops (train_ops.c): RMSNorm and gelu(a) * b as autograd functions, and
-the row-wise cross-entropy of the chunked loss.
+"""Fused CPU training ops (train_ops.c): RMSNorm, RoPE and gelu(a) * b as autograd functions,
+and the row-wise cross-entropy of the chunked loss.
 
-`rms_norm` and `gelu_mul` compute what gemmakit.model.layers computes with torch ops, but in
-one pass per direction over the activations. They run the C kernels for float32 CPU tensors
-that need gradients (a training step), and torch everywhere else: inference stays on torch's
-ops, so it stays bit-identical to HF transformers, and GPUs, other dtypes, torch.compile and
-machines without the kernels are unaffected. GEMMAKIT_NO_KERNELS=1 turns them off.
+`rms_norm`, `rope` and `gelu_mul` compute what gemmakit.model.layers computes with torch ops (the
+model's math lives there), in one pass per direction over the activations. The model runs them
+where `*_applies` says so: float32 CPU tensors that need gradients (a training step). Inference
+stays on torch's ops, so it stays bit-identical to HF transformers, and GPUs, other dtypes,
+torch.compile and machines without the library are unaffected. GEMMAKIT_NO_KERNELS=1 turns
+them off. This library builds and falls back apart from the GEMV one (gemv.py).
 """
 
 from __future__ import annotations
 
 import ctypes
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from gemmakit.kernels import cpu
+from gemmakit.kernels.build import CLibrary, enabled
+
+_P, _I64, _F32, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
+SIGNATURES = {
+    "rmsnorm_fwd": [_P, _P, _P, _P, _I64, _I64, _F32, _INT],
+    "rmsnorm_bwd": [_P, _P, _P, _P, _P, _P, _I64, _I64, _INT],
+    "gelu_mul_fwd": [_P, _P, _P, _I64, _INT],
+    "gelu_mul_bwd": [_P, _P, _P, _P, _P, _I64, _INT],
+    "xent_rows": [_P, _P, _P, _I64, _I64, _INT, _INT],
+    "rope_apply": [_P, _P, _P, _P, *[_I64] * 10, _INT, _INT],
+}
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded training-ops library, or None when it is unavailable (the reason warned
+    once). LIBRARY is defined at the end of this module, after its self-test."""
+    return LIBRARY.get()
 
 
 def _kernel_lib(
@@ -34,9 +52,16 @@ def _kernel_lib(
         return None
     if strided is not None and strided.stride(-1) != 1:
         return None
-    if torch.compiler.is_compiling() or not cpu.enabled():
+    if torch.compiler.is_compiling() or not enabled():
         return None
-    return cpu.library()
+    return library()
+
+
+def _require(*tensors: torch.Tensor, strided: torch.Tensor | None = None) -> ctypes.CDLL:
+    lib = _kernel_lib(*tensors, strided=strided)
+    if lib is None:
+        raise RuntimeError("the fused training op does not apply here (check *_applies first)")
+    return lib
 
 
 def _check(rc: int, name: str) -> None:
@@ -45,13 +70,6 @@ def _check(rc: int, name: str) -> None:
 
 
 # --- RMSNorm -------------------------------------------------------------------------------
-
-
-def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """y = x * rsqrt(mean(x^2) + eps) * (1 + w), in float32, cast back to x's dtype."""
-    xf = x.float()
-    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return (y * (1.0 + weight.float())).type_as(x)
 
 
 class _RMSNorm(torch.autograd.Function):
@@ -97,19 +115,18 @@ class _RMSNorm(torch.autograd.Function):
         return gx, parts.sum(0), None, None
 
 
+def rms_norm_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """True when `rms_norm(x, weight, eps)` can run: a CPU training step in float32."""
+    return x.shape[-1] == weight.numel() and _kernel_lib(x, weight) is not None
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """Gemma's RMSNorm of x [..., D] with weight [D] (scale 1 + w); fused on CPU in training."""
-    lib = _kernel_lib(x, weight) if x.shape[-1] == weight.numel() else None
-    if lib is None:
-        return rms_norm_reference(x, weight, eps)
-    return _RMSNorm.apply(x, weight, eps, lib)
+    """Gemma's RMSNorm of x [..., D] with weight [D] (scale 1 + w), fused; see
+    gemmakit.model.layers.rms_norm for the math. Only where `rms_norm_applies`."""
+    return _RMSNorm.apply(x, weight, eps, _require(x, weight))
 
 
 # --- gelu(a) * b ---------------------------------------------------------------------------
-
-
-def gelu_mul_reference(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return F.gelu(a, approximate="tanh") * b
 
 
 class _GeluMul(torch.autograd.Function):
@@ -145,23 +162,18 @@ class _GeluMul(torch.autograd.Function):
         return ga, gb, None
 
 
+def gelu_mul_applies(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """True when `gelu_mul(a, b)` can run: a CPU training step in float32."""
+    return a.shape == b.shape and _kernel_lib(a, b) is not None
+
+
 def gelu_mul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """gelu_tanh(a) * b (Gemma's gated MLP); fused on CPU in training."""
-    lib = _kernel_lib(a, b) if a.shape == b.shape else None
-    if lib is None:
-        return gelu_mul_reference(a, b)
-    return _GeluMul.apply(a, b, lib)
+    """gelu_tanh(a) * b (Gemma's gated MLP), fused; see gemmakit.model.layers.gelu_gate for the
+    math. Only where `gelu_mul_applies`."""
+    return _GeluMul.apply(a, b, _require(a, b))
 
 
 # --- rotary embedding ----------------------------------------------------------------------
-
-
-def rope_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x [B, N, T, H] by cos/sin [B, T, H] (rotate-half layout, in x's dtype)."""
-    cos, sin = cos[:, None], sin[:, None]
-    x1, x2 = x.chunk(2, dim=-1)
-    rotated = torch.cat([-x2, x1], dim=-1)
-    return x * cos + rotated * sin
 
 
 def _rope_call(lib, x: torch.Tensor, cos, sin, inverse: bool) -> torch.Tensor:
@@ -206,19 +218,22 @@ class _Rope(torch.autograd.Function):
         return _rope_call(ctx.lib, gy, cos, sin, inverse=True), None, None, None
 
 
-def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding of x [B, N, T, H] with cos/sin [B, T, H]; fused on CPU in training."""
-    lib = None
-    if (
+def rope_applies(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
+    """True when `rope(x, cos, sin)` can run: a CPU training step in float32, x [B, N, T, H]
+    with a unit last stride, constant cos/sin [B, T, H]."""
+    return (
         x.dim() == 4
         and x.shape[-1] % 2 == 0
         and cos.shape == sin.shape == (x.shape[0], x.shape[2], x.shape[3])
         and not (cos.requires_grad or sin.requires_grad)
-    ):
-        lib = _kernel_lib(cos, sin, strided=x)
-    if lib is None:
-        return rope_reference(x, cos, sin)
-    return _Rope.apply(x, cos, sin, lib)
+        and _kernel_lib(cos, sin, strided=x) is not None
+    )
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding of x [B, N, T, H] with cos/sin [B, T, H], fused; see
+    gemmakit.model.layers.rope for the math. Only where `rope_applies`."""
+    return _Rope.apply(x, cos, sin, _require(cos, sin, strided=x))
 
 
 # --- cross-entropy rows --------------------------------------------------------------------
@@ -254,6 +269,23 @@ def xent_rows(
 
 
 # --- the library's self-test ---------------------------------------------------------------
+# Against torch's own ops, written here independently of gemmakit.model.layers (which imports
+# this module); tests/test_train_ops.py checks these ops equal the model's math.
+
+
+def _torch_rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    return F.rms_norm(x, (x.shape[-1],), weight=1.0 + w, eps=eps)
+
+
+def _torch_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2  # x [B, N, T, H]; cos/sin [B, T, H], both halves alike
+    c, s = cos[:, None, :, :half], sin[:, None, :, :half]
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1)
+
+
+def _torch_gelu_mul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return F.gelu(a, approximate="tanh") * b
 
 
 def self_test(lib: ctypes.CDLL) -> None:
@@ -262,30 +294,30 @@ def self_test(lib: ctypes.CDLL) -> None:
     x = (torch.randn(5, 19, generator=gen) * 3).requires_grad_()
     w = torch.randn(19, generator=gen).requires_grad_()
     g = torch.randn(5, 19, generator=gen)
-    want = torch.autograd.grad(rms_norm_reference(x, w, 1e-6), [x, w], g)
+    want = torch.autograd.grad(_torch_rms_norm(x, w, 1e-6), [x, w], g)
     y = _RMSNorm.apply(x, w, 1e-6, lib)
     got = torch.autograd.grad(y, [x, w], g)
-    _close("rms_norm", y, rms_norm_reference(x, w, 1e-6))
+    _close("rms_norm", y, _torch_rms_norm(x, w, 1e-6))
     for a, b in zip(got, want):
         _close("rms_norm backward", a, b)
     a = (torch.randn(4103, generator=gen) * 4).requires_grad_()  # not a multiple of 8 or 4096
     b = torch.randn(4103, generator=gen).requires_grad_()
     g = torch.randn(4103, generator=gen)
     h = _GeluMul.apply(a, b, lib)
-    _close("gelu_mul", h, gelu_mul_reference(a, b))
+    _close("gelu_mul", h, _torch_gelu_mul(a, b))
     got = torch.autograd.grad(h, [a, b], g)
-    want = torch.autograd.grad(gelu_mul_reference(a, b), [a, b], g)
+    want = torch.autograd.grad(_torch_gelu_mul(a, b), [a, b], g)
     for u, v in zip(got, want):
         _close("gelu_mul backward", u, v)
     xt = torch.randn(2, 5, 3, 20, generator=gen).transpose(1, 2).requires_grad_()  # [B, N, T, H]
     cos, sin = torch.randn(2, 2, 5, 10, generator=gen).repeat(1, 1, 1, 2)
     g = torch.randn(2, 3, 5, 20, generator=gen)
     y = _Rope.apply(xt, cos, sin, lib)
-    _close("rope", y, rope_reference(xt, cos, sin))
+    _close("rope", y, _torch_rope(xt, cos, sin))
     _close(
         "rope backward",
         torch.autograd.grad(y, xt, g)[0],
-        torch.autograd.grad(rope_reference(xt, cos, sin), xt, g)[0],
+        torch.autograd.grad(_torch_rope(xt, cos, sin), xt, g)[0],
     )
     z = torch.randn(6, 1003, generator=gen) * 8
     t = torch.tensor([0, 1002, -100, 5, 77, 500])
@@ -302,3 +334,8 @@ def self_test(lib: ctypes.CDLL) -> None:
 def _close(what: str, got: torch.Tensor, want: torch.Tensor) -> None:
     if not torch.allclose(got, want, rtol=1e-5, atol=1e-5):
         raise RuntimeError(f"self-test failed for {what}: max error {(got - want).abs().max()}")
+
+
+LIBRARY = CLibrary(
+    "fused training ops", Path(__file__).with_name("train_ops.c"), SIGNATURES, self_test
+)

@@ -5,12 +5,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from gemmakit import kernels
 from gemmakit.config import GemmaConfig
 from gemmakit.errors import UsageError
 from gemmakit.model.attention import Attention, soft_cap
 from gemmakit.model.cache import KVCache
-from gemmakit.model.layers import GatedMLP, RMSNorm, rope_angles
+from gemmakit.model.layers import GatedMLP, RMSNorm, linear, rope_angles
 
 
 class Block(nn.Module):
@@ -116,7 +115,7 @@ class Gemma(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final-normed hidden states [..., D] -> logits [..., V] (tied embedding)."""
-        logits = kernels.linear(hidden, self.embedder.weight)  # the 1 GB read of a 2B decode step
+        logits = linear(hidden, self.embedder.weight)  # the 1 GB read of a 2B decode step
         if self.config.final_logit_softcap is not None:
             logits = soft_cap(logits, self.config.final_logit_softcap)
         return logits

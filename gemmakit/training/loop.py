@@ -33,6 +33,7 @@ from torch.utils.checkpoint import checkpoint
 
 from gemmakit.api import build_model, load_model
 from gemmakit.config import GemmaConfig, get_config
+from gemmakit.dtypes import torch_dtype
 from gemmakit.errors import ConfigError, MissingFileError
 from gemmakit.model.transformer import Gemma
 from gemmakit.training import allocator, distributed, state
@@ -432,13 +433,10 @@ def _announce(recipe: Recipe, model: Gemma, env: DistEnv, accum: int, resume_fro
 # --- pieces the loop uses -----------------------------------------------------------------------
 
 
-DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
-
-
 def compute_dtype(name: str, device: torch.device) -> torch.dtype:
     """The autocast dtype for training.dtype; auto is bfloat16 where the hardware has it."""
     if name != "auto":
-        return DTYPES[name]
+        return torch_dtype(name)
     if device.type == "cuda":
         return torch.bfloat16
     try:
