@@ -11,7 +11,15 @@ import torch.nn.functional as F
 
 from gemmakit.api import build_model
 from gemmakit.config import get_config
+from gemmakit.errors import DataError
 from gemmakit.model.transformer import segment_positions
+from gemmakit.training.conversations import (
+    PackedRows,
+    encode_conversations,
+    pack,
+    read_conversations,
+)
+from gemmakit.training.losses import IGNORE
 
 SMALL = dict(vocab_size=64, d_model=32, n_layers=3, n_heads=2, head_dim=16, ffn_dim=64)
 
@@ -70,15 +78,6 @@ def test_packed_row_gives_each_conversations_losses_and_gradients(preset):
 
 
 # --- data: formats, errors, the packed stream ----------------------------------------------
-
-from gemmakit.errors import DataError  # noqa: E402
-from gemmakit.training.conversations import (  # noqa: E402
-    PackedRows,
-    encode_conversations,
-    pack,
-    read_conversations,
-)
-from gemmakit.training.losses import IGNORE  # noqa: E402
 
 
 class CharTokenizer:
@@ -281,3 +280,23 @@ def test_sft_teaches_a_tiny_model_an_answer_format(tmp_path):
     assert (result.checkpoint / "tokenizer.model").is_file()
     assert result.val_losses[-1][1] < 0.5 * result.val_losses[0][1]
     assert exact_match(after, tok, held) >= 0.7
+
+
+def test_sft_command_reports_a_bad_row_in_one_line(tmp_path, capsys):
+    from pathlib import Path
+
+    from gemmakit.cli import main
+    from gemmakit.training.recipe import load_recipe
+
+    format_task(tmp_path)
+    with (tmp_path / "train.jsonl").open("a") as f:
+        f.write(json.dumps({"prompt": "hi", "answer": "x"}) + "\n")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(json.dumps(sft_recipe(tmp_path)))  # JSON is YAML
+    assert main(["sft", str(recipe)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("gemmakit sft: error: ") and "train.jsonl:201: expected field" in err
+    assert "\n" not in err
+    for name in ("sft-tiny.yaml", "sft-270m-lora.yaml"):  # the shipped recipes parse
+        r = load_recipe(Path(__file__).parents[1] / "recipes" / name)
+        assert (r.lora is None) == (name == "sft-tiny.yaml")

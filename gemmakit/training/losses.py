@@ -144,8 +144,8 @@ def chunked_cross_entropy(
     where no loss is wanted, weight [V, D] the output head (Gemma's tied embedding), softcap
     the final-logit soft-cap (Gemma 2) or None: the same logits as `Gemma.logits`. Never holds
     more than one [chunk_tokens, V] block of logits, and computes the head once (no
-    recomputation in backward). The result and its gradients equal the plain full-logits mean
-    cross-entropy.
+    recomputation in backward); positions without a target (IGNORE) skip the head altogether.
+    The result and its gradients equal the plain full-logits mean cross-entropy.
     """
     h = hidden.reshape(-1, hidden.shape[-1])  # [N, D]
     t = targets.reshape(-1)  # [N]
@@ -155,8 +155,12 @@ def chunked_cross_entropy(
         raise ValueError(
             f"head weight {tuple(weight.shape)} does not match hidden size {h.shape[1]}"
         )
+    valid = t != IGNORE
+    n = valid.sum()
+    if int(n) < len(t):  # SFT: logits only where there is a target (not on prompt tokens)
+        h, t = h[valid], t[valid]
     total = _ChunkedCrossEntropy.apply(h, t, weight, softcap, chunk_tokens)
-    return total / (t != IGNORE).sum().clamp(min=1)
+    return total / n.clamp(min=1)
 
 
 def next_token_loss(model: nn.Module, batch: dict, chunk_tokens: int = 0) -> torch.Tensor:

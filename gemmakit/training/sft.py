@@ -20,9 +20,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from gemmakit.atomic import atomic_path
+from gemmakit.checkpoint import open_source
+from gemmakit.checkpoint.gguf_vocab import sentencepiece_proto_from_gguf
+from gemmakit.checkpoint.load import resolve_config
+from gemmakit.checkpoint.peft import is_adapter_dir, load_lora
 from gemmakit.config import GemmaConfig
-from gemmakit.errors import MissingFileError
 from gemmakit.model.lora import LoRASpec, apply_lora
+from gemmakit.resolve import TOKENIZER_FILE, checkpoint_path, find_tokenizer
+from gemmakit.tokenizer import load_tokenizer
 from gemmakit.training import distributed
 from gemmakit.training.conversations import (
     PackedRows,
@@ -37,43 +43,31 @@ from gemmakit.training.recipe import LoRASection, Recipe, RecipeError, as_recipe
 
 
 def base_config(recipe: Recipe) -> GemmaConfig:
-    """The config of the model the recipe starts from, without loading its weights."""
+    """The config of the model the recipe starts from, read without loading its weights."""
     if not recipe.model.checkpoint:
         return model_config(recipe)
-    from gemmakit.checkpoint import open_source
-    from gemmakit.checkpoint.load import resolve_config
-    from gemmakit.installed import installed_model_path
-
-    name = recipe.model.checkpoint
-    path = installed_model_path(str(name)) or Path(name)
-    if not path.exists():
-        raise MissingFileError(f"{path}: model.checkpoint does not exist")
+    path = checkpoint_path(recipe.model.checkpoint)
     return resolve_config(open_source(path), path, None)
 
 
 def tokenizer_file(recipe: Recipe) -> Path:
     """The SentencePiece file of data.tokenizer, else of model.checkpoint (a `.model` file, a
-    folder holding tokenizer.model, a `.gguf` or an installed model), copied into checkpoints."""
-    from gemmakit.installed import installed_model_path
-    from gemmakit.tokenizer import tokenizer_file_for_gguf
-
+    folder holding tokenizer.model, a `.gguf` or an installed model), copied into checkpoints.
+    A GGUF's vocabulary is written once into the run folder as tokenizer.model."""
     source = recipe.data.tokenizer or recipe.model.checkpoint
     if not source:
         raise RecipeError("recipe: set data.tokenizer (the model is a preset with no tokenizer)")
-    path = installed_model_path(str(source)) or Path(source)
-    if path.suffix == ".gguf" and path.is_file():
-        return tokenizer_file_for_gguf(path)
-    if path.is_dir():
-        path = path / "tokenizer.model"
-    if not path.is_file():
-        raise MissingFileError(f"{path}: no tokenizer (set data.tokenizer)")
-    return path
+    path = checkpoint_path(source)
+    if path.suffix != ".gguf":
+        return find_tokenizer(path)
+    out = Path(recipe.run_dir) / TOKENIZER_FILE
+    with atomic_path(out) as tmp:
+        tmp.write_bytes(sentencepiece_proto_from_gguf(path))
+    return out
 
 
 def prepare_lora(section: LoRASection, model: torch.nn.Module, resume_from: Path | None) -> None:
     """Adapters on the model (from the resumed checkpoint if any), the base frozen."""
-    from gemmakit.checkpoint.peft import is_adapter_dir, load_lora
-
     if resume_from is not None and is_adapter_dir(resume_from):
         load_lora(model, resume_from)
     else:
@@ -138,8 +132,6 @@ def sft(recipe: Recipe | dict | str | Path, resume: bool = False) -> RunResult:
     """Fine-tune as the recipe says (a Recipe, a nested dict or a YAML path); works alone or
     under torchrun. Returns the loop's RunResult (its checkpoint: a full model, or with LoRA
     the adapter folder)."""
-    from gemmakit.tokenizer import load_tokenizer
-
     recipe = copy.deepcopy(as_recipe(recipe))
     config = base_config(recipe)
     tok_path = tokenizer_file(recipe)
