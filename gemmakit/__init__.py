@@ -15,6 +15,8 @@ _EXPORTS = {
     "get_config": "gemmakit.config",
     "build_model": "gemmakit.api",
     "load_model": "gemmakit.api",
+    "load_lora": "gemmakit.checkpoint.peft",
+    "merge_lora": "gemmakit.model.lora",
     "generate": "gemmakit.generation",
     "stream_generate": "gemmakit.generation",
     "load_tokenizer": "gemmakit.tokenizer",
@@ -25,7 +27,9 @@ __all__ = [
     "build_model",
     "generate",
     "get_config",
+    "load_lora",
     "load_model",
+    "merge_lora",
     "load_tokenizer",
     "stream_generate",
 ]
@@ -33,8 +37,10 @@ __version__ = "0.1.0"
 
 if TYPE_CHECKING:
     from gemmakit.api import build_model, load_model
+    from gemmakit.checkpoint.peft import load_lora
     from gemmakit.config import PRESETS, GemmaConfig, get_config
     from gemmakit.generation import generate, stream_generate
+    from gemmakit.model.lora import merge_lora
     from gemmakit.tokenizer import load_tokenizer
 
 

@@ -7,7 +7,9 @@ from pathlib import Path
 import torch
 
 from gemmakit.checkpoint import load_checkpoint
+from gemmakit.checkpoint.peft import load_lora
 from gemmakit.config import GemmaConfig
+from gemmakit.model.lora import merge_lora
 from gemmakit.model.transformer import Gemma, init_weights
 from gemmakit.resolve import resolve_source
 
@@ -35,12 +37,27 @@ def load_model(
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
     config: GemmaConfig | str | None = None,
+    adapter: str | Path | None = None,
+    merge: bool = False,
 ) -> Gemma:
     """A Gemma model from a preset name (random weights), a GemmaConfig, a checkpoint path
     (HF directory, `.safetensors`, index json, `.ckpt`, `.gguf`) or an installed model name.
 
+    adapter: a LoRA folder in PEFT's format (`adapter_config.json` + `adapter_model.safetensors`,
+    e.g. a LoRA SFT checkpoint) put onto those weights; with `merge`, folded into them so the
+    result is a plain model.
     Returns an nn.Module whose forward(tokens [B, T]) gives logits [B, T, V].
     """
+    model = _load_base(source, dtype, device, config)
+    if adapter is not None:
+        load_lora(model, adapter)
+        if merge:
+            merge_lora(model)
+        model.eval()
+    return model
+
+
+def _load_base(source, dtype, device, config) -> Gemma:
     found = source if isinstance(source, GemmaConfig) else resolve_source(source)
     if isinstance(found, GemmaConfig):
         return build_model(found, dtype, device)

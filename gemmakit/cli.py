@@ -16,6 +16,8 @@ COMMANDS = [
     "gemmakit.commands.convert",
     "gemmakit.commands.run",
     "gemmakit.commands.pretrain",
+    "gemmakit.commands.sft",
+    "gemmakit.commands.merge_lora",
     "gemmakit.commands.tokenizer",
     "gemmakit.commands.chat",
     "gemmakit.commands.data",

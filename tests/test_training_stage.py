@@ -76,7 +76,7 @@ def synthetic_batches(vocab: int, seq_len: int, micro: int):
 def test_adapt_model_hook_freezes_what_a_stage_asks(tmp_path):
     seen = []
 
-    def freeze_embedding(model):
+    def freeze_embedding(model, resume_from=None):
         seen.append(model)
         model.embedder.weight.requires_grad_(False)
 

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from gemmakit.config import GemmaConfig
+from gemmakit.errors import UsageError
 from gemmakit.model.attention import Attention, soft_cap
 from gemmakit.model.cache import KVCache
 from gemmakit.model.layers import GatedMLP, RMSNorm, linear, rope_angles
@@ -62,13 +63,17 @@ class Gemma(nn.Module):
         tokens: torch.Tensor,
         *,
         positions: torch.Tensor | None = None,
+        segment_ids: torch.Tensor | None = None,
         cache: KVCache | None = None,
         last_only: bool = False,
         return_hidden: bool = False,
     ) -> torch.Tensor:
         """tokens [B, T] -> logits [B, T, V] (or [B, 1, V] with `last_only`).
 
-        positions [B, T]: RoPE positions (default: cache.length + 0..T-1).
+        positions [B, T]: RoPE positions (default: cache.length + 0..T-1, or with segment_ids
+        the offset within each segment).
+        segment_ids [B, T]: packed sequences (no cache): a token attends only to earlier tokens
+        of its own segment, so documents packed into one row do not see each other.
         cache: decoding state; keys at cache.key_valid == False (left padding) are masked.
         return_hidden: the final-normed hidden states [B, T, D] instead of logits, for a loss
         that computes logits chunk by chunk (see `logits`).
@@ -76,14 +81,19 @@ class Gemma(nn.Module):
         cfg = self.config
         B, T = tokens.shape
         start = cache.length if cache is not None else 0
+        if segment_ids is not None and cache is not None:
+            raise UsageError("segment_ids is for packed training sequences, not with a cache")
         if positions is None:
-            positions = torch.arange(start, start + T, device=tokens.device).expand(B, T)
+            if segment_ids is None:
+                positions = torch.arange(start, start + T, device=tokens.device).expand(B, T)
+            else:
+                positions = segment_positions(segment_ids)
 
         x = self.embedder(tokens)
         # The scale is rounded to the activation dtype first, as in the released models.
         x = x * torch.tensor(cfg.d_model**0.5, dtype=x.dtype)
 
-        global_mask, local_mask = self._masks(B, T, start, cache, tokens.device)
+        global_mask, local_mask = self._masks(B, T, start, cache, tokens.device, segment_ids)
         cos_sin = {}
         for theta, scaling in {(cfg.rope_theta, cfg.rope_scaling), self._local_rope()}:
             cos, sin = rope_angles(positions, cfg.head_dim, theta, scaling)
@@ -116,7 +126,7 @@ class Gemma(nn.Module):
             return cfg.rope_theta, cfg.rope_scaling
         return cfg.rope_local_theta, 1.0
 
-    def _masks(self, B, T, start, cache, device):
+    def _masks(self, B, T, start, cache, device, segment_ids=None):
         """Boolean masks [B, 1, T, S] (True: attend) for global and local layers.
 
         None stands for plain causal attention over unpadded keys, which SDPA does fastest.
@@ -124,6 +134,7 @@ class Gemma(nn.Module):
         cfg = self.config
         S = start + T
         padded = cache is not None and not bool(cache.key_valid[:, :S].all())
+        padded = padded or segment_ids is not None
         window = cfg.sliding_window if cfg.sliding_window and cfg.global_every > 1 else None
         needs_local = window is not None and S > window
         if not padded and not needs_local:
@@ -131,7 +142,10 @@ class Gemma(nn.Module):
         q_pos = torch.arange(start, S, device=device)[:, None]  # [T, 1]
         k_pos = torch.arange(S, device=device)[None, :]  # [1, S]
         causal = k_pos <= q_pos  # [T, S]
-        if padded:
+        if segment_ids is not None:
+            same = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
+            global_mask = causal & same  # [B, 1, T, T]
+        elif padded:
             # A padding query keeps its own key so that no row is empty (its output is unused).
             keep = cache.key_valid[:, None, None, :S] | (k_pos == q_pos)
             global_mask = causal & keep  # [B, 1, T, S]
@@ -141,6 +155,17 @@ class Gemma(nn.Module):
         if not padded:
             global_mask = None
         return global_mask, local_mask
+
+
+def segment_positions(segment_ids: torch.Tensor) -> torch.Tensor:
+    """Each token's offset from the start of its segment: segment_ids [B, T] -> [B, T] int64.
+    A segment is a run of equal ids (ids of adjacent segments must differ)."""
+    B, T = segment_ids.shape
+    idx = torch.arange(T, device=segment_ids.device).expand(B, T)
+    new = torch.ones_like(segment_ids, dtype=torch.bool)
+    new[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+    starts = torch.where(new, idx, 0).cummax(dim=1).values  # index of each segment's start
+    return idx - starts
 
 
 def init_weights(model: Gemma, std: float = 0.02, seed: int | None = None) -> Gemma:

@@ -45,7 +45,7 @@ from gemmakit.training.schedule import lr_at
 
 BatchFn = Callable[[DistEnv, int], Iterator[dict]]  # (env, first micro-step) -> this rank's
 EvalFn = Callable[[DistEnv], Iterable[dict]]  # env -> this rank's validation batches
-AdaptFn = Callable[[Gemma], None]  # a built model, changed in place before sharding
+AdaptFn = Callable[[Gemma, Path | None], None]  # (model, checkpoint resumed or None)
 
 
 @dataclass
@@ -232,14 +232,14 @@ def build_model_to_train(
     if env.is_main or not sharded:
         model = build_model_for(recipe, resume_from)
         if adapt_model:
-            adapt_model(model)
+            adapt_model(model, resume_from)
     if not sharded:
         return model, None
     weights = model.state_dict() if env.is_main else {}
     config = distributed.broadcast_object(model.config if env.is_main else None, env)
     shell = build_model(config, dtype=torch.float32, device="meta")
     if adapt_model:
-        adapt_model(shell)
+        adapt_model(shell, None)  # the same structure; its weights come from rank 0
     return shell, weights
 
 
@@ -462,8 +462,9 @@ def model_config(recipe: Recipe) -> GemmaConfig:
 
 def build_model_for(recipe: Recipe, resume_from: Path | None) -> Gemma:
     """float32 weights on the CPU: from the checkpoint being resumed, the recipe's starting
-    checkpoint, or the preset at random (seeded by training.seed)."""
-    if resume_from is not None:
+    checkpoint, or the preset at random (seeded by training.seed). A checkpoint without
+    config.json (a LoRA run's: the adapter alone) gives the recipe's base."""
+    if resume_from is not None and (resume_from / "config.json").is_file():
         return load_model(resume_from, dtype=torch.float32)
     if recipe.model.checkpoint:
         return load_model(recipe.model.checkpoint, dtype=torch.float32)

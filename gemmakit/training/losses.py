@@ -144,8 +144,8 @@ def chunked_cross_entropy(
     where no loss is wanted, weight [V, D] the output head (Gemma's tied embedding), softcap
     the final-logit soft-cap (Gemma 2) or None: the same logits as `Gemma.logits`. Never holds
     more than one [chunk_tokens, V] block of logits, and computes the head once (no
-    recomputation in backward). The result and its gradients equal the plain full-logits mean
-    cross-entropy.
+    recomputation in backward); positions without a target (IGNORE) skip the head altogether.
+    The result and its gradients equal the plain full-logits mean cross-entropy.
     """
     h = hidden.reshape(-1, hidden.shape[-1])  # [N, D]
     t = targets.reshape(-1)  # [N]
@@ -155,17 +155,22 @@ def chunked_cross_entropy(
         raise ValueError(
             f"head weight {tuple(weight.shape)} does not match hidden size {h.shape[1]}"
         )
+    valid = t != IGNORE
+    n = valid.sum()
+    if int(n) < len(t):  # SFT: logits only where there is a target (not on prompt tokens)
+        h, t = h[valid], t[valid]
     total = _ChunkedCrossEntropy.apply(h, t, weight, softcap, chunk_tokens)
-    return total / (t != IGNORE).sum().clamp(min=1)
+    return total / n.clamp(min=1)
 
 
 def next_token_loss(model: nn.Module, batch: dict, chunk_tokens: int = 0) -> torch.Tensor:
     """Pretraining loss: mean next-token cross-entropy.
 
     batch: {"tokens": [B, T] int64 inputs, "targets": [B, T] int64 (the inputs shifted by one;
-    IGNORE to skip a position)}. chunk_tokens: positions per logits chunk (0: auto).
+    IGNORE to skip a position), optionally "segment_ids": [B, T] for packed sequences (see
+    Gemma.forward)}. chunk_tokens: positions per logits chunk (0: auto).
     """
-    hidden = model(batch["tokens"], return_hidden=True)  # [B, T, D]
+    hidden = model(batch["tokens"], segment_ids=batch.get("segment_ids"), return_hidden=True)
     cfg = model.config
     chunk_tokens = chunk_tokens or auto_chunk_tokens(cfg.vocab_size)
     return chunked_cross_entropy(

@@ -59,7 +59,7 @@ class PretrainData:
             self.vals = valid_splits(recipe.data, source, recipe.training.seq_len)
             self.has_validation = bool(self.vals)
 
-    def use_model(self, model: Gemma) -> None:
+    def use_model(self, model: Gemma, resume_from: Path | None = None) -> None:
         """Called by train with the model it built: its vocabulary bounds the token ids."""
         self.vocab = model.config.vocab_size
         if self.recipe.data.synthetic:

@@ -95,6 +95,34 @@ class DistributedSection:
 
 
 @dataclass
+class SFTSection:
+    # Supervised fine-tuning (gemmakit sft): data.train lists JSONL files of conversations,
+    # data.valid an optional held-out one, data.tokenizer the vocabulary (default: the model
+    # checkpoint's).
+    valid_fraction: float = 0.0  # held out of data.train when data.valid is null
+    pack: bool = True  # several conversations per sequence, attending only within their own
+
+
+@dataclass
+class LoRASection:
+    # Low-rank adapters on the chosen projections; the base stays frozen (gemmakit.model.lora).
+    rank: int = 8
+    alpha: float = 16.0  # the update is scaled by alpha / rank
+    dropout: float = 0.0  # on the adapter's input, in training only
+    targets: list[str] = field(
+        default_factory=lambda: [
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+        ]
+    )
+
+
+@dataclass
 class Recipe:
     run_dir: str = "runs/pretrain"
     model: ModelSection = field(default_factory=ModelSection)
@@ -105,6 +133,8 @@ class Recipe:
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     log: LogSection = field(default_factory=LogSection)
     distributed: DistributedSection = field(default_factory=DistributedSection)
+    sft: SFTSection = field(default_factory=SFTSection)
+    lora: LoRASection | None = None  # null: full fine-tuning
 
     def to_dict(self) -> dict:
         return typed_config.to_dict(self)
@@ -159,3 +189,12 @@ def _check(r: Recipe, where: str) -> None:
             f"{where}: data.weights has {len(r.data.weights)} entries for "
             f"{len(r.data.train)} data.train dirs"
         )
+    if not 0.0 <= r.sft.valid_fraction < 1.0:
+        raise RecipeError(
+            f"{where}: sft.valid_fraction must be in [0, 1), got {r.sft.valid_fraction}"
+        )
+    if r.lora is not None:
+        if r.lora.rank < 1:
+            raise RecipeError(f"{where}: lora.rank must be >= 1, got {r.lora.rank}")
+        if not 0.0 <= r.lora.dropout < 1.0:
+            raise RecipeError(f"{where}: lora.dropout must be in [0, 1), got {r.lora.dropout}")

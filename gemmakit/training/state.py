@@ -2,7 +2,8 @@
 
 A checkpoint is a directory `RUN/checkpoints/step_0000100/` holding
 - config.json + model.safetensors (gemmakit.checkpoint.save_hf), so `gemmakit.load_model(dir)`
-  loads the trained model directly;
+  loads the trained model directly; in a LoRA run instead the adapter alone, in PEFT's format
+  (gemmakit.checkpoint.peft), for `load_model(base, adapter=dir)`;
 - train_state.pt (torch.save, read back with weights_only=True): optimizer state keyed by
   parameter name, the step, the data position, each rank's RNG states, the recipe, and the
   parameters of the loss itself if it has any (a reward head);
@@ -29,6 +30,7 @@ import torch.distributed as dist
 from torch import nn
 
 from gemmakit.checkpoint import save_hf
+from gemmakit.checkpoint.peft import spec_of, write_lora
 from gemmakit.errors import CheckpointError, MissingFileError
 from gemmakit.model.transformer import Gemma
 from gemmakit.training.distributed import DistEnv, barrier
@@ -150,7 +152,7 @@ def save_checkpoint(
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
         try:
             with _disk_full_names(final):
-                _write(tmp, loss_module.model.config, model_sd, tokenizer)
+                _write(tmp, loss_module.model, model_sd, tokenizer, info)
                 state = {
                     "step": step,
                     "optimizer": optim_sd,
@@ -173,13 +175,21 @@ def save_checkpoint(
     return final
 
 
-def _write(tmp: Path, config, model_sd: dict, tokenizer: str | Path | None) -> None:
-    """The HF half of a checkpoint (config.json, model.safetensors, tokenizer.model) into tmp."""
-    with torch.device("meta"):
-        holder = Gemma(config)  # a module around the gathered tensors, for save_hf
+def _write(
+    tmp: Path, model: Gemma, model_sd: dict, tokenizer: str | Path | None, info: dict
+) -> None:
+    """The model half of a checkpoint into tmp: config.json, model.safetensors and
+    tokenizer.model; in a LoRA run the adapter alone (PEFT's format), never the frozen base."""
     gemma_sd = {k.removeprefix("model."): v for k, v in model_sd.items() if k.startswith("model.")}
-    holder.load_state_dict(gemma_sd, assign=True)
     extra = {"tokenizer.model": Path(tokenizer)} if tokenizer else None
+    lora = {k: v for k, v in gemma_sd.items() if ".lora_" in k}
+    if lora:
+        base = info.get("recipe", {}).get("model", {}).get("checkpoint")
+        write_lora(lora, model.config, spec_of(model), tmp, base, extra)
+        return
+    with torch.device("meta"):
+        holder = Gemma(model.config)  # a module around the gathered tensors, for save_hf
+    holder.load_state_dict(gemma_sd, assign=True)
     save_hf(holder, tmp, extra_files=extra)
 
 

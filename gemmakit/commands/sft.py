@@ -1,0 +1,49 @@
+"""`gemmakit sft RECIPE [--set key=value ...] [--resume]`: supervised fine-tuning on chat
+conversations (JSONL), full or LoRA, from a YAML recipe (see recipes/sft-*.yaml).
+
+Under torchrun each process takes one device, as with `gemmakit pretrain`.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub) -> None:
+    p = sub.add_parser("sft", help="fine-tune on chat conversations (full or LoRA) from a recipe")
+    p.add_argument("recipe", help="YAML recipe file (see recipes/sft-*.yaml)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a recipe value, e.g. --set lora.rank=16 (repeatable)",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the newest checkpoint in the recipe's run_dir",
+    )
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from gemmakit.training import load_recipe
+    from gemmakit.training.sft import sft
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    result = sft(recipe, resume=args.resume)
+    if result.losses:
+        val = f", held-out loss {result.val_losses[-1][1]:.4f}" if result.val_losses else ""
+        print(
+            f"done: {result.steps} steps, final loss {result.losses[-1]:.4f}{val}, "
+            f"{result.tokens_per_s:,.0f} tokens/s; checkpoint {result.checkpoint}"
+        )
+        if recipe.lora is not None:
+            base = recipe.model.checkpoint or recipe.model.preset
+            print(
+                f"the checkpoint is a LoRA adapter (PEFT format): "
+                f"gemmakit merge-lora {base} {result.checkpoint} OUT"
+            )
+    return 0
