@@ -212,7 +212,7 @@ def test_cli_score(tmp_path, capsys, shipped):
 class CharTokenizer:
     """One id per ASCII character (1000 + code point), Gemma's control ids elsewhere."""
 
-    def encode(self, text: str, bos: bool = True) -> list[int]:
+    def encode(self, text: str, bos: bool = True, special: bool = True) -> list[int]:
         return [2] * bos + [1000 + ord(c) for c in text if ord(c) < 128]
 
     def decode(self, ids) -> str:

@@ -83,7 +83,7 @@ def test_packed_row_gives_each_conversations_losses_and_gradients(preset):
 class CharTokenizer:
     """One id per character (100 + code point mod 50) and Gemma's special ids."""
 
-    def encode(self, text: str, bos: bool = True) -> list[int]:
+    def encode(self, text: str, bos: bool = True, special: bool = True) -> list[int]:
         return [2] * bos + [150 + ord(c) % 50 for c in text]
 
     def token_ids(self, default=None):

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from gemmakit.config import GemmaConfig
 from gemmakit.dtypes import DTYPES, torch_dtype
-from gemmakit.errors import CheckpointError, UsageError
+from gemmakit.errors import CheckpointError, MissingFileError, UsageError
+from gemmakit.resolve import find_tokenizer, model_path, tokenizer_beside
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -91,3 +93,22 @@ def stream_text(tokenizer, steps, out=None) -> list[int]:
             out.flush()
             shown = text
     return ids
+
+
+def tokenizer_proto(named: str | None, src: Path) -> bytes | None:
+    """The serialized SentencePiece model that goes with the output: the one `--tokenizer`
+    names (a `.model`, a checkpoint with one beside it, a `.gguf`), else the source's own;
+    None when the source has none. A GGUF vocabulary is rebuilt in memory, never in a file."""
+    from gemmakit.checkpoint.gguf_file import GGUFFile
+    from gemmakit.checkpoint.gguf_vocab import sentencepiece_proto_from_metadata
+
+    path = model_path(named) if named else src
+    if path.suffix == ".gguf" and path.is_file():
+        meta = GGUFFile(path).metadata
+        if meta.get("tokenizer.ggml.tokens") is None:
+            if named:
+                raise MissingFileError(f"{named}: this GGUF file holds no vocabulary")
+            return None  # weights only
+        return sentencepiece_proto_from_metadata(meta, str(path))
+    found = find_tokenizer(path) if named else tokenizer_beside(path)
+    return found.read_bytes() if found is not None else None

@@ -6,15 +6,12 @@ import argparse
 import sys
 from pathlib import Path
 
-from gemmakit.commands.common import check_vocab_fits
+from gemmakit.commands.common import check_vocab_fits, tokenizer_proto
 from gemmakit.dtypes import DTYPES, torch_dtype
-from gemmakit.errors import MissingFileError, UsageError
+from gemmakit.errors import UsageError
 from gemmakit.resolve import (
     TOKENIZER_FILE,
     checkpoint_path,
-    find_tokenizer,
-    model_path,
-    tokenizer_beside,
 )
 
 # --dtype name -> the GGUF dtype of save_gguf
@@ -57,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     if args.max_shard_size is not None and not args.max_shard_size > 0:
         raise UsageError(f"--max-shard-size must be > 0 (GB), got {args.max_shard_size}")
     prepare_output(dst, folder=fmt == "hf")  # before the (long) load: a bad path fails now
-    proto = _tokenizer_proto(args.tokenizer, src)
+    proto = tokenizer_proto(args.tokenizer, src)
     tokenizer = None
     if proto is not None:
         tokenizer = Tokenizer(model_proto=proto, name=args.tokenizer or f"the tokenizer of {src}")
@@ -84,22 +81,3 @@ def run(args: argparse.Namespace) -> int:
         save_gemma_pytorch(model, dst)
     print(f"wrote {dst} ({fmt}, {model.config.name}, {next(model.parameters()).dtype})")
     return 0
-
-
-def _tokenizer_proto(named: str | None, src: Path) -> bytes | None:
-    """The serialized SentencePiece model that goes with the output: the one `--tokenizer`
-    names (a `.model`, a checkpoint with one beside it, a `.gguf`), else the source's own;
-    None when the source has none. A GGUF vocabulary is rebuilt in memory, never in a file."""
-    from gemmakit.checkpoint.gguf_file import GGUFFile
-    from gemmakit.checkpoint.gguf_vocab import sentencepiece_proto_from_metadata
-
-    path = model_path(named) if named else src
-    if path.suffix == ".gguf" and path.is_file():
-        meta = GGUFFile(path).metadata
-        if meta.get("tokenizer.ggml.tokens") is None:
-            if named:
-                raise MissingFileError(f"{named}: this GGUF file holds no vocabulary")
-            return None  # weights only
-        return sentencepiece_proto_from_metadata(meta, str(path))
-    found = find_tokenizer(path) if named else tokenizer_beside(path)
-    return found.read_bytes() if found is not None else None

@@ -5,8 +5,10 @@ which every tool that reads Gemma checkpoints loads (gemmakit, transformers, con
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
-from gemmakit.commands.common import DTYPES, torch_dtype
+from gemmakit.commands.common import DTYPES, tokenizer_proto, torch_dtype
+from gemmakit.resolve import TOKENIZER_FILE, checkpoint_path
 
 
 def register(sub) -> None:
@@ -19,31 +21,14 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from gemmakit.api import load_model
     from gemmakit.checkpoint import save_hf
 
-    model = load_model(args.base, dtype=torch_dtype(args.dtype), adapter=args.adapter, merge=True)
-    tokenizer = _tokenizer_file(Path(args.adapter), args.base)
-    extra = {"tokenizer.model": tokenizer} if tokenizer else None
+    base_path = checkpoint_path(args.base)
+    model = load_model(base_path, dtype=torch_dtype(args.dtype), adapter=args.adapter, merge=True)
+    beside = Path(args.adapter) / TOKENIZER_FILE  # a LoRA SFT checkpoint keeps one
+    tokenizer = beside.read_bytes() if beside.is_file() else tokenizer_proto(None, base_path)
+    extra = {TOKENIZER_FILE: tokenizer} if tokenizer else None
     save_hf(model, args.out, extra_files=extra)
     print(f"wrote {args.out} ({model.config.name} with the adapter of {args.adapter} merged)")
     return 0
-
-
-def _tokenizer_file(adapter, base: str):
-    """The adapter's tokenizer.model, else the base's (its folder's, or a GGUF's vocabulary);
-    None when neither has one."""
-    from pathlib import Path
-
-    from gemmakit.installed import installed_model_path
-    from gemmakit.tokenizer import tokenizer_file_for_gguf
-
-    if (adapter / "tokenizer.model").is_file():
-        return adapter / "tokenizer.model"
-    path = installed_model_path(base) or Path(base)
-    if path.suffix == ".gguf" and path.is_file():
-        return tokenizer_file_for_gguf(path)
-    folder = path if path.is_dir() else path.parent
-    return folder / "tokenizer.model" if (folder / "tokenizer.model").is_file() else None

@@ -18,9 +18,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from gemmakit import kernels
 from gemmakit.errors import ConfigError
-from gemmakit.model.layers import Linear
+from gemmakit.model.layers import Linear, linear
 
 # The projections of a Gemma block, by the name HF transformers and PEFT use for them.
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -71,7 +70,7 @@ class LoRALinear(nn.Module):
         nn.init.zeros_(self.lora_B.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = kernels.linear(x, self.weight, self.bias)
+        y = linear(x, self.weight, self.bias)
         if self.training and torch.is_grad_enabled():
             x = self.dropout(x)
         return y + self.lora_B(self.lora_A(x)) * self.scaling
