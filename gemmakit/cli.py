@@ -16,6 +16,7 @@ COMMANDS = [
     "gemmakit.commands.convert",
     "gemmakit.commands.run",
     "gemmakit.commands.pretrain",
+    "gemmakit.commands.distill",
     "gemmakit.commands.tokenizer",
     "gemmakit.commands.chat",
     "gemmakit.commands.data",

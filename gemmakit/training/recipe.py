@@ -95,6 +95,18 @@ class DistributedSection:
 
 
 @dataclass
+class DistillSection:
+    # Knowledge distillation (gemmakit distill): the student (model.*) learns a frozen
+    # teacher's next-token distributions over the data.train token stream.
+    teacher: str  # a checkpoint gemmakit.load_model reads, or an installed model name
+    temperature: float = 1.0  # KL between softmax(logits / T) of both, scaled by T^2
+    alpha: float = 1.0  # loss = alpha * KL + (1 - alpha) * next-token cross-entropy
+    # null: KL over the whole vocabulary; k: over the teacher's k likeliest tokens plus one
+    # bucket holding the rest of its mass (and the student's mass on those other tokens)
+    top_k: int | None = None
+
+
+@dataclass
 class Recipe:
     run_dir: str = "runs/pretrain"
     model: ModelSection = field(default_factory=ModelSection)
@@ -105,6 +117,7 @@ class Recipe:
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     log: LogSection = field(default_factory=LogSection)
     distributed: DistributedSection = field(default_factory=DistributedSection)
+    distill: DistillSection | None = None  # gemmakit distill's teacher and loss
 
     def to_dict(self) -> dict:
         return typed_config.to_dict(self)
@@ -159,3 +172,11 @@ def _check(r: Recipe, where: str) -> None:
             f"{where}: data.weights has {len(r.data.weights)} entries for "
             f"{len(r.data.train)} data.train dirs"
         )
+    d = r.distill
+    if d is not None:
+        if not d.temperature > 0:
+            raise RecipeError(f"{where}: distill.temperature must be > 0, got {d.temperature}")
+        if not 0 <= d.alpha <= 1:
+            raise RecipeError(f"{where}: distill.alpha must be in [0, 1], got {d.alpha}")
+        if d.top_k is not None and d.top_k < 1:
+            raise RecipeError(f"{where}: distill.top_k must be >= 1 (or null), got {d.top_k}")
