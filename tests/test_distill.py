@@ -13,7 +13,7 @@ import time
 
 import pytest
 import torch
-from helpers import CONSTANT_LR, SMALL, losses, subprocess_env, tiny_recipe, write_recipe
+from helpers import CONSTANT_LR, ROOT, SMALL, losses, subprocess_env, tiny_recipe, write_recipe
 
 from gemmakit import load_model
 from gemmakit.api import build_model
@@ -306,3 +306,26 @@ def test_kill_9_then_resume_matches_uninterrupted_run(tmp_path, teacher):
     got = losses(tmp_path / "cut")
     assert len(got) == steps
     torch.testing.assert_close(torch.tensor(got), torch.tensor(whole.losses), rtol=1e-5, atol=0)
+
+
+def test_shipped_recipe_runs_from_the_cli(tmp_path, teacher, capsys):
+    small = "{vocab_size: 256, d_model: 32, n_layers: 1, n_heads: 2, head_dim: 16, ffn_dim: 64}"
+    sets = [
+        f"distill.teacher={teacher}",
+        f"run_dir={tmp_path / 'run'}",
+        "data.synthetic=true",
+        f"model.config_overrides={small}",
+        "training.steps=2",
+        "training.seq_len=16",
+        "training.batch_size=4",
+        "training.micro_batch_size=4",
+        "log.progress=false",
+        "log.tensorboard=false",
+        "log.peak_flops=1e12",
+    ]
+    args = ["distill", str(ROOT / "recipes" / "distill-tiny.yaml")] + [
+        a for s in sets for a in ("--set", s)
+    ]
+    assert cli_main(args) == 0
+    assert "done: 2 steps" in capsys.readouterr().out
+    assert load_model(tmp_path / "run" / "checkpoints" / "step_0000002").config.d_model == 32

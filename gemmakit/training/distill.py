@@ -136,9 +136,9 @@ class DistillLoss:
 
 
 def kl_chunk_tokens(vocab_size: int) -> int:
-    """Positions per chunk: a chunk holds about five [chunk, V] float32 buffers (both models'
-    log-probabilities, the teacher's probabilities, the gradient), so a quarter of the
-    cross-entropy's chunk."""
+    """Positions per chunk: a chunk holds about four [chunk, V] float32 buffers (both models'
+    log-probabilities, the teacher's probabilities or a copy for the rest bucket, and the
+    transient of a logsumexp), so a quarter of the cross-entropy's chunk."""
     return max(16, auto_chunk_tokens(vocab_size) // 4)
 
 
@@ -213,8 +213,8 @@ def kl_rows(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """student, teacher logits [C, V] -> (T^2 * KL(p || q) per row [C], with p and q the
     softmaxes of teacher / T and student / T; with want_grad its gradient wrt the student's
-    logits [C, V], else None). Computed in float32 (or float64 for float64 logits); the
-    student's logits may be overwritten.
+    logits [C, V], else None). Computed in float32 (or float64 for float64 logits); both
+    logits tensors may be overwritten.
 
     With top_k the distributions are over k + 1 outcomes: the teacher's k likeliest tokens and
     one bucket for all others, p_rest = 1 - sum of p over the top k (likewise q_rest). The
@@ -223,24 +223,26 @@ def kl_rows(
     """
     acc = torch.promote_types(student.dtype, torch.float32)
     log_q = _log_softmax_(student.detach().to(acc), temperature)
-    log_p = _log_softmax_(teacher.detach().to(acc, copy=True), temperature)
+    log_p = _log_softmax_(teacher.detach().to(acc), temperature)
     t2 = temperature * temperature
     if top_k is None or top_k >= log_p.shape[-1]:
         p = log_p.exp()
-        kl = (p * (log_p - log_q)).sum(-1)
+        kl = log_p.sub_(log_q).mul_(p).sum(-1)  # in place: no more [C, V] buffers
         if not want_grad:
             return t2 * kl, None
         grad = log_q.exp_().sub_(p)  # q - p
         return t2 * kl, grad.mul_(temperature)
     top = log_p.topk(top_k, dim=-1).indices  # [C, k]
     lp_top, lq_top = log_p.gather(1, top), log_q.gather(1, top)
-    lp_rest = log_p.scatter_(1, top, -torch.inf).logsumexp(-1)  # [C]; log_p is spent
-    lq_rest = log_q.scatter(1, top, -torch.inf).logsumexp(-1)
+    # the rest buckets; in place, so both hold -inf on the top k from here on
+    lp_rest = log_p.scatter_(1, top, -torch.inf).logsumexp(-1)  # [C]
+    lq_rest = log_q.scatter_(1, top, -torch.inf).logsumexp(-1)
+    del log_p
     kl = (lp_top.exp() * (lp_top - lq_top)).sum(-1) + lp_rest.exp() * (lp_rest - lq_rest)
     if not want_grad:
         return t2 * kl, None
-    grad = log_q.exp()  # q
-    # q_v * p_rest / q_rest off the top k, in log space: each factor stays <= 1
+    grad = log_q.exp()  # q off the top k, 0 on it
+    # q_v * p_rest / q_rest off the top k, in log space (no factor overflows)
     spread = log_q.add_((lp_rest - lq_rest)[:, None]).exp_()
     grad.sub_(spread).scatter_(1, top, lq_top.exp() - lp_top.exp())
     return t2 * kl, grad.mul_(temperature)
