@@ -18,6 +18,7 @@ COMMANDS = [
     "gemmakit.commands.pretrain",
     "gemmakit.commands.sft",
     "gemmakit.commands.merge_lora",
+    "gemmakit.commands.distill",
     "gemmakit.commands.tokenizer",
     "gemmakit.commands.chat",
     "gemmakit.commands.data",

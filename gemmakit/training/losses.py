@@ -43,37 +43,47 @@ class _Workspace:
 WORKSPACE = _Workspace()
 
 
-class _ChunkedCrossEntropy(torch.autograd.Function):
-    """Summed cross-entropy of logits = softcap(hidden @ weight^T) whose gradients are
-    computed chunk by chunk during the forward.
+ChunkLoss = Callable[[torch.Tensor, slice, bool], tuple[torch.Tensor, torch.Tensor | None]]
+
+
+class _ChunkedHeadLoss(torch.autograd.Function):
+    """A summed loss of logits = softcap(hidden @ weight^T) whose gradients are computed
+    chunk by chunk during the forward.
+
+    chunk_loss(logits [C, V], rows, want_grad) -> (summed loss of those rows (a slice of the
+    positions), its float gradient wrt the logits [C, V] or None): the cross-entropy here,
+    the KL to a teacher in distillation. It may overwrite the logits it gets.
 
     Each chunk's logits live only while that chunk is processed: its loss and its gradients
     (for the hidden states and the weight) are taken at once, with plain matmuls into
     preallocated outputs, so backward only scales them and nothing is recomputed. Peak
-    memory: one [chunk, V] block of logits plus gradients the size of the hidden states and
-    of the weight. Under autocast the matmuls run in the autocast dtype, as F.linear would.
+    memory: one [chunk, V] block of logits (plus what chunk_loss holds for it) and gradients
+    the size of the hidden states and of the weight. Under autocast the matmuls run in the
+    autocast dtype, as F.linear would.
     """
 
     @staticmethod
-    def forward(ctx, hidden, targets, weight, softcap, chunk_tokens):
+    def forward(ctx, hidden, weight, softcap, chunk_tokens, chunk_loss):
         dev = hidden.device
         cdt = hidden.dtype
         if torch.is_autocast_enabled(dev.type):
             cdt = torch.get_autocast_dtype(dev.type)
-        want_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[2]
+        want_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         w = weight.detach().to(cdt)
-        total = torch.zeros((), dtype=torch.float32, device=dev)
+        acc = torch.promote_types(weight.dtype, torch.float32)  # the weight gradient's sums
+        total = torch.zeros((), dtype=acc, device=dev)
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if want_grad else None
+        grad_weight = torch.zeros_like(weight, dtype=acc) if want_grad else None
         with torch.autocast(dev.type, enabled=False):
             for i in range(0, hidden.shape[0], chunk_tokens):
-                hc = hidden[i : i + chunk_tokens].detach().to(cdt)
+                rows = slice(i, i + chunk_tokens)
+                hc = hidden[rows].detach().to(cdt)
                 logits = torch.mm(hc, w.t(), out=WORKSPACE.get(len(hc), len(w), cdt, dev))
                 capped = None
                 if softcap is not None:
                     capped = torch.tanh(logits / softcap)  # kept for the chain rule
                     logits = capped * softcap
-                loss, grad = _chunk_loss(logits, targets[i : i + chunk_tokens], want_grad)
+                loss, grad = chunk_loss(logits, rows, want_grad)
                 total += loss
                 if not want_grad:
                     continue
@@ -81,12 +91,12 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
                     grad.mul_(1.0 - capped.square())
                 grad = grad.to(cdt)
                 if grad_hidden is not None:
-                    grad_hidden[i : i + chunk_tokens] = grad @ w
-                if ctx.needs_input_grad[2]:
-                    if cdt == torch.float32:
+                    grad_hidden[rows] = grad @ w
+                if ctx.needs_input_grad[1]:
+                    if cdt == acc:
                         grad_weight.addmm_(grad.t(), hc)
                     else:
-                        grad_weight += (grad.t() @ hc).float()
+                        grad_weight += (grad.t() @ hc).to(acc)
         if want_grad:
             ctx.save_for_backward(grad_hidden, grad_weight)
             ctx.weight_dtype = weight.dtype
@@ -98,9 +108,25 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         gh = gw = None
         if ctx.needs_input_grad[0]:
             gh = grad_hidden * grad_out.to(grad_hidden.dtype)
-        if ctx.needs_input_grad[2]:
+        if ctx.needs_input_grad[1]:
             gw = (grad_weight * grad_out).to(ctx.weight_dtype)
-        return gh, None, gw, None, None
+        return gh, gw, None, None, None
+
+
+def chunked_head_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    softcap: float | None,
+    chunk_tokens: int,
+    chunk_loss: ChunkLoss,
+) -> torch.Tensor:
+    """The summed `chunk_loss` over the logits softcap(hidden @ weight^T), one chunk of
+    positions at a time (see _ChunkedHeadLoss). hidden [N, D], weight [V, D] -> scalar."""
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(
+            f"head weight {tuple(weight.shape)} does not match hidden size {hidden.shape[-1]}"
+        )
+    return _ChunkedHeadLoss.apply(hidden, weight, softcap, chunk_tokens, chunk_loss)
 
 
 def _chunk_loss(logits: torch.Tensor, targets: torch.Tensor, want_grad: bool = False):
@@ -151,15 +177,13 @@ def chunked_cross_entropy(
     t = targets.reshape(-1)  # [N]
     if h.shape[0] != t.shape[0]:
         raise ValueError(f"hidden has {h.shape[0]} positions but targets has {t.shape[0]}")
-    if weight.dim() != 2 or weight.shape[1] != h.shape[1]:
-        raise ValueError(
-            f"head weight {tuple(weight.shape)} does not match hidden size {h.shape[1]}"
-        )
     valid = t != IGNORE
     n = valid.sum()
     if int(n) < len(t):  # SFT: logits only where there is a target (not on prompt tokens)
         h, t = h[valid], t[valid]
-    total = _ChunkedCrossEntropy.apply(h, t, weight, softcap, chunk_tokens)
+    total = chunked_head_loss(
+        h, weight, softcap, chunk_tokens, lambda z, rows, g: _chunk_loss(z, t[rows], g)
+    )
     return total / n.clamp(min=1)
 
 

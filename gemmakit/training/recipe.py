@@ -123,6 +123,18 @@ class LoRASection:
 
 
 @dataclass
+class DistillSection:
+    # Knowledge distillation (gemmakit distill): the student (model.*) learns a frozen
+    # teacher's next-token distributions over the data.train token stream.
+    teacher: str  # a checkpoint gemmakit.load_model reads, or an installed model name
+    temperature: float = 1.0  # KL between softmax(logits / T) of both, scaled by T^2
+    alpha: float = 1.0  # loss = alpha * KL + (1 - alpha) * next-token cross-entropy
+    # null: KL over the whole vocabulary; k: over the teacher's k likeliest tokens plus one
+    # bucket holding the rest of its mass (and the student's mass on those other tokens)
+    top_k: int | None = None
+
+
+@dataclass
 class Recipe:
     run_dir: str = "runs/pretrain"
     model: ModelSection = field(default_factory=ModelSection)
@@ -135,6 +147,7 @@ class Recipe:
     distributed: DistributedSection = field(default_factory=DistributedSection)
     sft: SFTSection = field(default_factory=SFTSection)
     lora: LoRASection | None = None  # null: full fine-tuning
+    distill: DistillSection | None = None  # gemmakit distill's teacher and loss
 
     def to_dict(self) -> dict:
         return typed_config.to_dict(self)
@@ -198,3 +211,11 @@ def _check(r: Recipe, where: str) -> None:
             raise RecipeError(f"{where}: lora.rank must be >= 1, got {r.lora.rank}")
         if not 0.0 <= r.lora.dropout < 1.0:
             raise RecipeError(f"{where}: lora.dropout must be in [0, 1), got {r.lora.dropout}")
+    d = r.distill
+    if d is not None:
+        if not d.temperature > 0:
+            raise RecipeError(f"{where}: distill.temperature must be > 0, got {d.temperature}")
+        if not 0 <= d.alpha <= 1:
+            raise RecipeError(f"{where}: distill.alpha must be in [0, 1], got {d.alpha}")
+        if d.top_k is not None and d.top_k < 1:
+            raise RecipeError(f"{where}: distill.top_k must be >= 1 (or null), got {d.top_k}")
