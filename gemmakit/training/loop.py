@@ -7,7 +7,10 @@ A stage is a loss and a batch stream, handed to `train`:
   `start` on, resuming exactly (micro-step k is the same batch in a fresh and a resumed run);
 - make_eval_batches(env) -> this rank's validation batches (optional);
 - adapt_model(model) (optional): change the model before it is sharded and the optimizer is
-  made (freeze parameters, add adapters), or learn what the batch stream needs from it.
+  made (freeze parameters, add adapters), or learn what the batch stream needs from it;
+- step_metrics() (optional): called after each optimizer step on every rank, a dict of floats
+  the stage measured during the step (RLHF: reward, KL, ...), averaged over ranks and added to
+  that step's metrics.jsonl record and log line.
 `gemmakit/training/pretrain.py` is the pretraining stage, the pattern the others follow.
 
 `train` itself reads top to bottom: set up (`plan_run`), build / shard / resume the model
@@ -46,6 +49,7 @@ from gemmakit.training.schedule import lr_at
 BatchFn = Callable[[DistEnv, int], Iterator[dict]]  # (env, first micro-step) -> this rank's
 EvalFn = Callable[[DistEnv], Iterable[dict]]  # env -> this rank's validation batches
 AdaptFn = Callable[[Gemma, Path | None], None]  # (model, checkpoint resumed or None)
+MetricsFn = Callable[[], dict[str, float]]  # the stage's own figures for the step just done
 
 
 @dataclass
@@ -71,6 +75,7 @@ def train(
     env: DistEnv | None = None,
     *,
     adapt_model: AdaptFn | None = None,
+    step_metrics: MetricsFn | None = None,
 ) -> RunResult:
     """Minimize `loss_fn` over `make_batches` as the recipe says; returns what happened.
 
@@ -87,6 +92,8 @@ def train(
     last_ckpt = None
     while run.step < recipe.training.steps:
         stats = optimizer_step(run, batches)
+        if step_metrics is not None:
+            stats.extra = stage_metrics(step_metrics(), env)
         progress.record(stats)  # a loss that is not finite is logged, then stops the run
         if not math.isfinite(stats.loss):
             raise FloatingPointError(
@@ -263,6 +270,13 @@ class StepStats:
     grad_norm: float  # before clipping
     lr: float
     seconds: float
+    extra: dict[str, float] = field(default_factory=dict)  # the stage's (step_metrics)
+
+
+def stage_metrics(values: dict[str, float], env: DistEnv) -> dict[str, float]:
+    """A stage's figures for the step, each averaged over ranks (every rank calls this)."""
+    keys = sorted(values)
+    return dict(zip(keys, distributed.mean_over_ranks([float(values[k]) for k in keys], env)))
 
 
 def optimizer_step(run: Run, batches: Iterator[dict]) -> StepStats:
@@ -367,6 +381,7 @@ class Progress:
                     "tokens_per_s": tok_s,
                     "mfu": mfu,
                     "step_s": s.seconds,
+                    **s.extra,
                 }
             )
         if self.bar is not None:
@@ -376,6 +391,7 @@ class Progress:
             self.say(
                 f"step {s.step}/{t.steps}  loss {s.loss:.4f}  lr {s.lr:.2e}  "
                 f"grad {s.grad_norm:.2f}  {tok_s:,.0f} tok/s  mfu {mfu:.1%}"
+                + "".join(f"  {k} {v:.4g}" for k, v in s.extra.items())
             )
 
     def record_eval(self, val: float) -> None:
