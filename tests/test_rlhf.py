@@ -125,18 +125,14 @@ def prompt_task(tmp_path):
 
 
 class CountReward:
-    """The share of answer tokens whose id is a multiple of 8 (about 1/8 at random)."""
-
-    def __init__(self, prompt_len=None):
-        self.calls = 0
+    """The share of answer tokens whose id is a multiple of 4 (about 1/4 at random)."""
 
     def score_ids(self, sequences):
-        self.calls += 1
         out = []
         for s in sequences:
             # the answer follows the generation prompt "<start_of_turn>model\n"
             answer = s[_answer_start(s) :]
-            out.append(sum(t % 8 == 0 for t in answer) / max(len(answer), 1))
+            out.append(sum(t % 4 == 0 for t in answer) / max(len(answer), 1))
         return torch.tensor(out)
 
 
@@ -170,11 +166,16 @@ def rlhf_recipe(tmp_path, **sections) -> dict:
     return recipe
 
 
-def test_resume_gives_the_same_losses_and_samples(tmp_path):
+@pytest.mark.parametrize("lora", [False, True])
+def test_resume_gives_the_same_losses_and_samples(tmp_path, lora):
     """A run killed after step 2 and resumed gives steps 3-4 exactly as the uninterrupted
-    run: the same sampled answers (rewards), the same losses."""
+    run: the same sampled answers (rewards), the same losses; the reference (a frozen copy,
+    rebuilt from the recipe on resume; or with LoRA the base) is the same."""
     prompt_task(tmp_path)
-    recipe = rlhf_recipe(tmp_path)
+    recipe = rlhf_recipe(
+        tmp_path, lora={"rank": 4, "targets": ["q_proj", "up_proj"]} if lora else None
+    )
+    recipe["optimizer"]["lr"] = recipe["optimizer"]["min_lr"] = 3e-2 if lora else 3e-3
     whole = rlhf(recipe, reward=CountReward())
     records = [r for r in read_metrics(tmp_path / "run") if "loss" in r]
     assert {"reward", "kl", "entropy", "answer_len", "truncated"} <= set(records[-1])
@@ -187,20 +188,23 @@ def test_resume_gives_the_same_losses_and_samples(tmp_path):
     assert [r["reward"] for r in again] == [r["reward"] for r in records[2:]]
 
 
-@pytest.mark.parametrize("lora", [False, True])
-def test_rlhf_raises_the_reward_with_bounded_kl(tmp_path, lora):
+def test_rlhf_raises_the_reward_with_bounded_kl(tmp_path):
+    """Point 7: under a programmatic reward (the share of answer tokens in a set of a quarter
+    of the vocabulary), 60 RLOO steps of a random tiny model raise the mean reward from about
+    0.25 by well over 0.2 while the KL to the starting model stays a few nats."""
     prompt_task(tmp_path)
-    sections = dict(training={"steps": 30}, checkpoint={"interval": 0})
-    if lora:
-        sections["lora"] = {"rank": 8, "alpha": 16, "targets": ["q_proj", "v_proj", "up_proj"]}
-        sections["optimizer"] = {"lr": 1e-2, "min_lr": 1e-2}
+    sections = dict(
+        training={"steps": 60, "batch_size": 32, "micro_batch_size": 16},
+        optimizer={"lr": 5e-3, "min_lr": 5e-3},
+        checkpoint={"interval": 0},
+    )
     rlhf(rlhf_recipe(tmp_path, **sections), reward=CountReward())
     rec = [r for r in read_metrics(tmp_path / "run") if "reward" in r]
     first = sum(r["reward"] for r in rec[:5]) / 5
     last = sum(r["reward"] for r in rec[-5:]) / 5
     print(f"reward {first:.3f} -> {last:.3f}; kl {[round(r['kl'], 2) for r in rec[-5:]]}")
-    assert first < 0.2 and last > first + 0.2
-    assert 0 < max(r["kl"] for r in rec[-5:]) < 10.0
+    assert first < 0.3 and last > first + 0.2
+    assert 0 < max(r["kl"] for r in rec) < 10.0
     assert all(0 <= r["truncated"] <= 1 and 0 < r["answer_len"] <= 8 for r in rec)
 
 
