@@ -17,6 +17,7 @@ COMMANDS = [
     "gemmakit.commands.run",
     "gemmakit.commands.pretrain",
     "gemmakit.commands.sft",
+    "gemmakit.commands.rlhf",
     "gemmakit.commands.merge_lora",
     "gemmakit.commands.tokenizer",
     "gemmakit.commands.chat",
