@@ -56,7 +56,8 @@ def last_token_rewards(
     head applied, in float32, to each row's hidden state at position lengths - 1."""
     hidden = model(tokens, return_hidden=True)  # [B, T, D]
     last = hidden[torch.arange(len(tokens), device=tokens.device), lengths - 1]  # [B, D]
-    return F.linear(last.float(), score_weight.float())[:, 0]
+    with torch.autocast(tokens.device.type, enabled=False):  # a float32 score under autocast
+        return F.linear(last.float(), score_weight.float())[:, 0]
 
 
 class RewardModel(nn.Module):
