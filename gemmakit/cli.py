@@ -17,6 +17,8 @@ COMMANDS = [
     "gemmakit.commands.run",
     "gemmakit.commands.pretrain",
     "gemmakit.commands.sft",
+    "gemmakit.commands.reward",
+    "gemmakit.commands.dpo",
     "gemmakit.commands.merge_lora",
     "gemmakit.commands.tokenizer",
     "gemmakit.commands.chat",
