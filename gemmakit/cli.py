@@ -18,6 +18,8 @@ COMMANDS = [
     "gemmakit.commands.pretrain",
     "gemmakit.commands.sft",
     "gemmakit.commands.rlhf",
+    "gemmakit.commands.reward",
+    "gemmakit.commands.dpo",
     "gemmakit.commands.merge_lora",
     "gemmakit.commands.tokenizer",
     "gemmakit.commands.chat",

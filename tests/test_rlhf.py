@@ -64,7 +64,11 @@ def test_rloo_loss_by_hand():
     A = torch.stack([R[0] - R[1], R[1] - R[0]])
     want = -(A * logp).mean()
     batch = {"tokens": tokens, "targets": targets, "scores": scores, "ref_logp": ref}
-    got = rloo_loss(model, batch, k=2, beta=beta, chunk_tokens=2)  # chunks of 2 positions
+    batch["truncated"] = torch.tensor([False, True])
+    out = rloo_loss(model, batch, k=2, beta=beta, chunk_tokens=2)  # chunks of 2 positions
+    got = out["loss"]
+    assert out["answer_len"] == 2.5 and out["truncated"] == 0.5 and out["reward"] == 0.75
+    torch.testing.assert_close(out["kl"], (logp.detach() - ref).mean())
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     g_want = torch.autograd.grad(want, model.embedder.weight)[0]
     g_got = torch.autograd.grad(got, model.embedder.weight)[0]

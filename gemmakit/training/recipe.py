@@ -104,6 +104,21 @@ class SFTSection:
 
 
 @dataclass
+class RewardSection:
+    # Reward model (gemmakit reward): data.train lists JSONL files of preference pairs
+    # ({"prompt"|"messages", "chosen", "rejected"}), data.valid an optional held-out one.
+    # training.batch_size and micro_batch_size count pairs (a micro-batch: 2 x that many rows).
+    valid_fraction: float = 0.0  # held out of data.train when data.valid is null
+
+
+@dataclass
+class DPOSection:
+    # Direct preference optimization (gemmakit dpo), on the same preference files as reward.
+    beta: float = 0.1  # the implicit reward's scale (the KL regularization's strength)
+    valid_fraction: float = 0.0  # held out of data.train when data.valid is null
+
+
+@dataclass
 class LoRASection:
     # Low-rank adapters on the chosen projections; the base stays frozen (gemmakit.model.lora).
     rank: int = 8
@@ -149,6 +164,8 @@ class Recipe:
     log: LogSection = field(default_factory=LogSection)
     distributed: DistributedSection = field(default_factory=DistributedSection)
     sft: SFTSection = field(default_factory=SFTSection)
+    reward: RewardSection = field(default_factory=RewardSection)
+    dpo: DPOSection = field(default_factory=DPOSection)
     lora: LoRASection | None = None  # null: full fine-tuning
     rlhf: RLHFSection = field(default_factory=RLHFSection)
 
@@ -222,6 +239,14 @@ def _check(r: Recipe, where: str) -> None:
         raise RecipeError(f"{where}: rlhf.top_p must be in (0, 1], got {h.top_p}")
     if h.top_k is not None and h.top_k < 1:
         raise RecipeError(f"{where}: rlhf.top_k must be >= 1, got {h.top_k}")
+    for key, fraction in [
+        ("reward.valid_fraction", r.reward.valid_fraction),
+        ("dpo.valid_fraction", r.dpo.valid_fraction),
+    ]:
+        if not 0.0 <= fraction < 1.0:
+            raise RecipeError(f"{where}: {key} must be in [0, 1), got {fraction}")
+    if r.dpo.beta <= 0:
+        raise RecipeError(f"{where}: dpo.beta must be > 0, got {r.dpo.beta}")
     if r.lora is not None:
         if r.lora.rank < 1:
             raise RecipeError(f"{where}: lora.rank must be >= 1, got {r.lora.rank}")

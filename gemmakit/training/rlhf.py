@@ -40,8 +40,9 @@ from torch.utils.checkpoint import checkpoint
 
 from gemmakit.chat import encode_chat
 from gemmakit.config import TokenIds
-from gemmakit.errors import ConfigError, DataError, MissingFileError
+from gemmakit.errors import DataError, MissingFileError
 from gemmakit.model.lora import adapters_disabled
+from gemmakit.model.reward import RewardModel, load_reward_model
 from gemmakit.model.transformer import Gemma
 from gemmakit.tokenizer import load_tokenizer
 from gemmakit.training import distributed
@@ -106,30 +107,6 @@ def _chunk_logprobs(model: Gemma, h: torch.Tensor, t: torch.Tensor, temperature:
     return logp.gather(-1, t[:, None])[:, 0], entropy
 
 
-@dataclass
-class StepMetrics:
-    """Sums over the answers of the current optimizer step (reset by `means`)."""
-
-    answers: int = 0
-    reward: float = 0.0
-    kl: float = 0.0
-    answer_tokens: int = 0
-    entropy: float = 0.0
-    truncated: int = 0
-
-    def means(self) -> dict[str, float]:
-        n, tok = max(self.answers, 1), max(self.answer_tokens, 1)
-        out = {
-            "reward": self.reward / n,
-            "kl": self.kl / n,
-            "entropy": self.entropy / tok,
-            "answer_len": self.answer_tokens / n,
-            "truncated": self.truncated / n,
-        }
-        self.__init__()
-        return out
-
-
 def rloo_loss(
     model: Gemma,
     batch: dict,
@@ -137,23 +114,30 @@ def rloo_loss(
     beta: float,
     temperature: float = 1.0,
     chunk_tokens: int = 0,
-    metrics: StepMetrics | None = None,
-) -> torch.Tensor:
-    """The RLOO loss of one micro-batch of answers (k per prompt, consecutive).
+) -> dict[str, torch.Tensor]:
+    """The RLOO loss of one micro-batch of answers (k per prompt, consecutive), with what the
+    loop logs beside it.
 
     batch: {"tokens": [B, T] prompt + answer ids (right-padded), "targets": [B, T] the next
     id on answer tokens and IGNORE elsewhere, "scores": [B] reward model scores, "ref_logp":
-    [B] log pi_ref of each answer}. Adds the KL and entropy to `metrics` when given.
+    [B] log pi_ref of each answer, "truncated": [B] 1.0 where the answer hit the length
+    limit}. Returns {"loss", "reward": mean score, "kl": mean log pi - log pi_ref of an answer,
+    "entropy": mean per answer token, "answer_len": mean tokens, "truncated": share}.
     """
     chunk = chunk_tokens or auto_chunk_tokens(model.config.vocab_size)
     tok_logp, entropy = token_logprobs(model, batch["tokens"], batch["targets"], temperature, chunk)
     logp = tok_logp.sum(dim=1)  # [B] log pi(y_i | x)
     kl = logp.detach() - batch["ref_logp"]
     advantages = rloo_advantages(batch["scores"] - beta * kl, k)
-    if metrics is not None:
-        metrics.kl += float(kl.sum())
-        metrics.entropy += float(entropy.sum())
-    return -(advantages * logp).mean()
+    lengths = (batch["targets"] != IGNORE).sum(dim=1).float()  # [B] answer tokens
+    return {
+        "loss": -(advantages * logp).mean(),
+        "reward": batch["scores"].mean(),
+        "kl": kl.mean(),
+        "entropy": entropy.sum() / lengths.sum().clamp(min=1),
+        "answer_len": lengths.mean(),
+        "truncated": batch["truncated"].float().mean(),
+    }
 
 
 # --- prompts ---------------------------------------------------------------------------------
@@ -242,7 +226,7 @@ def encode_prompts(
 
 class RLHFStage:
     """The batch stream and the loss of an RLOO run, sharing the model the loop trains
-    (learned through adapt_model) and the step's metrics."""
+    (learned through adapt_model)."""
 
     def __init__(self, recipe: Recipe, prompts: list[list[int]], reward: RewardFn) -> None:
         h, t = recipe.rlhf, recipe.training
@@ -256,7 +240,6 @@ class RLHFStage:
         self.recipe, self.prompts, self.reward = recipe, prompts, reward
         self.model: Gemma | None = None
         self.reference: Gemma | None = None  # a frozen copy, without LoRA
-        self.metrics = StepMetrics()
 
     # -- set-up, called by the loop on the model it builds
     def adapt(self, model: Gemma, resume_from: Path | None) -> None:
@@ -269,20 +252,10 @@ class RLHFStage:
             self.reference = ref.requires_grad_(False).eval()
         self.model = model  # on every rank; under FSDP the shell is built last
 
-    def loss(self, model: Gemma, batch: dict) -> torch.Tensor:
+    def loss(self, model: Gemma, batch: dict) -> dict[str, torch.Tensor]:
         h = self.recipe.rlhf
-        return rloo_loss(
-            model,
-            batch,
-            h.k,
-            h.beta,
-            h.temperature,
-            self.recipe.training.loss_chunk_tokens,
-            self.metrics,
-        )
-
-    def step_metrics(self) -> dict[str, float]:
-        return self.metrics.means()
+        chunk = self.recipe.training.loss_chunk_tokens
+        return rloo_loss(model, batch, h.k, h.beta, h.temperature, chunk)
 
     # -- the batch stream
     def make_batches(self, env: DistEnv, start: int) -> Iterator[dict]:
@@ -344,11 +317,7 @@ class RLHFStage:
         finally:
             model.train(was_training)
         batch["scores"] = torch.as_tensor(scores, dtype=torch.float32).reshape(-1).to(model.device)
-        m = self.metrics
-        m.answers += len(rollouts.answers)
-        m.reward += float(batch["scores"].sum())
-        m.answer_tokens += sum(len(a) for a in rollouts.answers)
-        m.truncated += sum(rollouts.truncated)
+        batch["truncated"] = torch.tensor(rollouts.truncated, device=model.device)
         return batch
 
     @contextlib.contextmanager
@@ -393,14 +362,29 @@ def _as_batch(rollouts: Rollouts, pad: int, device: torch.device) -> dict:
 # --- the run ---------------------------------------------------------------------------------
 
 
-def load_reward(recipe: Recipe) -> RewardFn:
-    """The reward model named by rlhf.reward_model."""
+class ChatReward:
+    """A reward model scoring sampled answers as it was trained on them: an answer that ended
+    its turn gets the "\n" that `encode_chat` puts after <end_of_turn>, so the score is read
+    at the same token as in the preference pairs."""
+
+    def __init__(self, model: RewardModel, newline: list[int], batch_size: int = 8) -> None:
+        self.model, self.newline, self.batch_size = model, newline, batch_size
+        self.end_of_turn = model.config.tokens.end_of_turn
+
+    def score_ids(self, sequences: list[list[int]]) -> torch.Tensor:
+        closed = [s + self.newline if s[-1] == self.end_of_turn else s for s in sequences]
+        return self.model.score_ids(closed, self.batch_size)
+
+
+def load_reward(recipe: Recipe, tokenizer, device: torch.device) -> ChatReward:
+    """The reward model named by rlhf.reward_model (a `gemmakit reward` checkpoint), frozen,
+    on `device`; it must share the policy's vocabulary."""
     path = recipe.rlhf.reward_model
     if not path:
         raise RecipeError("recipe: set rlhf.reward_model (a folder written by gemmakit reward)")
-    raise ConfigError(
-        f"rlhf.reward_model: {path}: loading reward models is not available in this build"
-    )
+    rm = load_reward_model(path, dtype=torch.float32, device=device).requires_grad_(False)
+    newline = tokenizer.encode("\n", bos=False, special=False)
+    return ChatReward(rm, newline, recipe.training.micro_batch_size)
 
 
 def rlhf(
@@ -421,19 +405,22 @@ def rlhf(
             f"training.seq_len={t.seq_len}"
         )
     prompts = [p for f in recipe.data.train for p in read_prompts(f)]
+    tokenizer = load_tokenizer(tok_path)
     ids, dropped = encode_prompts(
         prompts,
-        load_tokenizer(tok_path),
+        tokenizer,
         config.tokens,
         t.seq_len - h.max_new_tokens,
         config.vocab_size,
     )
-    stage = RLHFStage(recipe, ids, reward if reward is not None else load_reward(recipe))
     joined = torch.distributed.is_initialized()  # a caller's process group is left open
     env = distributed.init(t.device, recipe.distributed.backend)
     try:
         if env.distributed and recipe.distributed.mode == "fsdp":
             raise RecipeError("recipe: rlhf samples with the whole model: distributed.mode=ddp")
+        if reward is None:
+            reward = load_reward(recipe, tokenizer, env.device)
+        stage = RLHFStage(recipe, ids, reward)
         if env.is_main:
             print(
                 f"rlhf data: {len(ids)} prompts ({dropped} longer than "
@@ -449,7 +436,6 @@ def rlhf(
             resume,
             env,
             adapt_model=stage.adapt,
-            step_metrics=stage.step_metrics,
         )
     finally:
         if not joined:
