@@ -15,6 +15,7 @@ _EXPORTS = {
     "get_config": "gemmakit.config",
     "build_model": "gemmakit.api",
     "load_model": "gemmakit.api",
+    "load_reward_model": "gemmakit.model.reward",
     "load_lora": "gemmakit.checkpoint.peft",
     "merge_lora": "gemmakit.model.lora",
     "generate": "gemmakit.generation",
@@ -29,6 +30,7 @@ __all__ = [
     "get_config",
     "load_lora",
     "load_model",
+    "load_reward_model",
     "merge_lora",
     "load_tokenizer",
     "stream_generate",
@@ -41,6 +43,7 @@ if TYPE_CHECKING:
     from gemmakit.config import PRESETS, GemmaConfig, get_config
     from gemmakit.generation import generate, stream_generate
     from gemmakit.model.lora import merge_lora
+    from gemmakit.model.reward import load_reward_model
     from gemmakit.tokenizer import load_tokenizer
 
 

@@ -102,3 +102,69 @@ def subprocess_env() -> dict:
 
 
 CONSTANT_LR = {"lr": 1e-2, "min_lr": 1e-2, "warmup_steps": 0}  # so a run may be extended
+
+
+# --------------------------------------------------------------------------- preference pairs
+
+TOPICS = "river apple music winter garden bridge candle forest ocean pencil".split()
+FILLER = "it is very often quite near the old small red blue green".split()
+GOOD = "bright calm kind warm clear".split()  # the preferred answers hold one of these
+BAD = "dull loud cold harsh vague".split()  # the rejected ones one of these instead
+
+
+def preference_task(folder: Path, n_train: int = 300, n_valid: int = 60, seed: int = 0):
+    """Pairs whose preference only the pairs reveal: both answers are the same filler words
+    about the prompt's topic, the chosen one with a word of GOOD and the rejected one with a
+    word of BAD at the same (random) place. Writes train.jsonl, valid.jsonl and a 512-piece
+    tokenizer (tok.model); returns (tokenizer, valid rows)."""
+    import json
+
+    from gemmakit.tokenizer import train_tokenizer
+
+    rng = random.Random(seed)
+
+    def row():
+        topic = rng.choice(TOPICS)
+        words = [topic] + rng.sample(FILLER, 4)
+        at = rng.randrange(1, len(words) + 1)
+        good, bad = (words[:at] + [w] + words[at:] for w in (rng.choice(GOOD), rng.choice(BAD)))
+        return {
+            "prompt": f"Tell me about the {topic}.",
+            "chosen": " ".join(good),
+            "rejected": " ".join(bad),
+        }
+
+    rows = [row() for _ in range(n_train + n_valid)]
+    train, valid = rows[:n_train], rows[n_train:]
+    for name, part in (("train", train), ("valid", valid)):
+        (folder / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
+    text = [r[k] for r in rows for k in ("prompt", "chosen", "rejected")]
+    tok = train_tokenizer(text * 2, vocab_size=512, output=folder / "tok")
+    return tok, valid
+
+
+def preference_recipe(folder: Path, **sections) -> dict:
+    """A short run of a small tiny-preset model on preference_task's files."""
+    recipe = {
+        "run_dir": str(folder / "run"),
+        "model": {"preset": "tiny", "config_overrides": {**SMALL, "vocab_size": 512}},
+        "data": {
+            "train": [str(folder / "train.jsonl")],
+            "valid": str(folder / "valid.jsonl"),
+            "tokenizer": str(folder / "tok.model"),
+        },
+        "training": {
+            "steps": 60,
+            "seq_len": 64,
+            "batch_size": 16,
+            "micro_batch_size": 16,
+            "dtype": "float32",
+        },
+        "optimizer": {"lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 5, "weight_decay": 0.0},
+        "eval": {"interval": 20, "batches": 4},
+        "checkpoint": {"interval": 0},
+        "log": {"progress": False, "tensorboard": False, "interval": 20},
+    }
+    for name, values in sections.items():
+        recipe[name] = {**recipe.get(name, {}), **values} if isinstance(values, dict) else values
+    return recipe

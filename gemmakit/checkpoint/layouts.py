@@ -122,8 +122,9 @@ def gguf_layout(config: GemmaConfig) -> dict[str, Spec]:
     return layout
 
 
-# Keys a file may hold that the model does not need.
-IGNORED_KEYS = ("lm_head.weight", "freqs_cis", "rotary_emb.inv_freq")
+# Keys a file may hold that the model does not need (score.weight: a reward model's head, read
+# by gemmakit.model.reward; load_model gives its backbone).
+IGNORED_KEYS = ("lm_head.weight", "score.weight", "freqs_cis", "rotary_emb.inv_freq")
 
 HF_PREFIXES = ("model.", "model.language_model.", "language_model.model.")
 

@@ -42,11 +42,11 @@ def hf_module_names(config: GemmaConfig) -> dict[str, str]:
     }
 
 
-def adapter_config(spec: LoRASpec, base: str | None) -> dict:
-    """adapter_config.json as PEFT writes it for a plain LoRA on a causal LM."""
+def adapter_config(spec: LoRASpec, base: str | None, task_type: str = "CAUSAL_LM") -> dict:
+    """adapter_config.json as PEFT writes it for a plain LoRA (on a causal LM by default)."""
     return {
         "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
+        "task_type": task_type,
         "base_model_name_or_path": base,
         "r": spec.rank,
         "lora_alpha": spec.alpha,
@@ -99,10 +99,14 @@ def write_lora(
     directory: str | Path,
     base: str | None = None,
     extra_files: dict[str, Path] | None = None,
+    modules_to_save: dict[str, torch.Tensor] | None = None,
+    task_type: str = "CAUSAL_LM",
 ) -> Path:
     """Write adapter tensors under our names ('blocks.0.attn.q_proj.lora_A.weight', as
-    `lora_state_dict` gives them) as a PEFT folder. Files are written under temporary names
-    and renamed into `directory` (which may exist) when complete."""
+    `lora_state_dict` gives them) as a PEFT folder. modules_to_save: fully trained tensors
+    beside the adapter under their HF names (a reward model's {'score.weight': [1, d]}),
+    stored as PEFT stores its modules_to_save. Files are written under temporary names and
+    renamed into `directory` (which may exist) when complete."""
     from safetensors.torch import save_file
 
     directory = Path(directory)
@@ -111,10 +115,15 @@ def write_lora(
     for name, t in tensors.items():
         module, _, leaf = name.rpartition(".lora_")
         out[f"{PREFIX}{names[module]}.lora_{leaf}"] = t.detach().float().contiguous().cpu()
+    for key, t in (modules_to_save or {}).items():
+        out[f"{PREFIX}{key}"] = t.detach().float().contiguous().cpu()
+    cfg = adapter_config(spec, base, task_type)
+    if modules_to_save:
+        cfg["modules_to_save"] = sorted({k.rpartition(".")[0] for k in modules_to_save})
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
-        (tmp / CONFIG_FILE).write_text(json.dumps(adapter_config(spec, base), indent=2) + "\n")
+        (tmp / CONFIG_FILE).write_text(json.dumps(cfg, indent=2) + "\n")
         save_file(out, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
         for fname, src in (extra_files or {}).items():
             shutil.copyfile(src, tmp / fname)
@@ -146,7 +155,6 @@ def read_adapter_config(directory: str | Path) -> tuple[LoRASpec, dict]:
         "use_dora": bool(cfg.get("use_dora")),
         "rank_pattern": bool(cfg.get("rank_pattern")),
         "alpha_pattern": bool(cfg.get("alpha_pattern")),
-        "modules_to_save": bool(cfg.get("modules_to_save")),
         "bias": cfg.get("bias", "none") != "none",
         "fan_in_fan_out": bool(cfg.get("fan_in_fan_out")),
     }
@@ -171,14 +179,44 @@ def read_adapter_config(directory: str | Path) -> tuple[LoRASpec, dict]:
     return spec, cfg
 
 
-def load_lora(model: nn.Module, directory: str | Path) -> nn.Module:
-    """Put the PEFT folder's adapter onto a Gemma (in place; returns it): LoRA modules are
-    added on the listed targets unless the model has them already, and their A/B set from the
-    file. Every tensor must name one of the model's projections with the right shape."""
+def _saved_names(cfg: dict, path: Path) -> list[str]:
+    names = cfg.get("modules_to_save") or []
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise CheckpointError(f"{path}: modules_to_save must be a list of module names")
+    return names
+
+
+def saved_modules(directory: str | Path) -> dict[str, torch.Tensor]:
+    """The fully trained modules stored beside a PEFT folder's adapter (its modules_to_save,
+    e.g. a reward model's head), HF key -> tensor: {'score.weight': [1, d]}."""
     from safetensors.torch import load_file
 
     directory = Path(directory)
-    spec, _ = read_adapter_config(directory)
+    _, cfg = read_adapter_config(directory)
+    names = _saved_names(cfg, directory / CONFIG_FILE)
+    weights = directory / WEIGHTS_FILE
+    try:
+        tensors = load_file(weights)
+    except Exception as e:  # a truncated or foreign file
+        raise CheckpointError(f"{weights}: cannot read ({e})") from e
+    out = {}
+    for key, t in tensors.items():
+        stem = key.removeprefix(PREFIX).replace(".modules_to_save.default.", ".")
+        if any(stem.startswith(f"{n}.") for n in names):
+            out[stem] = t
+    return out
+
+
+def load_lora(model: nn.Module, directory: str | Path) -> nn.Module:
+    """Put the PEFT folder's adapter onto a Gemma (in place; returns it): LoRA modules are
+    added on the listed targets unless the model has them already, and their A/B set from the
+    file. Every tensor must name one of the model's projections with the right shape, or a
+    module of modules_to_save (left to `saved_modules`: a reward head is not the Gemma's)."""
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    spec, cfg = read_adapter_config(directory)
+    kept = _saved_names(cfg, directory / CONFIG_FILE)
     weights = directory / WEIGHTS_FILE
     if not weights.is_file():
         raise MissingFileError(f"{weights}: no adapter weights")
@@ -194,6 +232,8 @@ def load_lora(model: nn.Module, directory: str | Path) -> nn.Module:
     seen = set()
     for key, t in tensors.items():
         stem = key.removeprefix(PREFIX)
+        if any(stem.startswith(f"{n}.") for n in kept):
+            continue
         module, sep, leaf = stem.rpartition(".lora_")
         module = ours.get(module)
         leaf = leaf.removesuffix(".weight").removesuffix(".default")

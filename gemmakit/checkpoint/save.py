@@ -101,16 +101,21 @@ def save_hf(
     max_shard_bytes: int | None = None,
     dtype: torch.dtype | None = None,
     extra_files: dict[str, Path | bytes] | None = None,
+    extra_tensors: dict[str, torch.Tensor] | None = None,
+    config_updates: dict | None = None,
 ) -> Path:
     """Write `directory/` as HF transformers writes it: config.json and model.safetensors, or
     shards plus model.safetensors.index.json when larger than `max_shard_bytes`; plus
-    `extra_files` (file name -> a file to copy or the bytes to write). An existing checkpoint
+    `extra_files` (file name -> a file to copy or the bytes to write). extra_tensors (HF key ->
+    tensor) and config_updates (config.json fields) make another HF class of the same
+    backbone, e.g. a reward model's `score.weight` and `architectures`. An existing checkpoint
     folder is replaced whole (see `prepare_output` for what is refused)."""
     from safetensors.torch import save_file
 
     directory = Path(directory)
     prepare_output(directory, folder=True)
     state = export_state(model, hf_layout(model.config))
+    state |= {k: v.detach().contiguous() for k, v in (extra_tensors or {}).items()}
     if dtype is not None:
         state = {k: v.to(dtype) for k, v in state.items()}
     shards: list[dict[str, torch.Tensor]] = [{}]
@@ -126,7 +131,7 @@ def save_hf(
     tmp = directory.with_name(f".{directory.name}.{uuid.uuid4().hex[:12]}.tmp")
     tmp.mkdir()
     try:
-        hf = config_to_hf(model.config)
+        hf = config_to_hf(model.config) | (config_updates or {})
         hf["torch_dtype"] = hf["dtype"] = str(next(iter(state.values())).dtype).removeprefix(
             "torch."
         )

@@ -68,3 +68,10 @@ class KVCache:
         valid[:, : self.length] = self.key_valid[:, : self.length]
         self.key_valid = valid
         self.max_len = max_len
+
+    def repeat_rows(self, n: int) -> None:
+        """Each batch row repeated n times in place (row i becomes rows i*n .. i*n+n-1): one
+        prefill of a prompt shared by n continuations sampled from it."""
+        self.k = [k.repeat_interleave(n, dim=0) for k in self.k]
+        self.v = [v.repeat_interleave(n, dim=0) for v in self.v]
+        self.key_valid = self.key_valid.repeat_interleave(n, dim=0)

@@ -11,8 +11,9 @@ on-disk format lives in `gemmakit.checkpoint.peft`.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -167,3 +168,18 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         out[f"{name}.lora_A.weight"] = layer.lora_A.weight.detach()
         out[f"{name}.lora_B.weight"] = layer.lora_B.weight.detach()
     return out
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[None]:
+    """Within the block the model computes as its frozen base (every adapter's update scaled
+    by 0): the reference model of RLHF or DPO, without a second copy of the weights."""
+    layers = list(lora_layers(model).values())
+    scales = [layer.scaling for layer in layers]
+    for layer in layers:
+        layer.scaling = 0.0
+    try:
+        yield
+    finally:
+        for layer, s in zip(layers, scales):
+            layer.scaling = s

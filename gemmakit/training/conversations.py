@@ -43,7 +43,7 @@ class Example:
     targets: np.ndarray
 
 
-def _as_messages(value, role: str, field: str, where: str) -> list[dict]:
+def as_messages(value, role: str, field: str, where: str) -> list[dict]:
     if isinstance(value, str):
         return [{"role": role, "content": value}]
     if isinstance(value, list):
@@ -61,8 +61,8 @@ def row_messages(row: object, where: str) -> list[dict]:
             raise DataError(f"{where}: field 'messages' must be a list of messages")
         return messages
     if "prompt" in row and "completion" in row:
-        prompt = _as_messages(row["prompt"], "user", "prompt", where)
-        return prompt + _as_messages(row["completion"], "assistant", "completion", where)
+        prompt = as_messages(row["prompt"], "user", "prompt", where)
+        return prompt + as_messages(row["completion"], "assistant", "completion", where)
     raise DataError(
         f"{where}: expected field 'messages', or fields 'prompt' and 'completion' "
         f"(found: {', '.join(map(repr, row)) or 'none'})"

@@ -1,8 +1,12 @@
 """The training loop every stage runs: pretraining, SFT, reward model, RLHF, DPO, distillation.
 
 A stage is a loss and a batch stream, handed to `train`:
-- loss_fn(model, batch) -> scalar loss; an nn.Module when it has parameters of its own (a
-  reward head), which are then optimized, sharded and checkpointed with the model's;
+- loss_fn(model, batch) -> scalar loss, or {"loss": scalar, name: scalar, ...} whose other
+  entries are metrics logged with the loss (averaged over micro-batches and ranks; in
+  validation `val_<name>`, e.g. a reward model's pairwise accuracy); an nn.Module when it has
+  parameters of its own (a reward head), which are then optimized, sharded and checkpointed
+  with the model's, and whose `checkpoint_head(params)` (if defined) says how they are saved
+  (gemmakit.training.state);
 - make_batches(env, start) -> this rank's micro-batches (dicts of tensors) from micro-step
   `start` on, resuming exactly (micro-step k is the same batch in a fresh and a resumed run);
 - make_eval_batches(env) -> this rank's validation batches (optional);
@@ -55,6 +59,8 @@ class RunResult:
     steps: int  # optimizer steps done, counting those before a resume
     losses: list[float] = field(default_factory=list)  # train loss of each step run here
     val_losses: list[tuple[int, float]] = field(default_factory=list)  # (step, loss)
+    metrics: list[dict] = field(default_factory=list)  # the loss's metrics of each step run here
+    val_metrics: list[tuple[int, dict]] = field(default_factory=list)  # (step, its metrics)
     tokens_per_s: float = 0.0  # over all ranks, first step (warm-up, compile) left out
     mfu: float = 0.0
 
@@ -93,8 +99,8 @@ def train(
                 f"loss is {stats.loss} at step {stats.step}; lower optimizer.lr"
             )
         if make_eval_batches and _due(run.step, recipe.eval.interval, recipe.training.steps):
-            val = evaluate(run.train_module, make_eval_batches(env), env, run.autocast)
-            progress.record_eval(val)
+            val, val_metrics = evaluate(run.train_module, make_eval_batches(env), env, run.autocast)
+            progress.record_eval(val, val_metrics)
         if _due(run.step, recipe.checkpoint.interval, recipe.training.steps, always_last=True):
             last_ckpt = save(run)
     return progress.finish(last_ckpt or state.latest_checkpoint(recipe.run_dir))
@@ -263,6 +269,7 @@ class StepStats:
     grad_norm: float  # before clipping
     lr: float
     seconds: float
+    metrics: dict = field(default_factory=dict)  # the loss's own, averaged like the loss
 
 
 def optimizer_step(run: Run, batches: Iterator[dict]) -> StepStats:
@@ -274,22 +281,40 @@ def optimizer_step(run: Run, batches: Iterator[dict]) -> StepStats:
         group["lr"] = lr
     start = time.perf_counter()
     loss_sum = torch.zeros((), device=run.env.device)
+    metric_sums: dict[str, torch.Tensor] = {}
     for micro in range(run.accum):
         batch = to_device(next(batches), run.env.device)
         distributed.set_grad_sync(run.train_module, micro == run.accum - 1)
         with run.autocast():
-            loss = run.train_module(batch)
+            loss, metrics = split_loss(run.train_module(batch))
         (loss / run.accum).backward()
         loss_sum += loss.detach()
+        for k, v in metrics.items():
+            metric_sums[k] = metric_sums.get(k, 0.0) + v.detach().float()
     grad_norm = _clip(run.loss_module, t.grad_clip)
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
     run.step += 1
     run.data_position += t.batch_size
-    loss_value, grad_norm = distributed.mean_over_ranks(
-        [loss_sum.item() / run.accum, grad_norm], run.env
+    names = list(metric_sums)
+    loss_value, grad_norm, *values = distributed.mean_over_ranks(
+        [
+            loss_sum.item() / run.accum,
+            grad_norm,
+            *(metric_sums[k].item() / run.accum for k in names),
+        ],
+        run.env,
     )  # .item() waits for the step, so the time taken is the step's
-    return StepStats(run.step, loss_value, grad_norm, lr, time.perf_counter() - start)
+    seconds = time.perf_counter() - start
+    return StepStats(run.step, loss_value, grad_norm, lr, seconds, dict(zip(names, values)))
+
+
+def split_loss(out) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(the loss, the other metrics) of what a loss_fn returns: a scalar, or a dict with "loss"."""
+    if isinstance(out, dict):
+        metrics = dict(out)
+        return metrics.pop("loss"), metrics
+    return out, {}
 
 
 def _due(step: int, interval: int, last: int, always_last: bool = False) -> bool:
@@ -356,11 +381,13 @@ class Progress:
         tok_s = self.tokens_per_step / s.seconds
         mfu = self.flops_per_step / s.seconds / self.peak
         self.result.losses.append(s.loss)
+        self.result.metrics.append(s.metrics)
         if self.log:
             self.log.write(
                 {
                     "step": s.step,
                     "loss": s.loss,
+                    **s.metrics,
                     "lr": s.lr,
                     "grad_norm": s.grad_norm,
                     "tokens": s.step * self.tokens_per_step,
@@ -374,17 +401,19 @@ class Progress:
             self.bar.set_postfix(loss=f"{s.loss:.3f}", tok_s=f"{tok_s:,.0f}", mfu=f"{mfu:.1%}")
         if self.env.is_main and (s.step % self.recipe.log.interval == 0 or s.step == t.steps):
             self.say(
-                f"step {s.step}/{t.steps}  loss {s.loss:.4f}  lr {s.lr:.2e}  "
+                f"step {s.step}/{t.steps}  loss {s.loss:.4f}{_shown(s.metrics)}  lr {s.lr:.2e}  "
                 f"grad {s.grad_norm:.2f}  {tok_s:,.0f} tok/s  mfu {mfu:.1%}"
             )
 
-    def record_eval(self, val: float) -> None:
-        step = self.run.step
+    def record_eval(self, val: float, metrics: dict | None = None) -> None:
+        step, metrics = self.run.step, metrics or {}
         self.result.val_losses.append((step, val))
+        self.result.val_metrics.append((step, metrics))
+        named = {f"val_{k}": v for k, v in metrics.items()}
         if self.log:
-            self.log.write({"step": step, "val_loss": val})
+            self.log.write({"step": step, "val_loss": val, **named})
         if self.env.is_main:
-            self.say(f"step {step}/{self.recipe.training.steps}  val_loss {val:.4f}")
+            self.say(f"step {step}/{self.recipe.training.steps}  val_loss {val:.4f}{_shown(named)}")
 
     def say(self, text: str) -> None:
         if self.bar is not None:
@@ -404,6 +433,10 @@ class Progress:
             r.tokens_per_s = self.tokens_per_step * self.timed_steps / self.timed_s
             r.mfu = self.flops_per_step * self.timed_steps / self.timed_s / self.peak
         return r
+
+
+def _shown(metrics: dict) -> str:
+    return "".join(f"  {k} {v:.4f}" for k, v in metrics.items())
 
 
 def _progress_bar(recipe: Recipe, step: int, env: DistEnv):
@@ -504,19 +537,27 @@ def to_device(batch, device: torch.device):
     return batch
 
 
-def evaluate(train_module: nn.Module, batches: Iterable[dict], env: DistEnv, autocast) -> float:
-    """Mean loss over the batches (each weighted by its rows), averaged over ranks.
-    Every rank must get the same number of batches (each forward is collective under FSDP)."""
-    total, rows = 0.0, 0
+def evaluate(
+    train_module: nn.Module, batches: Iterable[dict], env: DistEnv, autocast
+) -> tuple[float, dict[str, float]]:
+    """(mean loss, mean of each of the loss's metrics) over the batches, each weighted by its
+    rows, averaged over ranks. Every rank must get the same number of batches (each forward is
+    collective under FSDP)."""
+    sums: dict[str, float] = {"loss": 0.0}
+    rows = 0
     with torch.no_grad():
         for batch in batches:
             batch = to_device(batch, env.device)
             n = len(next(iter(batch.values()))) if isinstance(batch, dict) else 1
             with autocast():
-                total += train_module(batch).item() * n
+                loss, metrics = split_loss(train_module(batch))
+            for k, v in {"loss": loss, **metrics}.items():
+                sums[k] = sums.get(k, 0.0) + float(v) * n
             rows += n
-    total, rows = distributed.mean_over_ranks([total, float(rows)], env)
-    return total / rows if rows else math.nan
+    names = list(sums)
+    *totals, rows = distributed.mean_over_ranks([*(sums[k] for k in names), float(rows)], env)
+    means = {k: t / rows if rows else math.nan for k, t in zip(names, totals)}
+    return means.pop("loss"), means
 
 
 def _clip(module: nn.Module, max_norm: float) -> float:

@@ -104,6 +104,21 @@ class SFTSection:
 
 
 @dataclass
+class RewardSection:
+    # Reward model (gemmakit reward): data.train lists JSONL files of preference pairs
+    # ({"prompt"|"messages", "chosen", "rejected"}), data.valid an optional held-out one.
+    # training.batch_size and micro_batch_size count pairs (a micro-batch: 2 x that many rows).
+    valid_fraction: float = 0.0  # held out of data.train when data.valid is null
+
+
+@dataclass
+class DPOSection:
+    # Direct preference optimization (gemmakit dpo), on the same preference files as reward.
+    beta: float = 0.1  # the implicit reward's scale (the KL regularization's strength)
+    valid_fraction: float = 0.0  # held out of data.train when data.valid is null
+
+
+@dataclass
 class LoRASection:
     # Low-rank adapters on the chosen projections; the base stays frozen (gemmakit.model.lora).
     rank: int = 8
@@ -135,6 +150,21 @@ class DistillSection:
 
 
 @dataclass
+class RLHFSection:
+    # RLHF with RLOO (gemmakit rlhf): data.train lists JSONL files of prompts ({"prompt": str
+    # or messages} or {"messages": [...]}, a trailing assistant message dropped); the policy
+    # samples k answers to each, the reward model scores them. training.batch_size and
+    # micro_batch_size count answers (prompts x k); training.seq_len bounds prompt + answer.
+    reward_model: str | None = None  # a reward model folder (gemmakit reward)
+    k: int = 4  # answers sampled per prompt (>= 2: each one's baseline is the others' mean)
+    beta: float = 0.05  # weight of the KL penalty to the starting (reference) model
+    max_new_tokens: int = 64  # answer length limit
+    temperature: float = 1.0  # sampling; log-probabilities use the same temperature
+    top_p: float = 1.0
+    top_k: int | None = None
+
+
+@dataclass
 class Recipe:
     run_dir: str = "runs/pretrain"
     model: ModelSection = field(default_factory=ModelSection)
@@ -146,8 +176,11 @@ class Recipe:
     log: LogSection = field(default_factory=LogSection)
     distributed: DistributedSection = field(default_factory=DistributedSection)
     sft: SFTSection = field(default_factory=SFTSection)
+    reward: RewardSection = field(default_factory=RewardSection)
+    dpo: DPOSection = field(default_factory=DPOSection)
     lora: LoRASection | None = None  # null: full fine-tuning
     distill: DistillSection | None = None  # gemmakit distill's teacher and loss
+    rlhf: RLHFSection = field(default_factory=RLHFSection)
 
     def to_dict(self) -> dict:
         return typed_config.to_dict(self)
@@ -206,6 +239,27 @@ def _check(r: Recipe, where: str) -> None:
         raise RecipeError(
             f"{where}: sft.valid_fraction must be in [0, 1), got {r.sft.valid_fraction}"
         )
+    h = r.rlhf
+    if h.k < 2:
+        raise RecipeError(f"{where}: rlhf.k must be >= 2 (the leave-one-out baseline), got {h.k}")
+    if h.beta < 0:
+        raise RecipeError(f"{where}: rlhf.beta must be >= 0, got {h.beta}")
+    if h.max_new_tokens < 1:
+        raise RecipeError(f"{where}: rlhf.max_new_tokens must be >= 1, got {h.max_new_tokens}")
+    if not h.temperature > 0:
+        raise RecipeError(f"{where}: rlhf.temperature must be > 0, got {h.temperature}")
+    if not 0.0 < h.top_p <= 1.0:
+        raise RecipeError(f"{where}: rlhf.top_p must be in (0, 1], got {h.top_p}")
+    if h.top_k is not None and h.top_k < 1:
+        raise RecipeError(f"{where}: rlhf.top_k must be >= 1, got {h.top_k}")
+    for key, fraction in [
+        ("reward.valid_fraction", r.reward.valid_fraction),
+        ("dpo.valid_fraction", r.dpo.valid_fraction),
+    ]:
+        if not 0.0 <= fraction < 1.0:
+            raise RecipeError(f"{where}: {key} must be in [0, 1), got {fraction}")
+    if r.dpo.beta <= 0:
+        raise RecipeError(f"{where}: dpo.beta must be > 0, got {r.dpo.beta}")
     if r.lora is not None:
         if r.lora.rank < 1:
             raise RecipeError(f"{where}: lora.rank must be >= 1, got {r.lora.rank}")

@@ -8,6 +8,9 @@ A checkpoint is a directory `RUN/checkpoints/step_0000100/` holding
   parameter name, the step, the data position, each rank's RNG states, the recipe, and the
   parameters of the loss itself if it has any (a reward head);
 - tokenizer.model when the recipe names one.
+A loss with parameters of its own says how they are saved beside the model with
+`checkpoint_head(params) -> (HF key -> tensor, config.json fields, PEFT task_type)`: a reward
+model's checkpoint is then HF's Gemma*ForSequenceClassification (or its PEFT adapter).
 It is written under a hidden temporary name and renamed into place when complete, so a run
 killed at any moment leaves either the whole checkpoint or none.
 """
@@ -152,7 +155,7 @@ def save_checkpoint(
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
         try:
             with _disk_full_names(final):
-                _write(tmp, loss_module.model, model_sd, tokenizer, info)
+                _write(tmp, loss_module, model_sd, tokenizer, info)
                 state = {
                     "step": step,
                     "optimizer": optim_sd,
@@ -176,21 +179,30 @@ def save_checkpoint(
 
 
 def _write(
-    tmp: Path, model: Gemma, model_sd: dict, tokenizer: str | Path | None, info: dict
+    tmp: Path, loss_module: nn.Module, model_sd: dict, tokenizer: str | Path | None, info: dict
 ) -> None:
     """The model half of a checkpoint into tmp: config.json, model.safetensors and
-    tokenizer.model; in a LoRA run the adapter alone (PEFT's format), never the frozen base."""
+    tokenizer.model; in a LoRA run the adapter alone (PEFT's format), never the frozen base.
+    The loss's own parameters go beside the model where the loss says how (checkpoint_head)."""
+    model = loss_module.model
     gemma_sd = {k.removeprefix("model."): v for k, v in model_sd.items() if k.startswith("model.")}
     extra = {"tokenizer.model": Path(tokenizer)} if tokenizer else None
+    head, config, task = {}, {}, "CAUSAL_LM"
+    export = getattr(loss_module.loss_fn, "checkpoint_head", None)
+    if export is not None:
+        own = {
+            k.removeprefix("loss_fn."): v for k, v in model_sd.items() if k.startswith("loss_fn.")
+        }
+        head, config, task = export(own)
     lora = {k: v for k, v in gemma_sd.items() if ".lora_" in k}
     if lora:
         base = info.get("recipe", {}).get("model", {}).get("checkpoint")
-        write_lora(lora, model.config, spec_of(model), tmp, base, extra)
+        write_lora(lora, model.config, spec_of(model), tmp, base, extra, head, task)
         return
     with torch.device("meta"):
         holder = Gemma(model.config)  # a module around the gathered tensors, for save_hf
     holder.load_state_dict(gemma_sd, assign=True)
-    save_hf(holder, tmp, extra_files=extra)
+    save_hf(holder, tmp, extra_files=extra, extra_tensors=head, config_updates=config)
 
 
 @contextmanager

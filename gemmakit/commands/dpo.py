@@ -1,0 +1,47 @@
+"""`gemmakit dpo RECIPE [--set key=value ...] [--resume]`: direct preference optimization of a
+policy on preference pairs (JSONL), full or LoRA, from a YAML recipe (see recipes/dpo-*.yaml).
+The reference log-probabilities are computed once and cached in the run folder.
+
+Under torchrun each process takes one device, as with `gemmakit pretrain`.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub) -> None:
+    p = sub.add_parser("dpo", help="direct preference optimization on preference pairs (full or LoRA) from a recipe")
+    p.add_argument("recipe", help="YAML recipe file (see recipes/dpo-*.yaml)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a recipe value, e.g. --set training.steps=100 (repeatable)",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the newest checkpoint in the recipe's run_dir",
+    )
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from gemmakit.training import load_recipe
+    from gemmakit.training.dpo import dpo
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    result = dpo(recipe, resume=args.resume)
+    if result.losses:
+        val = ""
+        if result.val_metrics:
+            m = result.val_metrics[-1][1]
+            val = f", held-out margin {m['margin']:.3f}, accuracy {m['accuracy']:.1%}"
+        print(
+            f"done: {result.steps} steps, final loss {result.losses[-1]:.4f}{val}; "
+            f"checkpoint {result.checkpoint}"
+        )
+    return 0
