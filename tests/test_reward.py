@@ -40,9 +40,7 @@ def padded(seqs, pad: int = 0) -> torch.Tensor:
         ("tiny-gemma3", "Gemma3TextForSequenceClassification"),
     ],
 )
-def test_hf_sequence_classifier_loads_the_reward_model_with_the_same_scores(
-    tmp_path, preset, cls
-):
+def test_hf_sequence_classifier_loads_the_reward_model_with_the_same_scores(tmp_path, preset, cls):
     tf = pytest.importorskip("transformers")
     rm = RewardModel(build_model(small_config(preset), dtype=torch.float32, seed=1))
     torch.nn.init.normal_(rm.head.weight)
@@ -70,13 +68,22 @@ def test_reward_learns_a_preference_only_the_pairs_reveal(tmp_path):
     rm = load_reward_model(result.checkpoint)
     assert rm.tokenizer is not None
     chosen = rm.score(
-        [[{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["chosen"]}]
-         for r in valid]
+        [
+            [
+                {"role": "user", "content": r["prompt"]},
+                {"role": "assistant", "content": r["chosen"]},
+            ]
+            for r in valid
+        ]
     )
     rejected = rm.score(
-        [[{"role": "user", "content": r["prompt"]},
-          {"role": "assistant", "content": r["rejected"]}]
-         for r in valid]
+        [
+            [
+                {"role": "user", "content": r["prompt"]},
+                {"role": "assistant", "content": r["rejected"]},
+            ]
+            for r in valid
+        ]
     )
     wins = sum(c > r for c, r in zip(chosen, rejected)) / len(valid)
     assert wins >= 0.8
@@ -132,3 +139,13 @@ def test_reward_command_reports_a_bad_row_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("gemmakit reward: error: ") and "train.jsonl:11: expected fields" in err
     assert "\n" not in err
+
+
+def test_shipped_preference_recipes_parse():
+    from helpers import ROOT
+
+    from gemmakit.training.recipe import load_recipe
+
+    for name in ("reward-tiny", "dpo-tiny", "reward-270m-lora", "dpo-270m-lora"):
+        recipe = load_recipe(ROOT / "recipes" / f"{name}.yaml")
+        assert recipe.data.train and recipe.data.valid

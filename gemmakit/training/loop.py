@@ -99,9 +99,7 @@ def train(
                 f"loss is {stats.loss} at step {stats.step}; lower optimizer.lr"
             )
         if make_eval_batches and _due(run.step, recipe.eval.interval, recipe.training.steps):
-            val, val_metrics = evaluate(
-                run.train_module, make_eval_batches(env), env, run.autocast
-            )
+            val, val_metrics = evaluate(run.train_module, make_eval_batches(env), env, run.autocast)
             progress.record_eval(val, val_metrics)
         if _due(run.step, recipe.checkpoint.interval, recipe.training.steps, always_last=True):
             last_ckpt = save(run)
@@ -300,7 +298,11 @@ def optimizer_step(run: Run, batches: Iterator[dict]) -> StepStats:
     run.data_position += t.batch_size
     names = list(metric_sums)
     loss_value, grad_norm, *values = distributed.mean_over_ranks(
-        [loss_sum.item() / run.accum, grad_norm, *(metric_sums[k].item() / run.accum for k in names)],
+        [
+            loss_sum.item() / run.accum,
+            grad_norm,
+            *(metric_sums[k].item() / run.accum for k in names),
+        ],
         run.env,
     )  # .item() waits for the step, so the time taken is the step's
     seconds = time.perf_counter() - start
@@ -411,9 +413,7 @@ class Progress:
         if self.log:
             self.log.write({"step": step, "val_loss": val, **named})
         if self.env.is_main:
-            self.say(
-                f"step {step}/{self.recipe.training.steps}  val_loss {val:.4f}{_shown(named)}"
-            )
+            self.say(f"step {step}/{self.recipe.training.steps}  val_loss {val:.4f}{_shown(named)}")
 
     def say(self, text: str) -> None:
         if self.bar is not None:

@@ -194,8 +194,7 @@ def eval_indices(n: int, m: int, rank: int, world: int, max_batches: int) -> lis
     order; rank r takes batches r, r + w, ...; every rank gets as many)."""
     count = min(max_batches, -(-n // m)) // world
     return [
-        list(range(b * m, min(n, (b + 1) * m)))
-        for b in (k * world + rank for k in range(count))
+        list(range(b * m, min(n, (b + 1) * m))) for b in (k * world + rank for k in range(count))
     ]
 
 
