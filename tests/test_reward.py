@@ -139,3 +139,13 @@ def test_reward_command_reports_a_bad_row_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("gemmakit reward: error: ") and "train.jsonl:11: expected fields" in err
     assert "\n" not in err
+
+
+def test_shipped_preference_recipes_parse():
+    from helpers import ROOT
+
+    from gemmakit.training.recipe import load_recipe
+
+    for name in ("reward-tiny", "dpo-tiny", "reward-270m-lora", "dpo-270m-lora"):
+        recipe = load_recipe(ROOT / "recipes" / f"{name}.yaml")
+        assert recipe.data.train and recipe.data.valid

@@ -11,7 +11,10 @@ import argparse
 
 
 def register(sub) -> None:
-    p = sub.add_parser("dpo", help="direct preference optimization on preference pairs (full or LoRA) from a recipe")
+    p = sub.add_parser(
+        "dpo",
+        help="direct preference optimization (full or LoRA) from a recipe",
+    )
     p.add_argument("recipe", help="YAML recipe file (see recipes/dpo-*.yaml)")
     p.add_argument(
         "--set",

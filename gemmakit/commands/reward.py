@@ -12,7 +12,10 @@ import argparse
 
 
 def register(sub) -> None:
-    p = sub.add_parser("reward", help="train a reward model on preference pairs (Bradley-Terry; full or LoRA) from a recipe")
+    p = sub.add_parser(
+        "reward",
+        help="train a reward model on preference pairs (full or LoRA) from a recipe",
+    )
     p.add_argument("recipe", help="YAML recipe file (see recipes/reward-*.yaml)")
     p.add_argument(
         "--set",

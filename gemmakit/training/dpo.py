@@ -1,6 +1,6 @@
 """Direct preference optimization (Rafailov et al. 2023): the shared loop with the DPO loss.
 
-    loss = -log sigmoid(beta * ((log pi(y_w|x) - log ref(y_w|x)) - (log pi(y_l|x) - log ref(y_l|x))))
+  loss = -log sigmoid(beta * ((log pi(y_w|x) - log ref(y_w|x)) - (log pi(y_l|x) - log ref(y_l|x))))
 
 with each log-probability summed over the answer's tokens only (its model turn, not the
 prompt). The reference is the starting model, frozen: its log-probabilities of every pair are
