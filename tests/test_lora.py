@@ -106,6 +106,34 @@ def test_merge_keeps_logits_and_merge_lora_command_exports(hf_checkpoints, tmp_p
         torch.testing.assert_close(exported(tokens), want, rtol=1e-5, atol=1e-5)
 
 
+def test_model_commands_load_an_adapter(hf_checkpoints, tmp_path):
+    """--adapter (generate, chat, instruct eval) puts a LoRA folder onto the checkpoint."""
+    import argparse
+
+    from gemmakit.commands.common import add_model_args, load_model_and_tokenizer
+    from gemmakit.tokenizer import train_tokenizer
+
+    _, path = hf_checkpoints["gemma3"]
+    tokens = torch.randint(0, 512, (1, 9))
+    model = load_model(path, dtype=torch.float32)
+    apply_lora(model, LoRASpec(rank=4, alpha=8))
+    randomize_lora(model)
+    save_lora(model, tmp_path / "ad")
+    tok = train_tokenizer(
+        ["one two three four five six"] * 40, vocab_size=420, output=tmp_path / "t"
+    )
+    parser = argparse.ArgumentParser()
+    add_model_args(parser)
+    given = ["--checkpoint", str(path), "--tokenizer", str(tok.path), "--dtype", "float32"]
+    with torch.no_grad():
+        tuned, _ = load_model_and_tokenizer(
+            parser.parse_args([*given, "--adapter", str(tmp_path / "ad")])
+        )
+        torch.testing.assert_close(tuned(tokens), model.eval()(tokens), rtol=1e-5, atol=1e-5)
+        base, _ = load_model_and_tokenizer(parser.parse_args(given))
+        assert not torch.allclose(base(tokens), tuned(tokens), atol=1e-3)
+
+
 def test_bad_adapters_are_checkpoint_errors(hf_checkpoints, tmp_path):
     from safetensors.torch import load_file, save_file
 

@@ -19,6 +19,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     src.add_argument("--checkpoint", help="HF directory, .safetensors, .ckpt or .gguf file")
     p.add_argument("--preset", help="check the checkpoint against this preset")
     p.add_argument("--tokenizer", help="SentencePiece .model file (default: beside the weights)")
+    p.add_argument("--adapter", help="a LoRA folder in PEFT's format (a LoRA SFT checkpoint)")
     p.add_argument("--dtype", choices=DTYPES, help="default: the checkpoint's own")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cpu)")
 
@@ -60,7 +61,9 @@ def load_model_and_tokenizer(args: argparse.Namespace):
     check_device(args.device)
     source = args.model or args.checkpoint
     dtype = torch_dtype(args.dtype)
-    model = load_model(source, dtype=dtype, device=args.device, config=args.preset)
+    model = load_model(
+        source, dtype=dtype, device=args.device, config=args.preset, adapter=args.adapter
+    )
     tokenizer = load_tokenizer(args.tokenizer or source)
     check_vocab_fits(tokenizer, model.config, args.tokenizer or source)
     return model, tokenizer
