@@ -24,6 +24,24 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cpu)")
 
 
+def add_recipe_args(p: argparse.ArgumentParser, recipe_help: str, example: str) -> None:
+    """The arguments every training stage takes: RECIPE, --set KEY=VALUE ..., --resume."""
+    p.add_argument("recipe", help=recipe_help)
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help=f"override a recipe value, e.g. --set {example} (repeatable)",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the newest checkpoint in the recipe's run_dir",
+    )
+
+
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help=">= 0; 0: greedy")
     p.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens (>= 1)")

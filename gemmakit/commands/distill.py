@@ -9,24 +9,15 @@ from __future__ import annotations
 
 import argparse
 
+from gemmakit.commands.common import add_recipe_args
+
 
 def register(sub) -> None:
     p = sub.add_parser(
         "distill", help="train a student model on a frozen teacher's token distributions"
     )
-    p.add_argument("recipe", help="YAML recipe file with a distill: section (see recipes/)")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a recipe value, e.g. --set distill.temperature=2 (repeatable)",
-    )
-    p.add_argument(
-        "--resume",
-        action="store_true",
-        help="continue from the newest checkpoint in the recipe's run_dir",
+    add_recipe_args(
+        p, "YAML recipe file with a distill: section (see recipes/)", "distill.temperature=2"
     )
     p.set_defaults(func=run)
 

@@ -9,23 +9,12 @@ from __future__ import annotations
 
 import argparse
 
+from gemmakit.commands.common import add_recipe_args
+
 
 def register(sub) -> None:
     p = sub.add_parser("pretrain", help="pretrain a model from a YAML recipe (torchrun: sharded)")
-    p.add_argument("recipe", help="YAML recipe file (see recipes/)")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a recipe value, e.g. --set optimizer.lr=1e-3 (repeatable)",
-    )
-    p.add_argument(
-        "--resume",
-        action="store_true",
-        help="continue from the newest checkpoint in the recipe's run_dir",
-    )
+    add_recipe_args(p, "YAML recipe file (see recipes/)", "optimizer.lr=1e-3")
     p.add_argument(
         "--peak-flops",
         type=float,

@@ -10,26 +10,15 @@ from __future__ import annotations
 
 import argparse
 
+from gemmakit.commands.common import add_recipe_args
+
 
 def register(sub) -> None:
     p = sub.add_parser(
         "reward",
         help="train a reward model on preference pairs (full or LoRA) from a recipe",
     )
-    p.add_argument("recipe", help="YAML recipe file (see recipes/reward-*.yaml)")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a recipe value, e.g. --set training.steps=100 (repeatable)",
-    )
-    p.add_argument(
-        "--resume",
-        action="store_true",
-        help="continue from the newest checkpoint in the recipe's run_dir",
-    )
+    add_recipe_args(p, "YAML recipe file (see recipes/reward-*.yaml)", "training.steps=100")
     p.set_defaults(func=run)
 
 

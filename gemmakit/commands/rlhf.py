@@ -9,23 +9,12 @@ from __future__ import annotations
 
 import argparse
 
+from gemmakit.commands.common import add_recipe_args
+
 
 def register(sub) -> None:
     p = sub.add_parser("rlhf", help="RLHF with RLOO against a reward model, from a recipe")
-    p.add_argument("recipe", help="YAML recipe file (see recipes/rlhf-*.yaml)")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a recipe value, e.g. --set rlhf.beta=0.1 (repeatable)",
-    )
-    p.add_argument(
-        "--resume",
-        action="store_true",
-        help="continue from the newest checkpoint in the recipe's run_dir",
-    )
+    add_recipe_args(p, "YAML recipe file (see recipes/rlhf-*.yaml)", "rlhf.beta=0.1")
     p.set_defaults(func=run)
 
 
