@@ -69,12 +69,12 @@ def row_messages(row: object, where: str) -> list[dict]:
     )
 
 
-def read_conversations(path: str | Path) -> list[Conversation]:
-    """Every conversation of a JSONL file (blank lines skipped); a bad line is a DataError
-    naming the file, the line and the field."""
+def jsonl_rows(path: str | Path, what: str) -> list[tuple[object, str]]:
+    """(row, "file:line") for each non-blank line of a JSONL file of `what` (conversations,
+    prompts, preference pairs); a missing file, bad JSON or no rows is an error naming it."""
     path = Path(path)
     if not path.is_file():
-        raise MissingFileError(f"{path}: no such conversations file")
+        raise MissingFileError(f"{path}: no such {what} file")
     out = []
     with path.open(encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
@@ -82,13 +82,19 @@ def read_conversations(path: str | Path) -> list[Conversation]:
                 continue
             where = f"{path}:{n}"
             try:
-                row = json.loads(line)
+                out.append((json.loads(line), where))
             except json.JSONDecodeError as e:
                 raise DataError(f"{where}: not valid JSON ({e.msg})") from None
-            out.append(Conversation(row_messages(row, where), where))
     if not out:
-        raise DataError(f"{path}: no conversations")
+        raise DataError(f"{path}: no {what}")
     return out
+
+
+def read_conversations(path: str | Path) -> list[Conversation]:
+    """Every conversation of a JSONL file (blank lines skipped); a bad line is a DataError
+    naming the file, the line and the field."""
+    rows = jsonl_rows(path, "conversations")
+    return [Conversation(row_messages(row, where), where) for row, where in rows]
 
 
 @dataclass

@@ -13,7 +13,6 @@ the prompt. A micro-batch of m pairs has 2m rows: the m chosen sides, then the m
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,8 +22,8 @@ import torch
 
 from gemmakit.chat import encode_chat
 from gemmakit.config import TokenIds
-from gemmakit.errors import DataError, MissingFileError
-from gemmakit.training.conversations import as_messages
+from gemmakit.errors import DataError
+from gemmakit.training.conversations import as_messages, jsonl_rows
 from gemmakit.training.losses import IGNORE
 
 
@@ -82,23 +81,7 @@ def row_pair(row: object, where: str) -> Pair:
 def read_pairs(path: str | Path) -> list[Pair]:
     """Every pair of a JSONL file (blank lines skipped); a bad line is a DataError naming the
     file, the line and the field."""
-    path = Path(path)
-    if not path.is_file():
-        raise MissingFileError(f"{path}: no such preference file")
-    out = []
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{n}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: not valid JSON ({e.msg})") from None
-            out.append(row_pair(row, where))
-    if not out:
-        raise DataError(f"{path}: no preference pairs")
-    return out
+    return [row_pair(row, where) for row, where in jsonl_rows(path, "preference pairs")]
 
 
 def _side(tokenizer, prompt: list[dict], answer: list[dict], token_ids, where, field) -> Side:

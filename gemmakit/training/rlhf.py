@@ -28,7 +28,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
-import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,12 +39,13 @@ from torch.utils.checkpoint import checkpoint
 
 from gemmakit.chat import encode_chat
 from gemmakit.config import TokenIds
-from gemmakit.errors import DataError, MissingFileError
+from gemmakit.errors import DataError
 from gemmakit.model.lora import adapters_disabled
 from gemmakit.model.reward import RewardModel, load_reward_model
 from gemmakit.model.transformer import Gemma
 from gemmakit.tokenizer import load_tokenizer
 from gemmakit.training import distributed
+from gemmakit.training.conversations import jsonl_rows
 from gemmakit.training.distributed import DistEnv
 from gemmakit.training.loop import RunResult, build_model_for, compute_dtype, train
 from gemmakit.training.losses import IGNORE, auto_chunk_tokens
@@ -153,23 +153,8 @@ def read_prompts(path: str | Path) -> list[Prompt]:
     """The prompts of a JSONL file: rows {"prompt": str | messages} (other fields, such as a
     preference file's "chosen"/"rejected", are ignored) or {"messages": [...]} whose trailing
     assistant message, if any, is dropped. A bad row is a DataError naming file and line."""
-    path = Path(path)
-    if not path.is_file():
-        raise MissingFileError(f"{path}: no such prompts file")
-    out = []
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{n}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: not valid JSON ({e.msg})") from None
-            out.append(Prompt(_prompt_messages(row, where), where))
-    if not out:
-        raise DataError(f"{path}: no prompts")
-    return out
+    rows = jsonl_rows(path, "prompts")
+    return [Prompt(_prompt_messages(row, where), where) for row, where in rows]
 
 
 def _prompt_messages(row: object, where: str) -> list[dict]:
