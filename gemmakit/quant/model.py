@@ -93,3 +93,23 @@ def quant_summary(model: nn.Module) -> dict[str, int]:
             key = str(p.dtype).removeprefix("torch.")
             out[key] = out.get(key, 0) + p.numel() * p.element_size()
     return out
+
+
+def dequantize_model(model: nn.Module) -> nn.Module:
+    """The reverse of quantize_model: every QuantWeight replaced by a float parameter of its
+    dequantized values (in its compute dtype): the reference a quantized model is checked
+    against, computing the same function in torch's own ops."""
+    if isinstance(model.embedder, QuantEmbedding):
+        w = model.embedder.weight
+        emb = nn.Embedding(*w.shape, device=w.device, dtype=w.dtype)
+        emb.weight = nn.Parameter(w.dequantize().to(w.dtype), requires_grad=False)
+        model.embedder = emb
+    for name, m in list(model.named_modules()):
+        if isinstance(m, QuantWeight):
+            path, _, attr = name.rpartition(".")
+            parent = model.get_submodule(path)
+            delattr(parent, attr)
+            parent.register_parameter(
+                attr, nn.Parameter(m.dequantize().to(m.dtype), requires_grad=False)
+            )
+    return model

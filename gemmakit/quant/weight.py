@@ -99,14 +99,18 @@ class QuantWeight(nn.Module):
                 torch.get_num_threads(),
             ).to(x.dtype)
         else:
+            # float32 on a CPU (like the kernel; bf16 matmul is no faster there), x's dtype
+            # on a GPU
+            dt = torch.float32 if x.device.type == "cpu" else x.dtype
             rows = max(1, TILE_ELEMENTS // k)
+            xd = flat.to(dt)
             y = torch.cat(
                 [
-                    F.linear(flat, self.dequantize(slice(i, i + rows)).to(x.dtype))
+                    F.linear(xd, self.dequantize(slice(i, i + rows)).to(dt))
                     for i in range(0, n, rows)
                 ],
                 dim=-1,
-            )
+            ).to(x.dtype)
         y = y.view(*x.shape[:-1], n)
         return y if bias is None else y + bias
 
