@@ -25,6 +25,12 @@ from gemmakit.quant.selftest import check_all, random_weight, reference
 from gemmakit.quant.weight import QuantWeight
 
 needs_kernel = pytest.mark.skipif(quant_gemv.library() is None, reason="no AVX2 kernel here")
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Small tensors: one thread is faster than two on a loaded machine (conftest restores)."""
+    torch.set_num_threads(1)
+
+
 PROMPTS = [[2, 17, 300, 41, 9], [2, 100, 7, 8, 9, 10, 11]]
 
 

@@ -71,8 +71,12 @@ def _make_qkx2(
 
 
 def quantize_q4_k(w: torch.Tensor) -> torch.Tensor:
-    """float [N, K] (K % 256 == 0) -> uint8 [N, K / 256 * 144] Q4_K blocks."""
+    """float [N, K] (K % 256 == 0) -> uint8 [N, K / 256 * 144] Q4_K blocks (rows in chunks of
+    about 1M weights, so the trial levels of a 262144-row embedding never all exist at once)."""
     n, k = w.shape
+    rows = max(1, (1 << 20) // k)
+    if n > rows:
+        return torch.cat([quantize_q4_k(w[i : i + rows]) for i in range(0, n, rows)])
     x = w.detach().float().cpu().reshape(-1, 8, 32)  # [S, 8, 32]: super-blocks of 8 x 32
     s = x.shape[0]
     sub = x.reshape(-1, 32)
