@@ -21,10 +21,12 @@ from gemmakit.quant.checkpoint import save_quantized
 from gemmakit.quant.formats import FORMATS, GGUF_FORMATS, dequantize, quantize_int4
 from gemmakit.quant.ggml import quantize_q4_k, quantize_q8_0
 from gemmakit.quant.model import dequantize_model, quant_summary, quantize_model
-from gemmakit.quant.selftest import check_all, random_weight, reference
+from gemmakit.quant.selftest import check_all, error_bound, random_weight, reference
 from gemmakit.quant.weight import QuantWeight
 
 needs_kernel = pytest.mark.skipif(quant_gemv.library() is None, reason="no AVX2 kernel here")
+
+
 @pytest.fixture(autouse=True)
 def _one_thread():
     """Small tensors: one thread is faster than two on a loaded machine (conftest restores)."""
@@ -73,13 +75,14 @@ def test_linear_equals_dequantize_then_matmul(fmt, kernels, monkeypatch):
     for rows in (1, 5, 11):
         x = torch.randn(rows, k, generator=gen)
         want = reference(x, fmt, *w._parts(None))
-        bound = 1e-5 * (x.abs() @ w.dequantize().abs().T) + 1e-6
+        bound = error_bound(fmt, x, w.dequantize())
         assert ((w.linear(x) - want).abs() <= bound).all()
     xb = torch.randn(2, 3, k, generator=gen).to(torch.bfloat16)
     got = w.linear(xb)
     assert got.dtype == torch.bfloat16 and got.shape == (2, 3, 37)
     ref = xb.float() @ w.dequantize().T
-    assert torch.allclose(got.float(), ref, rtol=2e-2, atol=2e-2)
+    bound = error_bound(fmt, xb.float().view(6, k), w.dequantize()).view(2, 3, 37)
+    assert ((got.float() - ref).abs() <= bound + 1e-2 * ref.abs()).all()  # + bf16 rounding
 
 
 def test_embedding_rows_dequantize_only_the_looked_up_rows():
@@ -154,8 +157,10 @@ def test_quantized_model_matches_its_dequantized_reference(mode):
     tokens = torch.tensor(PROMPTS[1])[None]
     with torch.no_grad():
         a, b = model(tokens), ref(tokens)
-    # same weights, float32 sums in another order: 1e-4 of the logits' scale
-    assert (a - b).abs().max() <= 1e-4 * b.abs().max()
+    # same weights, float32 sums in another order: 1e-4 of the logits' scale; int8/int4
+    # also round x to int8 per 32 in the kernel (prompts of <= 8 tokens run it): 2e-2
+    tol = 2e-2 if mode in ("int8", "int4", "int4-g128") else 1e-4
+    assert (a - b).abs().max() <= tol * b.abs().max()
     got = generate(model, PROMPTS, 16, stop_tokens=[])
     want = generate(ref, PROMPTS, 16, stop_tokens=[])
     assert got == want and all(len(g) == 16 for g in got)
@@ -174,7 +179,8 @@ def test_quantized_checkpoint_saves_and_loads_back(tmp_path):
     assert not any(isinstance(m, QuantWeight) for m in plain.modules())
     tokens = torch.tensor(PROMPTS[:1])
     with torch.no_grad():
-        assert torch.allclose(kept(tokens), plain(tokens), rtol=1e-4, atol=1e-4)
+        a, b = kept(tokens), plain(tokens)
+    assert (a - b).abs().max() <= 2e-2 * b.abs().max()  # int4's kernel rounds x to int8
 
 
 def test_keep_on_a_q8_0_gguf_equals_its_float32_dequantization(tmp_path):

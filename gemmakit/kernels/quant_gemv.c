@@ -6,14 +6,17 @@
  * 32 weights is dequantized in registers to four vectors of 8 float32 (the same value the
  * torch reference computes), then FMAd against the M rows of x, which stay in L1/L2: one
  * read of W per call whatever M is, and no dequantized copy of W in memory. Activations stay
- * float32 (no int8 rounding of x, unlike llama.cpp), so a kept GGUF weight gives the logits of
- * its float32 dequantization up to summation order.
+ * float32 for the GGUF formats (no int8 rounding of x, unlike llama.cpp), so a kept GGUF
+ * weight gives the logits of its float32 dequantization up to summation order; gemmakit's int8
+ * and int4 round x to int8 per block of 32 for integer multiply-adds (see row_dot_int).
  *
  * Threads take slabs of ~256 KiB of W in turn (OpenMP, dynamic schedule).
  * Build: cc -O3 -mavx2 -mfma -mf16c -fopenmp -shared -fPIC quant_gemv.c
  */
 #include <immintrin.h>
+#include <math.h>
 #include <stddef.h>
+#include <stdlib.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -180,13 +183,84 @@ INLINE void row_dot(const int fmt, const int M, const uint8_t *row, const uint8_
     }
 }
 
+/* int8 and int4 (gemmakit's own formats, chosen for speed) take x rounded to int8 per block of
+ * 32 (xq, with scale xd[b] = max|x| / 127 and the exact float sum xs[b] for int4's minimum),
+ * as llama.cpp does for every format: integer multiply-adds (maddubs) do 32 weights in a few
+ * instructions where float dequantization needs a dozen. */
+INLINE void row_dot_int(const int fmt, const int M, const uint8_t *row, const uint8_t *sc,
+                        const uint8_t *mn, ptrdiff_t group, float row_scale, const int8_t *xq,
+                        const float *xd, const float *xs, const float *x, ptrdiff_t K, float *y,
+                        ptrdiff_t N) {
+    __m256 acc[8];
+    float macc[8];
+    const __m256i ones = _mm256_set1_epi16(1);
+#pragma GCC unroll 8
+    for (int m = 0; m < M; m++) acc[m] = _mm256_setzero_ps(), macc[m] = 0.0f;
+    ptrdiff_t nb = K / 32, nbk = K / 32;
+    for (ptrdiff_t j = 0; j < nb; j++) {
+        if (fmt == INT4) {
+            __m256i q = nibbles32(row + 16 * j);
+            ptrdiff_t g = 32 * j / group;
+            float d = f16(sc + 2 * g), mv = f16(mn + 2 * g);
+#pragma GCC unroll 8
+            for (int m = 0; m < M; m++) {
+                __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + m * K + 32 * j));
+                __m256i s = _mm256_madd_epi16(_mm256_maddubs_epi16(q, xv), ones);
+                acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(d * xd[m * nbk + j]),
+                                         acc[m]);
+                macc[m] += mv * xs[m * nbk + j];
+            }
+        } else { /* INT8: |w| times x with w's sign, as maddubs wants an unsigned operand */
+            __m256i w = _mm256_loadu_si256((const __m256i *)(row + 32 * j));
+            __m256i aw = _mm256_sign_epi8(w, w);
+#pragma GCC unroll 8
+            for (int m = 0; m < M; m++) {
+                __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + m * K + 32 * j));
+                __m256i p = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(xv, w));
+                __m256i s = _mm256_madd_epi16(p, ones);
+                acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_broadcast_ss(xd + m * nbk + j),
+                                         acc[m]);
+            }
+        }
+    }
+#pragma GCC unroll 8
+    for (int m = 0; m < M; m++) {
+        float s = hsum(acc[m]) + macc[m];
+        for (ptrdiff_t t = nb * 32; t < K; t++) s += (float)(int8_t)row[t] * x[m * K + t];
+        y[m * N] = s * row_scale;
+    }
+}
+
+/* x [M, K] -> xq int8 [M, K] (whole blocks of 32), xd and xs [M, K / 32] */
+static void quantize_x(const float *x, int M, ptrdiff_t K, int8_t *xq, float *xd, float *xs) {
+    ptrdiff_t nb = K / 32;
+    for (int m = 0; m < M; m++)
+        for (ptrdiff_t j = 0; j < nb; j++) {
+            const float *b = x + m * K + 32 * j;
+            float amax = 0.0f, sum = 0.0f;
+            for (int i = 0; i < 32; i++) {
+                float a = b[i] < 0 ? -b[i] : b[i];
+                amax = a > amax ? a : amax;
+                sum += b[i];
+            }
+            float d = amax / 127.0f, id = d > 0 ? 1.0f / d : 0.0f;
+            for (int i = 0; i < 32; i++) xq[m * K + 32 * j + i] = (int8_t)nearbyintf(b[i] * id);
+            xd[m * nb + j] = d;
+            xs[m * nb + j] = sum;
+        }
+}
+
 /* rows [n0, n1) of W; fmt and M literal at every call site so each pair compiles on its own */
 #define ROWS(FMT, M_)                                                                        \
     for (ptrdiff_t n = n0; n < n1; n++) {                                                    \
         const uint8_t *s_ = scale ? (const uint8_t *)scale + n * groups * 2 : NULL;          \
         const uint8_t *m_ = minimum ? (const uint8_t *)minimum + n * groups * 2 : NULL;      \
         float rs = (FMT) == INT8 ? ((const float *)scale)[n] : 1.0f;                         \
-        row_dot((FMT), (M_), W + n * rb, s_, m_, group, rs, x, K, y + n, N);                 \
+        if ((FMT) == INT8 || (FMT) == INT4)                                                  \
+            row_dot_int((FMT), (M_), W + n * rb, s_, m_, group, rs, xq, xd, xs, x, K, y + n, \
+                        N);                                                                  \
+        else                                                                                 \
+            row_dot((FMT), (M_), W + n * rb, s_, m_, group, rs, x, K, y + n, N);             \
     }
 
 #define BY_M(FMT)                                                                            \
@@ -201,9 +275,9 @@ INLINE void row_dot(const int fmt, const int M, const uint8_t *row, const uint8_
     case 8: ROWS(FMT, 8) break;                                                              \
     }
 
-static void slab(int fmt, const float *x, const uint8_t *W, const void *scale,
-                 const void *minimum, float *y, ptrdiff_t n0, ptrdiff_t n1, int M, ptrdiff_t N,
-                 ptrdiff_t K, ptrdiff_t rb, ptrdiff_t group) {
+static void slab(int fmt, const float *x, const int8_t *xq, const float *xd, const float *xs,
+                 const uint8_t *W, const void *scale, const void *minimum, float *y, ptrdiff_t n0,
+                 ptrdiff_t n1, int M, ptrdiff_t N, ptrdiff_t K, ptrdiff_t rb, ptrdiff_t group) {
     ptrdiff_t groups = fmt == INT4 ? K / group : 0;
     if (fmt != INT4) scale = fmt == INT8 ? scale : NULL, minimum = NULL;
     if (fmt == INT8) groups = 0;
@@ -232,10 +306,23 @@ int quant_gemv(int fmt, const float *x, const uint8_t *W, const void *scale, con
     if (chunk < 4) chunk = 4;
     ptrdiff_t n_chunks = (N + chunk - 1) / chunk;
     if (n_chunks < n_threads) n_threads = (int)(n_chunks > 0 ? n_chunks : 1);
+    int8_t *xq = NULL;
+    float *xd = NULL, *xs = NULL;
+    if (fmt == INT8 || fmt == INT4) {
+        xq = malloc((size_t)(M * K) + 1);
+        xd = malloc(sizeof(float) * (size_t)(M * (K / 32) + 1));
+        xs = malloc(sizeof(float) * (size_t)(M * (K / 32) + 1));
+        if (!xq || !xd || !xs) {
+            free(xq), free(xd), free(xs);
+            return -2;
+        }
+        quantize_x(x, (int)M, K, xq, xd, xs);
+    }
 #pragma omp parallel for schedule(dynamic, 1) num_threads(n_threads)
     for (ptrdiff_t c = 0; c < n_chunks; c++) {
         ptrdiff_t n0 = c * chunk, n1 = n0 + chunk < N ? n0 + chunk : N;
-        slab(fmt, x, W, scale, minimum, y, n0, n1, (int)M, N, K, rb, group);
+        slab(fmt, x, xq, xd, xs, W, scale, minimum, y, n0, n1, (int)M, N, K, rb, group);
     }
+    free(xq), free(xd), free(xs);
     return 0;
 }
