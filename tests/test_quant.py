@@ -211,6 +211,15 @@ def test_quantize_command_and_generate_with_quant_keep(tmp_path, capsys):
         main(["quantize", str(tmp_path / "src"), str(tmp_path / "x"), "--to", "q3_k"])
 
 
+def test_to_dtype_changes_the_compute_dtype_not_the_stored_scales():
+    model = quantize_model(_tiny(), "int8").to(torch.bfloat16)
+    w = model.blocks[0].mlp.up_proj.weight
+    assert w.scale.dtype == torch.float32 and w.qdata.dtype == torch.uint8
+    assert model.dtype == torch.bfloat16
+    with torch.no_grad():
+        assert model(torch.tensor(PROMPTS[:1])).dtype == torch.bfloat16
+
+
 def test_unknown_quant_mode_is_a_usage_error():
     from gemmakit.errors import UsageError
 

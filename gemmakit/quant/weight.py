@@ -54,6 +54,18 @@ class QuantWeight(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.compute_dtype
 
+    def _apply(self, fn, recurse=True):
+        """`.to(device)` moves the buffers; `.to(dtype)` / `.half()` change only the compute
+        dtype: the blocks, scales and minimums keep their stored types."""
+        for name, b in self._buffers.items():
+            if b is not None:
+                probe = fn(torch.empty(0, dtype=b.dtype, device=b.device))
+                self._buffers[name] = b.to(probe.device)
+        probe = fn(torch.empty(0, dtype=self.compute_dtype, device=self.device))
+        if probe.dtype.is_floating_point:
+            self.compute_dtype = probe.dtype
+        return self
+
     @property
     def device(self) -> torch.device:
         return self.qdata.device
