@@ -8,11 +8,11 @@ import torch
 
 from gemmakit.checkpoint.hf_config import infer_config, read_hf_config
 from gemmakit.checkpoint.layouts import Spec, detect_layout, is_ignored
+from gemmakit.checkpoint.quantized import kept_weight, wrap_quantized
 from gemmakit.checkpoint.sources import TensorSource, open_source
 from gemmakit.config import GemmaConfig, get_config
 from gemmakit.errors import CheckpointError
 from gemmakit.model.transformer import Gemma
-from gemmakit.quant.checkpoint import kept_weight
 from gemmakit.quant.model import quantizable, swap_weight
 
 
@@ -91,7 +91,7 @@ def load_checkpoint(
     the compute dtype.
     """
     path = Path(path)
-    source = open_source(path)
+    source = wrap_quantized(open_source(path))  # a `gemmakit quantize` folder: its reader
     config = resolve_config(source, path, config)
     try:
         fmt, layout = detect_layout(source.keys(), config)

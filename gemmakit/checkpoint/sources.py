@@ -178,14 +178,6 @@ class GGUFSource(TensorSource):
             raise CheckpointError(f"{self.path}: {e}") from e
 
 
-def _safetensors(path: Path) -> TensorSource:
-    """A SafetensorsSource, seen through gemmakit.quant's reader when it holds quantized
-    tensors (a `gemmakit quantize` folder)."""
-    from gemmakit.quant.checkpoint import wrap_quantized
-
-    return wrap_quantized(SafetensorsSource(path))
-
-
 def open_source(path: str | Path) -> TensorSource:
     """The right reader for a file or an HF checkpoint directory."""
     path = Path(path)
@@ -194,10 +186,10 @@ def open_source(path: str | Path) -> TensorSource:
     if path.is_dir():
         index = path / "model.safetensors.index.json"
         if index.exists():
-            return _safetensors(index)
+            return SafetensorsSource(index)
         single = path / "model.safetensors"
         if single.exists():
-            return _safetensors(single)
+            return SafetensorsSource(single)
         found = sorted(path.glob("*.safetensors")) + sorted(path.glob("*.ckpt"))
         if len(found) == 1:
             return open_source(found[0])
@@ -205,7 +197,7 @@ def open_source(path: str | Path) -> TensorSource:
             f"{path}: no model.safetensors, model.safetensors.index.json or single .ckpt in it"
         )
     if path.name.endswith(".index.json") or path.suffix == ".safetensors":
-        return _safetensors(path)
+        return SafetensorsSource(path)
     if path.suffix in (".ckpt", ".pt", ".pth", ".bin"):
         return TorchSource(path)
     if path.suffix == ".gguf":
