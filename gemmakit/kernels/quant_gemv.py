@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from gemmakit.kernels.build import CLibrary, enabled
+from gemmakit.quant.selftest import check_all
 
 MAX_ROWS = 8
 
@@ -56,8 +57,6 @@ def call(
 
 def _self_test(lib: ctypes.CDLL) -> None:
     """Raise unless every format matches the torch dequantize-then-matmul reference."""
-    from gemmakit.quant.selftest import check_all
-
     check_all(lambda *args: call(lib, *args))
 
 

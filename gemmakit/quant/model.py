@@ -12,6 +12,7 @@ from torch import nn
 
 from gemmakit.errors import UsageError
 from gemmakit.quant.formats import FORMATS, quantize_int4, quantize_int8
+from gemmakit.quant.ggml import quantize_q4_k, quantize_q8_0
 from gemmakit.quant.weight import QuantEmbedding, QuantWeight
 
 # load_model(quant=...) / --quant: "keep" keeps what the file stores quantized; the others
@@ -26,8 +27,6 @@ def check_mode(mode: str | None) -> None:
 
 def quantize_weight(w: torch.Tensor, mode: str, dtype: torch.dtype) -> QuantWeight | None:
     """float [N, K] -> a QuantWeight in `mode`, or None when K does not fit its blocks."""
-    from gemmakit.quant.ggml import quantize_q4_k, quantize_q8_0
-
     n, k = w.shape
     w = w.detach().float().cpu()
     if mode == "int8":
