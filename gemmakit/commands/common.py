@@ -10,7 +10,7 @@ from pathlib import Path
 from gemmakit.config import GemmaConfig
 from gemmakit.dtypes import DTYPES, torch_dtype
 from gemmakit.errors import CheckpointError, MissingFileError, UsageError
-from gemmakit.quant.model import QUANT_MODES
+from gemmakit.quant.modes import QUANT_MODES
 from gemmakit.resolve import find_tokenizer, model_path, tokenizer_beside
 
 

@@ -13,11 +13,8 @@ from torch import nn
 from gemmakit.errors import UsageError
 from gemmakit.quant.formats import FORMATS, quantize_int4, quantize_int8
 from gemmakit.quant.ggml import quantize_q4_k, quantize_q8_0
+from gemmakit.quant.modes import QUANT_MODES
 from gemmakit.quant.weight import QuantEmbedding, QuantWeight
-
-# load_model(quant=...) / --quant: "keep" keeps what the file stores quantized; the others
-# quantize float weights at load ("int4" in groups of 32, "int4-g128" in groups of 128)
-QUANT_MODES = ("keep", "int8", "int4", "int4-g128", "q8_0", "q4_k")
 
 
 def check_mode(mode: str | None) -> None:
