@@ -185,8 +185,10 @@ def commonsense_qa(row: Row) -> Choice:
 def mmlu(row: Row, subject: str = "") -> Choice:
     if row.has("choices"):  # cais/mmlu: question, subject, choices, answer (int)
         options = [str(c) for c in row.get("choices", list)]
-    else:  # the release's CSV: question, A, B, C, D, answer (letter)
+    elif all(row.has(letter) for letter in "ABCD"):  # the release's CSV: question, A-D, answer
         options = [row.text(letter) for letter in "ABCD"]
+    else:
+        raise row.error(f"no field 'choices' (nor A, B, C, D; fields: {sorted(row.data)})")
     subject = row.text("subject") if row.has("subject") else subject
     if not subject:
         raise row.error("no subject (field 'subject', or a file named SUBJECT_test.csv)")
