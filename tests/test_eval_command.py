@@ -166,3 +166,25 @@ def test_nothing_is_written_when_a_task_or_its_data_fails(tmp_path, checkpoint, 
         monkey.undo()
     assert calls == ["hellaswag", "piqa"] and not out.exists()
     assert eval_command.parse_tasks(" a , b:x ") == ["a", "b:x"]
+
+
+def test_table_puts_tasks_outside_table_6_below_it():
+    from gemmakit.evaluation.report import table_markdown
+
+    entry = {
+        "task": "crows_pairs",
+        "num_fewshot": 0,
+        "samples": 3,
+        "headline": "pct_stereotype",
+        "metrics": {"pct_stereotype": {"value": 0.5, "stderr": 0.25}},
+    }
+    results = {
+        "model": {"name": "tiny", "source": "tiny", "config": "tiny", "dtype": "float32"},
+        "settings": {"chat": True, "seed": 1, "limit": None},
+        "tasks": {"crows_pairs": entry},
+    }
+    table = table_markdown(results)
+    assert "| crows_pairs | pct_stereotype | 0 | 3 | 0.5000 | 0.2500 |" in table
+    assert "| BBH |  | not run |  | 35.2 | 55.1 |  | 26.7 | few |" in table
+    assert "IFEval" not in table  # card-only rows appear only when run
+    assert "chat format" in table

@@ -104,9 +104,9 @@ def _question(row: Row) -> tuple[str, list[str], list[str]]:
 
 def _key(row: Row, labels: list[str]) -> int:
     key = row.get("answerKey", (str, int))
-    if str(key) not in labels:
+    if str(key).strip() not in labels:
         raise row.error(f"answerKey {key!r} is none of the choice labels {labels}")
-    return labels.index(str(key))
+    return labels.index(str(key).strip())
 
 
 def _lettered(stem: str, options: Sequence[str]) -> str:
