@@ -19,6 +19,13 @@ from gemmakit.generation import generate
 from gemmakit.tokenizer import train_tokenizer
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # tiny models: one thread is as fast, and far faster on a machine shared with other jobs
+    # (conftest restores the thread count after each test)
+    torch.set_num_threads(1)
+
+
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory):
     path = tmp_path_factory.mktemp("tok") / "tok"
