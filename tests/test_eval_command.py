@@ -9,10 +9,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import sentencepiece as spm
+import torch
 
-import gemmakit
+from gemmakit.api import build_model
 from gemmakit.checkpoint import save_hf
 from gemmakit.cli import main
+from gemmakit.config import get_config
 
 HELLASWAG = [
     {
@@ -29,6 +31,13 @@ PIQA = [
     {"goal": "Open a jar", "sol1": "Sing to it.", "sol2": "Twist the lid."},
     {"goal": "Cool tea", "sol1": "Wait a bit.", "sol2": "Heat it."},
 ]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # a tiny model: one thread is as fast, and far faster on a shared machine (conftest
+    # restores the thread count after each test)
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +58,9 @@ def checkpoint(tmp_path_factory):
         eos_id=1,
         bos_id=2,
         unk_id=3,
+        num_threads=1,
     )
-    model = gemmakit.load_model("tiny")
+    model = build_model(get_config("tiny"), seed=0)
     save_hf(model, tmp / "m", extra_files={"tokenizer.model": tmp / "tok.model"})
     return tmp / "m"
 
