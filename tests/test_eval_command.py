@@ -152,6 +152,10 @@ def test_nothing_is_written_when_a_task_or_its_data_fails(tmp_path, checkpoint, 
     assert main([*base, "--tasks", "piqa:a,piqa:b"]) == 2
     assert "--tasks names 'piqa' twice" in capsys.readouterr().err
     assert main([*base, "--tasks", f"piqa:{data / 'piqa'}", "--limit", "0"]) == 2
+    (tmp_path / "file").write_text("")
+    argv = ["eval", "--checkpoint", str(checkpoint), "--tasks", "piqa", "--out"]
+    assert main([*argv, str(tmp_path / "file")]) == 2
+    assert "a file, not a folder" in capsys.readouterr().err
 
     # a failure in the second task, after the first has run: still nothing written
     from gemmakit.evaluation import task as task_module

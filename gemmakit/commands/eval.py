@@ -13,6 +13,7 @@ import argparse
 import sys
 import time
 from datetime import UTC, datetime
+from pathlib import Path
 
 
 def register(sub) -> None:
@@ -89,6 +90,8 @@ def _check(args: argparse.Namespace) -> None:
         raise UsageError("--num-fewshot must be at least 0")
     if args.batch_size < 1:
         raise UsageError("--batch-size must be at least 1")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise UsageError(f"--out {args.out}: a file, not a folder")
 
 
 def _model_info(args: argparse.Namespace, model) -> dict:
@@ -115,8 +118,6 @@ def _model_info(args: argparse.Namespace, model) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from gemmakit.commands.common import load_model_and_tokenizer
     from gemmakit.evaluation.registry import load_task
     from gemmakit.evaluation.report import sample_rows, table_markdown, versions, write_outputs
