@@ -25,13 +25,16 @@ from pathlib import Path
 
 import torch
 
+from gemmakit.api import load_model
 from gemmakit.chat import encode_chat
+from gemmakit.commands.common import check_device, check_vocab_fits
+from gemmakit.dtypes import torch_dtype
 from gemmakit.errors import UsageError
 from gemmakit.evaluation.requests import Generate, Loglikelihood, LoglikelihoodResult, Rolling
 from gemmakit.generation import check_sampling, left_pad, stream_generate
 from gemmakit.model.cache import KVCache
 from gemmakit.model.transformer import Gemma
-from gemmakit.tokenizer import Tokenizer
+from gemmakit.tokenizer import Tokenizer, load_tokenizer
 
 # progress(kind, done, total): kind is "loglikelihood", "rolling" or "generate"
 Progress = Callable[[str, int, int], None]
@@ -98,11 +101,6 @@ class ModelRunner:
         (a name such as "float32", or a torch dtype), --adapter (a PEFT LoRA folder),
         --tokenizer (default: the checkpoint's own), --device and --preset give it. kwargs:
         the constructor's (batch_size, max_length, chat, progress)."""
-        from gemmakit.api import load_model
-        from gemmakit.commands.common import check_device, check_vocab_fits
-        from gemmakit.dtypes import torch_dtype
-        from gemmakit.tokenizer import load_tokenizer
-
         check_device(device)
         if isinstance(dtype, str):
             dtype = torch_dtype(dtype)
