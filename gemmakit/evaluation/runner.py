@@ -239,7 +239,8 @@ class ModelRunner:
             cache.select_rows(index)
             fed = torch.full((R, Lk), self.tokens.pad, dtype=torch.long)
             for r, cont in enumerate(conts):
-                fed[r, : len(cont) - 1] = torch.tensor(cont[:-1], dtype=torch.long)
+                if len(cont) > 1:
+                    fed[r, : len(cont) - 1] = torch.tensor(cont[:-1], dtype=torch.long)
             fed = fed.to(device)
             # RoPE positions continue from each context's real length (padding is not counted)
             ctx_len = valid.sum(-1).index_select(0, index)  # [R]
