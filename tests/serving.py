@@ -19,9 +19,9 @@ from gemmakit.tokenizer import train_tokenizer
 MODEL = "tiny-test"
 
 
-def tiny_model():
+def tiny_model(vocab: int = 4096):
     """Random weights large enough that greedy answers depend on the whole context."""
-    return build_model(get_config("tiny"), seed=0, init_std=0.2)
+    return build_model(get_config("tiny").replace(vocab_size=vocab), seed=0, init_std=0.2)
 
 
 def tiny_tokenizer(folder):

@@ -127,6 +127,7 @@ class Engine:
         self._thread = threading.Thread(target=self._loop, name="gemmakit-engine", daemon=True)
         self.steps = 0  # decode steps run (for tests and /health)
         self.most_rows = 0  # the largest batch decoded
+        self.cancelled = 0  # jobs dropped because their client went away
 
     # --- any thread ---------------------------------------------------------------------
 
@@ -157,12 +158,16 @@ class Engine:
         with self._cond:
             self._cond.notify()
 
-    def shutdown(self, timeout: float | None = 10.0) -> None:
-        """Take no new jobs, end every queued and running one with finish "abort", and stop
-        the thread (waiting up to `timeout` s for its current step)."""
+    def close(self) -> None:
+        """Take no new jobs; the thread ends every queued and running one with finish
+        "abort" after its current step, and stops. Returns at once."""
         with self._cond:
             self._closed = True
             self._cond.notify()
+
+    def shutdown(self, timeout: float | None = 10.0) -> None:
+        """`close`, then wait up to `timeout` s for the thread to stop."""
+        self.close()
         if self._thread.is_alive():
             self._thread.join(timeout)
 
@@ -202,8 +207,10 @@ class Engine:
                 _emit(job, None, "abort")
 
     def _step(self) -> None:
+        prefilling = len(self._prefilling)
         self._prefilling = [j for j in self._prefilling if not j.cancelled]
         gone = [i for i, j in enumerate(self._running) if j.cancelled]
+        self.cancelled += prefilling - len(self._prefilling) + len(gone)
         if gone:
             self._leave(gone)
         budget = self.prefill_chunk

@@ -16,6 +16,7 @@ class TextStream:
 
     def __init__(self, tokenizer: Tokenizer, stops: Sequence[str] = ()) -> None:
         self.tokenizer = tokenizer
+        self.vocab = tokenizer.vocab_size  # a model may embed more ids than have pieces
         self.stops = [s for s in stops if s]
         self.ids: list[int] = []
         self.text = ""  # the text decoded so far
@@ -27,20 +28,27 @@ class TextStream:
         if self.stopped:
             return ""
         self.ids.append(token)
-        text = self.tokenizer.decode(self.ids)
+        text = self._decode()
         if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for more bytes
             return ""
+        return self._update(text, final=False)
+
+    def flush(self) -> str:
+        """What is left to show once the answer has ended (bytes that never made a whole
+        character show as U+FFFD, as `decode` gives them)."""
+        return "" if self.stopped else self._update(self._decode(), final=True)
+
+    def _decode(self) -> str:
+        return self.tokenizer.decode([i for i in self.ids if i < self.vocab])
+
+    def _update(self, text: str, final: bool) -> str:
         self.text = text
         longest = max((len(s) for s in self.stops), default=0)
         cut = self._first_stop(max(0, self.sent - longest + 1))
         if cut is not None:
             self.stopped = True
             return self._give(cut)
-        return self._give(len(text) - self._held_back())
-
-    def flush(self) -> str:
-        """What is left to show once the answer has ended without a stop string."""
-        return "" if self.stopped else self._give(len(self.text))
+        return self._give(len(text) - (0 if final else self._held_back()))
 
     def _first_stop(self, start: int) -> int | None:
         found = [i for s in self.stops if (i := self.text.find(s, start)) >= 0]
