@@ -17,8 +17,7 @@ from urllib.parse import parse_qs
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
-from fastapi.staticfiles import StaticFiles
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from gemmakit.chat import encode_chat
@@ -37,7 +36,6 @@ from gemmakit.tokenizer import Tokenizer
 log = logging.getLogger("gemmakit.serve")
 
 STATIC = Path(__file__).parent / "static"
-PAGE_PATHS = ("/", "/static/")  # the page may take its API key as ?key=, a browser sends no header
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 
 
@@ -82,12 +80,23 @@ def create_app(
     async def chat_completions(body: ChatRequest, request: Request) -> Response:
         return await gen.respond(body, request, chat=True)
 
-    @app.get("/")
-    async def page() -> FileResponse:
-        return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-store"})
+    html = page_html()
 
-    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    @app.get("/")
+    async def page() -> HTMLResponse:
+        return HTMLResponse(html, headers={"Cache-Control": "no-store"})
+
     return app
+
+
+def page_html() -> str:
+    """The chat page as one document: static/index.html with its stylesheet and script put
+    inline, so that opening / (with ?key= where a key is set) is the only request it needs."""
+    html = (STATIC / "index.html").read_text(encoding="utf-8")
+    css = (STATIC / "chat.css").read_text(encoding="utf-8")
+    js = (STATIC / "chat.js").read_text(encoding="utf-8")
+    html = html.replace('<link rel="stylesheet" href="chat.css">', f"<style>\n{css}</style>")
+    return html.replace('<script src="chat.js"></script>', f"<script>\n{js}</script>")
 
 
 def _model_card(name: str, created: int) -> dict:
@@ -373,8 +382,9 @@ async def _disconnected(request: Request) -> None:
 
 
 class KeyCheck:
-    """ASGI middleware: 401 unless the request carries `Authorization: Bearer <key>` (the page
-    and its files may give it as `?key=`, which the page then sends as the header)."""
+    """ASGI middleware: 401 unless the request carries `Authorization: Bearer <key>` (the page,
+    which a browser opens without headers, may give it as `/?key=`; the page then sends it as
+    the header)."""
 
     def __init__(self, app, key: str) -> None:
         self.app, self.key = app, key.encode()
@@ -395,7 +405,7 @@ class KeyCheck:
         if auth[:7].lower() == b"bearer " and hmac.compare_digest(auth[7:].strip(), self.key):
             return True
         path = scope.get("path", "")
-        if path == "/" or path.startswith("/static/"):
+        if path == "/":
             given = parse_qs(scope.get("query_string", b"").decode("latin-1")).get("key", [""])
             return hmac.compare_digest(given[0].encode(), self.key)
         return False
