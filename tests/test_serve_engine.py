@@ -97,6 +97,29 @@ def test_the_prefix_cache_prefills_only_what_is_new(model):
         engine.shutdown()
 
 
+def test_a_finished_answer_is_kept_for_the_next_turn(model):
+    engine = Engine(model).start()
+    fed: list[int] = []
+    real = model.forward
+
+    def forward(tokens, **kwargs):
+        fed.append(tokens.shape[1])
+        return real(tokens, **kwargs)
+
+    try:
+        first = prompts_of([20])[0]
+        (answer, _), *_ = run_jobs(engine, [first], [8])[0]
+        follow = first + answer + [30, 31, 32]  # the conversation, re-sent with a new message
+        model.forward = forward
+        results, jobs = run_jobs(engine, [follow], [4])
+        # all but the last answer token were fed back: 27 positions kept, 4 prefilled
+        assert jobs[0].reused == 20 + 7 and fed[0] == 4
+        assert results[0][0] == generate(model, [follow], 4, stop_tokens=[])[0]
+    finally:
+        model.forward = real
+        engine.shutdown()
+
+
 def test_stop_tokens_finish_with_stop_and_are_not_given(model):
     engine = Engine(model).start()
     try:

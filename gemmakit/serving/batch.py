@@ -69,6 +69,15 @@ def keep_rows(config: GemmaConfig, batch: KVCache, rows: list[int]) -> KVCache |
     return out
 
 
+def take_row(config: GemmaConfig, batch: KVCache, row: int, n: int) -> KVCache:
+    """A new one-row cache of the last `n` positions of `row` of `batch` (its own keys)."""
+    out = empty_cache(config, 1, n, batch)
+    for dst, src in zip(out.k + out.v, batch.k + batch.v):
+        dst[0, :, :n] = src[row, :, batch.length - n : batch.length]
+    out.length = n
+    return out
+
+
 def grow(batch: KVCache, needed: int) -> None:
     """Make room for `needed` positions, doubling so that decoding reallocates rarely."""
     if needed > batch.max_len:

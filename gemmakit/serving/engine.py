@@ -7,11 +7,12 @@ joined to the batch's cache (`batch.join`); a finished or cancelled one leaves i
 (`batch.keep_rows`). Each row samples with its own settings and generator, so a request's
 tokens do not depend on what else runs (greedy ones are identical to running alone).
 
-Prefix cache: the one-row cache of every prefilled prompt is kept (least recently used first
-out, up to `prefix_tokens` positions in all), as `generation.Session` keeps a conversation's;
-a new prompt copies the positions of its longest common prefix with one of them and prefills
-only the rest, so requests that share a system prompt, a conversation's earlier turns, or the
-choices of one request (n > 1) prefill it once.
+Prefix cache: the one-row cache of every prefilled prompt, and of every answer as it leaves
+the batch (prompt and generated tokens), is kept (least recently used first out, up to
+`prefix_tokens` positions in all), as `generation.Session` keeps a conversation's; a new prompt
+copies the positions of its longest common prefix with one of them and prefills only the rest,
+so requests that share a system prompt, the next turn of a conversation (which re-sends the
+earlier turns and answers), or the choices of one request (n > 1) prefill the shared part once.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import torch
 from gemmakit.generation import common_prefix, sample_next
 from gemmakit.model.cache import KVCache
 from gemmakit.model.transformer import Gemma
-from gemmakit.serving.batch import copy_prefix, grow, join, keep_rows
+from gemmakit.serving.batch import copy_prefix, grow, join, keep_rows, take_row
 
 log = logging.getLogger("gemmakit.serve")
 
@@ -66,6 +67,7 @@ class Job:
     cancelled: bool = False
     reused: int = 0  # prompt tokens found in the prefix cache
     generated: int = 0
+    sampled: list[int] = field(default_factory=list)  # every token drawn, a stop token too
     cache: KVCache | None = field(default=None, repr=False)  # while prefilling
     last: int = 0  # the last token, fed at the next decode step
     position: int = 0  # its RoPE position
@@ -281,8 +283,9 @@ class Engine:
 
     def _advance(self, job: Job, token: int) -> bool:
         """Tell `job` its new token; True when it has finished."""
-        job.position += 1
+        job.position += 1  # also the number of positions in the cache: all but `last`
         job.last = token
+        job.sampled.append(token)
         if token in job.params.stop_ids:
             _emit(job, None, "stop")
             return True
@@ -292,6 +295,13 @@ class Engine:
         return done
 
     def _leave(self, rows: list[int]) -> None:
+        """Drop `rows` from the batch, keeping each one's cache for prompts that continue it."""
+        for i in rows:
+            job = self._running[i]
+            n = job.position
+            if 0 < n <= self.prefix.budget:
+                ids = (job.prompt + job.sampled)[:n]
+                self.prefix.add(ids, take_row(self.config, self._batch, i, n))
         gone = set(rows)
         keep = [i for i in range(len(self._running)) if i not in gone]
         self._batch = keep_rows(self.config, self._batch, keep)

@@ -110,6 +110,11 @@ class CompletionRequest(_Sampling):
     suffix: None = None
     best_of: Literal[1] | None = None
 
+    def check_unsupported(self) -> None:
+        super().check_unsupported()
+        if self.echo:
+            raise APIError(400, "echo is not supported", param="echo")
+
     def prompts(self) -> list[str | list[int]]:
         """Each prompt: a string, or token ids as given."""
         p = self.prompt
