@@ -153,7 +153,7 @@ class Generator:
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
-        return JSONResponse(await _unless_disconnected(shape.whole(), request, run))
+        return await _unless_disconnected(shape.whole(), request, run)
 
     def _completion_prompts(self, body: CompletionRequest) -> list[list[int]]:
         out = []
@@ -361,16 +361,17 @@ async def _sse(chunks: AsyncIterator[dict], run: Run) -> AsyncIterator[str]:
         run.cancel()
 
 
-async def _unless_disconnected(whole, request: Request, run: Run) -> dict:
-    """Await `whole` (the full answer); if the client disconnects first, cancel its jobs."""
+async def _unless_disconnected(whole, request: Request, run: Run) -> Response:
+    """The full answer `whole` as JSON; if the client disconnects first, its jobs are
+    cancelled (and the response, which nobody reads, is a bare 499)."""
     answer = asyncio.ensure_future(whole)
     gone = asyncio.ensure_future(_disconnected(request))
     try:
         await asyncio.wait([answer, gone], return_when=asyncio.FIRST_COMPLETED)
         if not answer.done():
             answer.cancel()
-            raise asyncio.CancelledError  # nobody to answer
-        return answer.result()
+            return Response(status_code=499)
+        return JSONResponse(answer.result())
     finally:
         gone.cancel()
         run.cancel()
