@@ -27,7 +27,7 @@ from gemmakit.serving.protocol import (
     APIError,
     ChatRequest,
     CompletionRequest,
-    _Sampling,
+    SamplingRequest,
     error_body,
 )
 from gemmakit.serving.text import TextStream
@@ -126,7 +126,7 @@ class Generator:
                 code="model_not_found",
             )
 
-    async def respond(self, body: _Sampling, request: Request, chat: bool) -> Response:
+    async def respond(self, body: SamplingRequest, request: Request, chat: bool) -> Response:
         self.check_model(body.model)
         body.check_unsupported()
         prompts = self._chat_prompt(body) if chat else self._completion_prompts(body)
@@ -184,7 +184,7 @@ class Generator:
             raise APIError(400, str(e), param="messages") from None
         return [enc.ids]
 
-    def _max_tokens(self, body: _Sampling, prompts: list[list[int]], chat: bool) -> int:
+    def _max_tokens(self, body: SamplingRequest, prompts: list[list[int]], chat: bool) -> int:
         longest = max(len(p) for p in prompts)
         asked = body.max_tokens
         if chat and body.max_completion_tokens is not None:

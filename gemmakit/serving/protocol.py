@@ -69,7 +69,7 @@ class Message(_Strict):
 Probability = Annotated[float, Field(ge=0.0, le=1.0)]
 
 
-class _Sampling(_Strict):
+class SamplingRequest(_Strict):
     """What completions and chat completions share. Defaults are OpenAI's (temperature 1)."""
 
     model: str
@@ -104,7 +104,7 @@ class _Sampling(_Strict):
             raise APIError(400, "logprobs are not supported", param="logprobs")
 
 
-class CompletionRequest(_Sampling):
+class CompletionRequest(SamplingRequest):
     prompt: str | list[str] | list[int] | list[list[int]]
     echo: bool = False
     suffix: None = None
@@ -125,7 +125,7 @@ class CompletionRequest(_Sampling):
         return list(p)
 
 
-class ChatRequest(_Sampling):
+class ChatRequest(SamplingRequest):
     messages: Annotated[list[Message], Field(min_length=1)]
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     top_logprobs: None = None
