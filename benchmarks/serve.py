@@ -5,7 +5,8 @@ For 1, 4 and 16 concurrent clients, each sending `--requests` streamed /v1/compl
 one after another (greedy, `--max-tokens` each, a different story opening per request), it
 reports aggregate throughput (generated tokens / wall time, tokens counted by re-encoding each
 answer with the model's tokenizer, the same count for both servers) and time to first token
-(median and 90th percentile, from sending the request to its first text).
+(median and 90th percentile, from sending the request to its first text). Both servers run
+side by side and take turns at each client count.
 
     .venv/bin/python benchmarks/serve.py                          # gemmakit and llama.cpp
     .venv/bin/python benchmarks/serve.py --clients 1 4 --requests 1 --max-tokens 32
@@ -185,12 +186,15 @@ def main() -> None:
             str(gguf),
         )
 
-    results: dict[str, list[dict]] = {}
-    for name, (command, url, model) in servers.items():
-        proc = start(command, url, args.out / f"{name}.log")
-        try:
-            results[name] = []
-            for clients in args.clients:
+    # Both servers stay up and take turns at each client count, so that a machine whose load
+    # changes during the run (a shared one) weighs on both alike.
+    results: dict[str, list[dict]] = {name: [] for name in servers}
+    procs = []
+    try:
+        for name, (command, url, _) in servers.items():
+            procs.append(start(command, url, args.out / f"{name}.log"))
+        for clients in args.clients:
+            for name, (_, url, model) in servers.items():
                 row = asyncio.run(load(url, model, clients, args.requests, args.max_tokens, count))
                 results[name].append(row)
                 print(
@@ -199,7 +203,8 @@ def main() -> None:
                     f"({row['tokens']} tokens in {row['wall_s']:.1f} s)",
                     flush=True,
                 )
-        finally:
+    finally:
+        for proc in procs:
             proc.terminate()
             proc.wait(60)
 
