@@ -28,6 +28,7 @@ COMMANDS = [
     "gemmakit.commands.instruct",
     "gemmakit.commands.eval",
     "gemmakit.commands.lm_eval",
+    "gemmakit.commands.serve",
 ]
 
 # Commands that hand every argument after their name to another program's parser unread
