@@ -26,6 +26,7 @@ COMMANDS = [
     "gemmakit.commands.chat",
     "gemmakit.commands.data",
     "gemmakit.commands.instruct",
+    "gemmakit.commands.memorization",
 ]
 
 _USER_OS_ERRORS = {
