@@ -27,6 +27,7 @@ COMMANDS = [
     "gemmakit.commands.data",
     "gemmakit.commands.instruct",
     "gemmakit.commands.memorization",
+    "gemmakit.commands.eval",
 ]
 
 _USER_OS_ERRORS = {

@@ -14,7 +14,7 @@ from gemmakit.evaluation.task import Task
 
 TaskFactory = Callable[[Path | None], Task]
 
-TASK_MODULES: tuple[str, ...] = ()
+TASK_MODULES: tuple[str, ...] = ("gemmakit.evaluation.choice_benchmarks",)
 
 
 def all_tasks() -> dict[str, TaskFactory]:
