@@ -217,7 +217,7 @@ def test_winogender_parquet_and_release_tsv(tmp_path):
     )
     lm = FakeLM(ll=lambda c, x: 0.0 if x == " technician" else -1.0)
     assert metrics(load_task(f"winogender:{tsv}"), lm) == {"acc": 0.5}
-    assert lm.seen[2].context.endswith("she had fixed it. ‘She’ refers to the")
+    assert lm.seen[2].context.endswith("she fixed it. ‘She’ refers to the")
 
 
 # ------------------------------------------------------------------------------- WinoBias
