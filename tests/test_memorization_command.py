@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import random
+from pathlib import Path
 
 import pytest
 
@@ -156,3 +157,15 @@ def test_sampling_is_seeded_per_source_and_skips_short_documents(tmp_path):
     other, _ = sample_probes(shards, "s", 5, seed=4, prompt_len=5, continuation_len=5)
     assert [p.doc for p in again] == [p.doc for p in probes] != [p.doc for p in other]
     assert probes[0].prompt == [2] + [7] * 5 and probes[0].truth == [7] * 5
+
+
+def test_a_recipe_path_relative_to_another_cwd_is_found_above_the_run(tmp_path):
+    from gemmakit.errors import MissingFileError
+    from gemmakit.evaluation.training_sources import _locate
+
+    (tmp_path / "runs" / "main" / "data").mkdir(parents=True)
+    run = tmp_path / "runs" / "main" / "pretrain"
+    found = _locate(Path("runs/main/data"), run, "recipe")
+    assert found == (tmp_path / "runs" / "main" / "data").resolve()
+    with pytest.raises(MissingFileError, match="runs/other: no such folder"):
+        _locate(Path("runs/other"), run, "recipe")

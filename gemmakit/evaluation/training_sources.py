@@ -47,11 +47,7 @@ def run_sources(run_dir: Path) -> tuple[dict[str, TokenShards], Path]:
     train = data.get("train") or []
     if not isinstance(train, list) or not all(isinstance(p, str) for p in train) or not train:
         raise DataError(f"{where}.train: expected a list of shard folders, got {train!r}")
-    dirs = [Path(p) for p in train]
-    for d in dirs:
-        if not d.exists():
-            # the recipe holds the paths as given at training time (relative to its cwd)
-            raise MissingFileError(f"{where}.train: {d}: no such folder (run from its folder)")
+    dirs = [_locate(Path(p), run_dir, where) for p in train]
     sources: dict[str, TokenShards] = {}
     names = [d.name for d in dirs]
     for d in dirs:
@@ -62,6 +58,20 @@ def run_sources(run_dir: Path) -> tuple[dict[str, TokenShards], Path]:
                 n = f"{d.name}/{n}"
             sources[n] = s
     return sources, ckpt
+
+
+def _locate(path: Path, run_dir: Path, where: str) -> Path:
+    """A recipe's shard folder: as written (relative to the cwd of training), else relative to
+    a folder above the run (a run started elsewhere: `runs/main/data` beside
+    `runs/main/pretrain`)."""
+    if path.is_absolute() or path.exists():
+        if not path.exists():
+            raise MissingFileError(f"{where}.train: {path}: no such folder")
+        return path
+    for base in Path(run_dir).resolve().parents:
+        if (base / path).exists():
+            return base / path
+    raise MissingFileError(f"{where}.train: {path}: no such folder (run from where it trained)")
 
 
 def find_sources(path: str | Path) -> tuple[dict[str, TokenShards], Path | None]:
