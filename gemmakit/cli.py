@@ -26,6 +26,7 @@ COMMANDS = [
     "gemmakit.commands.chat",
     "gemmakit.commands.data",
     "gemmakit.commands.instruct",
+    "gemmakit.commands.memorization",
     "gemmakit.commands.eval",
     "gemmakit.commands.lm_eval",
     "gemmakit.commands.serve",

@@ -14,7 +14,11 @@ from gemmakit.evaluation.task import Task
 
 TaskFactory = Callable[[Path | None], Task]
 
-TASK_MODULES: tuple[str, ...] = ("gemmakit.evaluation.choice_benchmarks",)
+TASK_MODULES: tuple[str, ...] = (
+    "gemmakit.evaluation.choice_benchmarks",
+    "gemmakit.evaluation.safety",
+    "gemmakit.evaluation.toxicity",
+)
 
 
 def all_tasks() -> dict[str, TaskFactory]:
