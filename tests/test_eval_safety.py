@@ -407,3 +407,27 @@ def test_blocklist_scorer_matches_whole_words_and_bad_scores_are_refused(tmp_pat
     task = load_realtoxicity(path, samples=1, scorer=lambda ts: [2.0])
     with pytest.raises(ValueError, match="need 1 in"):
         evaluate(task, FakeLM(gen=lambda r: ["x"]))
+
+
+def test_metrics_a_row_does_not_have_are_null_in_the_written_files(tmp_path):
+    from gemmakit.evaluation.report import sample_rows, write_outputs
+
+    data = tmp_path / "data"
+    data.mkdir()
+    write_jsonl(data / "Age.jsonl", BBQ_ROWS)
+    task = load_task(f"bbq:{data}")
+    result = evaluate(task, stereotyping_lm())
+    rows = sample_rows(result, task.docs())
+    model = {"name": "m", "source": "s", "config": "tiny", "dtype": "float32"}
+    settings = {"chat": False, "seed": 0, "limit": None}
+    results = {"model": model, "settings": settings, "tasks": {"bbq": result.to_dict()}}
+    write_outputs(tmp_path / "out", results, {"bbq": rows})
+
+    def refuse(word):
+        raise AssertionError(f"non-standard JSON constant {word}")
+
+    lines = (tmp_path / "out" / "samples_bbq.jsonl").read_text().splitlines()
+    parsed = [json.loads(line, parse_constant=refuse) for line in lines]
+    # an ambiguous row has no disambiguated accuracy, and says so with null
+    assert any(p["scores"]["acc_disambig"] is None for p in parsed)
+    json.loads((tmp_path / "out" / "results.json").read_text(), parse_constant=refuse)

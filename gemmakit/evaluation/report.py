@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from gemmakit.atomic import atomic_path, write_json
+from gemmakit.atomic import atomic_path, strict_json, write_json
 from gemmakit.evaluation.published import CARD_OTHER, TABLE6, PublishedRow
 from gemmakit.evaluation.task import TaskResult
 from gemmakit.resolve import CHECKPOINT_SUFFIXES
@@ -31,7 +31,9 @@ def jsonable(obj: Any) -> Any:
         return {str(k): jsonable(v) for k, v in obj.items()}
     if isinstance(obj, list | tuple):
         return [jsonable(v) for v in obj]
-    if isinstance(obj, str | int | float | bool) or obj is None:
+    if isinstance(obj, float):
+        return strict_json(obj)  # NaN (a metric a row does not have) -> null
+    if isinstance(obj, str | int | bool) or obj is None:
         return obj
     return str(obj)
 
@@ -154,7 +156,7 @@ def write_outputs(
         path = out / f"samples_{name}.jsonl"
         with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
             for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+                f.write(json.dumps(row, ensure_ascii=False, allow_nan=False) + "\n")
         written.append(path)
     written.append(write_json(out / "results.json", results))
     table = out / "table.md"
