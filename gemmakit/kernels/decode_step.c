@@ -5,9 +5,10 @@
  * sandwich norms, tied output projection), with activations in float32.
  *
  * Python would spend a fifth of a small model's step between torch ops; here the only
- * per-token Python is the call itself. Every matrix product goes through a GEMV function
- * pointer (bf16_gemv / f32_gemv of bf16_gemv.c, or another kernel with the same signature),
- * each opening its own OpenMP region; attention runs one (sequence, head) pair per work item.
+ * per-token Python is the call itself (and the embedding lookup before it). Every matrix
+ * product goes through a GEMV function pointer: bf16_gemv / f32_gemv of bf16_gemv.c, or
+ * quant_gemv of quant_gemv.c for a weight kept in its quantized blocks, each opening its own
+ * OpenMP region; attention runs one (sequence, head) pair per work item.
  *
  * Build: cc -O3 -mavx2 -mfma -mf16c -fopenmp -shared -fPIC decode_step.c -lm
  */
@@ -19,6 +20,25 @@
 
 typedef int (*gemv_fn)(const float *x, const void *W, float *y, int64_t M, int64_t N, int64_t K,
                        int n_threads);
+typedef int (*quant_fn)(int fmt, const float *x, const uint8_t *W, const void *scale,
+                        const void *minimum, float *y, int64_t M, int64_t N, int64_t K,
+                        int64_t group, int n_threads);
+
+/* One weight [N, K]: plain (float32 / bf16 through `plain`) or quantized (through `quant`). */
+typedef struct {
+    const void *data, *scale, *minimum;
+    gemv_fn plain;
+    quant_fn quant;
+    int64_t fmt, group;
+} Weight;
+
+static int matvec(const Weight *w, const float *x, float *y, int64_t M, int64_t N, int64_t K,
+                  int n_threads) {
+    if (w->quant)
+        return w->quant((int)w->fmt, x, (const uint8_t *)w->data, w->scale, w->minimum, y, M, N,
+                        K, w->group, n_threads);
+    return w->plain(x, w->data, y, M, N, K, n_threads);
+}
 
 enum { W_Q, W_K, W_V, W_O, W_GATE, W_UP, W_DOWN, N_WEIGHTS };
 enum { N_ATTN, N_POST_ATTN, N_MLP, N_POST_MLP, N_QNORM, N_KNORM, N_NORMS };
@@ -29,15 +49,12 @@ typedef struct {
     int64_t window;    /* sliding window of local layers; 0: none */
     int64_t rope_rows; /* rows of each cos/sin table */
     float norm_eps, query_scale, attn_softcap, final_softcap; /* softcap 0: none */
-    float embed_scale;
-    int32_t bf16; /* 1: embedding and KV cache are bfloat16, else float32 */
+    int32_t bf16; /* 1: the KV cache is bfloat16, else float32 */
     const uint8_t *is_local;     /* [L] */
-    const void *const *weights;  /* [L * N_WEIGHTS] */
-    const gemv_fn *gemvs;        /* [L * N_WEIGHTS] */
+    const Weight *weights;       /* [L * N_WEIGHTS] */
     const float *const *norms;   /* [L * N_NORMS]: 1 + w in float32; NULL where absent */
     const float *final_norm;     /* [D]: 1 + w */
-    const void *embed;           /* [V, D] */
-    gemv_fn embed_gemv;
+    const Weight *embed;         /* [V, D], the tied output projection */
     const float *cos_global, *sin_global, *cos_local, *sin_local; /* [rope_rows, head_dim] */
 } Model;
 
@@ -54,8 +71,6 @@ static uint16_t float_to_bf16(float f) {
     memcpy(&bits, &f, sizeof bits);
     return (uint16_t)((bits + 0x7fff + ((bits >> 16) & 1)) >> 16);
 }
-
-static float round_bf16(float f) { return bf16_to_float(float_to_bf16(f)); }
 
 /* y = x * rsqrt(mean(x^2) + eps) * scale, over n values (y may be x). */
 static void rms_norm(const float *x, const float *scale, float *y, int64_t n, float eps) {
@@ -171,12 +186,12 @@ static int64_t decode_scratch_floats(const Model *md, int64_t M, int64_t max_len
     return M * (3 * D + 2 * NH + 2 * KH + 2 * md->ffn_dim + md->n_heads * max_len);
 }
 
-/* One step: tokens [M] at RoPE positions [M], written at cache index `length` of every row
+/* One step: the scaled embeddings x_in [M, D] float32 of M new tokens at RoPE positions [M], written at cache index `length` of every row
  * of the caches k_cache[l], v_cache[l] ([B, Nkv, max_len, H], M == B, bf16 or float32 as
  * md->bf16), key_valid [M, max_len] (0: left padding). logits [M, V] float32.
  * Returns 0, or a negative code for bad arguments (-1 sizes, -2 a position past the RoPE
  * tables, -3 too little scratch, -4 a GEMV refused its shapes). */
-int decode_step(const Model *md, const int64_t *tokens, const int64_t *positions, int64_t M,
+int decode_step(const Model *md, const float *x_in, const int64_t *positions, int64_t M,
                 void *const *k_cache, void *const *v_cache, int64_t max_len, int64_t length,
                 const uint8_t *key_valid, float *logits, float *scratch, int64_t scratch_floats,
                 int n_threads) {
@@ -186,25 +201,16 @@ int decode_step(const Model *md, const int64_t *tokens, const int64_t *positions
     if (scratch_floats < decode_scratch_floats(md, M, max_len)) return -3;
     for (int64_t m = 0; m < M; m++) {
         if (positions[m] < 0 || positions[m] >= md->rope_rows) return -2;
-        if (tokens[m] < 0 || tokens[m] >= md->vocab) return -1;
     }
     const size_t kv_size = md->bf16 ? 2 : 4;
     float *x = scratch, *xn = x + M * D, *h = xn + M * D;
     float *q = h + M * D, *att = q + M * N * H, *k = att + M * N * H, *v = k + M * K * H;
     float *gate = v + M * K * H, *up = gate + M * F, *scores = up + M * F;
 
-    for (int64_t m = 0; m < M; m++) {
-        for (int64_t i = 0; i < D; i++) {
-            float e = md->bf16 ? bf16_to_float(((const uint16_t *)md->embed)[tokens[m] * D + i])
-                               : ((const float *)md->embed)[tokens[m] * D + i];
-            /* eager bf16 rounds the scaled embedding to bf16 */
-            x[m * D + i] = md->bf16 ? round_bf16(e * md->embed_scale) : e * md->embed_scale;
-        }
-    }
+    memcpy(x, x_in, (size_t)(M * D) * sizeof(float));
 #define GEMV(j, in, out, rows, cols)                                                             \
     do {                                                                                     \
-        if (md->gemvs[l * N_WEIGHTS + (j)](in, md->weights[l * N_WEIGHTS + (j)], out, M, rows, \
-                                           cols, n_threads) != 0)                            \
+        if (matvec(md->weights + l * N_WEIGHTS + (j), in, out, M, rows, cols, n_threads) != 0) \
             return -4;                                                                       \
     } while (0)
 
@@ -266,7 +272,7 @@ int decode_step(const Model *md, const int64_t *tokens, const int64_t *positions
     }
 #undef GEMV
     for (int64_t m = 0; m < M; m++) rms_norm(x + m * D, md->final_norm, xn + m * D, D, md->norm_eps);
-    if (md->embed_gemv(xn, md->embed, logits, M, md->vocab, D, n_threads) != 0) return -4;
+    if (matvec(md->embed, xn, logits, M, md->vocab, D, n_threads) != 0) return -4;
     if (md->final_softcap > 0.0f) {
         const float c = md->final_softcap;
 #pragma omp parallel for schedule(static) num_threads(n_threads)

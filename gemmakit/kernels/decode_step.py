@@ -17,6 +17,21 @@ N_WEIGHTS = 7  # q, k, v, o, gate, up, down (the order of decode_step.c's enum)
 N_NORMS = 6  # attn, post_attn, mlp, post_mlp, q_norm, k_norm
 
 
+class Weight(ctypes.Structure):
+    """decode_step.c's `Weight`: plain (`plain` GEMV) or quantized (`quant` GEMV, format code
+    `fmt`, int4 `group`)."""
+
+    _fields_ = [
+        ("data", _P),
+        ("scale", _P),
+        ("minimum", _P),
+        ("plain", _P),
+        ("quant", _P),
+        ("fmt", _I64),
+        ("group", _I64),
+    ]
+
+
 class Model(ctypes.Structure):
     """decode_step.c's `Model` (same fields, same order)."""
 
@@ -34,15 +49,12 @@ class Model(ctypes.Structure):
         ("query_scale", _F),
         ("attn_softcap", _F),
         ("final_softcap", _F),
-        ("embed_scale", _F),
         ("bf16", ctypes.c_int32),
         ("is_local", _P),
         ("weights", _P),
-        ("gemvs", _P),
         ("norms", _P),
         ("final_norm", _P),
         ("embed", _P),
-        ("embed_gemv", _P),
         ("cos_global", _P),
         ("sin_global", _P),
         ("cos_local", _P),

@@ -37,8 +37,17 @@ def call(
     m, k = x.shape
     y = torch.empty(m, n, dtype=torch.float32)
     rc = lib.quant_gemv(
-        code, x.data_ptr(), qdata.data_ptr(), _ptr(scale), _ptr(minimum), y.data_ptr(), m, n, k,
-        group, n_threads
+        code,
+        x.data_ptr(),
+        qdata.data_ptr(),
+        _ptr(scale),
+        _ptr(minimum),
+        y.data_ptr(),
+        m,
+        n,
+        k,
+        group,
+        n_threads,
     )
     if rc != 0:
         raise ValueError(f"quant_gemv rejected format {code} with x {tuple(x.shape)}, N {n}")

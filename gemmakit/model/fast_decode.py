@@ -17,11 +17,13 @@ import weakref
 import torch
 
 from gemmakit.kernels import decode_step as kernel
-from gemmakit.kernels import gemv
+from gemmakit.kernels import gemv, quant_gemv
 from gemmakit.kernels.build import enabled
 from gemmakit.model.cache import KVCache
 from gemmakit.model.layers import Linear, RMSNorm, rope_angles
 from gemmakit.model.transformer import Gemma
+from gemmakit.quant.formats import FORMATS
+from gemmakit.quant.weight import QuantWeight
 
 _plans: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> FastDecoder
 
@@ -31,12 +33,12 @@ def _array(ctype, values) -> ctypes.Array:
 
 
 def _fingerprint(model: Gemma) -> tuple:
-    """What the plan's raw pointers depend on: every parameter's storage and dtype (a `.to()`
-    or a module swapped for a LoRA one changes it; an in-place weight update does not)."""
+    """What the plan's raw pointers depend on: every parameter's and buffer's storage and dtype
+    (a `.to()` or a module swapped for a LoRA one changes it; an in-place update does not)."""
     return tuple(
         (p.data_ptr(), p.dtype, type(m))
         for m in model.modules()
-        for p in m._parameters.values()
+        for p in (*m._parameters.values(), *m._buffers.values())
         if p is not None
     )
 
@@ -44,13 +46,21 @@ def _fingerprint(model: Gemma) -> tuple:
 class FastDecoder:
     """The fused step for one model; build it through `fast_decoder`."""
 
-    def __init__(self, model: Gemma, lib: ctypes.CDLL, gemv_lib: ctypes.CDLL) -> None:
+    def __init__(
+        self,
+        model: Gemma,
+        lib: ctypes.CDLL,
+        gemv_lib: ctypes.CDLL,
+        quant_lib: ctypes.CDLL | None = None,
+    ) -> None:
         cfg = model.config
         self.config, self.lib, self.dtype = cfg, lib, model.dtype
         self.fingerprint = _fingerprint(model)
+        self.embedder = model.embedder  # the lookup stays in torch (any weight format)
         bf16 = self.dtype == torch.bfloat16
         fn = gemv_lib.bf16_gemv if bf16 else gemv_lib.f32_gemv
         gemv_ptr = ctypes.cast(fn, ctypes.c_void_p).value
+        quant_ptr = ctypes.cast(quant_lib.quant_gemv, ctypes.c_void_p).value if quant_lib else None
         self._keep: list = []  # every tensor whose address the C record holds
 
         def ptr(t: torch.Tensor | None) -> int | None:
@@ -59,6 +69,18 @@ class FastDecoder:
             t = t.detach()
             self._keep.append(t)
             return t.data_ptr()
+
+        def weight(w) -> kernel.Weight:
+            if isinstance(w, QuantWeight):
+                return kernel.Weight(
+                    data=ptr(w.qdata),
+                    scale=ptr(getattr(w, "scale", None)),
+                    minimum=ptr(getattr(w, "minimum", None)),
+                    quant=quant_ptr,
+                    fmt=FORMATS[w.fmt].code,
+                    group=w.group,
+                )
+            return kernel.Weight(data=ptr(w), plain=gemv_ptr)
 
         def scale(norm: RMSNorm | None) -> int | None:
             # 1 + w in float32, as rms_norm computes it
@@ -76,7 +98,7 @@ class FastDecoder:
                 f.up_proj,
                 f.down_proj,
             ):
-                weights.append(ptr(lin.weight))
+                weights.append(weight(lin.weight))
             for n in (
                 b.attn_norm,
                 b.post_attn_norm,
@@ -86,15 +108,15 @@ class FastDecoder:
                 a.k_norm,
             ):
                 norms.append(scale(n))
-        n_w = len(weights)
         self._arrays = (
             _array(ctypes.c_uint8, [int(b.is_local) for b in model.blocks]),
-            _array(ctypes.c_void_p, weights),
-            _array(ctypes.c_void_p, [gemv_ptr] * n_w),
+            _array(kernel.Weight, weights),
             _array(ctypes.c_void_p, norms),
+            weight(model.embedder.weight),
         )
         window = cfg.sliding_window if cfg.sliding_window and cfg.global_every > 1 else 0
-        embed_scale = torch.tensor(cfg.d_model**0.5, dtype=self.dtype).item()
+        # the scale is rounded to the activation dtype first, as in Gemma.forward
+        self.normalizer = torch.tensor(cfg.d_model**0.5, dtype=self.dtype)
         self.record = kernel.Model(
             n_layers=cfg.n_layers,
             d_model=cfg.d_model,
@@ -102,21 +124,18 @@ class FastDecoder:
             n_kv_heads=cfg.n_kv_heads,
             head_dim=cfg.head_dim,
             ffn_dim=cfg.ffn_dim,
-            vocab=model.embedder.weight.shape[0],
+            vocab=model.embedder.num_embeddings,
             window=window,
             norm_eps=cfg.norm_eps,
             query_scale=cfg.query_scale,
             attn_softcap=cfg.attn_logit_softcap or 0.0,
             final_softcap=cfg.final_logit_softcap or 0.0,
-            embed_scale=embed_scale,
             bf16=int(bf16),
             is_local=ctypes.addressof(self._arrays[0]),
             weights=ctypes.addressof(self._arrays[1]),
-            gemvs=ctypes.addressof(self._arrays[2]),
-            norms=ctypes.addressof(self._arrays[3]),
+            norms=ctypes.addressof(self._arrays[2]),
             final_norm=scale(model.final_norm),
-            embed=ptr(model.embedder.weight),
-            embed_gemv=gemv_ptr,
+            embed=ctypes.addressof(self._arrays[3]),
         )
         self.vocab = self.record.vocab
         self._tables: list[torch.Tensor] = []
@@ -163,7 +182,8 @@ class FastDecoder:
         keys/values at cache.length and advances it, like `model(tokens, positions=,
         cache=)`."""
         B = tokens.shape[0]
-        tokens = tokens.reshape(B).to(torch.int64).contiguous()
+        x = self.embedder(tokens.reshape(B)) * self.normalizer  # [B, D], as Gemma.forward
+        x = x.to(torch.float32).contiguous()
         positions = positions.reshape(B).to(torch.int64).contiguous()
         self._grow_tables(cache.max_len)
         c = self.config
@@ -176,7 +196,7 @@ class FastDecoder:
         logits = torch.empty(B, self.vocab)
         rc = self.lib.decode_step(
             ctypes.byref(self.record),
-            tokens.data_ptr(),
+            x.data_ptr(),
             positions.data_ptr(),
             B,
             k_ptrs,
@@ -205,14 +225,11 @@ def unsupported(model: Gemma, cache: KVCache | None = None) -> str | None:
         a, f = b.attn, b.mlp
         for lin in (a.q_proj, a.k_proj, a.v_proj, a.o_proj, f.gate_proj, f.up_proj, f.down_proj):
             if type(lin) is not Linear or lin.bias is not None:
-                return (
-                    f"a {type(lin).__name__} layer (LoRA, quantized, biased) needs the eager path"
-                )
-            w = lin.weight
-            if w.dtype != model.dtype or not w.is_contiguous():
-                return "mixed or non-contiguous weights"
-    if not model.embedder.weight.is_contiguous():
-        return "non-contiguous embedding"
+                return f"a {type(lin).__name__} layer (LoRA, biased) needs the eager path"
+            if not _plain_or_quant(lin.weight, model.dtype):
+                return "mixed, non-contiguous or unknown weights"
+    if not _plain_or_quant(model.embedder.weight, model.dtype):
+        return "an unsupported embedding"
     if torch.is_grad_enabled() and any(p.requires_grad for p in model.parameters()):
         return "gradients wanted"
     if cache is not None:
@@ -227,7 +244,16 @@ def unsupported(model: Gemma, cache: KVCache | None = None) -> str | None:
         return "kernels disabled (GEMMAKIT_NO_KERNELS)"
     if gemv.library() is None or kernel.library() is None:
         return "kernels not built"
+    if any(isinstance(m, QuantWeight) for m in model.modules()) and quant_gemv.library() is None:
+        return "the quantized GEMV kernel is not built"
     return None
+
+
+def _plain_or_quant(w, dtype: torch.dtype) -> bool:
+    """A contiguous CPU tensor of the model's dtype, or a QuantWeight of any format."""
+    if isinstance(w, QuantWeight):
+        return w.device.type == "cpu" and w.dtype == dtype
+    return isinstance(w, torch.Tensor) and w.dtype == dtype and w.is_contiguous()
 
 
 def fast_decoder(model: Gemma, cache: KVCache | None = None) -> FastDecoder | None:
@@ -237,7 +263,10 @@ def fast_decoder(model: Gemma, cache: KVCache | None = None) -> FastDecoder | No
         return None
     plan = _plans.get(model)
     if plan is None or plan.fingerprint != _fingerprint(model):
-        plan = FastDecoder(model, kernel.library(), gemv.library())
+        quant = any(isinstance(m, QuantWeight) for m in model.modules())
+        plan = FastDecoder(
+            model, kernel.library(), gemv.library(), quant_gemv.library() if quant else None
+        )
         _plans[model] = plan
     return plan
 

@@ -49,7 +49,9 @@ def row_bytes(fmt: str, k: int) -> int:
     """Bytes of one row of K weights in format `fmt` (K a multiple of its block)."""
     f = FORMATS[fmt]
     if k % f.block:
-        raise CheckpointError(f"a row of {k} weights is not a multiple of the {fmt} block {f.block}")
+        raise CheckpointError(
+            f"a row of {k} weights is not a multiple of the {fmt} block {f.block}"
+        )
     return k // f.block * f.block_bytes
 
 
