@@ -246,7 +246,10 @@ int decode_step(const Model *md, const float *x_in, const int64_t *positions, in
                 }
             }
         }
-#pragma omp parallel for schedule(dynamic, 1) num_threads(n_threads) if (M * N > 1)
+        /* a parallel region costs a wake-up of every thread: only when there is real work
+         * (long contexts), not for a small model's few heads over a short cache */
+        const int big = M * N > 1 && M * N * S * H >= (1 << 18);
+#pragma omp parallel for schedule(dynamic, 1) num_threads(n_threads) if (big)
         for (int64_t mn = 0; mn < M * N; mn++) {
             int64_t m = mn / N, n = mn % N, kvh = n / G;
             size_t base = (size_t)(m * K + kvh) * max_len * H * kv_size;
@@ -262,7 +265,7 @@ int decode_step(const Model *md, const float *x_in, const int64_t *positions, in
         }
         GEMV(W_GATE, xn, gate, F, D);
         GEMV(W_UP, xn, up, F, D);
-#pragma omp parallel for schedule(static) num_threads(n_threads) if (M * F >= 8192)
+#pragma omp parallel for schedule(static) num_threads(n_threads) if (M * F >= 16384)
         for (int64_t i = 0; i < M * F; i++) gate[i] = gelu_tanh(gate[i]) * up[i];
         GEMV(W_DOWN, gate, h, D, F);
         for (int64_t m = 0; m < M; m++) {
