@@ -133,6 +133,10 @@ def test_falls_back_where_the_fused_step_does_not_apply(monkeypatch):
         assert unsupported(model) is None
         assert "batch" in unsupported(model, KVCache(model.config, 9, 8, torch.float32))
         assert "dtype" in unsupported(model, KVCache(model.config, 1, 8, torch.bfloat16))
+        decoder = fast_decoder(model)
+        wrong = KVCache(model.config, 2, 8, torch.float32)  # batch 2 for one token
+        with pytest.raises(ValueError, match="KV cache"):
+            decoder.step(torch.tensor([[5]]), torch.tensor([[0]]), wrong)
         monkeypatch.setenv("GEMMAKIT_NO_KERNELS", "1")
         assert fast_decoder(model) is None
     monkeypatch.delenv("GEMMAKIT_NO_KERNELS")

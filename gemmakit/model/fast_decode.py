@@ -163,19 +163,33 @@ class FastDecoder:
         r.cos_global, r.sin_global, r.cos_local, r.sin_local = (t.data_ptr() for t in tables)
         r.rope_rows = rows
 
-    def _cache_pointers(self, cache: KVCache) -> tuple:
-        """The C arrays of the cache's per-layer buffers, rebuilt only when its buffers were
-        replaced (reserve, repeat_rows make new lists)."""
-        key = (id(cache), id(cache.k), id(cache.v), cache.max_len)
+    def _cache_pointers(self, cache: KVCache, batch: int) -> tuple:
+        """The C arrays of the cache's per-layer buffers, rebuilt when any buffer moved
+        (reserve, repeat_rows, or a caller swapping one in): the key is their addresses, so
+        the arrays never point at a buffer the cache no longer holds."""
+        key = (batch, cache.max_len, *(t.data_ptr() for t in (*cache.k, *cache.v)))
         if key != self._cache_key:
+            self._check(cache, batch)  # shapes and dtypes, once per new set of buffers
             self._cache_ptrs = (
-                cache.k,  # held so the ids in `key` stay unique while the arrays are in use
-                cache.v,
                 _array(ctypes.c_void_p, [t.data_ptr() for t in cache.k]),
                 _array(ctypes.c_void_p, [t.data_ptr() for t in cache.v]),
             )
             self._cache_key = key
         return self._cache_ptrs
+
+    def _check(self, cache: KVCache, batch: int) -> None:
+        """ValueError unless the cache has the layout the C step writes into."""
+        c = self.config
+        want = (batch, c.n_kv_heads, cache.max_len, c.head_dim)
+        bufs = (*cache.k, *cache.v)
+        if len(bufs) != 2 * c.n_layers or any(
+            tuple(t.shape) != want or t.dtype != self.dtype or not t.is_contiguous() for t in bufs
+        ):
+            raise ValueError(f"a KV cache of {self.dtype} {list(want)} per layer is needed")
+        if tuple(cache.key_valid.shape) != (batch, cache.max_len) or not (
+            cache.key_valid.is_contiguous()
+        ):
+            raise ValueError("cache.key_valid does not match the cache")
 
     def step(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """tokens [B] or [B, 1], RoPE positions [B, 1] -> logits [B, V] float32; writes the
@@ -192,7 +206,7 @@ class FastDecoder:
         )
         if self._scratch.numel() < need:
             self._scratch = torch.empty(need)
-        _, _, k_ptrs, v_ptrs = self._cache_pointers(cache)
+        k_ptrs, v_ptrs = self._cache_pointers(cache, B)
         logits = torch.empty(B, self.vocab)
         rc = self.lib.decode_step(
             ctypes.byref(self.record),
