@@ -21,6 +21,7 @@ COMMANDS = [
     "gemmakit.commands.reward",
     "gemmakit.commands.dpo",
     "gemmakit.commands.merge_lora",
+    "gemmakit.commands.quantize",
     "gemmakit.commands.distill",
     "gemmakit.commands.tokenizer",
     "gemmakit.commands.chat",

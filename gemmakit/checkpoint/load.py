@@ -12,6 +12,8 @@ from gemmakit.checkpoint.sources import TensorSource, open_source
 from gemmakit.config import GemmaConfig, get_config
 from gemmakit.errors import CheckpointError
 from gemmakit.model.transformer import Gemma
+from gemmakit.quant.checkpoint import kept_weight
+from gemmakit.quant.model import quantizable, swap_weight
 
 
 def resolve_config(source: TensorSource, path: Path, config: GemmaConfig | str | None):
@@ -75,6 +77,7 @@ def load_checkpoint(
     config: GemmaConfig | str | None = None,
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
+    keep: bool = False,
 ) -> Gemma:
     """A model with the weights of `path` (HF directory or `.safetensors`, index, `.ckpt`, `.gguf`).
 
@@ -83,6 +86,9 @@ def load_checkpoint(
     dtype: by default the dtype of the stored embedding (float32 for quantized GGUF).
     Peak memory stays near the model's own size: tensors are read one at a time and moved
     straight into a model built on the meta device.
+    keep: linear and embedding weights the file stores quantized (GGUF blocks, a `gemmakit
+    quantize` folder) stay in their blocks as gemmakit.quant QuantWeights; `dtype` is then
+    the compute dtype.
     """
     path = Path(path)
     source = open_source(path)
@@ -111,9 +117,16 @@ def load_checkpoint(
             dtype = torch.float32
 
     state: dict[str, torch.Tensor] = {}
+    kept = {}
     last_key, last = None, None  # fused tensors are read once for their q, k and v rows
     for name, param in model.named_parameters():
         spec = layout[name]
+        if keep and spec.rows is None and spec.transform is None and quantizable(name):
+            q = kept_weight(source, spec.key, tuple(param.shape), dtype)
+            if q is not None:
+                kept[name] = q.to(device)
+                state |= {f"{name}.{b}": t for b, t in kept[name].named_buffers()}
+                continue
         if spec.key != last_key:
             last_key, last = spec.key, source.get(spec.key)
         t = last if spec.rows is None else last[spec.rows[0] : spec.rows[1]]
@@ -126,6 +139,8 @@ def load_checkpoint(
             )
         state[name] = t.to(device=device, dtype=dtype).contiguous()
     last = None
+    for name, q in kept.items():
+        swap_weight(model, name, q)
     model.load_state_dict(state, assign=True)
     model.source_format = fmt
     return model.eval()

@@ -178,6 +178,14 @@ class GGUFSource(TensorSource):
             raise CheckpointError(f"{self.path}: {e}") from e
 
 
+def _safetensors(path: Path) -> TensorSource:
+    """A SafetensorsSource, seen through gemmakit.quant's reader when it holds quantized
+    tensors (a `gemmakit quantize` folder)."""
+    from gemmakit.quant.checkpoint import wrap_quantized
+
+    return wrap_quantized(SafetensorsSource(path))
+
+
 def open_source(path: str | Path) -> TensorSource:
     """The right reader for a file or an HF checkpoint directory."""
     path = Path(path)
@@ -186,10 +194,10 @@ def open_source(path: str | Path) -> TensorSource:
     if path.is_dir():
         index = path / "model.safetensors.index.json"
         if index.exists():
-            return SafetensorsSource(index)
+            return _safetensors(index)
         single = path / "model.safetensors"
         if single.exists():
-            return SafetensorsSource(single)
+            return _safetensors(single)
         found = sorted(path.glob("*.safetensors")) + sorted(path.glob("*.ckpt"))
         if len(found) == 1:
             return open_source(found[0])
@@ -197,7 +205,7 @@ def open_source(path: str | Path) -> TensorSource:
             f"{path}: no model.safetensors, model.safetensors.index.json or single .ckpt in it"
         )
     if path.name.endswith(".index.json") or path.suffix == ".safetensors":
-        return SafetensorsSource(path)
+        return _safetensors(path)
     if path.suffix in (".ckpt", ".pt", ".pth", ".bin"):
         return TorchSource(path)
     if path.suffix == ".gguf":

@@ -10,6 +10,7 @@ from pathlib import Path
 from gemmakit.config import GemmaConfig
 from gemmakit.dtypes import DTYPES, torch_dtype
 from gemmakit.errors import CheckpointError, MissingFileError, UsageError
+from gemmakit.quant.model import QUANT_MODES
 from gemmakit.resolve import find_tokenizer, model_path, tokenizer_beside
 
 
@@ -22,6 +23,12 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adapter", help="a LoRA folder in PEFT's format (a LoRA SFT checkpoint)")
     p.add_argument("--dtype", choices=DTYPES, help="default: the checkpoint's own")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cpu)")
+    p.add_argument(
+        "--quant",
+        choices=QUANT_MODES,
+        help="keep: the file's quantized weights stay in their blocks (GGUF, a `gemmakit "
+        "quantize` folder); int8/int4/...: quantize at load; default: dequantize (exact path)",
+    )
 
 
 def add_recipe_args(p: argparse.ArgumentParser, recipe_help: str, example: str) -> None:
@@ -80,7 +87,12 @@ def load_model_and_tokenizer(args: argparse.Namespace):
     source = args.model or args.checkpoint
     dtype = torch_dtype(args.dtype)
     model = load_model(
-        source, dtype=dtype, device=args.device, config=args.preset, adapter=args.adapter
+        source,
+        dtype=dtype,
+        device=args.device,
+        config=args.preset,
+        adapter=args.adapter,
+        quant=getattr(args, "quant", None),
     )
     tokenizer = load_tokenizer(args.tokenizer or source)
     check_vocab_fits(tokenizer, model.config, args.tokenizer or source)

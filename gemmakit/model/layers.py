@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gemmakit.kernels import gemv, train_ops
+from gemmakit.quant.weight import QuantWeight
 
 # --- the math ---------------------------------------------------------------------------------
 
@@ -69,8 +70,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
     A bf16 CPU weight with at most gemv.MAX_ROWS rows of x (a decode step) runs the C GEMV at
     close to memory bandwidth; a float32 x with a bf16 weight means the upcast weight (F.linear
-    would refuse the mixed dtypes).
+    would refuse the mixed dtypes). A gemmakit.quant QuantWeight (weights kept quantized) runs
+    its own kernel.
     """
+    if isinstance(weight, QuantWeight):  # kept quantized: its own kernel or torch fallback
+        return weight.linear(x, bias)
     if gemv.applies(x, weight):
         return gemv.linear(x, weight, bias)
     if x.dtype == torch.float32 and weight.dtype == torch.bfloat16:

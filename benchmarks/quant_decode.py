@@ -1,0 +1,73 @@
+"""Decode speed of a Gemma-2B-shaped model (random weights) on CPU, batch 1, with its weights in
+bfloat16, int8 (per-row scales) and int4 (groups of 32, scale + min), each against its own
+memory-bandwidth floor, in one run.
+
+    python benchmarks/quant_decode.py               # full 2B shape (~5 GB of bf16 weights)
+    python benchmarks/quant_decode.py --layers 2    # quicker, same per-layer shapes
+
+Floor: a decode step reads every weight once (the tied 256k x 2048 embedding as the output
+head included), so tokens/s cannot beat read rate / weight bytes. The read rate is torch's
+`sum` over a large float32 buffer, measured in the same run. Targets (issue 14): bf16 at least
+90% of its floor; int8 at least 1.8x bf16; int4 at least 3x bf16.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+
+import torch
+from decode import best_of, gemmakit_decode  # benchmarks/decode.py, beside this script
+
+import gemmakit
+from gemmakit.quant.model import quant_summary, quantize_model
+
+
+def read_rate(gib: float = 2.0) -> float:
+    """Bytes/s of torch's sum over a `gib` GiB float32 buffer (best of 3)."""
+    buf = torch.ones(int(gib * 2**30) // 4)
+    seconds = best_of(lambda: buf.sum(), 3)
+    return buf.numel() * 4 / seconds
+
+
+def weight_bytes(model) -> int:
+    return sum(quant_summary(model).values())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="gemma-2b")
+    ap.add_argument("--layers", type=int, default=None, help="fewer layers for a quick run")
+    ap.add_argument("--new-tokens", type=int, default=24)
+    ap.add_argument("--modes", default="bf16,int8,int4")
+    args = ap.parse_args()
+    cfg = gemmakit.get_config(args.preset)
+    if args.layers:
+        cfg = cfg.replace(n_layers=args.layers)
+    prompt = [2] + list(range(1000, 1007))
+    rate = read_rate()
+    rows = []
+    for mode in args.modes.split(","):
+        model = gemmakit.build_model(cfg, dtype=torch.bfloat16)
+        if mode != "bf16":
+            quantize_model(model, mode)
+            gc.collect()
+        nbytes = weight_bytes(model)
+        floor = rate / nbytes
+        tps = max(gemmakit_decode(model, prompt, args.new_tokens) for _ in range(2))
+        rows.append((mode, nbytes, tps, floor))
+        del model
+        gc.collect()
+    base = next((r[2] for r in rows if r[0] == "bf16"), None)
+    print(
+        f"\n{cfg.name} ({cfg.n_layers} layers), batch 1, {torch.get_num_threads()} threads, "
+        f"streaming read (torch sum, 2 GiB float32): {rate / 1e9:.1f} GB/s"
+    )
+    print(f"{'weights':10}{'GB/token':>10}{'tok/s':>8}{'floor':>8}{'% floor':>9}{'vs bf16':>9}")
+    for mode, nbytes, tps, floor in rows:
+        vs = f"{tps / base:8.2f}x" if base else "       -"
+        print(f"{mode:10}{nbytes / 1e9:10.2f}{tps:8.2f}{floor:8.2f}{tps / floor:9.0%} {vs}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,164 @@
+"""The quantized weight formats gemmakit keeps in memory, and their reference dequantization.
+
+A weight [N, K] is held as `qdata`, uint8 [N, row_bytes]: for the GGUF formats exactly the
+file's blocks (llama.cpp's ggml-quants.c layouts), for gemmakit's own formats:
+
+- int8: one int8 per weight, a float32 scale per output row (symmetric): w = s[n] * q.
+- int4: blocks of 32 weights in 16 bytes (byte i holds q[i] in its low nibble and q[i + 16] in
+  its high one, as Q4_0 does), q in 0..15, and per group of 32 or 128 weights a float16 scale
+  d and minimum m (asymmetric, "scale + min" as Q4_1/Q4_K): w = d * q + m.
+
+`dequantize(fmt, qdata, scale, minimum, K)` is the torch reference every kernel is tested
+against; it runs on any device (the fallback for machines without the C kernels and for GPUs).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from gemmakit.errors import CheckpointError
+
+
+@dataclass(frozen=True)
+class Format:
+    name: str
+    block: int  # weights per block
+    block_bytes: int  # bytes per block in qdata
+    code: int  # the C kernel's format number
+
+
+FORMATS = {
+    f.name: f
+    for f in (
+        Format("q8_0", 32, 34, 0),
+        Format("q4_0", 32, 18, 1),
+        Format("q5_0", 32, 22, 2),
+        Format("q4_k", 256, 144, 3),
+        Format("q6_k", 256, 210, 4),
+        Format("int8", 1, 1, 5),
+        Format("int4", 32, 16, 6),
+    )
+}
+GGUF_FORMATS = ("q8_0", "q4_0", "q5_0", "q4_k", "q6_k")  # GGML type name, lower case
+INT4_GROUPS = (32, 128)
+
+
+def row_bytes(fmt: str, k: int) -> int:
+    """Bytes of one row of K weights in format `fmt` (K a multiple of its block)."""
+    f = FORMATS[fmt]
+    if k % f.block:
+        raise CheckpointError(
+            f"a row of {k} weights is not a multiple of the {fmt} block {f.block}"
+        )
+    return k // f.block * f.block_bytes
+
+
+def _f16(b: torch.Tensor) -> torch.Tensor:
+    """uint8 [..., 2] -> float32 [..., 1] (little-endian float16)."""
+    return b.contiguous().view(torch.float16).float()
+
+
+def _nibbles(qs: torch.Tensor) -> torch.Tensor:
+    """uint8 [B, 16] -> [B, 32]: low nibbles are values 0..15, high nibbles 16..31."""
+    return torch.cat([qs & 0xF, qs >> 4], dim=-1)
+
+
+def _q8_0(b: torch.Tensor) -> torch.Tensor:
+    return b[:, 2:].view(torch.int8).float() * _f16(b[:, :2])
+
+
+def _q4_0(b: torch.Tensor) -> torch.Tensor:
+    return (_nibbles(b[:, 2:]).float() - 8.0) * _f16(b[:, :2])
+
+
+def _q5_0(b: torch.Tensor) -> torch.Tensor:
+    qh = b[:, 2:6].contiguous().view(torch.int32)  # [B, 1]: bit j is value j's fifth bit
+    bits = (qh >> torch.arange(32, device=b.device, dtype=torch.int32)) & 1  # [B, 32]
+    q = _nibbles(b[:, 6:]).int() | (bits << 4)
+    return (q.float() - 16.0) * _f16(b[:, :2])
+
+
+def _q4_k_scales(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The 12 packed bytes of a Q4_K super-block -> 8 six-bit scales and 8 mins, [B, 8] each."""
+    d, m, md = s[:, 0:4].int(), s[:, 4:8].int(), s[:, 8:12].int()
+    sc = torch.cat([d & 0x3F, (md & 0x0F) | ((d >> 2) & 0x30)], dim=-1)
+    mn = torch.cat([m & 0x3F, (md >> 4) | ((m >> 2) & 0x30)], dim=-1)
+    return sc.float(), mn.float()
+
+
+def _q4_k(b: torch.Tensor) -> torch.Tensor:
+    n = b.shape[0]
+    d, dmin = _f16(b[:, 0:2]), _f16(b[:, 2:4])
+    sc, mn = _q4_k_scales(b[:, 4:16])
+    qs = b[:, 16:].reshape(n, 4, 1, 32)  # four chunks of 32 bytes: low nibbles, then high
+    q = torch.cat([qs & 0xF, qs >> 4], dim=2).reshape(n, 8, 32).float()
+    return ((d * sc)[..., None] * q - (dmin * mn)[..., None]).reshape(n, 256)
+
+
+def _q6_k(b: torch.Tensor) -> torch.Tensor:
+    n = b.shape[0]
+    ql, qh = b[:, :128], b[:, 128:192]
+    sc = b[:, 192:208].contiguous().view(torch.int8).float()  # [n, 16]
+    d = _f16(b[:, 208:210])
+    ql = ql.reshape(n, 2, 1, 64)
+    low = torch.cat([ql & 0xF, ql >> 4], dim=2).reshape(n, 2, 4, 32)
+    qh = qh.reshape(n, 2, 1, 32)
+    shifts = torch.tensor([0, 2, 4, 6], device=b.device, dtype=torch.uint8).view(1, 1, 4, 1)
+    high = (qh >> shifts) & 3  # [n, 2, 4, 32]
+    q = (low.int() | (high.int() << 4)).float() - 32.0
+    return ((d * sc).reshape(n, 16, 1) * q.reshape(n, 16, 16)).reshape(n, 256)
+
+
+_BLOCK_DEQUANT = {"q8_0": _q8_0, "q4_0": _q4_0, "q5_0": _q5_0, "q4_k": _q4_k, "q6_k": _q6_k}
+
+
+def dequantize(
+    fmt: str,
+    qdata: torch.Tensor,
+    scale: torch.Tensor | None = None,
+    minimum: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """qdata uint8 [N, row_bytes] (+ scale/minimum for int8/int4) -> float32 [N, K]."""
+    n = qdata.shape[0]
+    f = FORMATS[fmt]
+    if fmt == "int8":
+        return qdata.view(torch.int8).float() * scale.float()[:, None]
+    if fmt == "int4":
+        q = _nibbles(qdata.reshape(-1, 16)).float().reshape(n, -1)  # [N, K]
+        group = q.shape[1] // scale.shape[1]
+        q = q.reshape(n, -1, group)
+        return (q * scale.float()[..., None] + minimum.float()[..., None]).reshape(n, -1)
+    blocks = qdata.reshape(-1, f.block_bytes)
+    return _BLOCK_DEQUANT[fmt](blocks).reshape(n, -1)
+
+
+def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """float [N, K] -> (qdata uint8 [N, K] holding int8, scale float32 [N]): symmetric per
+    output row, s = max|w| / 127, q = round(w / s)."""
+    w = w.float()
+    scale = w.abs().amax(dim=1) / 127.0
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    return q.view(torch.uint8), scale
+
+
+def quantize_int4(w: torch.Tensor, group: int = 32) -> tuple[torch.Tensor, ...]:
+    """float [N, K] -> (qdata uint8 [N, K / 2], scale float16 [N, K / group], minimum float16
+    [N, K / group]): per group, m = min(w), d = (max(w) - m) / 15, q = round((w - m) / d).
+    d and m are rounded to float16 first and q computed from the rounded values."""
+    if group not in INT4_GROUPS:
+        raise ValueError(f"int4 group must be one of {INT4_GROUPS}, not {group}")
+    n, k = w.shape
+    if k % group:
+        raise CheckpointError(f"a row of {k} weights is not a multiple of the int4 group {group}")
+    g = w.float().reshape(n, k // group, group)
+    lo, hi = g.amin(dim=-1), g.amax(dim=-1)
+    d = ((hi - lo) / 15.0).half()
+    m = lo.half()
+    dd = torch.where(d.float() > 0, d.float(), torch.ones_like(d.float()))
+    q = torch.round((g - m.float()[..., None]) / dd[..., None]).clamp(0, 15).to(torch.uint8)
+    q = q.reshape(n, k // 32, 2, 16)
+    packed = q[:, :, 0] | (q[:, :, 1] << 4)  # [N, K / 32, 16]
+    return packed.reshape(n, k // 2), d, m

@@ -1,0 +1,61 @@
+"""Random quantized weights of every format, and the check that a kernel computes what the
+torch reference (dequantize, then matmul) computes: run as the C library's self-test on
+first use and by tests/test_quant.py."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from gemmakit.quant.formats import FORMATS, dequantize, row_bytes
+
+# byte offsets of float16 scales inside one block, overwritten with sane values (random bytes
+# there could be inf or NaN)
+_SCALE_AT = {"q8_0": (0,), "q4_0": (0,), "q5_0": (0,), "q4_k": (0, 2), "q6_k": (208,)}
+
+
+def random_weight(
+    fmt: str, n: int, k: int, gen: torch.Generator, group: int = 32
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(qdata uint8 [N, row bytes], scale, minimum) of random values in format `fmt`."""
+    f = FORMATS[fmt]
+    rb = row_bytes(fmt, k)
+    q = torch.randint(0, 256, (n, rb), generator=gen, dtype=torch.int32).to(torch.uint8)
+    if fmt == "int8":
+        return q, torch.rand(n, generator=gen) * 0.02 + 1e-3, None
+    if fmt == "int4":
+        scale = (torch.rand(n, k // group, generator=gen) * 0.02).half()
+        minimum = (torch.rand(n, k // group, generator=gen) * -0.1).half()
+        return q, scale, minimum
+    blocks = q.view(-1, f.block_bytes)
+    for at in _SCALE_AT[fmt]:
+        d = (torch.rand(blocks.shape[0], generator=gen) * 0.01 + 1e-4).half()
+        blocks[:, at : at + 2] = d.view(torch.uint8).view(-1, 2)
+    return q, None, None
+
+
+def reference(x: torch.Tensor, fmt: str, qdata, scale, minimum) -> torch.Tensor:
+    """x [M, K] float32 @ dequantize(W)^T -> [M, N], in float64 for a tight comparison."""
+    w = dequantize(fmt, qdata, scale, minimum).double()
+    return (x.double() @ w.T).float()
+
+
+def check_all(kernel: Callable[..., torch.Tensor], rows: tuple[int, ...] = (1, 3, 8)) -> None:
+    """Raise RuntimeError unless kernel(code, x, qdata, scale, minimum, N, group, n_threads)
+    matches `reference` within 1e-4 relative to the sum of |x| * |w| (float32 summation)."""
+    gen = torch.Generator().manual_seed(0)
+    for fmt, f in FORMATS.items():
+        k = 512 if f.block == 256 else (72 if fmt == "int8" else 96)
+        for group in (32, 128) if fmt == "int4" else (32,):
+            kk = 256 if fmt == "int4" else k
+            qdata, scale, minimum = random_weight(fmt, 13, kk, gen, group)
+            for m in rows:
+                x = torch.randn(m, kk, generator=gen)
+                got = kernel(f.code, x, qdata, scale, minimum, 13, group, 2)
+                want = reference(x, fmt, qdata, scale, minimum)
+                w = dequantize(fmt, qdata, scale, minimum)
+                bound = 1e-5 * (x.abs() @ w.abs().T) + 1e-6
+                if not bool(((got - want).abs() <= bound).all()):
+                    err = (got - want).abs().max().item()
+                    raise RuntimeError(f"self-test failed for {fmt} M={m}: max error {err:.3g}")

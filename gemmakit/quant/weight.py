@@ -1,0 +1,139 @@
+"""QuantWeight: a linear weight [N, K] kept in its quantized blocks, and QuantEmbedding, the
+tied embedding table held the same way.
+
+`gemmakit.model.layers.linear(x, weight)` dispatches on a QuantWeight: up to 8 rows of x (a
+decode step) run the C kernel (gemmakit/kernels/quant_gemv.c), which dequantizes in registers;
+more rows, a GPU, or a machine without the kernel dequantize a tile of rows at a time in torch
+and matmul it. An embedding lookup dequantizes only the rows it looks up.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gemmakit.kernels import quant_gemv
+from gemmakit.quant.formats import FORMATS, dequantize, row_bytes
+
+TILE_ELEMENTS = 1 << 22  # the fallback dequantizes at most this many weights (16 MB) at once
+
+
+class QuantWeight(nn.Module):
+    """A weight [N, K] in format `fmt` (see gemmakit/quant/formats.py).
+
+    Buffers (so `.to(device)` and state_dict carry them): qdata uint8 [N, row bytes]; scale
+    (int8: float32 [N]; int4: float16 [N, K / group]); minimum (int4: float16 [N, K / group]).
+    `dtype` is the compute dtype: what the dequantized values and the outputs are cast to.
+    """
+
+    def __init__(
+        self,
+        fmt: str,
+        shape: tuple[int, int],
+        qdata: torch.Tensor,
+        scale: torch.Tensor | None = None,
+        minimum: torch.Tensor | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        super().__init__()
+        if fmt not in FORMATS:
+            raise ValueError(f"unknown quantized format {fmt!r}")
+        n, k = shape
+        want = (n, row_bytes(fmt, k))
+        if tuple(qdata.shape) != want or qdata.dtype != torch.uint8:
+            raise ValueError(f"{fmt} blocks of a [{n}, {k}] weight are uint8 {list(want)}")
+        self.fmt, self.shape, self.compute_dtype = fmt, (n, k), dtype
+        self.register_buffer("qdata", qdata.contiguous())
+        if fmt in ("int8", "int4"):
+            self.register_buffer("scale", scale.contiguous())
+        if fmt == "int4":
+            self.register_buffer("minimum", minimum.contiguous())
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.compute_dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.qdata.device
+
+    @property
+    def group(self) -> int:
+        """Weights per int4 scale (32 or 128); 32 for the other formats (unused by them)."""
+        return self.shape[1] // self.scale.shape[1] if self.fmt == "int4" else 32
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes read per full pass over the weight (blocks plus scales)."""
+        return sum(b.numel() * b.element_size() for b in self.buffers())
+
+    def extra_repr(self) -> str:
+        g = f", group={self.group}" if self.fmt == "int4" else ""
+        return f"{self.fmt}, shape={list(self.shape)}{g}"
+
+    def _parts(self, rows) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        scale = getattr(self, "scale", None)
+        minimum = getattr(self, "minimum", None)
+        pick = (lambda t: None if t is None else t[rows]) if rows is not None else (lambda t: t)
+        return pick(self.qdata), pick(scale), pick(minimum)
+
+    def dequantize(self, rows: slice | torch.Tensor | None = None) -> torch.Tensor:
+        """float32 [N, K] (or [len(rows), K] for a slice or index tensor of rows)."""
+        return dequantize(self.fmt, *self._parts(rows))
+
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """x [..., K] @ W^T (+ bias) -> [..., N] in x's dtype."""
+        n, k = self.shape
+        if x.shape[-1] != k:
+            raise ValueError(f"x has {x.shape[-1]} features, the weight {k}")
+        flat = x.reshape(-1, k)
+        if quant_gemv.applies(flat, self.qdata):
+            y = quant_gemv.call(
+                quant_gemv.library(),
+                FORMATS[self.fmt].code,
+                flat.to(torch.float32).contiguous(),
+                *self._parts(None),
+                n,
+                self.group,
+                torch.get_num_threads(),
+            ).to(x.dtype)
+        else:
+            # float32 on a CPU (like the kernel; bf16 matmul is no faster there), x's dtype
+            # on a GPU
+            dt = torch.float32 if x.device.type == "cpu" else x.dtype
+            rows = max(1, TILE_ELEMENTS // k)
+            xd = flat.to(dt)
+            y = torch.cat(
+                [
+                    F.linear(xd, self.dequantize(slice(i, i + rows)).to(dt))
+                    for i in range(0, n, rows)
+                ],
+                dim=-1,
+            ).to(x.dtype)
+        y = y.view(*x.shape[:-1], n)
+        return y if bias is None else y + bias
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows `ids` [...] of the table, dequantized -> [..., K] in the compute dtype."""
+        flat = ids.reshape(-1)
+        return self.dequantize(flat).to(self.compute_dtype).view(*ids.shape, self.shape[1])
+
+
+class QuantEmbedding(nn.Module):
+    """nn.Embedding's forward over a QuantWeight table (`.weight`)."""
+
+    def __init__(self, weight: QuantWeight) -> None:
+        super().__init__()
+        self.weight = weight
+
+    @property
+    def num_embeddings(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.weight.shape[1]
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.weight.embed(ids)

@@ -1,0 +1,212 @@
+"""Weights kept quantized (gemmakit.quant): the torch dequantizers against gguf-py's, the C
+kernel against dequantize-then-matmul for every format and odd shapes, the torch fallback,
+llama.cpp's Q8_0/Q4_K quantizers (read back by the GGUF reader), and quantized models: logits
+and greedy ids against their own dequantized reference, saved and reloaded, from the CLI."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType, GGUFWriter, quants
+
+from gemmakit.api import build_model, load_model
+from gemmakit.checkpoint.dequant import dequantize as gguf_dequantize
+from gemmakit.checkpoint.gguf_file import GGUFFile
+from gemmakit.cli import main
+from gemmakit.config import get_config
+from gemmakit.generation import generate
+from gemmakit.kernels import quant_gemv
+from gemmakit.quant.checkpoint import save_quantized
+from gemmakit.quant.formats import FORMATS, GGUF_FORMATS, dequantize, quantize_int4
+from gemmakit.quant.ggml import quantize_q4_k, quantize_q8_0
+from gemmakit.quant.model import dequantize_model, quant_summary, quantize_model
+from gemmakit.quant.selftest import check_all, random_weight, reference
+from gemmakit.quant.weight import QuantWeight
+
+needs_kernel = pytest.mark.skipif(quant_gemv.library() is None, reason="no AVX2 kernel here")
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Small tensors: one thread is faster than two on a loaded machine (conftest restores)."""
+    torch.set_num_threads(1)
+
+
+PROMPTS = [[2, 17, 300, 41, 9], [2, 100, 7, 8, 9, 10, 11]]
+
+
+@pytest.mark.parametrize("fmt", GGUF_FORMATS)
+def test_torch_dequantize_matches_gguf_py(fmt):
+    gen = torch.Generator().manual_seed(1)
+    k = 512
+    qdata, _, _ = random_weight(fmt, 5, k, gen)
+    qtype = GGMLQuantizationType[fmt.upper()]
+    want = quants.dequantize(qdata.numpy(), qtype)
+    assert torch.equal(dequantize(fmt, qdata), torch.from_numpy(want).reshape(5, k))
+
+
+@needs_kernel
+def test_kernel_matches_reference_every_format_and_row_count():
+    # every format, M = 1..8, N = 13 (not a multiple of anything), int8 with a K tail
+    check_all(lambda *a: quant_gemv.call(quant_gemv.library(), *a), rows=tuple(range(1, 9)))
+
+
+@needs_kernel
+def test_kernel_catches_a_wrong_answer():
+    def off_by_a_bit(*args):
+        y = quant_gemv.call(quant_gemv.library(), *args)
+        y[0, 0] += 1e-2
+        return y
+
+    with pytest.raises(RuntimeError, match="self-test failed"):
+        check_all(off_by_a_bit, rows=(1,))
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+@pytest.mark.parametrize("kernels", ["1", "0"])
+def test_linear_equals_dequantize_then_matmul(fmt, kernels, monkeypatch):
+    """QuantWeight.linear through the kernel (decode rows) and through the torch fallback
+    (GEMMAKIT_NO_KERNELS=1, or more than 8 rows: prefill), bf16 activations too."""
+    monkeypatch.setenv("GEMMAKIT_NO_KERNELS", "0" if kernels == "1" else "1")
+    gen = torch.Generator().manual_seed(2)
+    k = 256 if FORMATS[fmt].block == 256 else 96
+    w = QuantWeight(fmt, (37, k), *random_weight(fmt, 37, k, gen))
+    for rows in (1, 5, 11):
+        x = torch.randn(rows, k, generator=gen)
+        want = reference(x, fmt, *w._parts(None))
+        bound = 1e-5 * (x.abs() @ w.dequantize().abs().T) + 1e-6
+        assert ((w.linear(x) - want).abs() <= bound).all()
+    xb = torch.randn(2, 3, k, generator=gen).to(torch.bfloat16)
+    got = w.linear(xb)
+    assert got.dtype == torch.bfloat16 and got.shape == (2, 3, 37)
+    ref = xb.float() @ w.dequantize().T
+    assert torch.allclose(got.float(), ref, rtol=2e-2, atol=2e-2)
+
+
+def test_embedding_rows_dequantize_only_the_looked_up_rows():
+    gen = torch.Generator().manual_seed(3)
+    w = QuantWeight("q8_0", (50, 64), *random_weight("q8_0", 50, 64, gen))
+    ids = torch.tensor([[3, 49], [0, 3]])
+    assert torch.equal(w.embed(ids), w.dequantize()[ids])
+
+
+def test_int8_and_int4_error_bounds():
+    w = torch.randn(64, 256) * 0.05
+    q8 = dequantize("int8", *quantize_int8_parts(w))
+    assert (q8 - w).abs().max() <= w.abs().amax(1, keepdim=True).max() / 254 + 1e-7
+    for group in (32, 128):
+        q4 = dequantize("int4", *quantize_int4(w, group))
+        # a step of (max - min) / 15 per group, half of it at most (+ float16 rounding)
+        span = w.view(64, -1, group).amax(-1) - w.view(64, -1, group).amin(-1)
+        err = (q4 - w).abs().view(64, -1, group).amax(-1)
+        assert (err <= span / 30 * 1.05 + 1e-4).all()
+
+
+def quantize_int8_parts(w):
+    from gemmakit.quant.formats import quantize_int8
+
+    return quantize_int8(w)
+
+
+def _rel_mse(a, b):
+    return float((a - b).pow(2).mean() / b.pow(2).mean())
+
+
+def test_ggml_quantizers_round_trip_and_are_read_back_by_the_gguf_reader(tmp_path):
+    gen = torch.Generator().manual_seed(4)
+    w = torch.randn(24, 512, generator=gen) * 0.05
+    w[3] = 0.0  # an all-zero row: scale 0, no NaN
+    blocks = {"q8_0": quantize_q8_0(w), "q4_k": quantize_q4_k(w)}
+    assert _rel_mse(dequantize("q8_0", blocks["q8_0"]), w) < 1e-4
+    # llama.cpp's Q4_K reaches ~0.4-0.5% relative MSE on Gaussian weights; plain int4 with
+    # a float16 scale and min per 32 weights does worse than that
+    assert _rel_mse(dequantize("q4_k", blocks["q4_k"]), w) < 0.0055
+    assert torch.equal(dequantize("q4_k", blocks["q4_k"])[3], torch.zeros(512))
+    path = tmp_path / "q.gguf"
+    writer = GGUFWriter(path, "gemma3")
+    for fmt, b in blocks.items():
+        writer.add_tensor(fmt, b.numpy(), raw_dtype=GGMLQuantizationType[fmt.upper()])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    f = GGUFFile(path)
+    for fmt, b in blocks.items():
+        info = f.tensors[fmt]
+        assert info.shape == (24, 512) and info.qtype.name.lower() == fmt
+        assert np.array_equal(f.raw(fmt), b.numpy())
+        read = gguf_dequantize(f.raw(fmt), info.qtype, info.shape)
+        assert torch.equal(read, dequantize(fmt, b))
+
+
+def _tiny(seed=0):
+    """tiny-gemma3 with d_model 256, so that Q4_K's 256-weight rows fit most matrices."""
+    config = get_config("tiny-gemma3").replace(d_model=256, n_layers=2, vocab_size=512)
+    return build_model(config, seed=seed, init_std=0.08)
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4", "int4-g128", "q8_0", "q4_k"])
+def test_quantized_model_matches_its_dequantized_reference(mode):
+    model = quantize_model(_tiny(), mode)
+    kinds = set(quant_summary(model)) - {"float32"}
+    assert kinds == {"int4" if mode.startswith("int4") else mode}
+    assert isinstance(model.embedder.weight, QuantWeight)  # the tied head too
+    ref = dequantize_model(quantize_model(_tiny(), mode))
+    tokens = torch.tensor(PROMPTS[1])[None]
+    with torch.no_grad():
+        a, b = model(tokens), ref(tokens)
+    # same weights, float32 sums in another order: 1e-4 of the logits' scale
+    assert (a - b).abs().max() <= 1e-4 * b.abs().max()
+    got = generate(model, PROMPTS, 16, stop_tokens=[])
+    want = generate(ref, PROMPTS, 16, stop_tokens=[])
+    assert got == want and all(len(g) == 16 for g in got)
+
+
+def test_quantized_checkpoint_saves_and_loads_back(tmp_path):
+    model = quantize_model(_tiny(), "int4")
+    save_quantized(model, tmp_path / "q")
+    kept = load_model(tmp_path / "q", quant="keep")
+    for name, m in model.named_modules():
+        if isinstance(m, QuantWeight):
+            other = kept.get_submodule(name)
+            assert other.fmt == m.fmt and torch.equal(other.qdata, m.qdata)
+            assert torch.equal(other.scale, m.scale) and torch.equal(other.minimum, m.minimum)
+    plain = load_model(tmp_path / "q")  # quant=None: dequantized floats, no QuantWeight
+    assert not any(isinstance(m, QuantWeight) for m in plain.modules())
+    tokens = torch.tensor(PROMPTS[:1])
+    with torch.no_grad():
+        assert torch.allclose(kept(tokens), plain(tokens), rtol=1e-4, atol=1e-4)
+
+
+def test_keep_on_a_q8_0_gguf_equals_its_float32_dequantization(tmp_path):
+    from gemmakit.checkpoint.gguf_write import save_gguf
+
+    path = tmp_path / "m.gguf"
+    save_gguf(_tiny(), path, dtype="q8_0")
+    kept = load_model(path, quant="keep")
+    assert set(quant_summary(kept)) == {"q8_0", "float32"}
+    exact = load_model(path)
+    with torch.no_grad():
+        a, b = kept(torch.tensor(PROMPTS[:1])), exact(torch.tensor(PROMPTS[:1]))
+    assert (a - b).abs().max() <= 1e-4 * b.abs().max()
+    assert generate(kept, PROMPTS, 16, stop_tokens=[]) == generate(
+        exact, PROMPTS, 16, stop_tokens=[]
+    )
+
+
+def test_quantize_command_and_generate_with_quant_keep(tmp_path, capsys):
+    from gemmakit.checkpoint import save_hf
+
+    save_hf(_tiny(), tmp_path / "src")
+    assert main(["quantize", str(tmp_path / "src"), str(tmp_path / "q"), "--to", "q4_k"]) == 0
+    assert "q4_k" in capsys.readouterr().out
+    model = load_model(tmp_path / "q", quant="keep")
+    assert set(quant_summary(model)) == {"q4_k", "float32"}
+    with pytest.raises(SystemExit):
+        main(["quantize", str(tmp_path / "src"), str(tmp_path / "x"), "--to", "q3_k"])
+
+
+def test_unknown_quant_mode_is_a_usage_error():
+    from gemmakit.errors import UsageError
+
+    with pytest.raises(UsageError, match="unknown quantization"):
+        load_model("tiny", quant="int3")
