@@ -14,7 +14,11 @@ from gemmakit.evaluation.task import Task
 
 TaskFactory = Callable[[Path | None], Task]
 
-TASK_MODULES: tuple[str, ...] = ()
+TASK_MODULES: tuple[str, ...] = (
+    "gemmakit.evaluation.generative",
+    "gemmakit.evaluation.code",
+    "gemmakit.evaluation.ifeval",
+)
 
 
 def all_tasks() -> dict[str, TaskFactory]:
