@@ -174,6 +174,13 @@ def child_python() -> tuple[str, bool]:
     return sys.executable, False
 
 
+def _temp_root(drop: bool) -> str:
+    """Where the throwaway directories go: the usual temp folder, or, when the child runs as
+    nobody and cannot reach it (a 0700 folder on the way), /tmp."""
+    root = tempfile.gettempdir()
+    return "/tmp" if drop and not _world_executable(root) else root
+
+
 def _tail(f, limit: int = 4096) -> str:
     f.seek(0, os.SEEK_END)
     size = f.tell()
@@ -186,7 +193,7 @@ def run_program(source: str, limits: SandboxLimits = SandboxLimits()) -> Sandbox
     python, drop = child_python()
     nonce = secrets.token_hex(16)
     t0 = time.perf_counter()
-    tmp = tempfile.mkdtemp(prefix="gemmakit-sandbox-")
+    tmp = tempfile.mkdtemp(prefix="gemmakit-sandbox-", dir=_temp_root(drop))
     try:
         if drop:
             os.chown(tmp, NOBODY, NOBODY)
