@@ -403,22 +403,13 @@ def test_ifeval_task_matches_the_instruct_scorer():
         else ("HELLO THERE" if i % 3 == 1 else "hello there friend, a fine day")
         for i in range(len(rows))
     ]
-    lm = FakeLM(
-        lambda r: responses[
-            [row["prompt"] for row in rows].index(
-                r.prompt.split("<start_of_turn>user\n")[1].split("<end_of_turn>")[0]
-            )
-        ]
-    )
+    lm = FakeLM(lambda r: responses[[row["prompt"] for row in rows].index(r.prompt)])
     result = evaluate(task, lm, limit=12)
     expected = ifeval_score(rows, responses)
     for metric in ("prompt_strict", "prompt_loose", "instruction_strict", "instruction_loose"):
         assert result.metrics[metric][0] == pytest.approx(expected[metric]), metric
     assert 0 < expected["instruction_loose"] < 1
-    req = lm.seen[0]
-    assert req.prompt.startswith("<start_of_turn>user\n") and req.prompt.endswith(
-        "<start_of_turn>model\n"
-    )
+    assert lm.seen[0].prompt == rows[0]["prompt"] and lm.seen[0].temperature == 0.0
 
 
 def test_ifeval_reads_an_input_data_file(tmp_path):

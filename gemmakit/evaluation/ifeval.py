@@ -1,6 +1,8 @@
-"""IFEval-style verifiable instructions as a task: one greedy answer per prompt, sent as a user
-turn of Gemma's chat format, scored by the checkers of `gemmakit.instruct` (strict and loose,
-at prompt and instruction level, as `instruct.scoring.score` computes them).
+"""IFEval-style verifiable instructions as a task: one greedy answer per prompt, scored by the
+checkers of `gemmakit.instruct` (strict and loose, at prompt and instruction level, as
+`instruct.scoring.score` computes them). The prompt goes to the model as it is; the runner's
+chat mode (`ModelRunner(chat=True)`, for instruction-tuned models) sends it as a user turn of
+Gemma's chat format, as IFEval is meant to be run.
 
 `ifeval` runs the eval set gemmakit ships (`gemmakit/instruct/data/eval.jsonl`); `ifeval:PATH`
 reads a file in IFEval's `input_data.jsonl` format (`{"key", "prompt", "instruction_id_list",
@@ -15,7 +17,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from gemmakit.chat import render_chat
 from gemmakit.evaluation.metrics import mean_stderr
 from gemmakit.evaluation.requests import Generate
 from gemmakit.evaluation.task import Doc, Result, Task
@@ -25,28 +26,20 @@ from gemmakit.instruct.scoring import follows, read_eval, row_instructions
 METRICS = ("prompt_strict", "prompt_loose", "instruction_strict", "instruction_loose")
 
 
-def chat_prompt(text: str) -> str:
-    """`text` as one user turn of Gemma's chat format, ready for the model's turn, without
-    the <bos> (the runner prepends it); the turn markers are written by name, which the
-    tokenizer reads as their control ids."""
-    rendered = render_chat([{"role": "user", "content": text}], add_generation_prompt=True)
-    return rendered.removeprefix("<bos>")
-
-
 class IFEvalTask(Task):
     name = "ifeval"
     num_fewshot = 0
     metrics = METRICS
 
-    def __init__(self, rows: list[dict[str, Any]], max_new_tokens: int = 1280, chat: bool = True):
-        self.rows, self.max_new_tokens, self.chat = rows, max_new_tokens, chat
+    def __init__(self, rows: list[dict[str, Any]], max_new_tokens: int = 1280):
+        # 1280: lm-eval's ifeval max_gen_toks; generation ends earlier at <end_of_turn>/EOS
+        self.rows, self.max_new_tokens = rows, max_new_tokens
 
     def docs(self) -> Sequence[Doc]:
         return self.rows
 
     def requests(self, doc: Doc, shots: Sequence[Doc]) -> list[Generate]:
-        prompt = chat_prompt(doc["prompt"]) if self.chat else doc["prompt"]
-        return [Generate(prompt, self.max_new_tokens, stop=("<end_of_turn>",))]
+        return [Generate(doc["prompt"], self.max_new_tokens)]
 
     def score(self, doc: Doc, results: Sequence[Result]) -> dict[str, float]:
         response = results[0][0]  # type: ignore[index]
