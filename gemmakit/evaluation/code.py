@@ -29,17 +29,12 @@ from gemmakit.evaluation.datafiles import Row
 from gemmakit.evaluation.generative import eval_and_shot_files, rows_of
 from gemmakit.evaluation.metrics import pass_at_k
 from gemmakit.evaluation.requests import Generate
+from gemmakit.evaluation.runner import cut_at_stop
 from gemmakit.evaluation.sandbox import SandboxLimits, run_programs
 from gemmakit.evaluation.task import Doc, Result, Task, TaskResult
 
 # The Codex paper's stop sequences: a completion ends where the function body does.
 HUMANEVAL_STOP = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")
-
-
-def cut_at_stop(text: str, stop: Sequence[str]) -> str:
-    """`text` up to the first of `stop` (the whole text when none occurs)."""
-    at = min((i for s in stop if (i := text.find(s)) >= 0), default=len(text))
-    return text[:at]
 
 
 class CodeTask(Task):
