@@ -95,6 +95,12 @@ def test_split_follows_lm_eval(tok):
     assert list(s.context) == [bos, *tok.encode("models learn", bos=False)]
     whole = tok.encode("models learn data", bos=False)
     assert list(s.context + s.continuation) == [bos, *whole]
+    # an empty continuation has log-probability 0, next to others in the same batch
+    empty, other = runner.loglikelihood(
+        [Loglikelihood("the fox", ""), Loglikelihood("the fox", " ran")]
+    )
+    assert (empty.logprob, empty.greedy, empty.tokens) == (0.0, True, 0)
+    assert other.tokens > 0 and other.logprob < 0
     # special names are plain text
     s = runner.split(Loglikelihood("a <eos>", " b"))
     assert tok.eos_id not in s.context
@@ -140,10 +146,12 @@ def test_rolling_is_the_whole_text_and_windows_cover_each_token_once(tok):
 
 def test_generate_batched_greedy_equals_one_by_one_and_cuts_stops(tok):
     model = model_of("tiny-gemma3")
-    runner = ModelRunner(model, tok, batch_size=4)
+    calls = []
+    runner = ModelRunner(model, tok, batch_size=4, progress=lambda *a: calls.append(a))
     prompts = [CONTEXTS[0], "the", CONTEXTS[2], "data", "fox jumps"]
     reqs = [Generate(p, max_new_tokens=6 + i) for i, p in enumerate(prompts)]
     got = runner.generate(reqs)
+    assert calls == [("generate", 4, 5), ("generate", 5, 5)]  # after each batch of 4
     for r, out in zip(reqs, got):
         ids = [runner.tokens.bos, *tok.encode(r.prompt, bos=False)]
         [alone] = generate(model, [ids], r.max_new_tokens)

@@ -25,13 +25,16 @@ from pathlib import Path
 
 import torch
 
+from gemmakit.api import load_model
 from gemmakit.chat import encode_chat
+from gemmakit.commands.common import check_device, check_vocab_fits
+from gemmakit.dtypes import torch_dtype
 from gemmakit.errors import UsageError
 from gemmakit.evaluation.requests import Generate, Loglikelihood, LoglikelihoodResult, Rolling
 from gemmakit.generation import check_sampling, left_pad, stream_generate
 from gemmakit.model.cache import KVCache
 from gemmakit.model.transformer import Gemma
-from gemmakit.tokenizer import Tokenizer
+from gemmakit.tokenizer import Tokenizer, load_tokenizer
 
 # progress(kind, done, total): kind is "loglikelihood", "rolling" or "generate"
 Progress = Callable[[str, int, int], None]
@@ -98,11 +101,6 @@ class ModelRunner:
         (a name such as "float32", or a torch dtype), --adapter (a PEFT LoRA folder),
         --tokenizer (default: the checkpoint's own), --device and --preset give it. kwargs:
         the constructor's (batch_size, max_length, chat, progress)."""
-        from gemmakit.api import load_model
-        from gemmakit.commands.common import check_device, check_vocab_fits
-        from gemmakit.dtypes import torch_dtype
-        from gemmakit.tokenizer import load_tokenizer
-
         check_device(device)
         if isinstance(dtype, str):
             dtype = torch_dtype(dtype)
@@ -241,7 +239,8 @@ class ModelRunner:
             cache.select_rows(index)
             fed = torch.full((R, Lk), self.tokens.pad, dtype=torch.long)
             for r, cont in enumerate(conts):
-                fed[r, : len(cont) - 1] = torch.tensor(cont[:-1], dtype=torch.long)
+                if len(cont) > 1:
+                    fed[r, : len(cont) - 1] = torch.tensor(cont[:-1], dtype=torch.long)
             fed = fed.to(device)
             # RoPE positions continue from each context's real length (padding is not counted)
             ctx_len = valid.sum(-1).index_select(0, index)  # [R]
