@@ -16,6 +16,9 @@ TaskFactory = Callable[[Path | None], Task]
 
 TASK_MODULES: tuple[str, ...] = (
     "gemmakit.evaluation.choice_benchmarks",
+    "gemmakit.evaluation.generative",
+    "gemmakit.evaluation.code",
+    "gemmakit.evaluation.ifeval",
     "gemmakit.evaluation.safety",
     "gemmakit.evaluation.toxicity",
 )

@@ -59,6 +59,13 @@ class Task(ABC):
     def score(self, doc: Doc, results: Sequence[Result]) -> dict[str, float]:
         """Per-sample metric values from the results of `requests(doc, ...)`, in that order."""
 
+    def score_all(
+        self, docs: Sequence[Doc], results: Sequence[Sequence[Result]]
+    ) -> list[dict[str, float]]:
+        """`score` of every document, in order; a task whose scoring is slow (running
+        model-written code) overrides this to score the documents in parallel."""
+        return [self.score(doc, res) for doc, res in zip(docs, results, strict=True)]
+
     def aggregate(self, metric: str, values: Sequence[float]) -> tuple[float, float]:
         """(value, standard error) of a metric over the samples; the mean by default."""
         return mean_stderr(values)
@@ -130,13 +137,15 @@ def evaluate(
     if progress is not None:
         progress(f"{task.name}: {len(docs)} documents, {len(flat)} requests")
     answers = _run(lm, flat)
+    per_doc_results: list[list[Result]] = []
+    at = 0
+    for reqs in per_doc:
+        per_doc_results.append(answers[at : at + len(reqs)])
+        at += len(reqs)
     samples: list[dict[str, Any]] = []
     values: dict[str, list[float]] = {m: [] for m in task.metrics}
-    at = 0
-    for i, (doc, reqs) in enumerate(zip(docs, per_doc)):
-        res = answers[at : at + len(reqs)]
-        at += len(reqs)
-        scores = task.score(doc, res)
+    all_scores = task.score_all(docs, per_doc_results)
+    for i, (reqs, res, scores) in enumerate(zip(per_doc, per_doc_results, all_scores)):
         for m in task.metrics:
             values[m].append(float(scores[m]))
         samples.append({"doc_id": i, "requests": reqs, "results": res, "scores": scores})
