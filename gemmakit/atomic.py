@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import uuid
 from collections.abc import Iterator
@@ -29,8 +30,20 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         raise
 
 
+def strict_json(obj: object) -> object:
+    """`obj` with every NaN or infinite float replaced by None (JSON null): Python's json
+    module writes them as the bare words NaN/Infinity, which strict JSON readers reject."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [strict_json(v) for v in obj]
+    return obj
+
+
 def write_json(path: str | Path, obj: object) -> Path:
-    """Write `obj` as indented JSON, atomically."""
+    """Write `obj` as indented strict JSON (non-finite floats as null), atomically."""
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2) + "\n")
+        tmp.write_text(json.dumps(strict_json(obj), indent=2, allow_nan=False) + "\n")
     return Path(path)

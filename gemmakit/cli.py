@@ -27,7 +27,16 @@ COMMANDS = [
     "gemmakit.commands.chat",
     "gemmakit.commands.data",
     "gemmakit.commands.instruct",
+    "gemmakit.commands.memorization",
+    "gemmakit.commands.eval",
+    "gemmakit.commands.lm_eval",
+    "gemmakit.commands.serve",
 ]
+
+# Commands that hand every argument after their name to another program's parser unread
+# (argparse would take `--model` after `lm-eval` for an option of its own); each module has
+# `passthrough_args(rest) -> Namespace`.
+PASSTHROUGH = {"lm-eval": "gemmakit.commands.lm_eval"}
 
 _USER_OS_ERRORS = {
     errno.ENOENT,
@@ -58,7 +67,11 @@ def one_line(message: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in PASSTHROUGH:
+        args = importlib.import_module(PASSTHROUGH[argv[0]]).passthrough_args(argv[1:])
+    else:
+        args = build_parser().parse_args(argv)
     try:
         return args.func(args) or 0
     except KeyboardInterrupt:

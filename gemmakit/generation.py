@@ -11,6 +11,7 @@ import torch
 
 from gemmakit.errors import UsageError
 from gemmakit.model.cache import KVCache
+from gemmakit.model.fast_decode import fast_decoder
 from gemmakit.model.transformer import Gemma
 
 
@@ -142,6 +143,7 @@ def stream_generate(
     seed: int | None = None,
     cache: KVCache | None = None,
     truncate: bool = False,
+    fast: bool = True,
 ) -> Iterator[list[int | None]]:
     """Yield, at each step, the new token of every prompt (None once a prompt has stopped).
 
@@ -154,6 +156,10 @@ def stream_generate(
     Options are checked first (`check_sampling`; UsageError). Context (config.max_seq_len):
     a prompt that does not fit is refused, or with `truncate` cut to its last tokens so that
     it and max_new_tokens fit; generation stops when the context is full (`fit_prompts`).
+
+    `fast`: decode steps run as one C call for the whole stack where it applies
+    (`gemmakit.model.fast_decode`; the prefill stays one eager forward); False: every step
+    is an eager forward.
     """
     check_sampling(max_new_tokens, temperature, top_k, top_p, seed)
     if not prompts or any(len(p) == 0 for p in prompts):
@@ -164,7 +170,7 @@ def stream_generate(
     )
     # checked above, before the first step: the generator below runs only when iterated
     return _stream(
-        model, prompts, max_new_tokens, temperature, top_k, top_p, stop_tokens, seed, cache
+        model, prompts, max_new_tokens, temperature, top_k, top_p, stop_tokens, seed, cache, fast
     )
 
 
@@ -179,6 +185,7 @@ def _stream(
     stop_tokens: Iterable[int] | None,
     seed: int | None,
     cache: KVCache | None,
+    fast: bool = True,
 ) -> Iterator[list[int | None]]:
     cfg = model.config
     stops = (
@@ -206,6 +213,7 @@ def _stream(
 
     logits = model(tokens, positions=positions, cache=cache, last_only=True)[:, -1]
     next_pos = positions[:, -1:] + 1
+    decoder = fast_decoder(model, cache) if fast and max_new_tokens > 1 else None
     done = [False] * B
     for step in range(max_new_tokens):
         nxt = sample_next(logits, temperature, top_k, top_p, generator)
@@ -215,7 +223,10 @@ def _stream(
         yield out
         if all(done) or step == max_new_tokens - 1:
             return
-        logits = model(nxt[:, None], positions=next_pos, cache=cache)[:, -1]
+        if decoder is not None:  # the whole stack in one C call
+            logits = decoder.step(nxt, next_pos, cache)
+        else:
+            logits = model(nxt[:, None], positions=next_pos, cache=cache)[:, -1]
         next_pos = next_pos + 1
 
 
@@ -230,12 +241,14 @@ def generate(
     seed: int | None = None,
     cache: KVCache | None = None,
     truncate: bool = False,
+    fast: bool = True,
 ) -> list[list[int]]:
     """The new token ids of each prompt (a list of token-id lists, any lengths).
 
     Greedy by default; see `sample_next` for temperature, top_k and top_p; `seed` makes
     sampling repeatable. Stop tokens (default EOS and <end_of_turn>) end a prompt's output
-    and are not included. `cache`, `truncate` and the context limit: see `stream_generate`.
+    and are not included. `cache`, `truncate`, `fast` and the context limit: see
+    `stream_generate`.
     """
     outputs: list[list[int]] = [[] for _ in prompts]
     for step in stream_generate(
@@ -249,6 +262,7 @@ def generate(
         seed,
         cache,
         truncate,
+        fast,
     ):
         for out, t in zip(outputs, step):
             if t is not None:

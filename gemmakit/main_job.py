@@ -17,7 +17,7 @@ from gemmakit.api import load_model
 from gemmakit.data.pipeline import DEFAULT_CONFIG, prepare
 from gemmakit.data.shards import TokenShards
 from gemmakit.errors import UsageError
-from gemmakit.evaluation.memorization import memorization
+from gemmakit.evaluation.memorization import measure_sources
 from gemmakit.generation import generate
 from gemmakit.tokenizer import train_tokenizer
 from gemmakit.training.pretrain import pretrain
@@ -101,12 +101,14 @@ def run_all(
     ]
     for s in report["samples"]:
         print(f"{s['prompt']!r} -> {s['continuation']!r}")
-    memo = {}
-    for name in data["sources"]:
-        shards = TokenShards(out / "data" / name)
-        docs = [shards.document(i).tolist() for i in range(min(shards.num_documents, 64))]
-        memo[name] = memorization(model, docs).to_dict()
-        m = memo[name]
+    sources = {name: TokenShards(out / "data" / name) for name in data["sources"]}
+    memo = {
+        n: r.to_dict()
+        for n, r in measure_sources(
+            model, sources, per_source=64, decode=tok.decode
+        ).sources.items()
+    }
+    for name, m in memo.items():
         print(
             f"{name}: {m['documents']} documents, exact {m['exact_rate']:.1%}, "
             f"approximate {m['approximate_rate']:.1%}"

@@ -318,6 +318,8 @@ def test_cache_reuse_answers_as_re_encoding_does(monkeypatch, capsys, tok, recor
 
     monkeypatch.setattr(model, "forward", forward)
     monkeypatch.setattr(model.blocks[-1], "forward", last_block)
+    # every decode step through the patched forward (the fused C step would bypass it)
+    monkeypatch.setattr(generation, "fast_decoder", lambda *args, **kwargs: None)
     users = ["Hi there", "Tell me\nmore", "line one\nline two", "Thanks", "Again"]
     stdin = 'Hi there\nTell me\\\nmore\n"""\nline one\nline two\n"""\nThanks\n/reset\nAgain\n'
     monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))

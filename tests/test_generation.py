@@ -130,15 +130,23 @@ def test_generation_continues_a_padded_batch_in_its_cache():
     assert second == fresh and first != [[], []]
 
 
-def test_session_prefills_only_what_its_cache_lacks():
+def test_session_prefills_only_what_its_cache_lacks(monkeypatch):
+    from gemmakit.model.fast_decode import FastDecoder
+
     model = varied_model()
-    fed: list[int] = []  # tokens of each forward call
-    real_forward = model.forward
+    fed: list[int] = []  # tokens of each forward call (a fused decode step counts as one)
+    real_forward, real_step = model.forward, FastDecoder.step
 
     def forward(tokens, **kwargs):
         fed.append(tokens.shape[1])
         return real_forward(tokens, **kwargs)
 
+    def step(self, tokens, positions, cache):
+        if model.forward is forward and self.embedder is model.embedder:  # not a self-test
+            fed.append(1)
+        return real_step(self, tokens, positions, cache)
+
+    monkeypatch.setattr(FastDecoder, "step", step)
     model.forward = forward
     session = Session(model)
 

@@ -14,7 +14,14 @@ from gemmakit.evaluation.task import Task
 
 TaskFactory = Callable[[Path | None], Task]
 
-TASK_MODULES: tuple[str, ...] = ()
+TASK_MODULES: tuple[str, ...] = (
+    "gemmakit.evaluation.choice_benchmarks",
+    "gemmakit.evaluation.generative",
+    "gemmakit.evaluation.code",
+    "gemmakit.evaluation.ifeval",
+    "gemmakit.evaluation.safety",
+    "gemmakit.evaluation.toxicity",
+)
 
 
 def all_tasks() -> dict[str, TaskFactory]:

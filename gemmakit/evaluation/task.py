@@ -35,6 +35,9 @@ class Task(ABC):
     name: str = ""
     num_fewshot: int = 0
     metrics: tuple[str, ...] = ("acc",)
+    # "random": shots drawn from the pool under the seed; "first": the pool's first examples in
+    # order (lm-eval's first_n sampler, which MMLU uses with its dev split)
+    fewshot_order: str = "random"
 
     @abstractmethod
     def docs(self) -> Sequence[Doc]:
@@ -42,6 +45,11 @@ class Task(ABC):
 
     def fewshot_docs(self) -> Sequence[Doc]:
         return self.docs()
+
+    def shot_pool(self, doc: Doc) -> Sequence[Doc]:
+        """The examples `doc`'s shots come from: `fewshot_docs()` by default; a task whose
+        subsets each have their own examples (MMLU's subjects) narrows it to `doc`'s."""
+        return self.fewshot_docs()
 
     @abstractmethod
     def requests(self, doc: Doc, shots: Sequence[Doc]) -> list[Request]:
@@ -51,20 +59,31 @@ class Task(ABC):
     def score(self, doc: Doc, results: Sequence[Result]) -> dict[str, float]:
         """Per-sample metric values from the results of `requests(doc, ...)`, in that order."""
 
+    def score_all(
+        self, docs: Sequence[Doc], results: Sequence[Sequence[Result]]
+    ) -> list[dict[str, float]]:
+        """`score` of every document, in order; a task whose scoring is slow (running
+        model-written code) overrides this to score the documents in parallel."""
+        return [self.score(doc, res) for doc, res in zip(docs, results, strict=True)]
+
     def aggregate(self, metric: str, values: Sequence[float]) -> tuple[float, float]:
         """(value, standard error) of a metric over the samples; the mean by default."""
         return mean_stderr(values)
 
 
 def draw_shots(task: Task, index: int, doc: Doc, seed: int) -> list[Doc]:
-    """`task.num_fewshot` examples for document `index`, drawn from the few-shot pool by a
+    """`task.num_fewshot` examples for document `index`, drawn from its few-shot pool by a
     generator seeded with (seed, index), so a document's shots do not depend on `--limit` or on
-    which other documents run; the document itself is never its own example."""
+    which other documents run (or the pool's first ones, for `fewshot_order == "first"`); the
+    document itself is never its own example."""
     if task.num_fewshot == 0:
         return []
-    pool = task.fewshot_docs()
-    rng = random.Random(f"{seed}:{index}")
-    picks = rng.sample(range(len(pool)), min(len(pool), task.num_fewshot + 1))
+    pool = task.shot_pool(doc)
+    k = min(len(pool), task.num_fewshot + 1)
+    if task.fewshot_order == "first":
+        picks = list(range(k))
+    else:
+        picks = random.Random(f"{seed}:{index}").sample(range(len(pool)), k)
     shots = [pool[i] for i in picks if pool[i] is not doc and pool[i] != doc]
     return shots[: task.num_fewshot]
 
@@ -118,13 +137,15 @@ def evaluate(
     if progress is not None:
         progress(f"{task.name}: {len(docs)} documents, {len(flat)} requests")
     answers = _run(lm, flat)
+    per_doc_results: list[list[Result]] = []
+    at = 0
+    for reqs in per_doc:
+        per_doc_results.append(answers[at : at + len(reqs)])
+        at += len(reqs)
     samples: list[dict[str, Any]] = []
     values: dict[str, list[float]] = {m: [] for m in task.metrics}
-    at = 0
-    for i, (doc, reqs) in enumerate(zip(docs, per_doc)):
-        res = answers[at : at + len(reqs)]
-        at += len(reqs)
-        scores = task.score(doc, res)
+    all_scores = task.score_all(docs, per_doc_results)
+    for i, (reqs, res, scores) in enumerate(zip(per_doc, per_doc_results, all_scores)):
         for m in task.metrics:
             values[m].append(float(scores[m]))
         samples.append({"doc_id": i, "requests": reqs, "results": res, "scores": scores})

@@ -1,4 +1,5 @@
-/* y[M, N] = x[M, K] @ W[N, K]^T for bfloat16 W (raw uint16 bits), float32 x and y, small M.
+/* y[M, N] = x[M, K] @ W[N, K]^T for bfloat16 W (raw uint16 bits), float32 x and y, small M;
+ * f32_gemv: the same loops for float32 W (the float32 fused decode step, decode_step.c).
  *
  * Decoding reads every weight once per token, so the speed limit is memory bandwidth: the
  * loop reads several rows of W at once, widens 8 bf16 to float32 with a zero-extend and a
@@ -29,6 +30,16 @@ INLINE float bf16_to_float(uint16_t v) {
     return f;
 }
 
+/* 8 weights from element i of W (BF: bfloat16 bits, else float32), widened to float32.
+ * BF is a literal at every call site, so the branch compiles away. */
+INLINE __m256 load8(const void *w, ptrdiff_t i, const int BF) {
+    return BF ? load_bf16x8((const uint16_t *)w + i) : _mm256_loadu_ps((const float *)w + i);
+}
+
+INLINE float load1(const void *w, ptrdiff_t i, const int BF) {
+    return BF ? bf16_to_float(((const uint16_t *)w)[i]) : ((const float *)w)[i];
+}
+
 INLINE float hsum(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -39,8 +50,8 @@ INLINE float hsum(__m256 v) {
 /* R rows of W, `ldw` elements apart, against M rows of x (row stride K):
  * y[m * ldy + r * ldr] = dot(W row r, x row m). R and M are literals at every call site, so
  * the loops unroll and acc[][] lives in registers (R * M + R + 1 <= 16 ymm). */
-INLINE void block(const uint16_t *w, ptrdiff_t ldw, const float *x, float *y, ptrdiff_t ldr,
-                  ptrdiff_t K, ptrdiff_t ldy, const int R, const int M) {
+INLINE void block(const void *w, ptrdiff_t ldw, const float *x, float *y, ptrdiff_t ldr,
+                  ptrdiff_t K, ptrdiff_t ldy, const int R, const int M, const int BF) {
     __m256 acc[4][4];
 #pragma GCC unroll 4
     for (int r = 0; r < R; r++)
@@ -50,7 +61,7 @@ INLINE void block(const uint16_t *w, ptrdiff_t ldw, const float *x, float *y, pt
     for (; k + 8 <= K; k += 8) {
         __m256 wv[4];
 #pragma GCC unroll 4
-        for (int r = 0; r < R; r++) wv[r] = load_bf16x8(w + r * ldw + k);
+        for (int r = 0; r < R; r++) wv[r] = load8(w, r * ldw + k, BF);
 #pragma GCC unroll 4
         for (int m = 0; m < M; m++) {
             __m256 xv = _mm256_loadu_ps(x + m * K + k);
@@ -63,7 +74,7 @@ INLINE void block(const uint16_t *w, ptrdiff_t ldw, const float *x, float *y, pt
 #pragma GCC unroll 4
         for (int m = 0; m < M; m++) {
             float s = hsum(acc[r][m]);
-            for (ptrdiff_t t = k; t < K; t++) s += bf16_to_float(w[r * ldw + t]) * x[m * K + t];
+            for (ptrdiff_t t = k; t < K; t++) s += load1(w, r * ldw + t, BF) * x[m * K + t];
             y[m * ldy + r * ldr] = s;
         }
     }
@@ -78,19 +89,20 @@ INLINE void block(const uint16_t *w, ptrdiff_t ldw, const float *x, float *y, pt
     do {                                                                                       \
         ptrdiff_t q = (n1 - n0) / (R_), n = n0;                                                \
         for (ptrdiff_t i = 0; i < q; i++) {                                                    \
-            block(W + (n0 + i) * K, q * K, x, y + n0 + i, q, K, N, (R_), (M_LO));               \
+            const void *wr = ROW(W, n0 + i);                                                   \
+            block(wr, q * K, x, y + n0 + i, q, K, N, (R_), (M_LO), BF);                        \
             if ((M_HI) > 0)                                                                    \
-                block(W + (n0 + i) * K, q * K, x + 4 * K, y + 4 * N + n0 + i, q, K, N, (R_),   \
-                      (M_HI));                                                                 \
+                block(wr, q * K, x + 4 * K, y + 4 * N + n0 + i, q, K, N, (R_), (M_HI), BF);    \
         }                                                                                      \
         for (n = n0 + q * (R_); n < n1; n++) {                                                 \
-            block(W + n * K, 0, x, y + n, 0, K, N, 1, (M_LO));                                 \
-            if ((M_HI) > 0) block(W + n * K, 0, x + 4 * K, y + 4 * N + n, 0, K, N, 1, (M_HI)); \
+            block(ROW(W, n), 0, x, y + n, 0, K, N, 1, (M_LO), BF);                             \
+            if ((M_HI) > 0) block(ROW(W, n), 0, x + 4 * K, y + 4 * N + n, 0, K, N, 1, (M_HI), BF); \
         }                                                                                      \
     } while (0)
+#define ROW(W, n) ((const char *)(W) + (n) * K * (BF ? 2 : 4))
 
-static void slab(const uint16_t *W, const float *x, float *y, ptrdiff_t n0, ptrdiff_t n1,
-                 ptrdiff_t K, ptrdiff_t N, int M) {
+INLINE void slab(const void *W, const float *x, float *y, ptrdiff_t n0, ptrdiff_t n1,
+                 ptrdiff_t K, ptrdiff_t N, int M, const int BF) {
     switch (M) {
     case 1: STRIDED(4, 1, 0); break;
     case 2: STRIDED(4, 2, 0); break;
@@ -110,18 +122,33 @@ static ptrdiff_t chunk_rows(ptrdiff_t K) {
     return rows < 4 ? 4 : rows;
 }
 
-/* x [M, K] float32, W [N, K] bf16 bits, y [M, N] float32 (all row-major, contiguous),
- * 1 <= M <= 8. Returns 0, or -1 for bad arguments (nothing written). */
-int bf16_gemv(const float *x, const uint16_t *W, float *y, int64_t M, int64_t N, int64_t K,
-              int n_threads) {
+static int gemv(const float *x, const void *W, float *y, int64_t M, int64_t N, int64_t K,
+                int n_threads, const int BF) {
     if (M < 1 || M > 8 || N < 0 || K < 0 || n_threads < 1) return -1;
-    ptrdiff_t chunk = chunk_rows(K);
+    /* about 256 KiB of W per work unit, whatever the element size */
+    ptrdiff_t chunk = chunk_rows(BF ? K : 2 * K);
     ptrdiff_t n_chunks = (N + chunk - 1) / chunk;
     if (n_chunks < n_threads) n_threads = (int)(n_chunks > 0 ? n_chunks : 1);
 #pragma omp parallel for schedule(dynamic, 1) num_threads(n_threads)
     for (ptrdiff_t c = 0; c < n_chunks; c++) {
         ptrdiff_t n0 = c * chunk, n1 = n0 + chunk < N ? n0 + chunk : N;
-        slab(W, x, y, n0, n1, K, N, (int)M);
+        if (BF)
+            slab(W, x, y, n0, n1, K, N, (int)M, 1);
+        else
+            slab(W, x, y, n0, n1, K, N, (int)M, 0);
     }
     return 0;
+}
+
+/* x [M, K] float32, W [N, K] bf16 bits, y [M, N] float32 (all row-major, contiguous),
+ * 1 <= M <= 8. Returns 0, or -1 for bad arguments (nothing written). */
+int bf16_gemv(const float *x, const uint16_t *W, float *y, int64_t M, int64_t N, int64_t K,
+              int n_threads) {
+    return gemv(x, W, y, M, N, K, n_threads, 1);
+}
+
+/* The same for float32 W [N, K]. */
+int f32_gemv(const float *x, const float *W, float *y, int64_t M, int64_t N, int64_t K,
+             int n_threads) {
+    return gemv(x, W, y, M, N, K, n_threads, 0);
 }

@@ -1,5 +1,7 @@
 """The bf16 GEMV of decoding (bf16_gemv.c): x [M, K] @ weight [N, K]^T for a bfloat16 CPU
-weight and a few rows of x, at close to memory bandwidth, where torch has no fast path.
+weight and a few rows of x, at close to memory bandwidth, where torch has no fast path. The
+library also has `f32_gemv`, the same loops for float32 weights, which the fused decode step
+(decode_step.py) calls from C.
 
 `gemmakit.model.layers.linear` runs it when `applies(x, weight)`; everything else, and every
 machine where the library cannot be built, stays on F.linear.
@@ -34,18 +36,26 @@ def _self_test(lib: ctypes.CDLL) -> None:
     """Raise unless the kernel matches float32 matmul on shapes with K and N tails."""
     gen = torch.Generator().manual_seed(0)
     w = torch.randn(29, 45, generator=gen).to(torch.bfloat16)
+    w32 = torch.randn(29, 45, generator=gen)
     for m in (1, 3, 6):
         x = torch.randn(m, 45, generator=gen)
         got = _call(lib, x, w, n_threads=2)
         want = x @ w.float().T
         if not torch.allclose(got, want, rtol=1e-5, atol=1e-5):
             raise RuntimeError(f"self-test failed for M={m}: max error {(got - want).abs().max()}")
+        got = torch.empty(m, 29)
+        lib.f32_gemv(x.data_ptr(), w32.data_ptr(), got.data_ptr(), m, 29, 45, 2)
+        if not torch.allclose(got, x @ w32.T, rtol=1e-5, atol=1e-5):
+            raise RuntimeError(f"f32 self-test failed for M={m}")
 
 
 LIBRARY = CLibrary(
     "bf16 GEMV",
     Path(__file__).with_name("bf16_gemv.c"),
-    {"bf16_gemv": [_P, _P, _P, _I64, _I64, _I64, _INT]},
+    {
+        "bf16_gemv": [_P, _P, _P, _I64, _I64, _I64, _INT],
+        "f32_gemv": [_P, _P, _P, _I64, _I64, _I64, _INT],
+    },
     _self_test,
 )
 

@@ -75,3 +75,11 @@ class KVCache:
         self.k = [k.repeat_interleave(n, dim=0) for k in self.k]
         self.v = [v.repeat_interleave(n, dim=0) for v in self.v]
         self.key_valid = self.key_valid.repeat_interleave(n, dim=0)
+
+    def select_rows(self, index: torch.Tensor) -> None:
+        """Keep the batch rows `index` [B'] (int64, on the cache's device), in that order, a
+        row repeated as often as its index is: one prefill of several contexts, each shared
+        by its own number of continuations."""
+        self.k = [k.index_select(0, index) for k in self.k]
+        self.v = [v.index_select(0, index) for v in self.v]
+        self.key_valid = self.key_valid.index_select(0, index)
