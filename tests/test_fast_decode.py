@@ -10,13 +10,12 @@ import torch
 from gemmakit.api import build_model
 from gemmakit.config import get_config
 from gemmakit.generation import Session, generate, left_pad
-from gemmakit.kernels import decode_step
-from gemmakit.model import KVCache
+from gemmakit.model import KVCache, fast_decode
 from gemmakit.model.fast_decode import fast_decoder, unsupported
 from gemmakit.model.transformer import init_weights
 
 pytestmark = pytest.mark.skipif(
-    decode_step.library() is None, reason="the fused decode step kernel is not built here"
+    fast_decode.library() is None, reason="the fused decode step kernel is not built here"
 )
 
 # Logit bounds, fused vs eager, in units of the logits' largest magnitude: float32 differs
@@ -150,9 +149,10 @@ def test_falls_back_where_the_fused_step_does_not_apply(monkeypatch):
         assert len(generate(model, [[2, 5]], 3, stop_tokens=[])[0]) == 3
 
 
-@pytest.mark.parametrize("mode", ["int8", "int4"])
+@pytest.mark.parametrize("mode", ["q8_0", "q4_k"])
 def test_fused_step_runs_quantized_weights(mode):
-    """Weights kept quantized (gemmakit.quant) go through their own GEMV inside the step."""
+    """Weights kept in GGUF blocks (gemmakit.quant) go through their own GEMV inside the step,
+    with float activations, so the fused step matches the eager path to float32's bound."""
     from gemmakit.quant.model import quantize_model
 
     model = quantize_model(model_for("tiny-gemma3", torch.float32), mode)
@@ -163,3 +163,15 @@ def test_fused_step_runs_quantized_weights(mode):
     assert generate(model, PROMPTS, 12, stop_tokens=[]) == generate(
         model, PROMPTS, 12, stop_tokens=[], fast=False
     )
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_int_activation_formats_decode_eagerly(mode):
+    """gemmakit's int8/int4 (int8-rounded activations) are declined by the fused step for now
+    (a disagreement on the first row, see fast_decode.unsupported), and still generate."""
+    from gemmakit.quant.model import quantize_model
+
+    model = quantize_model(model_for("tiny-gemma3", torch.float32), mode)
+    with torch.inference_mode():
+        assert unsupported(model) == "int8/int4 weights decode eagerly"
+    assert len(generate(model, PROMPTS, 4, stop_tokens=[])[0]) == 4

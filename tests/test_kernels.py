@@ -292,10 +292,12 @@ def test_bf16_greedy_decoding_same_with_and_without_kernel(monkeypatch):
     calls = []
     real = gemv.bf16_matmul
     monkeypatch.setattr(gemv, "bf16_matmul", lambda x, w: calls.append(1) or real(x, w))
-    with_kernel = generate(model, prompts, max_new_tokens=16, stop_tokens=[])
+    # fast=False: the eager path, which calls the GEMV per projection (the fused decode step,
+    # tested in test_fast_decode, runs the whole stack in one C call)
+    with_kernel = generate(model, prompts, max_new_tokens=16, stop_tokens=[], fast=False)
     assert len(calls) >= 15 * (7 * 4 + 1)  # all projections and the logits, each decode step
     monkeypatch.setenv("GEMMAKIT_NO_KERNELS", "1")
-    without = generate(model, prompts, max_new_tokens=16, stop_tokens=[])
+    without = generate(model, prompts, max_new_tokens=16, stop_tokens=[], fast=False)
     assert len(set(with_kernel[0])) > 8  # the text is not one token repeated
 
     for prompt, a, b in zip(prompts, with_kernel, without, strict=True):

@@ -8,8 +8,6 @@ from __future__ import annotations
 import ctypes
 from pathlib import Path
 
-from gemmakit.kernels.build import CLibrary
-
 MAX_ROWS = 8  # sequences per step (the GEMV kernels' largest M)
 
 _P, _I64, _INT, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
@@ -78,21 +76,7 @@ def scratch_floats(
     return m * (3 * d_model + 2 * nh + 2 * kh + 2 * ffn_dim + n_heads * max_len)
 
 
-def _self_test(lib: ctypes.CDLL) -> None:
-    """Raise unless one fused step of a small random model equals the eager model's."""
-    from gemmakit.model.fast_decode import self_test  # the model code imports this module
-
-    self_test(lib)
-
-
-LIBRARY = CLibrary(
-    "decode step",
-    Path(__file__).with_name("decode_step.c"),
-    {"decode_step": [_P, _P, _P, _I64, _P, _P, _I64, _I64, _P, _P, _P, _I64, _INT]},
-    _self_test,
-)
-
-
-def library() -> ctypes.CDLL | None:
-    """The loaded library, or None when it is unavailable (the reason warned once)."""
-    return LIBRARY.get()
+SOURCE = Path(__file__).with_name("decode_step.c")
+SIGNATURES = {"decode_step": [_P, _P, _P, _I64, _P, _P, _I64, _I64, _P, _P, _P, _I64, _INT]}
+# The library itself (a CLibrary with its self-test against the eager model) is defined in
+# gemmakit.model.fast_decode: the self-test needs the model, and kernels never import models.

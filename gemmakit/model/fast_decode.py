@@ -16,12 +16,13 @@ import weakref
 
 import torch
 
+from gemmakit.config import GemmaConfig
 from gemmakit.kernels import decode_step as kernel
 from gemmakit.kernels import gemv, quant_gemv
-from gemmakit.kernels.build import enabled
+from gemmakit.kernels.build import CLibrary, enabled
 from gemmakit.model.cache import KVCache
 from gemmakit.model.layers import Linear, RMSNorm, rope_angles
-from gemmakit.model.transformer import Gemma
+from gemmakit.model.transformer import Gemma, init_weights
 from gemmakit.quant.formats import FORMATS
 from gemmakit.quant.weight import QuantWeight
 
@@ -229,6 +230,9 @@ class FastDecoder:
         return logits
 
 
+INT_ACTIVATION = frozenset({"int8", "int4"})
+
+
 def unsupported(model: Gemma, cache: KVCache | None = None) -> str | None:
     """Why the fused step cannot run this model (and cache), or None when it can."""
     if model.device.type != "cpu":
@@ -256,8 +260,13 @@ def unsupported(model: Gemma, cache: KVCache | None = None) -> str | None:
             return "a non-contiguous cache"
     if not enabled():
         return "kernels disabled (GEMMAKIT_NO_KERNELS)"
-    if gemv.library() is None or kernel.library() is None:
+    if gemv.library() is None or library() is None:
         return "kernels not built"
+    if any(isinstance(m, QuantWeight) and m.fmt in INT_ACTIVATION for m in model.modules()):
+        # gemmakit's int8/int4 GEMV rounds activations to int8; inside the fused step its first
+        # row disagrees with the eager path beyond that rounding (a known bug, not yet found),
+        # so these formats decode eagerly through the same kernel until it is.
+        return "int8/int4 weights decode eagerly"
     if any(isinstance(m, QuantWeight) for m in model.modules()) and quant_gemv.library() is None:
         return "the quantized GEMV kernel is not built"
     return None
@@ -279,7 +288,7 @@ def fast_decoder(model: Gemma, cache: KVCache | None = None) -> FastDecoder | No
     if plan is None or plan.fingerprint != _fingerprint(model):
         quant = any(isinstance(m, QuantWeight) for m in model.modules())
         plan = FastDecoder(
-            model, kernel.library(), gemv.library(), quant_gemv.library() if quant else None
+            model, library(), gemv.library(), quant_gemv.library() if quant else None
         )
         _plans[model] = plan
     return plan
@@ -289,7 +298,6 @@ def fast_decoder(model: Gemma, cache: KVCache | None = None) -> FastDecoder | No
 def self_test(lib: ctypes.CDLL) -> None:
     """Raise unless the fused step of `lib` equals the eager model's decode step on a small
     random float32 model (two prompts, one left-padded; a sliding window it overflows)."""
-    from gemmakit.config import GemmaConfig
 
     cfg = GemmaConfig(
         name="self-test",
@@ -307,8 +315,6 @@ def self_test(lib: ctypes.CDLL) -> None:
         global_every=2,
         rope_local_theta=10000.0,
     )
-    from gemmakit.model.transformer import init_weights
-
     model = init_weights(Gemma(cfg), std=0.3, seed=0).eval()
     gemv_lib = gemv.library()
     if gemv_lib is None:
@@ -326,3 +332,11 @@ def self_test(lib: ctypes.CDLL) -> None:
     got = plan.step(nxt, pos, caches[1])
     if not torch.allclose(got, want, rtol=1e-4, atol=1e-4):
         raise RuntimeError(f"self-test failed: max error {(got - want).abs().max()}")
+
+
+LIBRARY = CLibrary("decode step", kernel.SOURCE, kernel.SIGNATURES, self_test)
+
+
+def library() -> ctypes.CDLL | None:
+    """The fused decode-step library, or None when it is unavailable (the reason warned once)."""
+    return LIBRARY.get()
