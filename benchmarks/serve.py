@@ -181,6 +181,9 @@ def main() -> None:
                 str(args.threads),
                 "--n_ctx",
                 "4096",
+                # its default cancels the running answer whenever a new request arrives
+                "--interrupt_requests",
+                "False",
             ],
             f"http://127.0.0.1:{port}",
             str(gguf),
