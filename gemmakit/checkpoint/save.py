@@ -48,11 +48,19 @@ def export_state(model: Gemma, layout: dict[str, Spec]) -> dict[str, torch.Tenso
     return out
 
 
-def prepare_output(path: Path, folder: bool) -> None:
+def prepare_output(path: Path, folder: bool, source: Path | None = None) -> None:
     """Check that `path` can be written as a checkpoint folder (`folder`) or file, and create
     the folders above it. A CheckpointError names the problem: a file where a folder must be (above
     `path`, or at it), a folder where the file must be, a folder holding files that are not a
-    checkpoint's (replacing it would delete them), or a folder that cannot be created."""
+    checkpoint's (replacing it would delete them), the checkpoint being read (`source`: writing
+    would replace what is being converted), or a folder that cannot be created."""
+    if source is not None:
+        src, out = Path(source).resolve(), Path(path).resolve()
+        if src == out or out in src.parents:
+            raise CheckpointError(
+                f"{path}: is where the source {source} is; writing there would replace it: "
+                "choose another output"
+            )
     for above in path.parents:
         if above.exists():
             if not above.is_dir():

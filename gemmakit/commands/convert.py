@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--dtype q8_0 is for GGUF output only")
     if args.max_shard_size is not None and not args.max_shard_size > 0:
         raise UsageError(f"--max-shard-size must be > 0 (GB), got {args.max_shard_size}")
-    prepare_output(dst, folder=fmt == "hf")  # before the (long) load: a bad path fails now
+    prepare_output(dst, folder=fmt == "hf", source=src)  # before the (long) load
     proto = tokenizer_proto(args.tokenizer, src)
     tokenizer = None
     if proto is not None:

@@ -5,6 +5,7 @@ HF folder that `load_model(OUT, quant="keep")` / `--quant keep` runs without deq
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from gemmakit.commands.common import tokenizer_proto
 
@@ -24,11 +25,13 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from gemmakit.api import load_model
+    from gemmakit.checkpoint.save import prepare_output
     from gemmakit.quant.checkpoint import save_quantized
     from gemmakit.quant.model import quant_summary
     from gemmakit.resolve import checkpoint_path
 
     src = checkpoint_path(args.src)
+    prepare_output(Path(args.out), folder=True, source=src)  # before the (long) load
     model = load_model(src, dtype=torch.float32, quant=args.to)
     save_quantized(model, args.out, tokenizer_proto(args.tokenizer, src))
     sizes = ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in quant_summary(model).items())

@@ -56,9 +56,11 @@ def run(args: argparse.Namespace) -> int:
         raise MissingPackageError(
             f"gemmakit serve needs {e.name}: pip install 'gemmakit[serve]'"
         ) from None
-    for name in ("port", "max_batch", "max_queue", "prefill_chunk", "threads"):
+    if not 1 <= args.port <= 65535:
+        raise UsageError(f"--port must be from 1 to 65535, got {args.port}")
+    for name in ("max_batch", "max_queue", "prefill_chunk", "threads"):
         value = getattr(args, name)
-        if value is not None and (value < 1 or (name == "port" and value > 65535)):
+        if value is not None and value < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     if args.prefix_cache < 0:
         raise UsageError(f"--prefix-cache must be >= 0, got {args.prefix_cache}")
