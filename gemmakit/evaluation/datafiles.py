@@ -19,6 +19,7 @@ error about them names.
 from __future__ import annotations
 
 import csv
+import gzip
 import json
 import re
 from collections.abc import Iterable, Sequence
@@ -79,10 +80,14 @@ def read_rows(path: str | Path, csv_fields: Sequence[str] | None = None) -> list
         if suffix == ".csv":
             return _csv_rows(path, csv_fields)
         if suffix in (".jsonl", ".json", ".ndjson"):
-            return _json_rows(path)
+            return _json_rows(path, path.read_text(encoding="utf-8"))
+        if suffix == ".gz" and path.stem.lower().endswith((".jsonl", ".json")):
+            return _json_rows(path, gzip.decompress(path.read_bytes()).decode("utf-8"))
     except UnicodeDecodeError as e:
         raise decode_error(path, e) from None
-    raise DataError(f"{path}: unknown data format (expected .parquet, .jsonl, .json, .arrow, .csv)")
+    raise DataError(
+        f"{path}: unknown data format (expected .parquet, .jsonl, .json, .jsonl.gz, .arrow, .csv)"
+    )
 
 
 def _parquet_rows(path: Path) -> list[Row]:
@@ -112,8 +117,7 @@ def _arrow_rows(path: Path) -> list[Row]:
     return [Row(r, f"{path}: row {i}") for i, r in enumerate(table.to_pylist())]
 
 
-def _json_rows(path: Path) -> list[Row]:
-    text = path.read_text(encoding="utf-8")
+def _json_rows(path: Path, text: str) -> list[Row]:
     if text.lstrip().startswith("["):  # one JSON array of records
         try:
             records = json.loads(text)
