@@ -40,10 +40,20 @@ def answer(model, tok, messages, n):
     return tok.decode(out)
 
 
+class SlowEngine(Engine):
+    """The tiny model decodes a token in about a millisecond, so a long answer could finish
+    (and leave nothing to cancel) before the browser's Stop click reaches the server: each
+    step is slowed to 30 ms, making 450 tokens last about 14 s."""
+
+    def _decode(self) -> None:
+        time.sleep(0.03)
+        super()._decode()
+
+
 def test_chatting_in_the_browser(tmp_path):
     tok = tiny_tokenizer(tmp_path)
     model = tiny_model(tok.vocab_size)
-    live = LiveServer(Engine(model), tok, api_key="k3y")
+    live = LiveServer(SlowEngine(model), tok, api_key="k3y")
     try:
         with playwright.sync_playwright() as p:
             browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
