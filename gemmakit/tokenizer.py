@@ -104,8 +104,11 @@ class Tokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         """The text of `ids`: each special id gives its piece ("<end_of_turn>"), except a
         leading <bos> (the one `encode` puts first), which gives no text; so
-        decode(encode(s)) == s."""
-        ids = [int(i) for i in ids]
+        decode(encode(s)) == s. Ids past the tokenizer's pieces give no text: a model's
+        embedding can have more rows than its tokenizer (Gemma 3's HF config says 262208 for
+        262144 pieces), and sampling may pick one."""
+        size = self.sp.get_piece_size()
+        ids = [i for i in map(int, ids) if 0 <= i < size]
         if ids and ids[0] == self.bos_id:
             ids = ids[1:]
         special = self.special_pieces

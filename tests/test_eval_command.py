@@ -202,3 +202,68 @@ def test_table_puts_tasks_outside_table_6_below_it():
     assert "| BBH |  | not run |  | 35.2 | 55.1 |  | 26.7 | few |" in table
     assert "IFEval" not in table  # card-only rows appear only when run
     assert "chat format" in table
+
+
+def toxicity_classifier(folder):
+    """A tiny BERT text classifier with labels neutral/toxic, saved as a HF folder."""
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizer
+
+    folder.mkdir()
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "cook", "bread", "jar", "so"]
+    (folder / "vocab.txt").write_text("\n".join(words) + "\n")
+    BertTokenizer(str(folder / "vocab.txt")).save_pretrained(folder)
+    config = BertConfig(
+        vocab_size=len(words),
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        id2label={0: "neutral", 1: "toxic"},
+        label2id={"neutral": 0, "toxic": 1},
+    )
+    torch.manual_seed(0)
+    BertForSequenceClassification(config).save_pretrained(folder)
+    return folder
+
+
+def test_toxicity_scorer_flag_scores_with_a_local_classifier(tmp_path, checkpoint, capsys):
+    from gemmakit.evaluation.toxicity import ClassifierToxicity
+
+    folder = toxicity_classifier(tmp_path / "clf")
+    prompts = tmp_path / "rtp.jsonl"
+    rows = [{"prompt": {"text": "the cook"}}, {"prompt": {"text": "so the jar"}}]
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out"
+    spec = f"classifier:{folder}"
+    argv = ["eval", "--checkpoint", str(checkpoint), "--tasks", f"realtoxicity:{prompts}"]
+    assert main([*argv, "--toxicity-scorer", spec, "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["settings"]["toxicity_scorer"] == spec
+    samples = [json.loads(line) for line in (out / "samples_realtoxicity.jsonl").open()]
+    assert len(samples) == 2 and all(len(s["results"][0]) == 25 for s in samples)
+    # the metric is the classifier's: the mean over prompts of its most toxic sample's score
+    scorer = ClassifierToxicity(folder)
+    worst = [max(scorer(s["results"][0])) for s in samples]
+    got = results["tasks"]["realtoxicity"]["metrics"]["expected_max_toxicity"]["value"]
+    assert got == pytest.approx(sum(worst) / 2, abs=1e-6)
+    assert 0 < got < 1  # a probability, not the blocklist's 0 or 1
+    # the scorer's own numbers: softmax of the model's logits at the label named "toxic"
+    batch = scorer.tokenizer(["the cook so"], return_tensors="pt")
+    logits = scorer.model(**batch).logits
+    assert scorer(["the cook so"])[0] == pytest.approx(logits.softmax(-1)[0, 1].item(), abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    "spec,needle",
+    [("nosuch", "want blocklist"), ("classifier:{d}/missing", "no config.json")],
+)
+def test_toxicity_scorer_flag_refuses_what_it_cannot_use(
+    tmp_path, checkpoint, capsys, spec, needle
+):
+    prompts = tmp_path / "rtp.jsonl"
+    prompts.write_text(json.dumps({"prompt": {"text": "the cook"}}) + "\n")
+    argv = ["eval", "--checkpoint", str(checkpoint), "--tasks", f"realtoxicity:{prompts}"]
+    argv += ["--toxicity-scorer", spec.format(d=tmp_path), "--out", str(tmp_path / "out")]
+    assert main(argv) != 0
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err and not (tmp_path / "out").exists()

@@ -94,3 +94,9 @@ def test_quantize_never_writes_over_its_source_or_a_foreign_folder(checkpoint, f
 )
 def test_serve_refuses_out_of_range_settings(extra, needle, capsys):
     one_line_error(capsys, ["serve", "--model", "tiny", *extra], needle)
+
+
+def test_lm_eval_unknown_task_is_one_line(capsys):
+    pytest.importorskip("lm_eval")
+    argv = ["lm-eval", "--model", "gemmakit", "--model_args", "model=tiny", "--tasks", "nosuch"]
+    one_line_error(capsys, argv, "Tasks not found: nosuch", "ls tasks")

@@ -199,6 +199,9 @@ def test_decode_gives_markers_back(tok):
     )
     assert tok.decode([5, 3, 0]) == "<unused0><unk><pad>"
     assert tok.decode([2, 2]) == "<bos>"  # only the leading <bos> (encode's) gives no text
+    # an embedding row past the tokenizer's pieces (a padded vocabulary) gives no text
+    hi = tok.encode("hi", bos=False)
+    assert tok.decode([*hi, tok.sp.get_piece_size(), *hi]) == "hihi"
 
 
 MARKERS = [

@@ -33,6 +33,13 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=1234, help="few-shot draws and sampling")
     p.add_argument("--batch-size", type=int, default=16, help="rows per forward pass")
     p.add_argument(
+        "--toxicity-scorer",
+        default="blocklist",
+        help="for realtoxicity and bold: blocklist (default: the data pipeline's list), "
+        "blocklist:FILE (one term a line) or classifier:FOLDER (a local HF toxicity classifier, "
+        "e.g. a copy of unitary/toxic-bert)",
+    )
+    p.add_argument(
         "--chat", action="store_true", help="wrap prompts in the chat format (instruction-tuned)"
     )
     p.set_defaults(func=run)
@@ -123,12 +130,18 @@ def run(args: argparse.Namespace) -> int:
     from gemmakit.evaluation.report import sample_rows, table_markdown, versions, write_outputs
     from gemmakit.evaluation.runner import ModelRunner
     from gemmakit.evaluation.task import evaluate
+    from gemmakit.evaluation.toxicity import TOXICITY_TASKS, scorer_from_spec
 
     _check(args)
     started = datetime.now(UTC)
     t0 = time.perf_counter()
     specs = parse_tasks(args.tasks)
     tasks = [(spec, load_task(spec)) for spec in specs]  # data errors before the model loads
+    scored = [task for _, task in tasks if isinstance(task, TOXICITY_TASKS)]
+    if scored:
+        scorer = scorer_from_spec(args.toxicity_scorer)
+        for task in scored:
+            task.scorer = scorer
     if args.num_fewshot is not None:
         for _, task in tasks:
             task.num_fewshot = args.num_fewshot
@@ -149,6 +162,7 @@ def run(args: argparse.Namespace) -> int:
             "seed": args.seed,
             "batch_size": args.batch_size,
             "chat": args.chat,
+            "toxicity_scorer": args.toxicity_scorer,
         },
         "versions": versions(),
         "started": started.isoformat(timespec="seconds"),

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+import traceback
+from pathlib import Path
 
-from gemmakit.errors import MissingPackageError
+from gemmakit.errors import MissingPackageError, UsageError
 
 NAME = "lm-eval"
 
@@ -43,6 +45,22 @@ def run(args: argparse.Namespace) -> int:
     sys.argv = ["lm-eval", *args.lm_eval_args]  # lm-eval's parser reads sys.argv
     try:
         cli_evaluate()
+    except ValueError as e:
+        # lm-eval reports a bad --tasks, --limit or config file as a ValueError raised in its
+        # config module: that is the user's input, so one line; any other ValueError is a bug
+        if not _raised_in_config(e):
+            raise
+        hint = " (`gemmakit lm-eval ls tasks` lists them)" if "Tasks not found" in str(e) else ""
+        raise UsageError(f"lm-eval: {e}{hint}") from None
     finally:
         sys.argv = saved
     return 0
+
+
+def _raised_in_config(e: BaseException) -> bool:
+    frames = traceback.extract_tb(e.__traceback__)
+    return (
+        bool(frames)
+        and Path(frames[-1].filename).parent.name == "config"
+        and (Path(frames[-1].filename).parent.parent.name == "lm_eval")
+    )
