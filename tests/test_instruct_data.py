@@ -206,7 +206,7 @@ def test_cli_score(tmp_path, capsys, shipped):
         )
         == 2
     )
-    assert "bad.jsonl:1: not JSON" in capsys.readouterr().err
+    assert "bad.jsonl:1: not valid JSON" in capsys.readouterr().err
 
 
 class CharTokenizer:

@@ -1,1 +1,2 @@
-"""Evaluation: tasks over a model (memorization for now)."""
+"""Evaluation: tasks, the model runner, the report's benchmarks, safety, memorization and
+the lm-evaluation-harness adapter."""

@@ -7,13 +7,13 @@ responses are `{"key"|"prompt", "response"}` rows, as IFEval's response files.
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from gemmakit.errors import DataError, MissingFileError
+from gemmakit.errors import DataError
+from gemmakit.evaluation.datafiles import read_rows
 from gemmakit.instruct.instructions import Instruction, build_instruction
 
 
@@ -104,37 +104,23 @@ def score(rows: Sequence[Mapping[str, Any]], responses: Sequence[str]) -> dict[s
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    """The rows of a JSONL file; a bad line raises DataError naming file and line."""
-    path = Path(path)
-    if not path.exists():
-        raise MissingFileError(f"{path}: no such file")
-    rows = []
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{n}: not JSON ({e.msg})") from e
-            if not isinstance(row, dict):
-                raise DataError(f"{path}:{n}: expected a JSON object")
-            rows.append(row)
-    return rows
+    """The rows of a JSONL (or JSON array, Parquet, ...) file, read by the one benchmark-file
+    reader; a bad line raises DataError naming file and line."""
+    return [row.data for row in read_rows(path)]
 
 
 def read_eval(path: str | Path) -> list[dict[str, Any]]:
     """IFEval-format eval rows; each must have "prompt" and "instruction_id_list" and build."""
-    rows = read_jsonl(path)
-    for n, row in enumerate(rows, 1):
+    rows = read_rows(path)
+    for row in rows:
         for field in ("prompt", "instruction_id_list"):
-            if field not in row:
-                raise DataError(f"{path}: row {n}: missing field {field!r}")
+            if field not in row.data:
+                raise row.error(f"missing field {field!r}")
         try:
-            row_instructions(row)
+            row_instructions(row.data)
         except DataError as e:
-            raise DataError(f"{path}: row {n}: {e}") from e
-    return rows
+            raise row.error(str(e)) from e
+    return [row.data for row in rows]
 
 
 def match_responses(

@@ -12,7 +12,6 @@ seed and the epoch alone, so a resumed run reads exactly the rows the uninterrup
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ import torch
 from gemmakit.chat import encode_chat
 from gemmakit.config import TokenIds
 from gemmakit.errors import DataError, MissingFileError
+from gemmakit.evaluation.datafiles import read_rows
 from gemmakit.training.losses import IGNORE
 
 OPEN_ROWS = 16  # rows a packer keeps open for a conversation to fit into (first fit)
@@ -70,21 +70,13 @@ def row_messages(row: object, where: str) -> list[dict]:
 
 
 def jsonl_rows(path: str | Path, what: str) -> list[tuple[object, str]]:
-    """(row, "file:line") for each non-blank line of a JSONL file of `what` (conversations,
-    prompts, preference pairs); a missing file, bad JSON or no rows is an error naming it."""
+    """(row, "file:line") for each record of a JSONL file of `what` (conversations, prompts,
+    preference pairs; also a JSON array or Parquet, as `datafiles.read_rows` reads them); a
+    missing file, bad JSON or no rows is an error naming it."""
     path = Path(path)
     if not path.is_file():
         raise MissingFileError(f"{path}: no such {what} file")
-    out = []
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{n}"
-            try:
-                out.append((json.loads(line), where))
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: not valid JSON ({e.msg})") from None
+    out = [(row.data, row.where) for row in read_rows(path)]
     if not out:
         raise DataError(f"{path}: no {what}")
     return out
