@@ -267,3 +267,21 @@ def test_toxicity_scorer_flag_refuses_what_it_cannot_use(
     assert main(argv) != 0
     err = capsys.readouterr().err
     assert needle in err and "Traceback" not in err and not (tmp_path / "out").exists()
+
+
+def test_progress_without_a_terminal_is_a_few_plain_lines_with_an_eta(monkeypatch, capsys):
+    from gemmakit.commands import eval as eval_command
+
+    clock = iter([0.0, 10.0, 70.0, 80.0, 100.0])
+    monkeypatch.setattr(eval_command.time, "monotonic", lambda: next(clock))
+    bars = eval_command.Bars()
+    assert not bars.tty  # pytest captures stderr
+    bars.task = "humaneval"
+    for done in (0, 1, 2, 3, 4):  # at 0, 10, 70, 80 and 100 s
+        bars("generate", done, 4)
+    lines = capsys.readouterr().err.splitlines()
+    # nothing before a minute has passed, then one line with the time left, and the end
+    assert lines == [
+        "humaneval generate: 2/4 requests, 70 s, about 70 s left",
+        "humaneval generate: 4/4 requests, 100 s",
+    ]

@@ -151,7 +151,8 @@ def test_generate_batched_greedy_equals_one_by_one_and_cuts_stops(tok):
     prompts = [CONTEXTS[0], "the", CONTEXTS[2], "data", "fox jumps"]
     reqs = [Generate(p, max_new_tokens=6 + i) for i, p in enumerate(prompts)]
     got = runner.generate(reqs)
-    assert calls == [("generate", 4, 5), ("generate", 5, 5)]  # after each batch of 4
+    # at the start, then after each batch of 4
+    assert calls == [("generate", 0, 5), ("generate", 4, 5), ("generate", 5, 5)]
     for r, out in zip(reqs, got):
         ids = [runner.tokens.bos, *tok.encode(r.prompt, bos=False)]
         [alone] = generate(model, [ids], r.max_new_tokens)

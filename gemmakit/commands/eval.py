@@ -60,17 +60,22 @@ def parse_tasks(spec: str) -> list[str]:
 
 
 class Bars:
-    """A tqdm bar (with its ETA) per task and request kind, fed by the runner's progress
-    callback; silent when stderr is not a terminal, where each redraw would be a line."""
+    """Progress with an ETA per task and request kind, fed by the runner's progress callback:
+    a tqdm bar on a terminal; elsewhere (a log file, CI) a plain line at most once a minute
+    and at the end, since every redraw of a bar would be a line there."""
+
+    EVERY = 60.0  # seconds between plain lines
 
     def __init__(self) -> None:
         self.task = ""
         self.bar = None
         self.kind = ""
-        self.enabled = sys.stderr.isatty()
+        self.tty = sys.stderr.isatty()
+        self.start = self.said = 0.0
 
     def __call__(self, kind: str, done: int, total: int) -> None:
-        if not self.enabled:
+        if not self.tty:
+            self._line(kind, done, total)
             return
         from tqdm import tqdm
 
@@ -82,10 +87,26 @@ class Bars:
         if done >= total:
             self.close()
 
+    def _line(self, kind: str, done: int, total: int) -> None:
+        now = time.monotonic()
+        if self.kind != kind or done == 0:
+            self.kind, self.start, self.said = kind, now, now
+        if done < total and now - self.said < self.EVERY:
+            return
+        self.said = now
+        spent = now - self.start
+        eta = f", about {spent / done * (total - done):.0f} s left" if 0 < done < total else ""
+        print(
+            f"{self.task} {kind}: {done}/{total} requests, {spent:.0f} s{eta}",
+            file=sys.stderr,
+            flush=True,
+        )
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+        self.kind = ""
 
 
 def _check(args: argparse.Namespace) -> None:

@@ -191,6 +191,7 @@ class ModelRunner:
         results: list[LoglikelihoodResult | None] = [None] * len(requests)
         batch: list[tuple[tuple[int, ...], list[int]]] = []
         rows = done = 0
+        self._report(kind, 0, len(requests))
         for context, members in order:
             for start in range(0, len(members), self.batch_size):
                 chunk = members[start : start + self.batch_size]
@@ -288,6 +289,7 @@ class ModelRunner:
         greedy = [i for i, r in enumerate(requests) if not r.temperature]
         greedy.sort(key=lambda i: -len(prompts[i]))
         done = 0
+        self._report("generate", 0, len(requests))
         for s in range(0, len(greedy), self.batch_size):
             idx = greedy[s : s + self.batch_size]
             texts = self._decode_batch(
