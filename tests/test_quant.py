@@ -157,10 +157,10 @@ def test_quantized_model_matches_its_dequantized_reference(mode):
     tokens = torch.tensor(PROMPTS[1])[None]
     with torch.no_grad():
         a, b = model(tokens), ref(tokens)
-    # same weights, float32 sums in another order: 1e-4 of the logits' scale; int8/int4
-    # also round x to int8 per 32 in the kernel (prompts of <= 8 tokens run it): 2e-2
-    tol = 2e-2 if mode in ("int8", "int4", "int4-g128") else 1e-4
-    assert (a - b).abs().max() <= tol * b.abs().max()
+    # same weights; the kernel (prompts of <= 8 tokens run it) rounds each layer's input to
+    # int8 per block of 32, a relative error of at most 1/254 per element (about 1/440 rms),
+    # through 2 layers and the head: measured ~5e-3 of the logits' scale, bound 2e-2
+    assert (a - b).abs().max() <= 2e-2 * b.abs().max()
     got = generate(model, PROMPTS, 16, stop_tokens=[])
     want = generate(ref, PROMPTS, 16, stop_tokens=[])
     assert got == want and all(len(g) == 16 for g in got)
@@ -183,7 +183,7 @@ def test_quantized_checkpoint_saves_and_loads_back(tmp_path):
     assert (a - b).abs().max() <= 2e-2 * b.abs().max()  # int4's kernel rounds x to int8
 
 
-def test_keep_on_a_q8_0_gguf_equals_its_float32_dequantization(tmp_path):
+def test_keep_on_a_q8_0_gguf_matches_its_float32_dequantization(tmp_path):
     from gemmakit.checkpoint.gguf_write import save_gguf
 
     path = tmp_path / "m.gguf"
@@ -193,7 +193,8 @@ def test_keep_on_a_q8_0_gguf_equals_its_float32_dequantization(tmp_path):
     exact = load_model(path)
     with torch.no_grad():
         a, b = kept(torch.tensor(PROMPTS[:1])), exact(torch.tensor(PROMPTS[:1]))
-    assert (a - b).abs().max() <= 1e-4 * b.abs().max()
+    # the kernel rounds activations to int8 per 32 (see the test above): 2e-2 of the scale
+    assert (a - b).abs().max() <= 2e-2 * b.abs().max()
     assert generate(kept, PROMPTS, 16, stop_tokens=[]) == generate(
         exact, PROMPTS, 16, stop_tokens=[]
     )

@@ -230,9 +230,6 @@ class FastDecoder:
         return logits
 
 
-INT_ACTIVATION = frozenset({"int8", "int4"})
-
-
 def unsupported(model: Gemma, cache: KVCache | None = None) -> str | None:
     """Why the fused step cannot run this model (and cache), or None when it can."""
     if model.device.type != "cpu":
@@ -262,11 +259,6 @@ def unsupported(model: Gemma, cache: KVCache | None = None) -> str | None:
         return "kernels disabled (GEMMAKIT_NO_KERNELS)"
     if gemv.library() is None or library() is None:
         return "kernels not built"
-    if any(isinstance(m, QuantWeight) and m.fmt in INT_ACTIVATION for m in model.modules()):
-        # gemmakit's int8/int4 GEMV rounds activations to int8; inside the fused step its first
-        # row disagrees with the eager path beyond that rounding (a known bug, not yet found),
-        # so these formats decode eagerly through the same kernel until it is.
-        return "int8/int4 weights decode eagerly"
     if any(isinstance(m, QuantWeight) for m in model.modules()) and quant_gemv.library() is None:
         return "the quantized GEMV kernel is not built"
     return None
