@@ -226,3 +226,41 @@ def test_unknown_quant_mode_is_a_usage_error():
 
     with pytest.raises(UsageError, match="unknown quantization"):
         load_model("tiny", quant="int3")
+
+
+@needs_kernel
+def test_multi_gemv_equals_one_call_per_weight():
+    """quant_gemv_multi (one rounding of x, one parallel region for several weights, as the
+    fused decode step's q/k/v) gives each weight's quant_gemv result, mixed formats too."""
+    import ctypes
+
+    lib = quant_gemv.library()
+    gen = torch.Generator().manual_seed(5)
+    k = 512
+    fmts = ["q5_0", "q8_0", "q4_k", "int4"]
+    ns = [37, 8, 300, 21]
+    parts = [random_weight(f, n, k, gen) for f, n in zip(fmts, ns)]
+    x = torch.randn(3, k, generator=gen)
+    ys = [torch.full((3, n), float("nan")) for n in ns]
+
+    def arr(ctype, values):
+        return (ctype * len(values))(*values)
+
+    rc = lib.quant_gemv_multi(
+        len(fmts),
+        arr(ctypes.c_int, [FORMATS[f].code for f in fmts]),
+        x.data_ptr(),
+        arr(ctypes.c_void_p, [p[0].data_ptr() for p in parts]),
+        arr(ctypes.c_void_p, [None if p[1] is None else p[1].data_ptr() for p in parts]),
+        arr(ctypes.c_void_p, [None if p[2] is None else p[2].data_ptr() for p in parts]),
+        arr(ctypes.c_void_p, [y.data_ptr() for y in ys]),
+        arr(ctypes.c_int64, ns),
+        3,
+        k,
+        arr(ctypes.c_int64, [32] * len(fmts)),
+        2,
+    )
+    assert rc == 0
+    for f, n, p, y in zip(fmts, ns, parts, ys):
+        one = quant_gemv.call(lib, FORMATS[f].code, x, *p, n, 32, 2)
+        assert torch.allclose(y, one, rtol=1e-6, atol=1e-6)

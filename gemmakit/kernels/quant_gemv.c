@@ -13,7 +13,8 @@
  * (gemmakit/quant/selftest.py's round_activations and error_bound).
  * The weights are read once per call whatever M is; x stays in L1.
  *
- * Threads take slabs of ~256 KiB of W in turn (OpenMP, dynamic schedule).
+ * Threads take slabs of at most 256 KiB of W in turn (OpenMP, dynamic schedule);
+ * quant_gemv_multi does several weights sharing x in one parallel region.
  * Build: cc -O3 -mavx2 -mfma -mf16c -fopenmp -shared -fPIC quant_gemv.c
  */
 #include <immintrin.h>
@@ -288,24 +289,42 @@ static void slab(int fmt, const float *x, const int8_t *xq, const float *xd, con
     }
 }
 
-/* fmt: the format number; x [M, K] float32; W [N, row bytes] blocks; scale: int8's float32
- * [N] or int4's float16 [N, K / group]; minimum: int4's float16 [N, K / group]; y [M, N].
- * Returns 0, or -1 for bad arguments (nothing written). */
-int quant_gemv(int fmt, const float *x, const uint8_t *W, const void *scale, const void *minimum,
-               float *y, int64_t M, int64_t N, int64_t K, int64_t group, int n_threads) {
-    if (fmt < 0 || fmt > 6 || M < 1 || M > 8 || N < 0 || K < 0 || n_threads < 1) return -1;
-    if (fmt != INT8 && K % BLOCK_WEIGHTS[fmt]) return -1;
-    if (fmt == INT4 && (group < 32 || group % 32 || K % group || !scale || !minimum)) return -1;
-    if (fmt == INT8 && !scale) return -1;
-    ptrdiff_t rb = K / BLOCK_WEIGHTS[fmt] * BLOCK_BYTES[fmt];
-    /* ~256 KiB slabs, their count a multiple of the threads' so none idles on a last odd
-     * slab (a 640-row weight is 2-3 slabs: 3 would leave a thread a third of the time idle) */
-    ptrdiff_t n_chunks = (N * rb + 262143) / 262144;
-    n_chunks = (n_chunks + n_threads - 1) / n_threads * n_threads;
-    ptrdiff_t chunk = (N + n_chunks - 1) / (n_chunks > 0 ? n_chunks : 1);
-    if (chunk < 4) chunk = 4;
-    n_chunks = (N + chunk - 1) / chunk;
-    if (n_chunks < n_threads) n_threads = (int)(n_chunks > 0 ? n_chunks : 1);
+/* Rows per slab of a weight of N rows of rb bytes: ~256 KiB of W, and at least 8 slabs per
+ * thread where the weight has the rows (a 640-row weight is 2-3 slabs of 256 KiB: with one
+ * thread descheduled by other work on the machine, or a last odd slab, the other would wait
+ * for it; small slabs taken in turn let the running thread do the rest). */
+static ptrdiff_t slab_rows(ptrdiff_t N, ptrdiff_t rb, int n_threads) {
+    ptrdiff_t rows = 262144 / (rb > 0 ? rb : 1), balanced = (N + 8 * n_threads - 1) / (8 * n_threads);
+    if (rows > balanced) rows = balanced;
+    return rows < 8 ? 8 : rows;
+}
+
+/* quant_gemv for `count` (<= 8) weights that share x [M, K]: y_i = x @ W_i^T. x is rounded
+ * once and every weight's slabs go to the threads in one parallel region (q/k/v, gate/up of a
+ * decode step: one wake-up of the threads instead of three). fmts, Ws, scales, minimums, ys,
+ * Ns, groups: one entry per weight, as quant_gemv's arguments. Returns 0, -1 for bad
+ * arguments (nothing written), -2 out of memory. */
+int quant_gemv_multi(int count, const int *fmts, const float *x, const uint8_t *const *Ws,
+                     const void *const *scales, const void *const *minimums, float *const *ys,
+                     const int64_t *Ns, int64_t M, int64_t K, const int64_t *groups,
+                     int n_threads) {
+    if (count < 1 || count > 8 || M < 1 || M > 8 || K < 0 || n_threads < 1) return -1;
+    ptrdiff_t rb[8], rows[8], first[9];
+    first[0] = 0;
+    for (int i = 0; i < count; i++) {
+        const int fmt = fmts[i];
+        if (fmt < 0 || fmt > 6 || Ns[i] < 0) return -1;
+        if (fmt != INT8 && K % BLOCK_WEIGHTS[fmt]) return -1;
+        if (fmt == INT4 && (groups[i] < 32 || groups[i] % 32 || K % groups[i] || !scales[i] ||
+                            !minimums[i]))
+            return -1;
+        if (fmt == INT8 && !scales[i]) return -1;
+        rb[i] = K / BLOCK_WEIGHTS[fmt] * BLOCK_BYTES[fmt];
+        rows[i] = slab_rows(Ns[i], rb[i], n_threads);
+        first[i + 1] = first[i] + (Ns[i] + rows[i] - 1) / rows[i]; /* slabs before weight i+1 */
+    }
+    const ptrdiff_t n_slabs = first[count];
+    if (n_slabs < n_threads) n_threads = (int)(n_slabs > 0 ? n_slabs : 1);
     int8_t *xq = malloc((size_t)(M * K) + 32);
     float *xd = malloc(sizeof(float) * (size_t)(M * (K / 32) + 1));
     float *xs = malloc(sizeof(float) * (size_t)(M * (K / 32) + 1));
@@ -315,10 +334,25 @@ int quant_gemv(int fmt, const float *x, const uint8_t *W, const void *scale, con
     }
     quantize_x(x, (int)M, K, xq, xd, xs);
 #pragma omp parallel for schedule(dynamic, 1) num_threads(n_threads)
-    for (ptrdiff_t c = 0; c < n_chunks; c++) {
-        ptrdiff_t n0 = c * chunk, n1 = n0 + chunk < N ? n0 + chunk : N;
-        slab(fmt, x, xq, xd, xs, W, scale, minimum, y, n0, n1, (int)M, N, K, rb, group);
+    for (ptrdiff_t c = 0; c < n_slabs; c++) {
+        int i = 0;
+        while (c >= first[i + 1]) i++;
+        const ptrdiff_t n0 = (c - first[i]) * rows[i];
+        const ptrdiff_t n1 = n0 + rows[i] < Ns[i] ? n0 + rows[i] : Ns[i];
+        slab(fmts[i], x, xq, xd, xs, Ws[i], scales[i], minimums[i], ys[i], n0, n1, (int)M,
+             Ns[i], K, rb[i], groups[i]);
     }
     free(xq), free(xd), free(xs);
     return 0;
+}
+
+/* fmt: the format number; x [M, K] float32; W [N, row bytes] blocks; scale: int8's float32
+ * [N] or int4's float16 [N, K / group]; minimum: int4's float16 [N, K / group]; y [M, N].
+ * Returns 0, or -1 for bad arguments (nothing written). */
+int quant_gemv(int fmt, const float *x, const uint8_t *W, const void *scale, const void *minimum,
+               float *y, int64_t M, int64_t N, int64_t K, int64_t group, int n_threads) {
+    const uint8_t *Ws[1] = {W};
+    const void *scales[1] = {scale}, *minimums[1] = {minimum};
+    float *ys[1] = {y};
+    return quant_gemv_multi(1, &fmt, x, Ws, scales, minimums, ys, &N, M, K, &group, n_threads);
 }

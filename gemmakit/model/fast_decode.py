@@ -62,6 +62,9 @@ class FastDecoder:
         fn = gemv_lib.bf16_gemv if bf16 else gemv_lib.f32_gemv
         gemv_ptr = ctypes.cast(fn, ctypes.c_void_p).value
         quant_ptr = ctypes.cast(quant_lib.quant_gemv, ctypes.c_void_p).value if quant_lib else None
+        multi_ptr = (
+            ctypes.cast(quant_lib.quant_gemv_multi, ctypes.c_void_p).value if quant_lib else None
+        )
         self._keep: list = []  # every tensor whose address the C record holds
 
         def ptr(t: torch.Tensor | None) -> int | None:
@@ -137,6 +140,7 @@ class FastDecoder:
             norms=ctypes.addressof(self._arrays[2]),
             final_norm=scale(model.final_norm),
             embed=ctypes.addressof(self._arrays[3]),
+            quant_multi=multi_ptr,
         )
         self.vocab = self.record.vocab
         self._tables: list[torch.Tensor] = []
