@@ -82,20 +82,27 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--skip-llama", action="store_true")
+    ap.add_argument(
+        "--kept-only",
+        action="store_true",
+        help="only gemmakit kept Q4_K_M (fused) against llama.cpp: no float32/bf16/eager/HF rows",
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     n = args.new_tokens
 
     path = checkpoint_path("gemma3-270m")
     prompt = gemmakit.load_tokenizer("gemma3-270m").encode(PROMPT)
-    ours = {"float32": gemmakit.load_model(path)}
-    ours["bfloat16"] = gemmakit.load_model(path).to(torch.bfloat16)
+    ours = {}
+    if not args.kept_only:
+        ours["float32"] = gemmakit.load_model(path)
+        ours["bfloat16"] = gemmakit.load_model(path).to(torch.bfloat16)
     try:
         ours["kept Q4_K_M"] = gemmakit.load_model(path, quant="keep")
     except TypeError:
         print("load_model has no quant= (gemmakit.quant not merged): no kept-quantization row")
     hf = {}
-    if not args.skip_hf:
+    if not (args.skip_hf or args.kept_only):
         from transformers import AutoModelForCausalLM
 
         for name in ("float32", "bfloat16"):
@@ -115,6 +122,8 @@ def main() -> None:
     same = {}
     for name, model in ours.items():
         fused = generate(model, [prompt], n, stop_tokens=[])[0]
+        if args.kept_only:
+            continue
         same[name, "eager"] = fused == generate(model, [prompt], n, stop_tokens=[], fast=False)[0]
         if name in hf:
             theirs = (
@@ -133,7 +142,10 @@ def main() -> None:
     systems = {}
     for name, model in ours.items():
         systems[f"gemmakit {name}"] = lambda m=model: ours_decode(m, prompt, n)
-        systems[f"gemmakit {name} eager"] = lambda m=model: ours_decode(m, prompt, n, fast=False)
+        if not args.kept_only:
+            systems[f"gemmakit {name} eager"] = lambda m=model: ours_decode(
+                m, prompt, n, fast=False
+            )
     for name, model in hf.items():
         systems[f"HF {name}"] = lambda m=model: hf_decode(m, prompt, n)
     if llm is not None:
@@ -154,7 +166,9 @@ def main() -> None:
     print("\nratios (medians):")
     for name in ours:
         fused = med[f"gemmakit {name}"]
-        print(f"  gemmakit {name}: fused / eager {fused / med[f'gemmakit {name} eager']:.2f}x")
+        if f"gemmakit {name} eager" in med:
+            eager = med[f"gemmakit {name} eager"]
+            print(f"  gemmakit {name}: fused / eager {fused / eager:.2f}x")
         if f"HF {name}" in med:
             print(f"  gemmakit {name} / HF {name}: {fused / med[f'HF {name}']:.2f}x")
     if "llama.cpp Q4_K_M" in med and "gemmakit kept Q4_K_M" in med:
@@ -165,6 +179,8 @@ def main() -> None:
         print(f"  gemmakit {name} fused vs {other}: {ok}")
     print("\nPython function calls per decode step (sys.setprofile):")
     for name, model in ours.items():
+        if args.kept_only:
+            break
         eager = python_calls_per_step(model, prompt, fast=False)
         fused = python_calls_per_step(model, prompt, fast=True)
         print(f"  {name}: eager {eager:.0f}, fused {fused:.0f}")

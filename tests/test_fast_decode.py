@@ -149,29 +149,28 @@ def test_falls_back_where_the_fused_step_does_not_apply(monkeypatch):
         assert len(generate(model, [[2, 5]], 3, stop_tokens=[])[0]) == 3
 
 
-@pytest.mark.parametrize("mode", ["q8_0", "q4_k"])
+# Fused vs eager with quantized weights: both run the same GEMV kernel, which rounds each
+# layer's input to int8 per block of 32; the two paths' inputs differ in float32's last bits
+# (RMSNorm in C vs torch), enough to round an element lying on a half-step the other way. That
+# happens often with int8 embeddings (a row's values are small integers times one scale, so
+# x / step is often exactly k + 0.5) and moves a product by one step. Each path is within 2e-2
+# of the dequantized model's logits (tests/test_quant.py), hence within 4e-2 of each other.
+QUANT_BOUND = 4e-2
+
+
+@pytest.mark.parametrize("mode", ["q8_0", "q4_k", "int8", "int4"])
 def test_fused_step_runs_quantized_weights(mode):
-    """Weights kept in GGUF blocks (gemmakit.quant) go through their own GEMV inside the step,
-    with float activations, so the fused step matches the eager path to float32's bound."""
-    from gemmakit.quant.model import quantize_model
-
-    model = quantize_model(model_for("tiny-gemma3", torch.float32), mode)
-    eager = step_logits(model, PROMPTS, 12, fast=False)
-    fused = step_logits(model, PROMPTS, 12, fast=True)
-    for e, f in zip(eager, fused):
-        assert (f - e).abs().max() / e.abs().max() < BOUND[torch.float32]
-    assert generate(model, PROMPTS, 12, stop_tokens=[]) == generate(
-        model, PROMPTS, 12, stop_tokens=[], fast=False
-    )
-
-
-@pytest.mark.parametrize("mode", ["int8", "int4"])
-def test_int_activation_formats_decode_eagerly(mode):
-    """gemmakit's int8/int4 (int8-rounded activations) are declined by the fused step for now
-    (a disagreement on the first row, see fast_decode.unsupported), and still generate."""
+    """Weights kept quantized (gemmakit.quant) go through their own GEMV inside the step: the
+    fused step matches the eager path within QUANT_BOUND and gives the same greedy ids."""
     from gemmakit.quant.model import quantize_model
 
     model = quantize_model(model_for("tiny-gemma3", torch.float32), mode)
     with torch.inference_mode():
-        assert unsupported(model) == "int8/int4 weights decode eagerly"
-    assert len(generate(model, PROMPTS, 4, stop_tokens=[])[0]) == 4
+        assert unsupported(model) is None
+    eager = step_logits(model, PROMPTS, 12, fast=False)
+    fused = step_logits(model, PROMPTS, 12, fast=True)
+    for e, f in zip(eager, fused):
+        assert (f - e).abs().max() / e.abs().max() < QUANT_BOUND
+    assert generate(model, PROMPTS, 12, stop_tokens=[]) == generate(
+        model, PROMPTS, 12, stop_tokens=[], fast=False
+    )

@@ -157,10 +157,10 @@ def test_quantized_model_matches_its_dequantized_reference(mode):
     tokens = torch.tensor(PROMPTS[1])[None]
     with torch.no_grad():
         a, b = model(tokens), ref(tokens)
-    # same weights, float32 sums in another order: 1e-4 of the logits' scale; int8/int4
-    # also round x to int8 per 32 in the kernel (prompts of <= 8 tokens run it): 2e-2
-    tol = 2e-2 if mode in ("int8", "int4", "int4-g128") else 1e-4
-    assert (a - b).abs().max() <= tol * b.abs().max()
+    # same weights; the kernel (prompts of <= 8 tokens run it) rounds each layer's input to
+    # int8 per block of 32, a relative error of at most 1/254 per element (about 1/440 rms),
+    # through 2 layers and the head: measured ~5e-3 of the logits' scale, bound 2e-2
+    assert (a - b).abs().max() <= 2e-2 * b.abs().max()
     got = generate(model, PROMPTS, 16, stop_tokens=[])
     want = generate(ref, PROMPTS, 16, stop_tokens=[])
     assert got == want and all(len(g) == 16 for g in got)
@@ -183,7 +183,7 @@ def test_quantized_checkpoint_saves_and_loads_back(tmp_path):
     assert (a - b).abs().max() <= 2e-2 * b.abs().max()  # int4's kernel rounds x to int8
 
 
-def test_keep_on_a_q8_0_gguf_equals_its_float32_dequantization(tmp_path):
+def test_keep_on_a_q8_0_gguf_matches_its_float32_dequantization(tmp_path):
     from gemmakit.checkpoint.gguf_write import save_gguf
 
     path = tmp_path / "m.gguf"
@@ -193,7 +193,8 @@ def test_keep_on_a_q8_0_gguf_equals_its_float32_dequantization(tmp_path):
     exact = load_model(path)
     with torch.no_grad():
         a, b = kept(torch.tensor(PROMPTS[:1])), exact(torch.tensor(PROMPTS[:1]))
-    assert (a - b).abs().max() <= 1e-4 * b.abs().max()
+    # the kernel rounds activations to int8 per 32 (see the test above): 2e-2 of the scale
+    assert (a - b).abs().max() <= 2e-2 * b.abs().max()
     assert generate(kept, PROMPTS, 16, stop_tokens=[]) == generate(
         exact, PROMPTS, 16, stop_tokens=[]
     )
@@ -225,3 +226,41 @@ def test_unknown_quant_mode_is_a_usage_error():
 
     with pytest.raises(UsageError, match="unknown quantization"):
         load_model("tiny", quant="int3")
+
+
+@needs_kernel
+def test_multi_gemv_equals_one_call_per_weight():
+    """quant_gemv_multi (one rounding of x, one parallel region for several weights, as the
+    fused decode step's q/k/v) gives each weight's quant_gemv result, mixed formats too."""
+    import ctypes
+
+    lib = quant_gemv.library()
+    gen = torch.Generator().manual_seed(5)
+    k = 512
+    fmts = ["q5_0", "q8_0", "q4_k", "int4"]
+    ns = [37, 8, 300, 21]
+    parts = [random_weight(f, n, k, gen) for f, n in zip(fmts, ns)]
+    x = torch.randn(3, k, generator=gen)
+    ys = [torch.full((3, n), float("nan")) for n in ns]
+
+    def arr(ctype, values):
+        return (ctype * len(values))(*values)
+
+    rc = lib.quant_gemv_multi(
+        len(fmts),
+        arr(ctypes.c_int, [FORMATS[f].code for f in fmts]),
+        x.data_ptr(),
+        arr(ctypes.c_void_p, [p[0].data_ptr() for p in parts]),
+        arr(ctypes.c_void_p, [None if p[1] is None else p[1].data_ptr() for p in parts]),
+        arr(ctypes.c_void_p, [None if p[2] is None else p[2].data_ptr() for p in parts]),
+        arr(ctypes.c_void_p, [y.data_ptr() for y in ys]),
+        arr(ctypes.c_int64, ns),
+        3,
+        k,
+        arr(ctypes.c_int64, [32] * len(fmts)),
+        2,
+    )
+    assert rc == 0
+    for f, n, p, y in zip(fmts, ns, parts, ys):
+        one = quant_gemv.call(lib, FORMATS[f].code, x, *p, n, 32, 2)
+        assert torch.allclose(y, one, rtol=1e-6, atol=1e-6)

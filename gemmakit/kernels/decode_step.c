@@ -24,6 +24,11 @@ typedef int (*quant_fn)(int fmt, const float *x, const uint8_t *W, const void *s
                         const void *minimum, float *y, int64_t M, int64_t N, int64_t K,
                         int64_t group, int n_threads);
 
+typedef int (*multi_fn)(int count, const int *fmts, const float *x, const uint8_t *const *Ws,
+                        const void *const *scales, const void *const *minimums, float *const *ys,
+                        const int64_t *Ns, int64_t M, int64_t K, const int64_t *groups,
+                        int n_threads);
+
 /* One weight [N, K]: plain (float32 / bf16 through `plain`) or quantized (through `quant`). */
 typedef struct {
     const void *data, *scale, *minimum;
@@ -56,7 +61,34 @@ typedef struct {
     const float *final_norm;     /* [D]: 1 + w */
     const Weight *embed;         /* [V, D], the tied output projection */
     const float *cos_global, *sin_global, *cos_local, *sin_local; /* [rope_rows, head_dim] */
+    multi_fn quant_multi; /* quant_gemv_multi, or NULL: quantized weights one call each */
 } Model;
+
+/* y_i [M, N_i] = x [M, K] @ W_i^T for `count` weights sharing x (q/k/v, gate/up): one
+ * quant_gemv_multi call (x rounded once, one parallel region) when every weight is quantized,
+ * else one GEMV each. */
+static int matvecs(const Model *md, const Weight *w, int count, const float *x, float *const *ys,
+                   const int64_t *Ns, int64_t M, int64_t K, int n_threads) {
+    int all_quant = md->quant_multi != NULL;
+    for (int i = 0; i < count; i++) all_quant = all_quant && w[i].quant != NULL;
+    if (all_quant) {
+        int fmts[8];
+        const uint8_t *Ws[8];
+        const void *scales[8], *minimums[8];
+        int64_t groups[8];
+        for (int i = 0; i < count; i++) {
+            fmts[i] = (int)w[i].fmt, Ws[i] = (const uint8_t *)w[i].data;
+            scales[i] = w[i].scale, minimums[i] = w[i].minimum, groups[i] = w[i].group;
+        }
+        return md->quant_multi(count, fmts, x, Ws, scales, minimums, ys, Ns, M, K, groups,
+                               n_threads);
+    }
+    for (int i = 0; i < count; i++) {
+        int rc = matvec(&w[i], x, ys[i], M, Ns[i], K, n_threads);
+        if (rc != 0) return rc;
+    }
+    return 0;
+}
 
 static float bf16_to_float(uint16_t v) {
     uint32_t bits = (uint32_t)v << 16;
@@ -221,9 +253,12 @@ int decode_step(const Model *md, const float *x_in, const int64_t *positions, in
         const float *st = local ? md->sin_local : md->sin_global;
 
         for (int64_t m = 0; m < M; m++) rms_norm(x + m * D, nw[N_ATTN], xn + m * D, D, md->norm_eps);
-        GEMV(W_Q, xn, q, N * H, D);
-        GEMV(W_K, xn, k, K * H, D);
-        GEMV(W_V, xn, v, K * H, D);
+        {
+            float *ys[3] = {q, k, v};
+            const int64_t ns[3] = {N * H, K * H, K * H};
+            if (matvecs(md, md->weights + l * N_WEIGHTS + W_Q, 3, xn, ys, ns, M, D, n_threads))
+                return -4;
+        }
         for (int64_t m = 0; m < M; m++) {
             const float *c = ct + positions[m] * H, *s = st + positions[m] * H;
             for (int64_t n = 0; n < N; n++) {
@@ -263,8 +298,12 @@ int decode_step(const Model *md, const float *x_in, const int64_t *positions, in
             for (int64_t i = 0; i < D; i++) x[m * D + i] += h[m * D + i];
             rms_norm(x + m * D, nw[N_MLP], xn + m * D, D, md->norm_eps);
         }
-        GEMV(W_GATE, xn, gate, F, D);
-        GEMV(W_UP, xn, up, F, D);
+        {
+            float *ys[2] = {gate, up};
+            const int64_t ns[2] = {F, F};
+            if (matvecs(md, md->weights + l * N_WEIGHTS + W_GATE, 2, xn, ys, ns, M, D, n_threads))
+                return -4;
+        }
 #pragma omp parallel for schedule(static) num_threads(n_threads) if (M * F >= 16384)
         for (int64_t i = 0; i < M * F; i++) gate[i] = gelu_tanh(gate[i]) * up[i];
         GEMV(W_DOWN, gate, h, D, F);

@@ -57,6 +57,7 @@ class Model(ctypes.Structure):
         ("sin_global", _P),
         ("cos_local", _P),
         ("sin_local", _P),
+        ("quant_multi", _P),  # quant_gemv_multi of quant_gemv.c, or None
     ]
 
 

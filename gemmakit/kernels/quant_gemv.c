@@ -2,15 +2,19 @@
  *
  * W is kept as its blocks (gemmakit/quant/formats.py): the GGUF formats Q8_0, Q4_0, Q5_0,
  * Q4_K, Q6_K as llama.cpp stores them, gemmakit's int8 (a float32 scale per row) and int4
- * (blocks of 32 nibbles, a float16 scale and minimum per group of 32 or 128). Each block of
- * 32 weights is dequantized in registers to four vectors of 8 float32 (the same value the
- * torch reference computes), then FMAd against the M rows of x, which stay in L1/L2: one
- * read of W per call whatever M is, and no dequantized copy of W in memory. Activations stay
- * float32 for the GGUF formats (no int8 rounding of x, unlike llama.cpp), so a kept GGUF
- * weight gives the logits of its float32 dequantization up to summation order; gemmakit's int8
- * and int4 round x to int8 per block of 32 for integer multiply-adds (see row_dot_int).
+ * (blocks of 32 nibbles, a float16 scale and minimum per group of 32 or 128). As llama.cpp
+ * does, x is rounded once per call to int8 per block of 32 (scale max|x| / 127, plus the
+ * block's exact float sum for the formats with a minimum), and every block of 32 weights is
+ * an integer dot product (maddubs + madd: a few instructions where dequantizing to float
+ * needs a dozen), scaled in float once per block (per 16 weights for Q6_K's scales, which
+ * enter as madd's int16 multipliers). So the result is the float32 dequantization's product
+ * with x rounded to int8 (up to float32 summation order), which differs from its product with
+ * x by at most sum over k of |w_k| * step_k / 2, step_k = max|x| / 127 of k's block
+ * (gemmakit/quant/selftest.py's round_activations and error_bound).
+ * The weights are read once per call whatever M is; x stays in L1.
  *
- * Threads take slabs of ~256 KiB of W in turn (OpenMP, dynamic schedule).
+ * Threads take slabs of at most 256 KiB of W in turn (OpenMP, dynamic schedule);
+ * quant_gemv_multi does several weights sharing x in one parallel region.
  * Build: cc -O3 -mavx2 -mfma -mf16c -fopenmp -shared -fPIC quant_gemv.c
  */
 #include <immintrin.h>
@@ -39,23 +43,6 @@ INLINE float hsum(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-/* 32 bytes -> 4 x 8 float32, as unsigned or signed bytes */
-INLINE void widen_u8(__m256i q, __m256 w[4]) {
-    __m128i lo = _mm256_castsi256_si128(q), hi = _mm256_extracti128_si256(q, 1);
-    w[0] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
-    w[1] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)));
-    w[2] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
-    w[3] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
-}
-
-INLINE void widen_i8(__m256i q, __m256 w[4]) {
-    __m128i lo = _mm256_castsi256_si128(q), hi = _mm256_extracti128_si256(q, 1);
-    w[0] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo));
-    w[1] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(lo, 8)));
-    w[2] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi));
-    w[3] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(hi, 8)));
-}
-
 /* 16 bytes of nibbles -> 32 bytes: the low nibbles (values 0..15), then the high ones */
 INLINE __m256i nibbles32(const uint8_t *qs) {
     __m128i v = _mm_loadu_si128((const __m128i *)qs);
@@ -74,179 +61,193 @@ INLINE __m256i bytes_from_bits_32(const uint8_t *p) {
     return _mm256_cmpeq_epi8(bytes, _mm256_set1_epi64x(-1));
 }
 
-INLINE void scale4(__m256 w[4], float d) {
-    __m256 v = _mm256_set1_ps(d);
-    for (int i = 0; i < 4; i++) w[i] = _mm256_mul_ps(w[i], v);
+/* maddubs wants an unsigned and a signed operand: |w| against x with w's sign, for signed w */
+INLINE __m256i dot16_signed(__m256i w, __m256i x) {
+    return _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w));
 }
 
-/* Weights 32j .. 32j+31 of one row, dequantized into w[4]. int8 comes out unscaled (its
- * row scale is applied to the sum). sc/mn: the row's int4 scales and minimums. */
-INLINE void deq32(const int fmt, const uint8_t *row, ptrdiff_t j, const uint8_t *sc,
-                  const uint8_t *mn, ptrdiff_t group, __m256 w[4]) {
+/* The 32 weights of block j of a symmetric 32-block format (Q8_0, Q4_0, Q5_0, int8) as signed
+ * bytes, and the block's scale (int8's row scale is applied to the row's sum instead). */
+INLINE __m256i block32(const int fmt, const uint8_t *row, ptrdiff_t j, float *d) {
     switch (fmt) {
     case Q8_0: {
         const uint8_t *b = row + 34 * j;
-        widen_i8(_mm256_loadu_si256((const __m256i *)(b + 2)), w);
-        scale4(w, f16(b));
-        break;
+        *d = f16(b);
+        return _mm256_loadu_si256((const __m256i *)(b + 2));
     }
     case Q4_0: {
         const uint8_t *b = row + 18 * j;
-        widen_i8(_mm256_sub_epi8(nibbles32(b + 2), _mm256_set1_epi8(8)), w);
-        scale4(w, f16(b));
-        break;
+        *d = f16(b);
+        return _mm256_sub_epi8(nibbles32(b + 2), _mm256_set1_epi8(8));
     }
     case Q5_0: {
         const uint8_t *b = row + 22 * j;
         __m256i hi = _mm256_and_si256(bytes_from_bits_32(b + 2), _mm256_set1_epi8(0x10));
-        __m256i q = _mm256_or_si256(nibbles32(b + 6), hi);
-        widen_i8(_mm256_sub_epi8(q, _mm256_set1_epi8(16)), w);
-        scale4(w, f16(b));
-        break;
+        *d = f16(b);
+        return _mm256_sub_epi8(_mm256_or_si256(nibbles32(b + 6), hi), _mm256_set1_epi8(16));
     }
-    case Q4_K: {
-        const uint8_t *b = row + 144 * (j >> 3), *s = b + 4;
-        int i = (int)(j & 7);
-        int scale, min;
-        if (i < 4) {
-            scale = s[i] & 63;
-            min = s[i + 4] & 63;
-        } else {
-            scale = (s[i + 4] & 0xF) | ((s[i - 4] >> 6) << 4);
-            min = (s[i + 4] >> 4) | ((s[i] >> 6) << 4);
-        }
-        __m256i q = _mm256_loadu_si256((const __m256i *)(b + 16 + 32 * (i >> 1)));
-        q = _mm256_and_si256(_mm256_srli_epi16(q, 4 * (i & 1)), _mm256_set1_epi8(0x0F));
-        widen_u8(q, w);
-        __m256 a = _mm256_set1_ps(f16(b) * (float)scale);
-        __m256 c = _mm256_set1_ps(-(f16(b + 2) * (float)min));
-        for (int k = 0; k < 4; k++) w[k] = _mm256_fmadd_ps(w[k], a, c);
-        break;
-    }
-    case Q6_K: {
-        const uint8_t *b = row + 210 * (j >> 3);
-        int i = (int)(j & 7), h = i >> 2, q4 = i & 3;
-        __m256i ql = _mm256_loadu_si256((const __m256i *)(b + 64 * h + 32 * (q4 & 1)));
-        ql = _mm256_and_si256(_mm256_srli_epi16(ql, 4 * (q4 >> 1)), _mm256_set1_epi8(0x0F));
-        __m256i qh = _mm256_loadu_si256((const __m256i *)(b + 128 + 32 * h));
-        qh = _mm256_and_si256(_mm256_srli_epi16(qh, 2 * q4), _mm256_set1_epi8(3));
-        __m256i q = _mm256_or_si256(ql, _mm256_slli_epi16(qh, 4));
-        widen_i8(_mm256_sub_epi8(q, _mm256_set1_epi8(32)), w);
-        const int8_t *scales = (const int8_t *)(b + 192 + 8 * h + 2 * q4);
-        float d = f16(b + 208);
-        __m256 lo = _mm256_set1_ps(d * (float)scales[0]), hi = _mm256_set1_ps(d * (float)scales[1]);
-        w[0] = _mm256_mul_ps(w[0], lo);
-        w[1] = _mm256_mul_ps(w[1], lo);
-        w[2] = _mm256_mul_ps(w[2], hi);
-        w[3] = _mm256_mul_ps(w[3], hi);
-        break;
-    }
-    case INT8:
-        widen_i8(_mm256_loadu_si256((const __m256i *)(row + 32 * j)), w);
-        break;
-    case INT4: {
-        widen_u8(nibbles32(row + 16 * j), w);
-        ptrdiff_t g = 32 * j / group;
-        __m256 d = _mm256_set1_ps(f16(sc + 2 * g)), m = _mm256_set1_ps(f16(mn + 2 * g));
-        for (int k = 0; k < 4; k++) w[k] = _mm256_fmadd_ps(w[k], d, m);
-        break;
-    }
+    default: /* INT8 */
+        *d = 1.0f;
+        return _mm256_loadu_si256((const __m256i *)(row + 32 * j));
     }
 }
 
-/* One row n of W against M rows of x: y[m * N + n] */
-INLINE void row_dot(const int fmt, const int M, const uint8_t *row, const uint8_t *sc,
-                    const uint8_t *mn, ptrdiff_t group, float row_scale, const float *x,
-                    ptrdiff_t K, float *y, ptrdiff_t N) {
-    __m256 acc[8];
-#pragma GCC unroll 8
-    for (int m = 0; m < M; m++) acc[m] = _mm256_setzero_ps();
-    ptrdiff_t nb = K / 32;
-    for (ptrdiff_t j = 0; j < nb; j++) {
-        __m256 w[4];
-        deq32(fmt, row, j, sc, mn, group, w);
-#pragma GCC unroll 8
-        for (int m = 0; m < M; m++) {
-            const float *xm = x + m * K + 32 * j;
-            __m256 t = _mm256_mul_ps(w[0], _mm256_loadu_ps(xm));
-            t = _mm256_fmadd_ps(w[1], _mm256_loadu_ps(xm + 8), t);
-            t = _mm256_fmadd_ps(w[2], _mm256_loadu_ps(xm + 16), t);
-            t = _mm256_fmadd_ps(w[3], _mm256_loadu_ps(xm + 24), t);
-            acc[m] = _mm256_add_ps(acc[m], t);
-        }
-    }
-#pragma GCC unroll 8
-    for (int m = 0; m < M; m++) {
-        float s = hsum(acc[m]);
-        for (ptrdiff_t t = nb * 32; t < K; t++) s += (float)(int8_t)row[t] * x[m * K + t];
-        y[m * N] = s * row_scale;
-    }
-}
-
-/* int8 and int4 (gemmakit's own formats, chosen for speed) take x rounded to int8 per block of
- * 32 (xq, with scale xd[b] = max|x| / 127 and the exact float sum xs[b] for int4's minimum),
- * as llama.cpp does for every format: integer multiply-adds (maddubs) do 32 weights in a few
- * instructions where float dequantization needs a dozen. */
-INLINE void row_dot_int(const int fmt, const int M, const uint8_t *row, const uint8_t *sc,
-                        const uint8_t *mn, ptrdiff_t group, float row_scale, const int8_t *xq,
-                        const float *xd, const float *xs, const float *x, ptrdiff_t K, float *y,
-                        ptrdiff_t N) {
-    __m256 acc[8];
+/* The M rows' accumulators: acc[2 * m + parity] (two chains per row so consecutive blocks'
+ * FMAs do not wait on each other's latency), macc[m] the float terms of formats with a
+ * minimum (Q4_K, int4), subtracted at the end. */
+typedef struct {
+    __m256 acc[16];
     float macc[8];
+} Acc;
+
+/* Symmetric 32-block j against the M rows of x: acc += (w . xq) * d * xd */
+INLINE void sym_block(const int fmt, const int M, const uint8_t *row, ptrdiff_t j, int par,
+                      const int8_t *xq, const float *xd, ptrdiff_t K, ptrdiff_t nb, Acc *a) {
+    float d;
+    const __m256i w = block32(fmt, row, j, &d), aw = _mm256_sign_epi8(w, w);
     const __m256i ones = _mm256_set1_epi16(1);
 #pragma GCC unroll 8
-    for (int m = 0; m < M; m++) acc[m] = _mm256_setzero_ps(), macc[m] = 0.0f;
-    ptrdiff_t nb = K / 32, nbk = K / 32;
-    for (ptrdiff_t j = 0; j < nb; j++) {
-        if (fmt == INT4) {
+    for (int m = 0; m < M; m++) {
+        __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + m * K + 32 * j));
+        __m256i s = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(xv, w)), ones);
+        a->acc[2 * m + par] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s),
+                                              _mm256_set1_ps(d * xd[m * nb + j]),
+                                              a->acc[2 * m + par]);
+    }
+}
+
+/* One row n of W against M rows of x quantized per block of 32 (xq, xd, xs as quantize_x
+ * writes them): y[m * N]. Every block's integer dot product is exact; its float scale (the
+ * weight block's scale times x's block scale) is applied once per block of 32, and a
+ * format's minimum once per block against the rounded block's sum: the dequantized row's dot
+ * product with the rounded x, up to float32 rounding. */
+INLINE void row_dot(const int fmt, const int M, const uint8_t *row, const uint8_t *sc,
+                    const uint8_t *mn, ptrdiff_t group, float row_scale, const int8_t *xq,
+                    const float *xd, const float *xs, const float *x, ptrdiff_t K, float *y,
+                    ptrdiff_t N) {
+    Acc a;
+    const __m256i ones = _mm256_set1_epi16(1);
+#pragma GCC unroll 16
+    for (int i = 0; i < 2 * M; i++) a.acc[i] = _mm256_setzero_ps();
+#pragma GCC unroll 8
+    for (int m = 0; m < M; m++) a.macc[m] = 0.0f;
+    const ptrdiff_t nb = K / 32;
+    if (fmt == Q8_0 || fmt == Q4_0 || fmt == Q5_0 || fmt == INT8) {
+        ptrdiff_t j = 0;
+        for (; j + 1 < nb; j += 2) {
+            sym_block(fmt, M, row, j, 0, xq, xd, K, nb, &a);
+            sym_block(fmt, M, row, j + 1, 1, xq, xd, K, nb, &a);
+        }
+        if (j < nb) sym_block(fmt, M, row, j, 0, xq, xd, K, nb, &a);
+    } else if (fmt == Q4_K) {
+        for (ptrdiff_t sb = 0; sb < nb / 8; sb++) {
+            const uint8_t *b = row + 144 * sb, *s = b + 4;
+            const float d = f16(b), dmin = f16(b + 2);
+            float ds[8], dm[8];
+            for (int i = 0; i < 4; i++) {
+                ds[i] = d * (float)(s[i] & 63);
+                dm[i] = dmin * (float)(s[i + 4] & 63);
+                ds[i + 4] = d * (float)((s[i + 8] & 0xF) | ((s[i] >> 6) << 4));
+                dm[i + 4] = dmin * (float)((s[i + 8] >> 4) | ((s[i + 4] >> 6) << 4));
+            }
+            for (int i = 0; i < 8; i++) {
+                __m256i q = _mm256_loadu_si256((const __m256i *)(b + 16 + 32 * (i >> 1)));
+                q = _mm256_and_si256(_mm256_srli_epi16(q, 4 * (i & 1)), _mm256_set1_epi8(0x0F));
+                const ptrdiff_t j = 8 * sb + i;
+#pragma GCC unroll 8
+                for (int m = 0; m < M; m++) {
+                    __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + m * K + 32 * j));
+                    __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(q, xv), ones);
+                    a.acc[2 * m + (i & 1)] = _mm256_fmadd_ps(
+                        _mm256_cvtepi32_ps(p), _mm256_set1_ps(ds[i] * xd[m * nb + j]),
+                        a.acc[2 * m + (i & 1)]);
+                    a.macc[m] += dm[i] * xs[m * nb + j];
+                }
+            }
+        }
+    } else if (fmt == Q6_K) {
+        for (ptrdiff_t sb = 0; sb < nb / 8; sb++) {
+            const uint8_t *b = row + 210 * sb;
+            const float d = f16(b + 208);
+            for (int i = 0; i < 8; i++) {
+                const int h = i >> 2, q4 = i & 3;
+                __m256i ql = _mm256_loadu_si256((const __m256i *)(b + 64 * h + 32 * (q4 & 1)));
+                ql = _mm256_and_si256(_mm256_srli_epi16(ql, 4 * (q4 >> 1)), _mm256_set1_epi8(0x0F));
+                __m256i qh = _mm256_loadu_si256((const __m256i *)(b + 128 + 32 * h));
+                qh = _mm256_and_si256(_mm256_srli_epi16(qh, 2 * q4), _mm256_set1_epi8(3));
+                const __m256i w = _mm256_sub_epi8(_mm256_or_si256(ql, _mm256_slli_epi16(qh, 4)),
+                                                  _mm256_set1_epi8(32));
+                const __m256i aw = _mm256_sign_epi8(w, w);
+                /* the 16-weight halves' int8 scales, as the int16 multipliers of madd */
+                const int8_t *scl = (const int8_t *)(b + 192 + 8 * h + 2 * q4);
+                const __m256i s16 = _mm256_set_m128i(_mm_set1_epi16(scl[1]), _mm_set1_epi16(scl[0]));
+                const ptrdiff_t j = 8 * sb + i;
+#pragma GCC unroll 8
+                for (int m = 0; m < M; m++) {
+                    __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + m * K + 32 * j));
+                    __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(xv, w)), s16);
+                    a.acc[2 * m + (i & 1)] = _mm256_fmadd_ps(
+                        _mm256_cvtepi32_ps(p), _mm256_set1_ps(d * xd[m * nb + j]),
+                        a.acc[2 * m + (i & 1)]);
+                }
+            }
+        }
+    } else { /* INT4: unsigned nibbles, w = d * q + m per group */
+        for (ptrdiff_t j = 0; j < nb; j++) {
             __m256i q = nibbles32(row + 16 * j);
             ptrdiff_t g = 32 * j / group;
             float d = f16(sc + 2 * g), mv = f16(mn + 2 * g);
 #pragma GCC unroll 8
             for (int m = 0; m < M; m++) {
                 __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + m * K + 32 * j));
-                __m256i s = _mm256_madd_epi16(_mm256_maddubs_epi16(q, xv), ones);
-                acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(d * xd[m * nbk + j]),
-                                         acc[m]);
-                macc[m] += mv * xs[m * nbk + j];
-            }
-        } else { /* INT8: |w| times x with w's sign, as maddubs wants an unsigned operand */
-            __m256i w = _mm256_loadu_si256((const __m256i *)(row + 32 * j));
-            __m256i aw = _mm256_sign_epi8(w, w);
-#pragma GCC unroll 8
-            for (int m = 0; m < M; m++) {
-                __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + m * K + 32 * j));
-                __m256i p = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(xv, w));
-                __m256i s = _mm256_madd_epi16(p, ones);
-                acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_broadcast_ss(xd + m * nbk + j),
-                                         acc[m]);
+                __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(q, xv), ones);
+                a.acc[2 * m + (j & 1)] = _mm256_fmadd_ps(
+                    _mm256_cvtepi32_ps(p), _mm256_set1_ps(d * xd[m * nb + j]), a.acc[2 * m + (j & 1)]);
+                a.macc[m] -= mv * xs[m * nb + j];
             }
         }
     }
 #pragma GCC unroll 8
     for (int m = 0; m < M; m++) {
-        float s = hsum(acc[m]) + macc[m];
+        float s = hsum(_mm256_add_ps(a.acc[2 * m], a.acc[2 * m + 1])) - a.macc[m];
+        /* int8 rows need not be whole blocks: the tail in float */
         for (ptrdiff_t t = nb * 32; t < K; t++) s += (float)(int8_t)row[t] * x[m * K + t];
         y[m * N] = s * row_scale;
     }
 }
 
-/* x [M, K] -> xq int8 [M, K] (whole blocks of 32), xd and xs [M, K / 32] */
+/* x [M, K] -> xq int8 [M, K] (whole blocks of 32), xd and xs [M, K / 32]: per block the scale
+ * d = max|x| / 127 with xq = round(x * (1 / d)) (ties to even), and d * sum(xq), the rounded
+ * block's sum (selftest.py's round_activations computes the same in torch). */
 static void quantize_x(const float *x, int M, ptrdiff_t K, int8_t *xq, float *xd, float *xs) {
-    ptrdiff_t nb = K / 32;
+    const ptrdiff_t nb = K / 32;
+    const __m256 sign = _mm256_set1_ps(-0.0f);
     for (int m = 0; m < M; m++)
         for (ptrdiff_t j = 0; j < nb; j++) {
             const float *b = x + m * K + 32 * j;
-            float amax = 0.0f, sum = 0.0f;
-            for (int i = 0; i < 32; i++) {
-                float a = b[i] < 0 ? -b[i] : b[i];
-                amax = a > amax ? a : amax;
-                sum += b[i];
-            }
-            float d = amax / 127.0f, id = d > 0 ? 1.0f / d : 0.0f;
-            for (int i = 0; i < 32; i++) xq[m * K + 32 * j + i] = (int8_t)nearbyintf(b[i] * id);
+            __m256 v[4];
+            for (int i = 0; i < 4; i++) v[i] = _mm256_loadu_ps(b + 8 * i);
+            __m256 mx = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign, v[0]),
+                                                    _mm256_andnot_ps(sign, v[1])),
+                                      _mm256_max_ps(_mm256_andnot_ps(sign, v[2]),
+                                                    _mm256_andnot_ps(sign, v[3])));
+            __m128 h = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+            h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+            h = _mm_max_ss(h, _mm_movehdup_ps(h));
+            const float amax = _mm_cvtss_f32(h);
+            const float d = amax / 127.0f, id = d > 0 ? 1.0f / d : 0.0f;
             xd[m * nb + j] = d;
-            xs[m * nb + j] = sum;
+            __m256i r[4];
+            for (int i = 0; i < 4; i++)
+                r[i] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v[i], _mm256_set1_ps(id)),
+                                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+            /* the rounded block's sum, so that a minimum multiplies the same x as the scale */
+            __m256i t = _mm256_add_epi32(_mm256_add_epi32(r[0], r[1]), _mm256_add_epi32(r[2], r[3]));
+            xs[m * nb + j] = d * hsum(_mm256_cvtepi32_ps(t));
+            /* packs interleave the 128-bit lanes: put the 32 bytes back in order */
+            __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(r[0], r[1]), _mm256_packs_epi32(r[2], r[3]));
+            p = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+            _mm256_storeu_si256((__m256i *)(xq + m * K + 32 * j), p);
         }
 }
 
@@ -256,11 +257,7 @@ static void quantize_x(const float *x, int M, ptrdiff_t K, int8_t *xq, float *xd
         const uint8_t *s_ = scale ? (const uint8_t *)scale + n * groups * 2 : NULL;          \
         const uint8_t *m_ = minimum ? (const uint8_t *)minimum + n * groups * 2 : NULL;      \
         float rs = (FMT) == INT8 ? ((const float *)scale)[n] : 1.0f;                         \
-        if ((FMT) == INT8 || (FMT) == INT4)                                                  \
-            row_dot_int((FMT), (M_), W + n * rb, s_, m_, group, rs, xq, xd, xs, x, K, y + n, \
-                        N);                                                                  \
-        else                                                                                 \
-            row_dot((FMT), (M_), W + n * rb, s_, m_, group, rs, x, K, y + n, N);             \
+        row_dot((FMT), (M_), W + n * rb, s_, m_, group, rs, xq, xd, xs, x, K, y + n, N);    \
     }
 
 #define BY_M(FMT)                                                                            \
@@ -292,37 +289,70 @@ static void slab(int fmt, const float *x, const int8_t *xq, const float *xd, con
     }
 }
 
+/* Rows per slab of a weight of N rows of rb bytes: ~256 KiB of W, and at least 8 slabs per
+ * thread where the weight has the rows (a 640-row weight is 2-3 slabs of 256 KiB: with one
+ * thread descheduled by other work on the machine, or a last odd slab, the other would wait
+ * for it; small slabs taken in turn let the running thread do the rest). */
+static ptrdiff_t slab_rows(ptrdiff_t N, ptrdiff_t rb, int n_threads) {
+    ptrdiff_t rows = 262144 / (rb > 0 ? rb : 1), balanced = (N + 8 * n_threads - 1) / (8 * n_threads);
+    if (rows > balanced) rows = balanced;
+    return rows < 8 ? 8 : rows;
+}
+
+/* quant_gemv for `count` (<= 8) weights that share x [M, K]: y_i = x @ W_i^T. x is rounded
+ * once and every weight's slabs go to the threads in one parallel region (q/k/v, gate/up of a
+ * decode step: one wake-up of the threads instead of three). fmts, Ws, scales, minimums, ys,
+ * Ns, groups: one entry per weight, as quant_gemv's arguments. Returns 0, -1 for bad
+ * arguments (nothing written), -2 out of memory. */
+int quant_gemv_multi(int count, const int *fmts, const float *x, const uint8_t *const *Ws,
+                     const void *const *scales, const void *const *minimums, float *const *ys,
+                     const int64_t *Ns, int64_t M, int64_t K, const int64_t *groups,
+                     int n_threads) {
+    if (count < 1 || count > 8 || M < 1 || M > 8 || K < 0 || n_threads < 1) return -1;
+    ptrdiff_t rb[8], rows[8], first[9];
+    first[0] = 0;
+    for (int i = 0; i < count; i++) {
+        const int fmt = fmts[i];
+        if (fmt < 0 || fmt > 6 || Ns[i] < 0) return -1;
+        if (fmt != INT8 && K % BLOCK_WEIGHTS[fmt]) return -1;
+        if (fmt == INT4 && (groups[i] < 32 || groups[i] % 32 || K % groups[i] || !scales[i] ||
+                            !minimums[i]))
+            return -1;
+        if (fmt == INT8 && !scales[i]) return -1;
+        rb[i] = K / BLOCK_WEIGHTS[fmt] * BLOCK_BYTES[fmt];
+        rows[i] = slab_rows(Ns[i], rb[i], n_threads);
+        first[i + 1] = first[i] + (Ns[i] + rows[i] - 1) / rows[i]; /* slabs before weight i+1 */
+    }
+    const ptrdiff_t n_slabs = first[count];
+    if (n_slabs < n_threads) n_threads = (int)(n_slabs > 0 ? n_slabs : 1);
+    int8_t *xq = malloc((size_t)(M * K) + 32);
+    float *xd = malloc(sizeof(float) * (size_t)(M * (K / 32) + 1));
+    float *xs = malloc(sizeof(float) * (size_t)(M * (K / 32) + 1));
+    if (!xq || !xd || !xs) {
+        free(xq), free(xd), free(xs);
+        return -2;
+    }
+    quantize_x(x, (int)M, K, xq, xd, xs);
+#pragma omp parallel for schedule(dynamic, 1) num_threads(n_threads)
+    for (ptrdiff_t c = 0; c < n_slabs; c++) {
+        int i = 0;
+        while (c >= first[i + 1]) i++;
+        const ptrdiff_t n0 = (c - first[i]) * rows[i];
+        const ptrdiff_t n1 = n0 + rows[i] < Ns[i] ? n0 + rows[i] : Ns[i];
+        slab(fmts[i], x, xq, xd, xs, Ws[i], scales[i], minimums[i], ys[i], n0, n1, (int)M,
+             Ns[i], K, rb[i], groups[i]);
+    }
+    free(xq), free(xd), free(xs);
+    return 0;
+}
+
 /* fmt: the format number; x [M, K] float32; W [N, row bytes] blocks; scale: int8's float32
  * [N] or int4's float16 [N, K / group]; minimum: int4's float16 [N, K / group]; y [M, N].
  * Returns 0, or -1 for bad arguments (nothing written). */
 int quant_gemv(int fmt, const float *x, const uint8_t *W, const void *scale, const void *minimum,
                float *y, int64_t M, int64_t N, int64_t K, int64_t group, int n_threads) {
-    if (fmt < 0 || fmt > 6 || M < 1 || M > 8 || N < 0 || K < 0 || n_threads < 1) return -1;
-    if (fmt != INT8 && K % BLOCK_WEIGHTS[fmt]) return -1;
-    if (fmt == INT4 && (group < 32 || group % 32 || K % group || !scale || !minimum)) return -1;
-    if (fmt == INT8 && !scale) return -1;
-    ptrdiff_t rb = K / BLOCK_WEIGHTS[fmt] * BLOCK_BYTES[fmt];
-    ptrdiff_t chunk = 262144 / (rb > 0 ? rb : 1);
-    if (chunk < 4) chunk = 4;
-    ptrdiff_t n_chunks = (N + chunk - 1) / chunk;
-    if (n_chunks < n_threads) n_threads = (int)(n_chunks > 0 ? n_chunks : 1);
-    int8_t *xq = NULL;
-    float *xd = NULL, *xs = NULL;
-    if (fmt == INT8 || fmt == INT4) {
-        xq = malloc((size_t)(M * K) + 1);
-        xd = malloc(sizeof(float) * (size_t)(M * (K / 32) + 1));
-        xs = malloc(sizeof(float) * (size_t)(M * (K / 32) + 1));
-        if (!xq || !xd || !xs) {
-            free(xq), free(xd), free(xs);
-            return -2;
-        }
-        quantize_x(x, (int)M, K, xq, xd, xs);
-    }
-#pragma omp parallel for schedule(dynamic, 1) num_threads(n_threads)
-    for (ptrdiff_t c = 0; c < n_chunks; c++) {
-        ptrdiff_t n0 = c * chunk, n1 = n0 + chunk < N ? n0 + chunk : N;
-        slab(fmt, x, xq, xd, xs, W, scale, minimum, y, n0, n1, (int)M, N, K, rb, group);
-    }
-    free(xq), free(xd), free(xs);
-    return 0;
+    const uint8_t *Ws[1] = {W};
+    const void *scales[1] = {scale}, *minimums[1] = {minimum};
+    float *ys[1] = {y};
+    return quant_gemv_multi(1, &fmt, x, Ws, scales, minimums, ys, &N, M, K, &group, n_threads);
 }

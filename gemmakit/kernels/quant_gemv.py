@@ -63,7 +63,11 @@ def _self_test(lib: ctypes.CDLL) -> None:
 LIBRARY = CLibrary(
     "quantized GEMV",
     Path(__file__).with_name("quant_gemv.c"),
-    {"quant_gemv": [_INT, _P, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _INT]},
+    {
+        "quant_gemv": [_INT, _P, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _INT],
+        # several weights sharing x (the fused decode step's q/k/v and gate/up)
+        "quant_gemv_multi": [_INT, _P, _P, _P, _P, _P, _P, _P, _I64, _I64, _P, _INT],
+    },
     _self_test,
 )
 

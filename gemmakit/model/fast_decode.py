@@ -6,7 +6,12 @@ float32 or bfloat16 with plain linear layers, a matching cache of at most 8 rows
 built), else None, and the caller runs `model(...)` as before. Its `step` is `model(tokens
 [B, 1], positions=, cache=)[:, -1]` in float32: the same math, activations in float32 (the
 eager bfloat16 path rounds them to bfloat16 after every op), RoPE cos/sin read from tables
-precomputed for every cache position, no per-step allocation but the logits.
+precomputed for every cache position, no per-step allocation but the logits. Weights kept
+quantized (gemmakit.quant, any format) run the same GEMV kernel as the eager path, which rounds
+each layer's input to int8 per block of 32; q/k/v and gate/up share one call
+(quant_gemv_multi). Last-bit differences from the eager path can round an activation lying on
+a half-step the other way, so quantized models match eager within tests/test_fast_decode.py's
+QUANT_BOUND rather than float32's.
 """
 
 from __future__ import annotations
@@ -62,6 +67,9 @@ class FastDecoder:
         fn = gemv_lib.bf16_gemv if bf16 else gemv_lib.f32_gemv
         gemv_ptr = ctypes.cast(fn, ctypes.c_void_p).value
         quant_ptr = ctypes.cast(quant_lib.quant_gemv, ctypes.c_void_p).value if quant_lib else None
+        multi_ptr = (
+            ctypes.cast(quant_lib.quant_gemv_multi, ctypes.c_void_p).value if quant_lib else None
+        )
         self._keep: list = []  # every tensor whose address the C record holds
 
         def ptr(t: torch.Tensor | None) -> int | None:
@@ -137,6 +145,7 @@ class FastDecoder:
             norms=ctypes.addressof(self._arrays[2]),
             final_norm=scale(model.final_norm),
             embed=ctypes.addressof(self._arrays[3]),
+            quant_multi=multi_ptr,
         )
         self.vocab = self.record.vocab
         self._tables: list[torch.Tensor] = []
@@ -230,9 +239,6 @@ class FastDecoder:
         return logits
 
 
-INT_ACTIVATION = frozenset({"int8", "int4"})
-
-
 def unsupported(model: Gemma, cache: KVCache | None = None) -> str | None:
     """Why the fused step cannot run this model (and cache), or None when it can."""
     if model.device.type != "cpu":
@@ -262,11 +268,6 @@ def unsupported(model: Gemma, cache: KVCache | None = None) -> str | None:
         return "kernels disabled (GEMMAKIT_NO_KERNELS)"
     if gemv.library() is None or library() is None:
         return "kernels not built"
-    if any(isinstance(m, QuantWeight) and m.fmt in INT_ACTIVATION for m in model.modules()):
-        # gemmakit's int8/int4 GEMV rounds activations to int8; inside the fused step its first
-        # row disagrees with the eager path beyond that rounding (a known bug, not yet found),
-        # so these formats decode eagerly through the same kernel until it is.
-        return "int8/int4 weights decode eagerly"
     if any(isinstance(m, QuantWeight) for m in model.modules()) and quant_gemv.library() is None:
         return "the quantized GEMV kernel is not built"
     return None
