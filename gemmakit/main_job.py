@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import html
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -150,7 +151,7 @@ def run_all(
         )
         t = _stage("instruction following: pretrained, SFT and RLHF models")
         report["instruct_eval"] = ev = evaluate_models(out, report, tok, eval_limit)
-        ev["verdict"] = _rlhf_verdict(ev["models"])
+        ev["verdict"] = _rlhf_verdict(ev["models"], ev["prompts"])
         print(ev["verdict"])
         seconds["instruct_eval"] = time.perf_counter() - t
 
@@ -459,18 +460,23 @@ def _instruct_sections(report: dict) -> list[str]:
     ]
 
 
-def _rlhf_verdict(models: dict) -> str:
-    """One honest sentence on what SFT and RLHF did to the prompt-level strict score."""
-    p, s, r = (models[n]["prompt_strict"] for n in ("pretrain", "sft", "rlhf"))
-    sft_part = (
-        f"SFT raised prompt-level strict accuracy from {p:.1%} to {s:.1%}"
-        if s > p
-        else f"SFT did not raise prompt-level strict accuracy ({p:.1%} -> {s:.1%})"
-    )
-    if r > s:
-        rl_part = f"RLHF raised it further to {r:.1%}"
-    elif r == s:
-        rl_part = "RLHF did not move it at this scale"
+def _rlhf_verdict(models: dict, n: int) -> str:
+    """One honest sentence on what SFT and RLHF did to the prompt-level strict score of `n`
+    prompts: a change within two standard errors of a difference of two proportions is called
+    noise (at 200 prompts and ~5%, about 4.5 points)."""
+    p, s, r = (models[m]["prompt_strict"] for m in ("pretrain", "sft", "rlhf"))
+
+    def moved(a: float, b: float) -> bool:
+        q = (a + b) / 2
+        return abs(b - a) > 2 * math.sqrt(max(q * (1 - q), 1e-12) * 2 / n)
+
+    if moved(p, s):
+        first = f"SFT {'raised' if s > p else 'lowered'} prompt-level strict accuracy from "
+        first += f"{p:.1%} to {s:.1%}"
     else:
-        rl_part = f"RLHF lowered it to {r:.1%} at this scale"
-    return f"{sft_part}; {rl_part}."
+        first = f"SFT did not move prompt-level strict accuracy beyond noise ({p:.1%} -> {s:.1%})"
+    if moved(s, r):
+        second = f"RLHF {'raised' if r > s else 'lowered'} it to {r:.1%}"
+    else:
+        second = f"RLHF did not move it beyond noise at this scale ({s:.1%} -> {r:.1%})"
+    return f"{first}; {second} (on {n} prompts)."
