@@ -212,7 +212,7 @@ def main() -> None:
                 row = asyncio.run(load(url, model, clients, args.requests, args.max_tokens, count))
                 results[name].append(row)
                 print(
-                    f"{name:10} {clients:3} clients: {row['tokens_per_s']:7.1f} tok/s, "
+                    f"{name:13} {clients:3} clients: {row['tokens_per_s']:7.1f} tok/s, "
                     f"TTFT median {row['ttft_median_s']:.2f} s, p90 {row['ttft_p90_s']:.2f} s "
                     f"({row['tokens']} tokens in {row['wall_s']:.1f} s)",
                     flush=True,
@@ -227,11 +227,12 @@ def main() -> None:
         f"\nGemma 3 270M ({gguf.name}), {args.threads} threads per server, "
         f"{args.requests} request(s) per client, {args.max_tokens} greedy tokens each"
     )
-    print(f"{'clients':>8}" + "".join(f"{n + ' tok/s':>16}{'TTFT med':>10}" for n in results))
+    w = {name: max(16, len(name) + 8) for name in results}  # column widths
+    print(f"{'clients':>8}" + "".join(f"{n + ' tok/s':>{w[n]}}{'TTFT med':>10}" for n in results))
     for i, clients in enumerate(args.clients):
         cells = "".join(
-            f"{rows[i]['tokens_per_s']:16.1f}{rows[i]['ttft_median_s']:9.2f}s"
-            for rows in results.values()
+            f"{rows[i]['tokens_per_s']:{w[n]}.1f}{rows[i]['ttft_median_s']:9.2f}s"
+            for n, rows in results.items()
         )
         print(f"{clients:8}{cells}")
     for name, ours in results.items():
