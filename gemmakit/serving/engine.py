@@ -7,10 +7,11 @@ joined to the batch's cache (`batch.join`); a finished or cancelled one leaves i
 (`batch.keep_rows`). Each row samples with its own settings and generator, so a request's
 tokens do not depend on what else runs (greedy ones are identical to running alone).
 
-Decode steps run the fused C step (`model.fast_decode`: the whole layer stack in one call,
-up to 16 rows, each at its own position) whenever it applies to the model and the batch's
-cache, else the eager forward; the two give the same tokens (float32: the same math up to
-summation order). Prefill is always eager.
+Decode steps run the fused C step (`model.fast_decode`: the whole layer stack in one call, up
+to 16 rows, each at its own position) whenever it applies to the model and the batch's cache,
+else (another device, LoRA layers, more rows) the eager forward. It is the step `generate`
+takes too, so greedy answers equal its; in float32 the two paths differ only in summation
+order, in bfloat16 the fused one keeps activations in float32. Prefill is always eager.
 
 Prefix cache: the one-row cache of every prefilled prompt, and of every answer as it leaves
 the batch (prompt and generated tokens), is kept (least recently used first out, up to
