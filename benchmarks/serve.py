@@ -11,6 +11,7 @@ side by side and take turns at each client count.
     .venv/bin/python benchmarks/serve.py                          # gemmakit and llama.cpp
     .venv/bin/python benchmarks/serve.py --clients 1 4 --requests 1 --max-tokens 32
     .venv/bin/python benchmarks/serve.py --skip-llama             # gemmakit only
+    .venv/bin/python benchmarks/serve.py --quant none keep        # also on the Q4_K blocks
 
 llama.cpp's server needs `pip install 'llama-cpp-python[server]'` (for this benchmark only).
 Both servers get the same number of threads (--threads).
@@ -133,6 +134,13 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2, help="for each server")
     ap.add_argument("--dtype", default=None, help="gemmakit's dtype (default: the file's own)")
+    ap.add_argument(
+        "--quant",
+        nargs="+",
+        default=["none"],
+        help="gemmakit's --quant, one server each (keep: the GGUF's quantized blocks, as "
+        "llama.cpp runs them; none: dequantized to --dtype)",
+    )
     ap.add_argument("--skip-llama", action="store_true", help="gemmakit's server only")
     ap.add_argument("--out", type=Path, default=Path("runs/bench_serve"))
     args = ap.parse_args()
@@ -144,28 +152,31 @@ def main() -> None:
         return len(tok.encode(text, bos=False, special=False))
 
     servers = {}
-    port = free_port()
-    servers["gemmakit"] = (
-        [
-            sys.executable,
-            "-m",
-            "gemmakit.cli",
-            "serve",
-            "--model",
+    for quant in args.quant:
+        port = free_port()
+        name = "gemmakit" if quant == "none" else f"gemmakit-{quant}"
+        servers[name] = (
+            [
+                sys.executable,
+                "-m",
+                "gemmakit.cli",
+                "serve",
+                "--model",
+                args.model,
+                "--port",
+                str(port),
+                "--threads",
+                str(args.threads),
+                "--max-batch",
+                "16",
+                "--log-level",
+                "warning",
+                *(["--dtype", args.dtype] if args.dtype else []),
+                *(["--quant", quant] if quant != "none" else []),
+            ],
+            f"http://127.0.0.1:{port}",
             args.model,
-            "--port",
-            str(port),
-            "--threads",
-            str(args.threads),
-            "--max-batch",
-            "16",
-            "--log-level",
-            "warning",
-            *(["--dtype", args.dtype] if args.dtype else []),
-        ],
-        f"http://127.0.0.1:{port}",
-        args.model,
-    )
+        )
     if not args.skip_llama:
         port = free_port()
         servers["llama.cpp"] = (
@@ -201,7 +212,7 @@ def main() -> None:
                 row = asyncio.run(load(url, model, clients, args.requests, args.max_tokens, count))
                 results[name].append(row)
                 print(
-                    f"{name:10} {clients:3} clients: {row['tokens_per_s']:7.1f} tok/s, "
+                    f"{name:13} {clients:3} clients: {row['tokens_per_s']:7.1f} tok/s, "
                     f"TTFT median {row['ttft_median_s']:.2f} s, p90 {row['ttft_p90_s']:.2f} s "
                     f"({row['tokens']} tokens in {row['wall_s']:.1f} s)",
                     flush=True,
@@ -216,19 +227,20 @@ def main() -> None:
         f"\nGemma 3 270M ({gguf.name}), {args.threads} threads per server, "
         f"{args.requests} request(s) per client, {args.max_tokens} greedy tokens each"
     )
-    print(f"{'clients':>8}" + "".join(f"{n + ' tok/s':>16}{'TTFT med':>10}" for n in results))
+    w = {name: max(16, len(name) + 8) for name in results}  # column widths
+    print(f"{'clients':>8}" + "".join(f"{n + ' tok/s':>{w[n]}}{'TTFT med':>10}" for n in results))
     for i, clients in enumerate(args.clients):
         cells = "".join(
-            f"{rows[i]['tokens_per_s']:16.1f}{rows[i]['ttft_median_s']:9.2f}s"
-            for rows in results.values()
+            f"{rows[i]['tokens_per_s']:{w[n]}.1f}{rows[i]['ttft_median_s']:9.2f}s"
+            for n, rows in results.items()
         )
         print(f"{clients:8}{cells}")
-    ours = results["gemmakit"]
-    if len(ours) > 1:
-        print(
-            f"gemmakit {args.clients[-1]} clients / 1st: "
-            f"{ours[-1]['tokens_per_s'] / ours[0]['tokens_per_s']:.1f}x"
-        )
+    for name, ours in results.items():
+        if len(ours) > 1:
+            print(
+                f"{name} {args.clients[-1]} clients / {args.clients[0]}: "
+                f"{ours[-1]['tokens_per_s'] / ours[0]['tokens_per_s']:.1f}x"
+            )
 
 
 if __name__ == "__main__":

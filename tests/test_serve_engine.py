@@ -75,6 +75,32 @@ def test_requests_joining_and_leaving_the_batch_answer_as_alone(model):
         engine.shutdown()
 
 
+def test_decode_steps_take_the_fused_step_and_answer_as_the_eager_ones(model):
+    # 10 rows at once (more than one GEMV call takes, 8; within the fused step's 16), queued
+    # before the engine starts so that all are admitted together; prefilled 24 tokens per
+    # step, they join the decoding batch one by one, several steps apart, and leave at
+    # different steps
+    lengths, budgets = [5, 33, 3, 60, 12, 9, 21, 2, 44, 7], [20, 14, 24, 12, 15, 18, 13, 22, 12, 16]
+    prompts = prompts_of(lengths, seed=1)
+    answers = {}
+    for fast in (True, False):
+        engine = Engine(model, max_batch=10, prefill_chunk=24, fast=fast)
+        sinks = [Collect() for _ in prompts]
+        engine.submit(
+            [Job(p, SamplingParams(max_tokens=n), s) for p, n, s in zip(prompts, budgets, sinks)]
+        )
+        engine.start()
+        try:
+            assert all(s.done.wait(60) for s in sinks)
+        finally:
+            engine.shutdown()
+        answers[fast] = [(s.tokens, s.finish) for s in sinks]
+        assert engine.most_rows == 10
+        assert engine.fused_steps == (engine.steps if fast else 0) and engine.steps > 0
+    assert answers[True] == answers[False]
+    assert [len(t) for t, _ in answers[True]] == budgets
+
+
 def test_the_prefix_cache_prefills_only_what_is_new(model):
     engine = Engine(model, prefill_chunk=64).start()
     fed: list[int] = []

@@ -1,4 +1,4 @@
-/* One decode step of a whole Gemma stack in one call: M <= 8 sequences, one new token each,
+/* One decode step of a whole Gemma stack in one call: M <= 16 sequences, one new token each,
  * against a preallocated KV cache. The same math as gemmakit/model/ (embedding scale, RMSNorm
  * with 1 + w, q/k norm, rotate-half RoPE from precomputed tables, multi-query / grouped /
  * multi-head attention with optional soft-capping and a sliding window, gelu_tanh gating,
@@ -37,12 +37,21 @@ typedef struct {
     int64_t fmt, group;
 } Weight;
 
+enum { MAX_ROWS = 16, GEMV_ROWS = 8 }; /* sequences per step; the GEMV kernels' largest M */
+
+/* y [M, N] = x [M, K] @ W^T, M <= MAX_ROWS: in calls of at most GEMV_ROWS rows of x each. */
 static int matvec(const Weight *w, const float *x, float *y, int64_t M, int64_t N, int64_t K,
                   int n_threads) {
-    if (w->quant)
-        return w->quant((int)w->fmt, x, (const uint8_t *)w->data, w->scale, w->minimum, y, M, N,
-                        K, w->group, n_threads);
-    return w->plain(x, w->data, y, M, N, K, n_threads);
+    for (int64_t m0 = 0; m0 < M; m0 += GEMV_ROWS) {
+        const int64_t m = M - m0 < GEMV_ROWS ? M - m0 : GEMV_ROWS;
+        const float *xm = x + m0 * K;
+        float *ym = y + m0 * N;
+        int rc = w->quant ? w->quant((int)w->fmt, xm, (const uint8_t *)w->data, w->scale,
+                                     w->minimum, ym, m, N, K, w->group, n_threads)
+                          : w->plain(xm, w->data, ym, m, N, K, n_threads);
+        if (rc != 0) return rc;
+    }
+    return 0;
 }
 
 enum { W_Q, W_K, W_V, W_O, W_GATE, W_UP, W_DOWN, N_WEIGHTS };
@@ -229,7 +238,7 @@ int decode_step(const Model *md, const float *x_in, const int64_t *positions, in
                 int n_threads) {
     const int64_t D = md->d_model, N = md->n_heads, K = md->n_kv_heads, H = md->head_dim;
     const int64_t F = md->ffn_dim, G = N / K, S = length + 1;
-    if (M < 1 || M > 8 || length < 0 || S > max_len || N % K != 0 || n_threads < 1) return -1;
+    if (M < 1 || M > MAX_ROWS || length < 0 || S > max_len || N % K != 0 || n_threads < 1) return -1;
     if (scratch_floats < decode_scratch_floats(md, M, max_len)) return -3;
     for (int64_t m = 0; m < M; m++) {
         if (positions[m] < 0 || positions[m] >= md->rope_rows) return -2;

@@ -1,5 +1,5 @@
 """The fused decode step (decode_step.c): a whole Gemma stack, one new token for each of up to
-8 sequences, in one C call. `gemmakit.model.fast_decode` builds the `Model` record from a
+16 sequences, in one C call. `gemmakit.model.fast_decode` builds the `Model` record from a
 `Gemma` and decides when the step applies; this module only loads the library.
 """
 
@@ -8,7 +8,7 @@ from __future__ import annotations
 import ctypes
 from pathlib import Path
 
-MAX_ROWS = 8  # sequences per step (the GEMV kernels' largest M)
+MAX_ROWS = 16  # sequences per step (decode_step.c's MAX_ROWS; GEMVs of <= 8 rows each)
 
 _P, _I64, _INT, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
 N_WEIGHTS = 7  # q, k, v, o, gate, up, down (the order of decode_step.c's enum)

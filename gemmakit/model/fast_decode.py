@@ -2,7 +2,7 @@
 instead of ~20 torch ops per layer driven from Python.
 
 `fast_decoder(model, cache)` returns a `FastDecoder` when the step applies (a CPU model in
-float32 or bfloat16 with plain linear layers, a matching cache of at most 8 rows, kernels
+float32 or bfloat16 with plain linear layers, a matching cache of at most 16 rows, kernels
 built), else None, and the caller runs `model(...)` as before. Its `step` is `model(tokens
 [B, 1], positions=, cache=)[:, -1]` in float32: the same math, activations in float32 (the
 eager bfloat16 path rounds them to bfloat16 after every op), RoPE cos/sin read from tables

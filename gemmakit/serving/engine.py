@@ -7,6 +7,12 @@ joined to the batch's cache (`batch.join`); a finished or cancelled one leaves i
 (`batch.keep_rows`). Each row samples with its own settings and generator, so a request's
 tokens do not depend on what else runs (greedy ones are identical to running alone).
 
+Decode steps run the fused C step (`model.fast_decode`: the whole layer stack in one call, up
+to 16 rows, each at its own position) whenever it applies to the model and the batch's cache,
+else (another device, LoRA layers, more rows) the eager forward. It is the step `generate`
+takes too, so greedy answers equal its; in float32 the two paths differ only in summation
+order, in bfloat16 the fused one keeps activations in float32. Prefill is always eager.
+
 Prefix cache: the one-row cache of every prefilled prompt, and of every answer as it leaves
 the batch (prompt and generated tokens), is kept (least recently used first out, up to
 `prefix_tokens` positions in all), as `generation.Session` keeps a conversation's; a new prompt
@@ -19,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import weakref
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -27,6 +34,7 @@ import torch
 
 from gemmakit.generation import common_prefix, sample_next
 from gemmakit.model.cache import KVCache
+from gemmakit.model.fast_decode import FastDecoder, fast_decoder
 from gemmakit.model.transformer import Gemma
 from gemmakit.serving.batch import copy_prefix, grow, join, keep_rows, take_row
 
@@ -113,6 +121,7 @@ class Engine:
         max_queue: int = 64,
         prefill_chunk: int = 256,
         prefix_tokens: int = 4096,
+        fast: bool = True,
     ) -> None:
         self.model = model
         self.config = model.config
@@ -125,10 +134,16 @@ class Engine:
         self._prefilling: list[Job] = []
         self._running: list[Job] = []  # row i of self._batch is self._running[i]
         self._batch: KVCache | None = None
+        self.fast = fast  # False: every decode step is an eager forward
+        # the fused step for self._batch, looked up again only when the batch cache is a new
+        # one (a row joined or left), not at every step: (the cache it was looked up for,
+        # weakly: a batch that is gone is not kept in memory, decoder)
+        self._decoder: tuple[weakref.ref | None, FastDecoder | None] = (None, None)
         self._closed = False
         self._thread = threading.Thread(target=self._loop, name="gemmakit-engine", daemon=True)
         self.steps = 0  # decode steps run (for tests and /health)
         self.most_rows = 0  # the largest batch decoded
+        self.fused_steps = 0  # decode steps that ran the fused C step
         self.cancelled = 0  # jobs dropped because their client went away
 
     # --- any thread ---------------------------------------------------------------------
@@ -259,7 +274,12 @@ class Engine:
         tokens = torch.tensor([[j.last] for j in jobs], dtype=torch.long, device=device)
         positions = torch.tensor([[j.position] for j in jobs], dtype=torch.long, device=device)
         grow(self._batch, self._batch.length + 1)
-        logits = self.model(tokens, positions=positions, cache=self._batch)[:, -1]
+        decoder = self._fast_decoder()
+        if decoder is not None:
+            logits = decoder.step(tokens, positions, self._batch)
+            self.fused_steps += 1
+        else:
+            logits = self.model(tokens, positions=positions, cache=self._batch)[:, -1]
         self.steps += 1
         self.most_rows = max(self.most_rows, len(jobs))
         finished = [
@@ -269,6 +289,17 @@ class Engine:
         ]
         if finished:
             self._leave(finished)
+
+    def _fast_decoder(self) -> FastDecoder | None:
+        """The fused step for the current batch cache, or None (eager) where it does not
+        apply: another device or dtype, LoRA layers, more rows than it takes, `fast` off."""
+        if not self.fast:
+            return None
+        ref, decoder = self._decoder
+        if ref is None or ref() is not self._batch:
+            decoder = fast_decoder(self.model, self._batch)
+            self._decoder = (weakref.ref(self._batch), decoder)
+        return decoder
 
     def _sample(self, jobs: Sequence[Job], logits: torch.Tensor) -> list[int]:
         """Each row's next token [B] from logits [B, V], with its own job's settings."""
