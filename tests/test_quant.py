@@ -67,12 +67,13 @@ def test_kernel_catches_a_wrong_answer():
 @pytest.mark.parametrize("kernels", ["1", "0"])
 def test_linear_equals_dequantize_then_matmul(fmt, kernels, monkeypatch):
     """QuantWeight.linear through the kernel (decode rows) and through the torch fallback
-    (GEMMAKIT_NO_KERNELS=1, or more than 8 rows: prefill), bf16 activations too."""
+    in pieces of 8 rows (a short prefill), and through the torch fallback (GEMMAKIT_NO_KERNELS=1,
+    or more than KERNEL_ROWS rows: a long prefill), bf16 activations too."""
     monkeypatch.setenv("GEMMAKIT_NO_KERNELS", "0" if kernels == "1" else "1")
     gen = torch.Generator().manual_seed(2)
     k = 256 if FORMATS[fmt].block == 256 else 96
     w = QuantWeight(fmt, (37, k), *random_weight(fmt, 37, k, gen))
-    for rows in (1, 5, 11):
+    for rows in (1, 5, 11, 70):
         x = torch.randn(rows, k, generator=gen)
         want = reference(x, fmt, *w._parts(None))
         bound = error_bound(fmt, x, w.dequantize())

@@ -17,6 +17,7 @@ from gemmakit.kernels import quant_gemv
 from gemmakit.quant.formats import FORMATS, dequantize, row_bytes
 
 TILE_ELEMENTS = 1 << 22  # the fallback dequantizes at most this many weights (16 MB) at once
+KERNEL_ROWS = 64  # up to this many rows of x go through the kernel, 8 at a time
 
 
 class QuantWeight(nn.Module):
@@ -100,15 +101,18 @@ class QuantWeight(nn.Module):
         if x.shape[-1] != k:
             raise ValueError(f"x has {x.shape[-1]} features, the weight {k}")
         flat = x.reshape(-1, k)
-        if quant_gemv.applies(flat, self.qdata):
-            y = quant_gemv.call(
-                quant_gemv.library(),
-                FORMATS[self.fmt].code,
-                flat.to(torch.float32).contiguous(),
-                *self._parts(None),
-                n,
-                self.group,
-                torch.get_num_threads(),
+        step = quant_gemv.MAX_ROWS
+        if len(flat) <= KERNEL_ROWS and quant_gemv.applies(flat[:step], self.qdata):
+            # a short prompt's prefill too: the kernel in pieces of 8 rows reads the blocks
+            # once per piece, cheaper than dequantizing the whole weight up to about 64 rows
+            xf = flat.to(torch.float32).contiguous()
+            lib, code, parts = quant_gemv.library(), FORMATS[self.fmt].code, self._parts(None)
+            threads = torch.get_num_threads()
+            y = torch.cat(
+                [
+                    quant_gemv.call(lib, code, xf[i : i + step], *parts, n, self.group, threads)
+                    for i in range(0, len(xf), step)
+                ]
             ).to(x.dtype)
         else:
             # float32 on a CPU (like the kernel; bf16 matmul is no faster there), x's dtype
