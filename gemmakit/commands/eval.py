@@ -183,12 +183,13 @@ def run(args: argparse.Namespace) -> int:
             "seed": args.seed,
             "batch_size": args.batch_size,
             "chat": args.chat,
-            "toxicity_scorer": args.toxicity_scorer,
         },
         "versions": versions(),
         "started": started.isoformat(timespec="seconds"),
         "tasks": {},
     }
+    if scored:
+        results["settings"]["toxicity_scorer"] = args.toxicity_scorer
     samples = {}
     for spec, task in tasks:
         bars.task = task.name
