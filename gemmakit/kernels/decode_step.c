@@ -89,8 +89,15 @@ static int matvecs(const Model *md, const Weight *w, int count, const float *x, 
             fmts[i] = (int)w[i].fmt, Ws[i] = (const uint8_t *)w[i].data;
             scales[i] = w[i].scale, minimums[i] = w[i].minimum, groups[i] = w[i].group;
         }
-        return md->quant_multi(count, fmts, x, Ws, scales, minimums, ys, Ns, M, K, groups,
-                               n_threads);
+        for (int64_t m0 = 0; m0 < M; m0 += GEMV_ROWS) { /* the quant kernels take 8 rows */
+            const int64_t m = M - m0 < GEMV_ROWS ? M - m0 : GEMV_ROWS;
+            float *yc[8];
+            for (int i = 0; i < count; i++) yc[i] = ys[i] + m0 * Ns[i];
+            int rc = md->quant_multi(count, fmts, x + m0 * K, Ws, scales, minimums, yc, Ns, m, K,
+                                     groups, n_threads);
+            if (rc != 0) return rc;
+        }
+        return 0;
     }
     for (int i = 0; i < count; i++) {
         int rc = matvec(&w[i], x, ys[i], M, Ns[i], K, n_threads);
