@@ -255,11 +255,29 @@ def test_toxicity_scorer_flag_scores_with_a_local_classifier(tmp_path, checkpoin
 
 @pytest.mark.parametrize(
     "spec,needle",
-    [("nosuch", "want blocklist"), ("classifier:{d}/missing", "no config.json")],
+    [
+        ("nosuch", "want blocklist"),
+        ("classifier:", "want blocklist"),
+        ("classifier:{d}/missing", "no config.json"),
+        ("classifier:{d}/words.txt", "no config.json"),
+        ("classifier:{d}/nolabel", "has no label named toxic"),
+        ("classifier:{d}/notbert", "not a HF model config"),
+        ("blocklist:{d}/missing.txt", "no blocklist file"),
+        ("blocklist:{d}", "no blocklist file"),
+        ("blocklist:{d}/empty.txt", "blocklist holds no terms"),
+    ],
 )
 def test_toxicity_scorer_flag_refuses_what_it_cannot_use(
     tmp_path, checkpoint, capsys, spec, needle
 ):
+    (tmp_path / "words.txt").write_text("nasty\n")
+    (tmp_path / "empty.txt").write_text("")
+    for name, config in [
+        ("nolabel", {"model_type": "bert", "id2label": {"0": "a", "1": "b", "2": "c"}}),
+        ("notbert", {"id2label": {"0": "neutral", "1": "toxic"}}),
+    ]:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps(config))
     prompts = tmp_path / "rtp.jsonl"
     prompts.write_text(json.dumps({"prompt": {"text": "the cook"}}) + "\n")
     argv = ["eval", "--checkpoint", str(checkpoint), "--tasks", f"realtoxicity:{prompts}"]

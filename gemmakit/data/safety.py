@@ -26,7 +26,7 @@ class Blocklist:
     def from_file(cls, path: str | Path) -> Blocklist:
         """One term per line; blank lines and lines starting with '#' are skipped."""
         path = Path(path)
-        if not path.exists():
+        if not path.is_file():
             raise MissingFileError(f"{path}: no blocklist file")
         lines = read_utf8(path).splitlines()
         terms = [ln for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]

@@ -26,6 +26,7 @@ from typing import Protocol
 
 from gemmakit.data.safety import Blocklist
 from gemmakit.errors import (
+    CheckpointError,
     ConfigError,
     DataError,
     MissingFileError,
@@ -71,7 +72,11 @@ class ClassifierToxicity:
         import torch  # noqa: F401  (transformers needs it; imported here to fail early)
 
         try:
-            from transformers import AutoModelForSequenceClassification, AutoTokenizer
+            from transformers import (
+                AutoConfig,
+                AutoModelForSequenceClassification,
+                AutoTokenizer,
+            )
         except ImportError:
             raise MissingPackageError(
                 "a classifier toxicity scorer needs transformers: pip install transformers"
@@ -79,11 +84,10 @@ class ClassifierToxicity:
         folder = Path(folder)
         if not (folder / "config.json").is_file():
             raise MissingFileError(f"{folder}: no config.json (want a HF classifier folder)")
-        self.tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-        self.model = AutoModelForSequenceClassification.from_pretrained(
-            folder, local_files_only=True
-        ).eval()
-        config = self.model.config
+        try:  # the labels first: a folder without a toxic label is refused before any load
+            config = AutoConfig.from_pretrained(folder, local_files_only=True)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"{folder / 'config.json'}: not a HF model config ({e})") from None
         labels = {int(i): str(name) for i, name in config.id2label.items()}
         named = [i for i, name in labels.items() if name.lower() in ("toxic", "toxicity")]
         if named:
@@ -94,6 +98,13 @@ class ClassifierToxicity:
             raise ConfigError(
                 f"{folder / 'config.json'}: id2label {labels} has no label named toxic"
             )
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+            self.model = AutoModelForSequenceClassification.from_pretrained(
+                folder, local_files_only=True
+            ).eval()
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{folder}: cannot load the classifier ({e})") from None
         self.multi_label = config.problem_type == "multi_label_classification"
         self.batch_size, self.max_length = batch_size, max_length
 
