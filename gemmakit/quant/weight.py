@@ -108,12 +108,11 @@ class QuantWeight(nn.Module):
             xf = flat.to(torch.float32).contiguous()
             lib, code, parts = quant_gemv.library(), FORMATS[self.fmt].code, self._parts(None)
             threads = torch.get_num_threads()
-            y = torch.cat(
-                [
-                    quant_gemv.call(lib, code, xf[i : i + step], *parts, n, self.group, threads)
-                    for i in range(0, len(xf), step)
-                ]
-            ).to(x.dtype)
+            pieces = [
+                quant_gemv.call(lib, code, xf[i : i + step], *parts, n, self.group, threads)
+                for i in range(0, len(xf), step)
+            ]  # one piece when decoding: no copy through cat
+            y = (pieces[0] if len(pieces) == 1 else torch.cat(pieces)).to(x.dtype)
         else:
             # float32 on a CPU (like the kernel; bf16 matmul is no faster there), x's dtype
             # on a GPU
