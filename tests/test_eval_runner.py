@@ -192,3 +192,34 @@ def test_chat_wraps_the_prompt_as_a_user_turn(tok):
 def test_cut_at_stop_takes_the_earliest():
     assert cut_at_stop("a. b\n\nc", ["\n\n", "."]) == "a"
     assert cut_at_stop("abc", []) == "abc"
+
+
+@pytest.mark.parametrize("preset", ["tiny-gemma3", "tiny-gemma2"])  # Gemma 2: the final soft-cap
+def test_token_logprobs_tiled_head_equals_float64_log_softmax(preset, monkeypatch):
+    """The head in vocabulary tiles (the C statistics kernel where it builds) gives each
+    target's log-probability and argmax flag as a float64 log_softmax of the full logits."""
+    from gemmakit.kernels import train_ops
+    from gemmakit.model import head
+    from gemmakit.model.attention import soft_cap
+
+    model = model_of(preset, vocab=5003)  # tiles of 2048 and a ragged last one
+    monkeypatch.setattr(head, "TILE", 2048)
+    calls = []
+    stats = train_ops.softmax_stats
+    monkeypatch.setattr(train_ops, "softmax_stats", lambda *a: calls.append(1) or stats(*a))
+    gen = torch.Generator().manual_seed(0)
+    hidden = model.final_norm(torch.randn(37, model.config.d_model, generator=gen) * 4)
+    w = model.embedder.weight.detach().double()
+    z = hidden.detach().double() @ w.T
+    if model.config.final_logit_softcap is not None:
+        z = soft_cap(z, model.config.final_logit_softcap)
+    targets = torch.randint(0, 5003, (37,), generator=gen)
+    targets[:10] = z[:10].argmax(-1)  # some targets are the argmax, in a tile of their own
+    want = z.log_softmax(-1).gather(-1, targets[:, None])[:, 0]
+    got, hit = head.token_logprobs(model, hidden.detach(), targets)
+    assert torch.allclose(got.double(), want, atol=2e-5, rtol=0)
+    assert hit.tolist() == (z.argmax(-1) == targets).tolist()
+    assert hit[:10].all() and not hit[10:].all()
+    assert len(calls) == (3 if train_ops.library() is not None else 0)  # the kernel ran
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        head.token_logprobs(model, hidden[:1].detach(), torch.tensor([5003]))

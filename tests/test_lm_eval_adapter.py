@@ -51,7 +51,9 @@ def assert_same(got: dict, want: dict) -> None:
     for a, b in zip(got["gk_choice"], want["gk_choice"], strict=True):
         assert a["arguments"] == b["arguments"]
         for (lp, greedy), (want_lp, want_greedy) in zip(a["resps"], b["resps"], strict=True):
-            assert lp == pytest.approx(want_lp, abs=1e-4)
+            # both in float32: against the float64 forward, lm-eval's hf backend is off by up
+            # to 4.2e-4 on these requests (one full-vocabulary matmul), gemmakit by 1.7e-5
+            assert lp == pytest.approx(want_lp, abs=1e-3)
             assert greedy == want_greedy
             compared += 1
     assert compared == sum(len(d["choices"]) for d in DOCS)
@@ -79,7 +81,7 @@ def test_rolling_is_the_text_after_bos(ours):
     _, out = ours
     want = json.loads(OUT.read_text())["rolling"]
     got = [s["resps"][0][0] for s in out["samples"]["gk_rolling"]]
-    assert got == pytest.approx(want, abs=1e-4)
+    assert got == pytest.approx(want, abs=1e-3)  # float32 on both sides: see assert_same
 
 
 def test_gemmakit_lm_eval_runs_lm_evals_command(ours, tasks_dir, tmp_path, monkeypatch):

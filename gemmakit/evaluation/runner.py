@@ -33,15 +33,12 @@ from gemmakit.errors import UsageError
 from gemmakit.evaluation.requests import Generate, Loglikelihood, LoglikelihoodResult, Rolling
 from gemmakit.generation import check_sampling, left_pad, stream_generate
 from gemmakit.model.cache import KVCache
+from gemmakit.model.head import token_logprobs
 from gemmakit.model.transformer import Gemma
 from gemmakit.tokenizer import Tokenizer, load_tokenizer
 
 # progress(kind, done, total): kind is "loglikelihood", "rolling" or "generate"
 Progress = Callable[[str, int, int], None]
-
-# positions whose logits are computed at once: 64 x 262144 float32 logits are 64 MiB
-LOGIT_CHUNK = 64
-
 
 @dataclass(frozen=True)
 class TokenRequest:
@@ -225,18 +222,12 @@ class ModelRunner:
         cache.key_valid[:, :Lc] = valid
         positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
         # the context's last position predicts each continuation's first token
-        first = model(tokens, positions=positions, cache=cache, last_only=True)[:, -1]
-        first_logp = first.float().log_softmax(-1)  # [G, V]
-
-        logp = [0.0] * R  # per row: the summed log-prob so far
-        greedy = [True] * R
-        for r, cont in enumerate(conts):
-            if cont:
-                lp = first_logp[row_group[r]]
-                logp[r] = float(lp[cont[0]])
-                greedy[r] = bool(lp.argmax() == cont[0])
+        last = model(tokens, positions=positions, cache=cache, last_only=True, return_hidden=True)
+        index = torch.tensor(row_group, dtype=torch.long, device=device)
+        pieces = [last[:, -1].index_select(0, index)]  # [R, D]
+        owners = list(range(R))  # the row each scored position belongs to
+        targets = [cont[0] if cont else self.tokens.pad for cont in conts]
         if Lk > 0:
-            index = torch.tensor(row_group, dtype=torch.long, device=device)
             cache.select_rows(index)
             fed = torch.full((R, Lk), self.tokens.pad, dtype=torch.long)
             for r, cont in enumerate(conts):
@@ -247,23 +238,21 @@ class ModelRunner:
             ctx_len = valid.sum(-1).index_select(0, index)  # [R]
             pos = ctx_len[:, None] + torch.arange(Lk, device=device)[None, :]
             hidden = model(fed, positions=pos, cache=cache, return_hidden=True)  # [R, Lk, D]
-            # only the positions that predict a continuation token get logits
+            # only the positions that predict a continuation token are scored
             where = [(r, j) for r, cont in enumerate(conts) for j in range(len(cont) - 1)]
             rows_t = torch.tensor([r for r, _ in where], dtype=torch.long, device=device)
             cols_t = torch.tensor([j for _, j in where], dtype=torch.long, device=device)
-            target = torch.tensor(
-                [conts[r][j + 1] for r, j in where], dtype=torch.long, device=device
-            )
-            picked = hidden[rows_t, cols_t]  # [N, D]
-            lps, hits = [], []
-            for s in range(0, len(where), LOGIT_CHUNK):
-                lp = model.logits(picked[s : s + LOGIT_CHUNK]).float().log_softmax(-1)
-                t = target[s : s + LOGIT_CHUNK]
-                lps.append(lp.gather(-1, t[:, None])[:, 0])
-                hits.append(lp.argmax(-1) == t)
-            token_lp = torch.cat(lps).tolist()
-            token_hit = torch.cat(hits).tolist()
-            for (r, _), lp_, hit in zip(where, token_lp, token_hit):
+            pieces.append(hidden[rows_t, cols_t])  # [N, D]
+            owners += [r for r, _ in where]
+            targets += [conts[r][j + 1] for r, j in where]
+        token_lp, token_hit = token_logprobs(
+            model, torch.cat(pieces), torch.tensor(targets, dtype=torch.long, device=device)
+        )
+        logp = [0.0] * R  # per row: the summed log-prob
+        greedy = [True] * R
+        scored = [bool(c) for c in conts] + [True] * (len(owners) - R)  # an empty one: nothing
+        for r, lp_, hit, keep in zip(owners, token_lp.tolist(), token_hit.tolist(), scored):
+            if keep:
                 logp[r] += lp_
                 greedy[r] = greedy[r] and hit
         r = 0

@@ -267,6 +267,47 @@ int xent_rows(float *z, const int64_t *targets, float *loss, int64_t n, int64_t 
     return bad ? 2 : 0;
 }
 
+/* ---- Softmax statistics of logits tiles: log-likelihood scoring -------------------------- */
+
+/* Folds one tile z [n, v] (row stride ld) of a row's logits, whose first column is vocabulary
+ * id `offset`, into running per-row statistics: mx[i] (max so far), arg[i] (its id, the first
+ * on ties, as torch.argmax) and sum[i] (sum of exp(logit - mx[i]) so far); picked[i] is set
+ * to the logit of id targets[i] when the tile holds it (the same float as the sum saw, so the
+ * rounding of a dominant logit cancels in logit - logsumexp). Start from mx = -inf, sum = 0;
+ * then logsumexp = mx + log(sum). A tile is read twice while in cache. */
+int softmax_stats(const float *z, int64_t n, int64_t v, int64_t ld, int64_t offset,
+                  const int64_t *targets, float *picked, float *mx, int64_t *arg, float *sum,
+                  int threads) {
+    if (n < 0 || v <= 0 || ld < v) return 1;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t i = 0; i < n; i++) {
+        const float *row = z + i * ld;
+        if (targets[i] >= offset && targets[i] < offset + v) picked[i] = row[targets[i] - offset];
+        __m256 mv = _mm256_set1_ps(-INFINITY);
+        int64_t k = 0;
+        for (; k + 8 <= v; k += 8) mv = _mm256_max_ps(mv, _mm256_loadu_ps(row + k));
+        __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mv), _mm256_extractf128_ps(mv, 1));
+        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+        float m = _mm_cvtss_f32(m4);
+        for (; k < v; k++) m = row[k] > m ? row[k] : m;
+        int64_t at = 0;
+        while (at < v - 1 && row[at] != m) at++; /* the first maximum */
+        __m256 mb = _mm256_set1_ps(m), acc = _mm256_setzero_ps();
+        for (k = 0; k + 8 <= v; k += 8) acc = _mm256_add_ps(acc, exp_neg(_mm256_sub_ps(_mm256_loadu_ps(row + k), mb)));
+        float s = hsum8(acc);
+        for (; k < v; k++) s += expf(row[k] - m);
+        if (m > mx[i]) {
+            sum[i] = sum[i] * expf(mx[i] - m) + s; /* exp(-inf) = 0 on the first tile */
+            mx[i] = m;
+            arg[i] = offset + at;
+        } else {
+            sum[i] += s * expf(m - mx[i]);
+        }
+    }
+    return 0;
+}
+
 /* ---- Rotary embedding, rotate-half layout -------------------------------------------------- */
 
 /* y = x * cos + rotate_half(x) * sin over x [B, N, T, H] with any strides for b, n, t (h

@@ -27,6 +27,7 @@ SIGNATURES = {
     "gelu_mul_bwd": [_P, _P, _P, _P, _P, _I64, _INT],
     "xent_rows": [_P, _P, _P, _I64, _I64, _INT, _INT],
     "rope_apply": [_P, _P, _P, _P, *[_I64] * 10, _INT, _INT],
+    "softmax_stats": [_P, _I64, _I64, _I64, _I64, _P, _P, _P, _P, _P, _INT],
 }
 
 
@@ -268,6 +269,38 @@ def xent_rows(
     return loss
 
 
+def softmax_stats(
+    lib: ctypes.CDLL,
+    z: torch.Tensor,
+    offset: int,
+    targets: torch.Tensor,
+    picked: torch.Tensor,
+    mx: torch.Tensor,
+    arg: torch.Tensor,
+    total: torch.Tensor,
+) -> None:
+    """Fold the logits tile z [n, v] (float32 CPU, unit last stride), whose column 0 is
+    vocabulary id `offset`, into the running per-row max mx [n] float32, its id arg [n] int64
+    (the first on ties) and total [n] float32 = sum of exp(logit - mx); picked [n] float32
+    gets the logit of targets [n] (int64) where the tile holds it. Start from mx = -inf,
+    arg = 0, total = 0; afterwards logsumexp = mx + log(total)."""
+    n, v = z.shape
+    rc = lib.softmax_stats(
+        z.data_ptr(),
+        n,
+        v,
+        z.stride(0),
+        offset,
+        targets.data_ptr(),
+        picked.data_ptr(),
+        mx.data_ptr(),
+        arg.data_ptr(),
+        total.data_ptr(),
+        torch.get_num_threads(),
+    )
+    _check(rc, "softmax_stats")
+
+
 # --- the library's self-test ---------------------------------------------------------------
 # Against torch's own ops, written here independently of gemmakit.model.layers (which imports
 # this module); tests/test_train_ops.py checks these ops equal the model's math.
@@ -329,6 +362,16 @@ def self_test(lib: ctypes.CDLL) -> None:
     want_grad = (z.softmax(-1) - F.one_hot(t.clamp(min=0), z.shape[1])) * keep[:, None]
     _close("xent_rows loss", loss, want_loss)
     _close("xent_rows grad", grad, want_grad)
+    z[2, 7] = z[2, 900] = z[2].max() + 1  # a tie: the first id wins, as torch.argmax
+    mx, total, picked = torch.full((6,), float("-inf")), torch.zeros(6), torch.zeros(6)
+    arg = torch.zeros(6, dtype=torch.int64)
+    t = torch.tensor([0, 1002, 399, 400, 77, 500])
+    for start in range(0, 1003, 400):  # tiles of a wider buffer (row stride > tile width)
+        softmax_stats(lib, z[:, start : start + 400], start, t, picked, mx, arg, total)
+    _close("softmax_stats logsumexp", mx + total.log(), torch.logsumexp(z, -1))
+    _close("softmax_stats target", picked, z.gather(1, t[:, None])[:, 0])
+    if not torch.equal(arg, z.argmax(-1)):
+        raise RuntimeError("self-test failed for softmax_stats: argmax differs")
 
 
 def _close(what: str, got: torch.Tensor, want: torch.Tensor) -> None:
