@@ -120,13 +120,14 @@ def kill_after_checkpoint(cmd: list[str], run_dir: Path, step: int) -> None:
     assert proc.wait() == -signal.SIGKILL, "the run ended before it could be killed"
 
 
-def torchrun(command: str, recipe_path: Path, *args: str) -> None:
-    """`gemmakit COMMAND RECIPE ARGS` in 2 CPU processes (gloo) under torchrun; fails with
-    their output unless both exit 0."""
+def torchrun(command: str, recipe_path: Path, *args: str) -> str:
+    """`gemmakit COMMAND RECIPE ARGS` in 2 CPU processes (gloo) under torchrun: their stdout;
+    fails with their output unless both exit 0."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node"]
     cmd += ["2", "-m", "gemmakit.cli", command, str(recipe_path), *args]
     out = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out.stdout
 
 
 # --------------------------------------------------------------------------- preference pairs

@@ -283,7 +283,8 @@ def test_two_processes_match_one(tmp_path):
     single = rlhf(recipe)
     recipe["run_dir"] = str(tmp_path / "ddp")
     recipe["distributed"] = {"mode": "ddp"}
-    torchrun("rlhf", write_recipe(tmp_path / "r.yaml", recipe))
+    out = torchrun("rlhf", write_recipe(tmp_path / "r.yaml", recipe))
+    assert out.count("done: 2 steps") == 1  # printed by rank 0 alone
     records = [r for r in read_metrics(tmp_path / "ddp") if "loss" in r]
     assert [r["step"] for r in records] == [1, 2]  # rank 0 alone writes the log
     names = ["reward", "kl", "entropy", "answer_len", "truncated"]

@@ -19,6 +19,7 @@ from gemmakit.training.conversations import (
     pack,
     read_conversations,
 )
+from gemmakit.training.distributed import DistEnv
 from gemmakit.training.losses import IGNORE
 
 SMALL = dict(vocab_size=64, d_model=32, n_layers=3, n_heads=2, head_dim=16, ffn_dim=64)
@@ -405,3 +406,31 @@ def test_two_processes_match_one(tmp_path):
     assert set(a) == set(b) and len(a) == 2 * 3 * get_config("tiny").n_layers  # A, B; 3 targets
     for key in b:
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6)
+
+
+def test_logged_tokens_per_s_and_mfu_count_real_tokens_and_flops_done(tmp_path):
+    """tokens_per_s counts the step's tokens, not its padded positions (rows here are ~83%
+    full), and MFU the FLOPs of those tokens and of the target positions' logits (StepFlops)
+    over the given peak."""
+    from gemmakit.model.lora import LoRASpec, apply_lora
+    from gemmakit.tokenizer import load_tokenizer
+    from gemmakit.training.loop import count_positions
+    from gemmakit.training.metrics import StepFlops, read_metrics
+    from gemmakit.training.recipe import as_recipe
+    from gemmakit.training.sft import SFTData, base_config, sft
+
+    format_task(tmp_path)
+    recipe = small_sft_recipe(tmp_path, "run", 3, log={"peak_flops": 1e12})
+    sft(recipe)
+    r = as_recipe(recipe)
+    config = base_config(r)
+    data = SFTData(r, load_tokenizer(tmp_path / "tok.model"), config)
+    model = build_model(config, dtype=torch.float32)
+    apply_lora(model, LoRASpec(4, 8.0, 0.0, tuple(LORA["targets"])))
+    flops = StepFlops.of(model, 64)
+    steps = [x for x in read_metrics(tmp_path / "run") if "loss" in x]
+    for rec, batch in zip(steps, data.make_batches(DistEnv(0, 1, 0, torch.device("cpu")), 0)):
+        tokens, logits = count_positions(batch)
+        assert 0 < logits < tokens < 4 * 64
+        assert rec["tokens_per_s"] * rec["step_s"] == pytest.approx(tokens, rel=1e-9)
+        assert rec["mfu"] * rec["step_s"] * 1e12 == pytest.approx(flops(tokens, logits), rel=1e-9)

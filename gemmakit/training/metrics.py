@@ -88,22 +88,25 @@ def measured_peak_flops(device_type: str, dtype: torch.dtype, threads: int = 0) 
 
 @cache
 def _matmul_rate(device_type: str, dtype: torch.dtype, threads: int) -> float:
-    """The best of a few timings of an n^3 matmul after a warm-up (best: another process
-    taking a core for a moment only makes some timings slower). n = 2048: a 1024^3 matmul
-    is short enough that the threads' start and join show in its time (measured: 10% below
-    2048's on one core of an EPYC, so MFU read 10% high)."""
-    n = 2048 if device_type == "cpu" else 4096
+    """The fastest of repeated 1024^3 matmuls over ~0.3 s, after a warm-up. The fastest,
+    over a window longer than a scheduler slice: on a shared machine another process taking
+    a core for a moment slows every op that waits on all threads: a peak taken in such a
+    moment (a few 25 ms matmuls) reads low, up to half, and MFU that much too high. On a
+    2-core EPYC, 512 to 3072 give the same rate within noise (~80 GFLOP/s float32 on 1
+    thread, ~130 on 2): the size is not what limits it."""
+    n = 1024
     gen = torch.Generator(device_type).manual_seed(0)  # the global RNG stays as it was
     a = torch.randn(n, n, device=device_type, generator=gen).to(dtype)
     b = torch.randn(n, n, device=device_type, generator=gen).to(dtype)
     out = torch.empty(n, n, device=device_type, dtype=dtype)
-    best = float("inf")
-    for _ in range(6):  # the first warms the library up
+    torch.mm(a, b, out=out)  # warm-up
+    best, end, runs = float("inf"), time.perf_counter() + 0.3, 0
+    while runs < 5 or time.perf_counter() < end:
         start = time.perf_counter()
         torch.mm(a, b, out=out)
         if device_type == "cuda":
             torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - start)
+        best, runs = min(best, time.perf_counter() - start), runs + 1
     return 2 * n**3 / best
 
 
