@@ -356,7 +356,7 @@ def test_kill_9_then_resume_matches_uninterrupted_run(tmp_path):
     from gemmakit.training.sft import sft
 
     format_task(tmp_path)
-    steps = 30
+    steps = 20
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the same threads as the subprocess, so the same float sums
     try:
