@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import os
 import random
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import yaml
@@ -102,6 +106,28 @@ def subprocess_env() -> dict:
 
 
 CONSTANT_LR = {"lr": 1e-2, "min_lr": 1e-2, "warmup_steps": 0}  # so a run may be extended
+
+
+def kill_after_checkpoint(cmd: list[str], run_dir: Path, step: int) -> None:
+    """Run `cmd` (a gemmakit training command) and SIGKILL it as soon as the checkpoint of
+    `step` is complete in run_dir; fails if the run ended before it could be killed."""
+    proc = subprocess.Popen(cmd, env=subprocess_env(), stdout=subprocess.DEVNULL)
+    first = Path(run_dir) / "checkpoints" / f"step_{step:07d}" / "train_state.pt"
+    deadline = time.time() + 120
+    while not first.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "the run ended before it could be killed"
+
+
+def torchrun(command: str, recipe_path: Path, *args: str) -> str:
+    """`gemmakit COMMAND RECIPE ARGS` in 2 CPU processes (gloo) under torchrun: their stdout;
+    fails with their output unless both exit 0."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node"]
+    cmd += ["2", "-m", "gemmakit.cli", command, str(recipe_path), *args]
+    out = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out.stdout
 
 
 # --------------------------------------------------------------------------- preference pairs

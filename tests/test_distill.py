@@ -6,14 +6,19 @@ enters a checkpoint; teacher and student must share a vocabulary."""
 
 from __future__ import annotations
 
-import signal
-import subprocess
 import sys
-import time
 
 import pytest
 import torch
-from helpers import CONSTANT_LR, ROOT, SMALL, losses, subprocess_env, tiny_recipe, write_recipe
+from helpers import (
+    CONSTANT_LR,
+    ROOT,
+    SMALL,
+    kill_after_checkpoint,
+    losses,
+    tiny_recipe,
+    write_recipe,
+)
 
 from gemmakit import load_model
 from gemmakit.api import build_model
@@ -291,13 +296,7 @@ def test_kill_9_then_resume_matches_uninterrupted_run(tmp_path, teacher):
         cut = student_recipe(tmp_path / "cut", teacher, steps, **sections)
         path = write_recipe(tmp_path / "r.yaml", cut)
         cmd = [sys.executable, "-m", "gemmakit.cli", "distill", str(path)]
-        proc = subprocess.Popen(cmd, env=subprocess_env(), stdout=subprocess.DEVNULL)
-        first = tmp_path / "cut" / "checkpoints" / "step_0000010" / "train_state.pt"
-        deadline = time.time() + 120
-        while not first.exists() and proc.poll() is None and time.time() < deadline:
-            time.sleep(0.002)
-        proc.send_signal(signal.SIGKILL)
-        assert proc.wait() == -signal.SIGKILL, "the run ended before it could be killed"
+        kill_after_checkpoint(cmd, tmp_path / "cut", 10)
         assert 10 <= len(losses(tmp_path / "cut")) < steps
         resumed = distill(cut, resume=True)
     finally:

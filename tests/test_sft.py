@@ -19,6 +19,7 @@ from gemmakit.training.conversations import (
     pack,
     read_conversations,
 )
+from gemmakit.training.distributed import DistEnv
 from gemmakit.training.losses import IGNORE
 
 SMALL = dict(vocab_size=64, d_model=32, n_layers=3, n_heads=2, head_dim=16, ffn_dim=64)
@@ -300,3 +301,136 @@ def test_sft_command_reports_a_bad_row_in_one_line(tmp_path, capsys):
     for name in ("sft-tiny.yaml", "sft-270m-lora.yaml"):  # the shipped recipes parse
         r = load_recipe(Path(__file__).parents[1] / "recipes" / name)
         assert (r.lora is None) == (name == "sft-tiny.yaml")
+
+
+# --- exact resume after SIGKILL, any split of a step, torchrun (DDP) ------------------------
+
+LORA = {"rank": 4, "alpha": 8.0, "dropout": 0.1, "targets": ["q_proj", "v_proj", "up_proj"]}
+# Dropout masks are drawn per micro-batch (and per rank): another split draws others.
+NO_DROPOUT = {**LORA, "dropout": 0.0}
+
+
+def small_sft_recipe(tmp_path, run: str, steps: int, **sections) -> dict:
+    """LoRA (with adapter dropout: the RNG must resume too) on the format task, small enough
+    that a step takes a few ms on one core; rows of 64 positions hold 2-4 conversations."""
+    base = dict(
+        run_dir=str(tmp_path / run),
+        lora=LORA,
+        training={"steps": steps, "seq_len": 64, "batch_size": 4, "micro_batch_size": 4},
+        optimizer={"lr": 1e-2, "min_lr": 1e-3, "warmup_steps": 2},
+        eval={"interval": 0},
+        checkpoint={"interval": 10, "keep": 1},
+        log={"interval": 1},
+    )
+    for name, values in sections.items():
+        base[name] = {**base.get(name, {}), **values} if isinstance(values, dict) else values
+    recipe = sft_recipe(tmp_path, **base)
+    recipe["training"]["dtype"] = "float32"
+    return recipe
+
+
+def test_a_step_split_into_micro_batches_gives_the_whole_batchs_losses(tmp_path):
+    """Rows hold different numbers of target tokens: the loss is the mean over the step's
+    targets (LOSS_TERMS), not a mean of micro-batch means, so 2 micro-batches of 2 rows give
+    the losses of one micro-batch of 4 (a mean of means is ~1e-4 off: this catches it)."""
+    from gemmakit.training.sft import sft
+
+    format_task(tmp_path)
+    whole = sft(small_sft_recipe(tmp_path, "whole", 6, lora=NO_DROPOUT))
+    split = sft(
+        small_sft_recipe(tmp_path, "split", 6, lora=NO_DROPOUT, training={"micro_batch_size": 2})
+    )
+    torch.testing.assert_close(
+        torch.tensor(split.losses), torch.tensor(whole.losses), rtol=1e-5, atol=0
+    )
+
+
+def test_kill_9_then_resume_matches_uninterrupted_run(tmp_path):
+    """`gemmakit sft` with LoRA killed with SIGKILL after its first checkpoint and resumed
+    gives every step's loss of the uninterrupted run (the adapter, AdamW's state, the data
+    position and the dropout RNG all come back)."""
+    import sys
+
+    from helpers import kill_after_checkpoint, losses, write_recipe
+
+    from gemmakit.training.sft import sft
+
+    format_task(tmp_path)
+    steps = 20
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the same threads as the subprocess, so the same float sums
+    try:
+        whole = sft(small_sft_recipe(tmp_path, "whole", steps))
+        cut = small_sft_recipe(tmp_path, "cut", steps)
+        path = write_recipe(tmp_path / "r.yaml", cut)
+        kill_after_checkpoint(
+            [sys.executable, "-m", "gemmakit.cli", "sft", str(path)], tmp_path / "cut", 10
+        )
+        assert 10 <= len(losses(tmp_path / "cut")) < steps
+        resumed = sft(cut, resume=True)
+    finally:
+        torch.set_num_threads(threads)
+    assert resumed.steps == steps and len(resumed.losses) < steps
+    got = losses(tmp_path / "cut")
+    assert len(got) == steps
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(whole.losses), rtol=1e-5, atol=0)
+    assert (resumed.checkpoint / "adapter_model.safetensors").is_file()
+
+
+def test_two_processes_match_one(tmp_path):
+    """`gemmakit sft` with LoRA under torchrun, DDP over 2 CPU processes with 2 rows each,
+    gives one process's per-step losses (4 rows a micro-batch), held-out losses and adapter.
+    eval.batches counts micro-batches over all ranks, so 4 of 2 rows are the single run's 2
+    of 4 rows."""
+    from helpers import losses, torchrun, write_recipe
+    from safetensors.torch import load_file
+
+    from gemmakit.training.metrics import read_metrics
+    from gemmakit.training.sft import sft
+
+    format_task(tmp_path)
+    sections = dict(lora=NO_DROPOUT, eval={"interval": 2, "batches": 2}, checkpoint={"interval": 4})
+    single = sft(small_sft_recipe(tmp_path, "one", 4, **sections))
+    ddp = small_sft_recipe(tmp_path, "ddp", 4, **sections)
+    ddp["training"]["micro_batch_size"] = 2
+    ddp["eval"]["batches"] = 4
+    ddp["distributed"] = {"mode": "ddp"}
+    torchrun("sft", write_recipe(tmp_path / "r.yaml", ddp))
+    got = torch.tensor(losses(tmp_path / "ddp"))
+    torch.testing.assert_close(got, torch.tensor(single.losses), rtol=1e-5, atol=0)
+    val = [r["val_loss"] for r in read_metrics(tmp_path / "ddp") if "val_loss" in r]
+    want = torch.tensor([v for _, v in single.val_losses])
+    torch.testing.assert_close(torch.tensor(val), want, rtol=1e-5, atol=0)
+    name = "checkpoints/step_0000004/adapter_model.safetensors"
+    a, b = load_file(tmp_path / "ddp" / name), load_file(tmp_path / "one" / name)
+    assert set(a) == set(b) and len(a) == 2 * 3 * get_config("tiny").n_layers  # A, B; 3 targets
+    for key in b:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6)
+
+
+def test_logged_tokens_per_s_and_mfu_count_real_tokens_and_flops_done(tmp_path):
+    """tokens_per_s counts the step's tokens, not its padded positions (rows here are ~83%
+    full), and MFU the FLOPs of those tokens and of the target positions' logits (StepFlops)
+    over the given peak."""
+    from gemmakit.model.lora import LoRASpec, apply_lora
+    from gemmakit.tokenizer import load_tokenizer
+    from gemmakit.training.loop import count_positions
+    from gemmakit.training.metrics import StepFlops, read_metrics
+    from gemmakit.training.recipe import as_recipe
+    from gemmakit.training.sft import SFTData, base_config, sft
+
+    format_task(tmp_path)
+    recipe = small_sft_recipe(tmp_path, "run", 3, log={"peak_flops": 1e12})
+    sft(recipe)
+    r = as_recipe(recipe)
+    config = base_config(r)
+    data = SFTData(r, load_tokenizer(tmp_path / "tok.model"), config)
+    model = build_model(config, dtype=torch.float32)
+    apply_lora(model, LoRASpec(4, 8.0, 0.0, tuple(LORA["targets"])))
+    flops = StepFlops.of(model, 64)
+    steps = [x for x in read_metrics(tmp_path / "run") if "loss" in x]
+    for rec, batch in zip(steps, data.make_batches(DistEnv(0, 1, 0, torch.device("cpu")), 0)):
+        tokens, logits = count_positions(batch)
+        assert 0 < logits < tokens < 4 * 64
+        assert rec["tokens_per_s"] * rec["step_s"] == pytest.approx(tokens, rel=1e-9)
+        assert rec["mfu"] * rec["step_s"] * 1e12 == pytest.approx(flops(tokens, logits), rel=1e-9)

@@ -248,3 +248,77 @@ def test_cpu_peak_for_mfu_is_never_below_the_float32_rate(monkeypatch):
     rates[torch.bfloat16] = 300e9  # native bf16 (AMX): its own, higher rate
     assert metrics.peak_flops(torch.device("cpu"), torch.bfloat16) == 300e9
     assert metrics.peak_flops(torch.device("cpu"), torch.bfloat16, override=5.0) == 5.0
+
+
+# --- what MFU and tokens/s count --------------------------------------------------------------
+
+
+def test_flops_leave_out_frozen_weights_gradients_and_logits_without_a_target():
+    """Full training at every position is PaLM's 6N + attention per token. LoRA's frozen base
+    computes no weight gradients: 4 FLOPs per base weight, not 6 (counting 6 made the real
+    270M's LoRA MFU read 211% on a CPU); the head costs only where the loss takes logits."""
+    from gemmakit.model.lora import LoRASpec, apply_lora
+    from gemmakit.training.metrics import StepFlops, train_flops_per_token
+
+    model = small_model()
+    cfg, T = model.config, 16
+    full = StepFlops.of(model, T)
+    assert full(1, 1) == pytest.approx(train_flops_per_token(cfg, T), rel=1e-12)
+    apply_lora(model, LoRASpec(4, 8.0, 0.0, ("q_proj", "down_proj")))
+    adapters = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+    base = cfg.non_embedding_params()
+    head = cfg.vocab_size * cfg.d_model
+    lora = StepFlops.of(model, T)
+    assert adapters > 0 and lora.per_logit == 4 * head
+    assert lora.per_token == full.per_token - 2 * base + 6 * adapters
+    # Per trained token the LoRA step is the full one less the weight-gradient share.
+    assert full(1, 1) - lora(1, 1) == 2 * base + 2 * head - 6 * adapters
+    # Prompt tokens (no target) cost the body alone.
+    assert lora(10, 4) == 10 * lora.per_token + 4 * lora.per_logit
+
+
+def test_peak_is_measured_with_the_runs_threads(monkeypatch):
+    """The CPU peak is measured (and cached) per thread count: a peak taken with 1 thread
+    for a 2-thread run would halve it and double MFU."""
+    from gemmakit.training import metrics
+
+    calls = []
+
+    def rate(device_type, dtype, threads):
+        calls.append(threads)
+        return threads * 1e9
+
+    monkeypatch.setattr(metrics, "_matmul_rate", rate)
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            assert metrics.peak_flops(torch.device("cpu"), torch.float32) == n * 1e9
+    finally:
+        torch.set_num_threads(threads)
+    assert calls == [1, 2]
+
+
+def test_count_positions_of_each_stages_batches():
+    """tokens/s counts positions holding a token (not padding) and MFU's head term the
+    positions with a target: packed SFT rows, unpacked ones, preference pairs (a reward model
+    takes no next-token logits), pretraining windows (all of both)."""
+    from gemmakit.training.conversations import Example, collate
+    from gemmakit.training.loop import count_positions
+    from gemmakit.training.losses import windows_to_batch
+    from gemmakit.training.preferences import EncodedPair, Side, collate_pairs
+
+    def ex(n, targets):
+        return Example(np.arange(n) + 4, np.array([IGNORE] * (n - targets) + [5] * targets))
+
+    examples = [ex(5, 2), ex(3, 1), ex(7, 4)]
+    for packed in (True, False):
+        rows = [[0, 1], [2]] if packed else [[0], [1], [2]]
+        batch = collate(examples, rows, 16, 0, packed)
+        assert count_positions(batch) == (15, 7)
+    side = Side(np.arange(6) + 4, np.array([False] * 3 + [True] * 3))
+    short = Side(np.arange(4) + 4, np.array([False] * 3 + [True]))
+    pairs = [EncodedPair(side, short)]
+    assert count_positions(collate_pairs(pairs, 0)) == (10, 3 + 1)  # predicting a response id
+    assert count_positions(collate_pairs(pairs, 0, targets=False)) == (10, 0)
+    assert count_positions(windows_to_batch(torch.zeros(2, 9, dtype=torch.long))) == (16, 16)

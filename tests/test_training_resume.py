@@ -3,15 +3,19 @@ processes (FSDP2 or DDP over gloo) give the losses of one process with the same 
 
 from __future__ import annotations
 
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import CONSTANT_LR, losses, subprocess_env, tiny_recipe, write_recipe
+from helpers import (
+    CONSTANT_LR,
+    kill_after_checkpoint,
+    losses,
+    tiny_recipe,
+    torchrun,
+    write_recipe,
+)
 
 from gemmakit.training.metrics import read_metrics
 from gemmakit.training.pretrain import pretrain
@@ -33,15 +37,7 @@ def test_kill_9_then_resume_matches_uninterrupted_run(tmp_path):
     try:
         whole = pretrain(tiny_recipe(tmp_path / "whole", **sections))
         recipe_path = write_recipe(tmp_path / "r.yaml", tiny_recipe(tmp_path / "cut", **sections))
-        proc = subprocess.Popen(
-            cli(str(recipe_path)), env=subprocess_env(), stdout=subprocess.DEVNULL
-        )
-        first = tmp_path / "cut" / "checkpoints" / "step_0000010" / "train_state.pt"
-        deadline = time.time() + 120
-        while not first.exists() and proc.poll() is None and time.time() < deadline:
-            time.sleep(0.002)
-        proc.send_signal(signal.SIGKILL)
-        assert proc.wait() == -signal.SIGKILL, "the run ended before it could be killed"
+        kill_after_checkpoint(cli(str(recipe_path)), tmp_path / "cut", 10)
         done = losses(tmp_path / "cut")
         assert 10 <= len(done) < steps
         # A checkpoint save cut short leaves a hidden temporary, which resume ignores.
@@ -57,24 +53,6 @@ def test_kill_9_then_resume_matches_uninterrupted_run(tmp_path):
     assert not list((tmp_path / "cut" / "checkpoints").glob(".step_*"))
 
 
-def torchrun(recipe_path: Path, *args: str) -> None:
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node",
-        "2",
-        "-m",
-        "gemmakit.cli",
-        "pretrain",
-        str(recipe_path),
-        *args,
-    ]
-    out = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-
-
 @pytest.mark.parametrize("mode", ["fsdp", "ddp"])
 def test_two_processes_match_one(tmp_path, mode):
     """Micro-batch 2: one process accumulates 2 of them, two processes take one each. The
@@ -88,9 +66,10 @@ def test_two_processes_match_one(tmp_path, mode):
     recipe = tiny_recipe(tmp_path / mode, training={"steps": 2}, **base)
     recipe["distributed"] = {"mode": mode}
     path = write_recipe(tmp_path / "r.yaml", recipe)
-    torchrun(path)
+    torchrun("pretrain", path)
     if mode == "fsdp":
-        torchrun(path, "--resume", "--set", "training.steps=4")  # load a sharded run's state
+        # load a sharded run's state
+        torchrun("pretrain", path, "--resume", "--set", "training.steps=4")
     got = losses(tmp_path / mode)
     torch.testing.assert_close(torch.tensor(got), torch.tensor(single.losses), rtol=1e-4, atol=0)
     val = [r["val_loss"] for r in read_metrics(tmp_path / mode) if "val_loss" in r]

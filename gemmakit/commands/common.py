@@ -4,6 +4,7 @@ tokenizer, and streaming generated text."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -47,6 +48,12 @@ def add_recipe_args(p: argparse.ArgumentParser, recipe_help: str, example: str) 
         action="store_true",
         help="continue from the newest checkpoint in the recipe's run_dir",
     )
+
+
+def on_main_rank() -> bool:
+    """Whether this process is rank 0 of a torchrun world (or runs alone): the one that prints
+    a training command's summary, so it shows once, not once per process."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from gemmakit.commands.common import add_recipe_args
+from gemmakit.commands.common import add_recipe_args, on_main_rank
 
 
 def register(sub) -> None:
@@ -28,6 +28,8 @@ def run(args: argparse.Namespace) -> int:
 
     recipe = load_recipe(args.recipe, args.overrides)
     result = distill(recipe, resume=args.resume)
+    if not on_main_rank():
+        return 0
     if result.losses:
         print(
             f"done: {result.steps} steps, final loss {result.losses[-1]:.4f}, "

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from gemmakit.commands.common import add_recipe_args
+from gemmakit.commands.common import add_recipe_args, on_main_rank
 
 
 def register(sub) -> None:
@@ -27,6 +27,8 @@ def run(args: argparse.Namespace) -> int:
 
     recipe = load_recipe(args.recipe, args.overrides)
     result = dpo(recipe, resume=args.resume)
+    if not on_main_rank():
+        return 0
     if result.losses:
         val = ""
         if result.val_metrics:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from gemmakit.commands.common import add_recipe_args
+from gemmakit.commands.common import add_recipe_args, on_main_rank
 
 
 def register(sub) -> None:
@@ -28,6 +28,8 @@ def run(args: argparse.Namespace) -> int:
 
     recipe = load_recipe(args.recipe, args.overrides)
     result = reward(recipe, resume=args.resume)
+    if not on_main_rank():
+        return 0
     if result.losses:
         val = ""
         if result.val_metrics:

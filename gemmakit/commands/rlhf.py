@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from gemmakit.commands.common import add_recipe_args
+from gemmakit.commands.common import add_recipe_args, on_main_rank
 
 
 def register(sub) -> None:
@@ -24,6 +24,8 @@ def run(args: argparse.Namespace) -> int:
 
     recipe = load_recipe(args.recipe, args.overrides)
     result = rlhf(recipe, resume=args.resume)
+    if not on_main_rank():
+        return 0
     print(f"done: {result.steps} steps; checkpoint {result.checkpoint}")
     if recipe.lora is not None and result.checkpoint is not None:
         base = recipe.model.checkpoint or recipe.model.preset

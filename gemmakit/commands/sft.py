@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from gemmakit.commands.common import add_recipe_args
+from gemmakit.commands.common import add_recipe_args, on_main_rank
 
 
 def register(sub) -> None:
@@ -23,6 +23,8 @@ def run(args: argparse.Namespace) -> int:
 
     recipe = load_recipe(args.recipe, args.overrides)
     result = sft(recipe, resume=args.resume)
+    if not on_main_rank():
+        return 0
     if result.losses:
         val = f", held-out loss {result.val_losses[-1][1]:.4f}" if result.val_losses else ""
         print(

@@ -167,8 +167,8 @@ def collate(
     segments: bool,
 ) -> dict:
     """Rows of examples as a batch: tokens, targets [B, seq_len] int64 (padding: pad_id and
-    IGNORE) and, with `segments`, segment_ids [B, seq_len] (1, 2, ... per example, 0 on
-    padding)."""
+    IGNORE), lengths [B] int64 (each row's tokens before its padding) and, with `segments`,
+    segment_ids [B, seq_len] (1, 2, ... per example, 0 on padding)."""
     B = len(rows)
     tokens = np.full((B, seq_len), pad_id, dtype=np.int64)
     targets = np.full((B, seq_len), IGNORE, dtype=np.int64)
@@ -182,7 +182,11 @@ def collate(
             targets[b, at : at + n] = ex.targets
             seg[b, at : at + n] = k
             at += n
-    batch = {"tokens": torch.from_numpy(tokens), "targets": torch.from_numpy(targets)}
+    batch = {
+        "tokens": torch.from_numpy(tokens),
+        "targets": torch.from_numpy(targets),
+        "lengths": torch.from_numpy((seg != 0).sum(axis=1)),
+    }
     if segments:
         batch["segment_ids"] = torch.from_numpy(seg)
     return batch

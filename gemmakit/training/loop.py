@@ -3,12 +3,18 @@
 A stage is a loss and a batch stream, handed to `train`:
 - loss_fn(model, batch) -> scalar loss, or {"loss": scalar, name: scalar, ...} whose other
   entries are metrics logged with the loss (averaged over micro-batches and ranks; in
-  validation `val_<name>`, e.g. a reward model's pairwise accuracy); an nn.Module when it has
+  validation `val_<name>`, e.g. a reward model's pairwise accuracy), and optionally
+  LOSS_TERMS: how many terms the loss is the mean of (SFT: its target tokens), so that the
+  step's loss and gradients are the mean over all the step's terms, whatever the split into
+  micro-batches and ranks (without it each micro-batch weighs the same); an nn.Module when it has
   parameters of its own (a reward head), which are then optimized, sharded and checkpointed
   with the model's, and whose `checkpoint_head(params)` (if defined) says how they are saved
   (gemmakit.training.state);
 - make_batches(env, start) -> this rank's micro-batches (dicts of tensors) from micro-step
-  `start` on, resuming exactly (micro-step k is the same batch in a fresh and a resumed run);
+  `start` on, resuming exactly (micro-step k is the same batch in a fresh and a resumed run).
+  Throughput and MFU read two of their entries when present: "lengths" [B] (the tokens of
+  each right-padded row, padding not counted; else every position of "tokens" counts) and
+  "targets" [B, T] (IGNORE where the loss takes no next-token logits; without it none);
 - make_eval_batches(env) -> this rank's validation batches (optional);
 - adapt_model(model) (optional): change the model before it is sharded and the optimizer is
   made (freeze parameters, add adapters), or learn what the batch stream needs from it.
@@ -42,8 +48,8 @@ from gemmakit.errors import ConfigError, MissingFileError
 from gemmakit.model.transformer import Gemma
 from gemmakit.training import allocator, distributed, state
 from gemmakit.training.distributed import DistEnv
-from gemmakit.training.losses import WORKSPACE, LossFn, LossModule
-from gemmakit.training.metrics import MetricsLog, peak_flops, train_flops_per_token
+from gemmakit.training.losses import IGNORE, LOSS_TERMS, WORKSPACE, LossFn, LossModule
+from gemmakit.training.metrics import MetricsLog, StepFlops, peak_flops
 from gemmakit.training.recipe import OptimizerSection, Recipe, RecipeError
 from gemmakit.training.schedule import lr_at
 
@@ -61,7 +67,7 @@ class RunResult:
     val_losses: list[tuple[int, float]] = field(default_factory=list)  # (step, loss)
     metrics: list[dict] = field(default_factory=list)  # the loss's metrics of each step run here
     val_metrics: list[tuple[int, dict]] = field(default_factory=list)  # (step, its metrics)
-    tokens_per_s: float = 0.0  # over all ranks, first step (warm-up, compile) left out
+    tokens_per_s: float = 0.0  # tokens (not padding) over all ranks, first step left out
     mfu: float = 0.0
 
 
@@ -270,6 +276,8 @@ class StepStats:
     lr: float
     seconds: float
     metrics: dict = field(default_factory=dict)  # the loss's own, averaged like the loss
+    tokens: float = 0.0  # positions holding a token (not padding), over all ranks
+    logits: float = 0.0  # positions whose next-token logits the loss took, over all ranks
 
 
 def optimizer_step(run: Run, batches: Iterator[dict]) -> StepStats:
@@ -281,40 +289,92 @@ def optimizer_step(run: Run, batches: Iterator[dict]) -> StepStats:
         group["lr"] = lr
     start = time.perf_counter()
     loss_sum = torch.zeros((), device=run.env.device)
+    terms_sum = torch.zeros((), device=run.env.device)
     metric_sums: dict[str, torch.Tensor] = {}
+    counts = [0, 0]  # tokens, logits
+    weighted = False  # the loss gives its LOSS_TERMS (the same on every rank: the same loss_fn)
     for micro in range(run.accum):
-        batch = to_device(next(batches), run.env.device)
+        batch = next(batches)
+        counts = [a + b for a, b in zip(counts, count_positions(batch))]
+        batch = to_device(batch, run.env.device)
         distributed.set_grad_sync(run.train_module, micro == run.accum - 1)
         with run.autocast():
-            loss, metrics = split_loss(run.train_module(batch))
-        (loss / run.accum).backward()
-        loss_sum += loss.detach()
+            loss, terms, metrics = split_loss(run.train_module(batch))
+        weighted = terms is not None
+        if not weighted:
+            (loss / run.accum).backward()
+            loss_sum += loss.detach()
+        else:  # the summed loss now; divided by the step's terms once they are all counted
+            (loss * terms).backward()
+            loss_sum += loss.detach() * terms
+            terms_sum += terms
         for k, v in metrics.items():
             metric_sums[k] = metric_sums.get(k, 0.0) + v.detach().float()
+    if weighted:
+        # The ranks' gradients were averaged (DDP, FSDP): dividing by the ranks' mean count
+        # makes them the mean over every term of the step, as one process taking the whole
+        # batch gets; so does the loss, once averaged over ranks below.
+        (per_rank,) = distributed.mean_over_ranks([terms_sum.item()], run.env)
+        per_rank = per_rank or 1.0  # no terms anywhere: zero gradients, zero loss
+        _scale_grads(run.loss_module, 1.0 / per_rank)
+        loss_mean = loss_sum.item() / per_rank
+    else:
+        loss_mean = loss_sum.item() / run.accum
     grad_norm = _clip(run.loss_module, t.grad_clip)
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
     run.step += 1
     run.data_position += t.batch_size
     names = list(metric_sums)
-    loss_value, grad_norm, *values = distributed.mean_over_ranks(
+    loss_value, grad_norm, tokens, logits, *values = distributed.mean_over_ranks(
         [
-            loss_sum.item() / run.accum,
+            loss_mean,
             grad_norm,
+            *counts,
             *(metric_sums[k].item() / run.accum for k in names),
         ],
         run.env,
     )  # .item() waits for the step, so the time taken is the step's
     seconds = time.perf_counter() - start
-    return StepStats(run.step, loss_value, grad_norm, lr, seconds, dict(zip(names, values)))
+    world = run.env.world_size
+    return StepStats(
+        run.step,
+        loss_value,
+        grad_norm,
+        lr,
+        seconds,
+        dict(zip(names, values)),
+        tokens * world,
+        logits * world,
+    )
 
 
-def split_loss(out) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """(the loss, the other metrics) of what a loss_fn returns: a scalar, or a dict with "loss"."""
+def split_loss(out) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor]]:
+    """(the loss, its LOSS_TERMS or None, the other metrics) of what a loss_fn returns: a
+    scalar, or a dict with "loss"."""
     if isinstance(out, dict):
         metrics = dict(out)
-        return metrics.pop("loss"), metrics
-    return out, {}
+        return metrics.pop("loss"), metrics.pop(LOSS_TERMS, None), metrics
+    return out, None, {}
+
+
+def count_positions(batch: dict) -> tuple[int, int]:
+    """(positions holding a token, not padding; positions whose next-token logits the loss
+    takes) of a micro-batch, from its "lengths" / "tokens" and "targets" (module docstring)."""
+    if not isinstance(batch, dict) or "tokens" not in batch:
+        return 0, 0
+    if "lengths" in batch:
+        tokens = int(batch["lengths"].sum())
+    else:
+        tokens = batch["tokens"].numel()
+    logits = int((batch["targets"] != IGNORE).sum()) if "targets" in batch else 0
+    return tokens, logits
+
+
+def _scale_grads(module: nn.Module, factor: float) -> None:
+    for p in module.parameters():
+        if p.grad is not None:
+            p.grad.mul_(factor)
 
 
 def _due(step: int, interval: int, last: int, always_last: bool = False) -> bool:
@@ -359,14 +419,12 @@ class Progress:
         self.recipe, self.env, self.run = recipe, env, run
         t = recipe.training
         dtype = compute_dtype(t.dtype, env.device)
-        self.tokens_per_step = t.batch_size * t.seq_len
-        self.flops_per_step = (
-            train_flops_per_token(run.model.config, t.seq_len) * self.tokens_per_step
-        )
+        self.positions_per_step = t.batch_size * t.seq_len
+        self.flops = StepFlops.of(run.model, t.seq_len)
         self.peak = peak_flops(env.device, dtype, recipe.log.peak_flops) * env.world_size
         self.first_step = run.step
         self.result = RunResult(Path(recipe.run_dir), None, run.step)
-        self.timed_s, self.timed_steps = 0.0, 0
+        self.timed_s, self.timed_tokens, self.timed_flops = 0.0, 0.0, 0.0
         self.log = (
             MetricsLog(recipe.run_dir, recipe.log.tensorboard, run.step) if env.is_main else None
         )
@@ -376,10 +434,13 @@ class Progress:
 
     def record(self, s: StepStats) -> None:
         t = self.recipe.training
+        flops = self.flops(s.tokens, s.logits)
         if s.step > self.first_step + 1 or t.steps - self.first_step == 1:  # 1st: warm-up
-            self.timed_s, self.timed_steps = self.timed_s + s.seconds, self.timed_steps + 1
-        tok_s = self.tokens_per_step / s.seconds
-        mfu = self.flops_per_step / s.seconds / self.peak
+            self.timed_s += s.seconds
+            self.timed_tokens += s.tokens
+            self.timed_flops += flops
+        tok_s = s.tokens / s.seconds  # real tokens: a padded position is no work done
+        mfu = flops / s.seconds / self.peak
         self.result.losses.append(s.loss)
         self.result.metrics.append(s.metrics)
         if self.log:
@@ -390,7 +451,7 @@ class Progress:
                     **s.metrics,
                     "lr": s.lr,
                     "grad_norm": s.grad_norm,
-                    "tokens": s.step * self.tokens_per_step,
+                    "tokens": s.step * self.positions_per_step,  # positions, padding too
                     "tokens_per_s": tok_s,
                     "mfu": mfu,
                     "step_s": s.seconds,
@@ -429,9 +490,9 @@ class Progress:
         WORKSPACE.release()
         r = self.result
         r.steps, r.checkpoint = self.run.step, checkpoint
-        if self.timed_steps:
-            r.tokens_per_s = self.tokens_per_step * self.timed_steps / self.timed_s
-            r.mfu = self.flops_per_step * self.timed_steps / self.timed_s / self.peak
+        if self.timed_s:
+            r.tokens_per_s = self.timed_tokens / self.timed_s
+            r.mfu = self.timed_flops / self.timed_s / self.peak
         return r
 
 
@@ -541,22 +602,28 @@ def evaluate(
     train_module: nn.Module, batches: Iterable[dict], env: DistEnv, autocast
 ) -> tuple[float, dict[str, float]]:
     """(mean loss, mean of each of the loss's metrics) over the batches, each weighted by its
-    rows, averaged over ranks. Every rank must get the same number of batches (each forward is
-    collective under FSDP)."""
+    rows (the loss by its LOSS_TERMS when it gives them), averaged over ranks. Every rank must
+    get the same number of batches (each forward is collective under FSDP)."""
     sums: dict[str, float] = {"loss": 0.0}
-    rows = 0
+    rows, terms = 0, 0.0
     with torch.no_grad():
         for batch in batches:
             batch = to_device(batch, env.device)
             n = len(next(iter(batch.values()))) if isinstance(batch, dict) else 1
             with autocast():
-                loss, metrics = split_loss(train_module(batch))
-            for k, v in {"loss": loss, **metrics}.items():
+                loss, n_terms, metrics = split_loss(train_module(batch))
+            weight = n if n_terms is None else float(n_terms)
+            sums["loss"] += float(loss) * weight
+            for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + float(v) * n
             rows += n
+            terms += weight
     names = list(sums)
-    *totals, rows = distributed.mean_over_ranks([*(sums[k] for k in names), float(rows)], env)
+    *totals, rows, terms = distributed.mean_over_ranks(
+        [*(sums[k] for k in names), float(rows), terms], env
+    )
     means = {k: t / rows if rows else math.nan for k, t in zip(names, totals)}
+    means["loss"] = totals[0] / terms if terms else math.nan
     return means.pop("loss"), means
 
 

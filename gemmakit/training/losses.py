@@ -11,6 +11,8 @@ from torch import nn
 from gemmakit.kernels import train_ops
 
 IGNORE = -100  # target id that contributes no loss (padding, prompt tokens in SFT)
+# The entry of a loss_fn's dict saying how many terms its loss is the mean of (training.loop).
+LOSS_TERMS = "loss_terms"
 CHUNK_BYTES = 2**29  # auto chunk size: at most this many bytes of float32 logits per chunk
 
 

@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import time
 import warnings
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from gemmakit.atomic import atomic_path
 from gemmakit.config import GemmaConfig
@@ -26,30 +28,85 @@ GPU_PEAK_BF16 = {
 
 
 def train_flops_per_token(config: GemmaConfig, seq_len: int) -> float:
-    """Model FLOPs of one trained token (forward + backward), as in PaLM's MFU:
-    6 * N for the weights (N: non-embedding parameters plus the output projection, which the
-    tied embedding computes) + 12 * layers * heads * head_dim * seq_len for attention scores
-    and values (causal masking not subtracted, as PaLM counts it)."""
+    """Model FLOPs of one trained token (forward + backward) when every weight trains and
+    every position is a target, as in PaLM's MFU: 6 * N for the weights (N: non-embedding
+    parameters plus the output projection, which the tied embedding computes) + 12 * layers *
+    heads * head_dim * seq_len for attention scores and values (causal masking not
+    subtracted, as PaLM counts it). `StepFlops` counts any other run."""
     n = config.non_embedding_params() + config.vocab_size * config.d_model
-    attention = 12 * config.n_layers * config.n_heads * config.head_dim * seq_len
-    return 6 * n + attention
+    return 6 * n + attention_flops_per_token(config, seq_len)
+
+
+def attention_flops_per_token(config: GemmaConfig, seq_len: int) -> float:
+    """QK^T and AV of one position against seq_len keys: 4 per multiply-add pair forward, 8
+    backward (both operands need gradients whether or not any weight trains)."""
+    return 12 * config.n_layers * config.n_heads * config.head_dim * seq_len
+
+
+@dataclass(frozen=True)
+class StepFlops:
+    """Model FLOPs of a training step (matmuls, as PaLM counts them) from what it computed:
+
+    - per token (a position holding a token, not padding): 2 FLOPs per body weight forward
+      and 2 for its input's gradient, plus 2 per body weight that trains (its own gradient:
+      none for a frozen base under LoRA, so ~4N there, not 6N), plus attention;
+    - per logit (a position whose next-token logits the loss takes: SFT's model turns, not
+      the prompt): 2 * V * D forward through the tied head, 2 * V * D for the hidden
+      state's gradient, and 2 * V * D more when the embedding trains.
+    Full training on every position gives train_flops_per_token per token.
+    """
+
+    per_token: float
+    per_logit: float
+
+    @classmethod
+    def of(cls, model: nn.Module, seq_len: int) -> StepFlops:
+        """From the model as it trains (after adapters and freezing): its matrices outside
+        the embedding (body, LoRA adapters included) and which of them have requires_grad."""
+        cfg = model.config
+        body = trained = 0
+        for name, p in model.named_parameters():
+            if name.endswith("embedder.weight"):
+                continue
+            body += p.numel()
+            trained += p.numel() if p.requires_grad else 0
+        head = cfg.vocab_size * cfg.d_model
+        head_trains = model.embedder.weight.requires_grad
+        per_token = 4 * body + 2 * trained + attention_flops_per_token(cfg, seq_len)
+        return cls(per_token, (6 if head_trains else 4) * head)
+
+    def __call__(self, tokens: float, logits: float) -> float:
+        return self.per_token * tokens + self.per_logit * logits
+
+
+def measured_peak_flops(device_type: str, dtype: torch.dtype, threads: int = 0) -> float:
+    """Matmul FLOP/s this device reaches in `dtype` with torch's current threads (the run's):
+    the CPU's practical peak, which has no datasheet figure to look up. Measured once per
+    (device, dtype, thread count); `threads` is torch.get_num_threads() when 0."""
+    return _matmul_rate(device_type, dtype, threads or torch.get_num_threads())
 
 
 @cache
-def measured_peak_flops(device_type: str, dtype: torch.dtype) -> float:
-    """Matmul FLOP/s this device reaches in `dtype` (a 1024^3 matmul, best of a few runs):
-    the CPU's practical peak, which has no datasheet figure to look up."""
+def _matmul_rate(device_type: str, dtype: torch.dtype, threads: int) -> float:
+    """The fastest of repeated 1024^3 matmuls over ~0.3 s, after a warm-up. The fastest,
+    over a window longer than a scheduler slice: on a shared machine another process taking
+    a core for a moment slows every op that waits on all threads: a peak taken in such a
+    moment (a few 25 ms matmuls) reads low, up to half, and MFU that much too high. On a
+    2-core EPYC, 512 to 3072 give the same rate within noise (~80 GFLOP/s float32 on 1
+    thread, ~130 on 2): the size is not what limits it."""
     n = 1024
     gen = torch.Generator(device_type).manual_seed(0)  # the global RNG stays as it was
     a = torch.randn(n, n, device=device_type, generator=gen).to(dtype)
     b = torch.randn(n, n, device=device_type, generator=gen).to(dtype)
-    best = float("inf")
-    for _ in range(5):
+    out = torch.empty(n, n, device=device_type, dtype=dtype)
+    torch.mm(a, b, out=out)  # warm-up
+    best, end, runs = float("inf"), time.perf_counter() + 0.3, 0
+    while runs < 5 or time.perf_counter() < end:
         start = time.perf_counter()
-        torch.mm(a, b)
+        torch.mm(a, b, out=out)
         if device_type == "cuda":
             torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - start)
+        best, runs = min(best, time.perf_counter() - start), runs + 1
     return 2 * n**3 / best
 
 

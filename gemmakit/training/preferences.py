@@ -130,23 +130,26 @@ def encode_pairs(
     return out, stats
 
 
-def collate_pairs(pairs: Sequence[EncodedPair], pad_id: int) -> dict:
+def collate_pairs(pairs: Sequence[EncodedPair], pad_id: int, targets: bool = True) -> dict:
     """Pairs as one batch of 2m rows (chosen sides, then rejected), right-padded:
-    tokens [2m, T] int64, lengths [2m] int64, targets [2m, T] int64 (the next id on response
-    tokens, IGNORE elsewhere: what DPO sums log-probabilities over)."""
+    tokens [2m, T] int64, lengths [2m] int64 and, with `targets`, targets [2m, T] int64 (the
+    next id on response tokens, IGNORE elsewhere: what DPO sums log-probabilities over; a
+    reward model takes no next-token logits, and the loop's MFU counts them where given)."""
     sides = [p.chosen for p in pairs] + [p.rejected for p in pairs]
     T = max(len(s.ids) for s in sides)
     tokens = np.full((len(sides), T), pad_id, dtype=np.int64)
-    targets = np.full((len(sides), T), IGNORE, dtype=np.int64)
+    next_ids = np.full((len(sides), T), IGNORE, dtype=np.int64)
     for b, s in enumerate(sides):
         n = len(s.ids)
         tokens[b, :n] = s.ids
-        targets[b, : n - 1] = np.where(s.response[1:], s.ids[1:], IGNORE)
-    return {
+        next_ids[b, : n - 1] = np.where(s.response[1:], s.ids[1:], IGNORE)
+    batch = {
         "tokens": torch.from_numpy(tokens),
         "lengths": torch.tensor([len(s.ids) for s in sides]),
-        "targets": torch.from_numpy(targets),
     }
+    if targets:
+        batch["targets"] = torch.from_numpy(next_ids)
+    return batch
 
 
 class PairOrder:
@@ -198,12 +201,16 @@ class PreferenceData:
 
     data.train: JSONL files of pairs; data.valid: a held-out file, else `valid_fraction` of
     train held out (seeded). `extra(pairs, indices, split)` may add entries to each batch (DPO's
-    reference log-probabilities); split is "train" or "valid".
+    reference log-probabilities); split is "train" or "valid". `targets`: batches carry them
+    (collate_pairs).
     """
 
-    def __init__(self, recipe, tokenizer, config, valid_fraction: float) -> None:
+    def __init__(
+        self, recipe, tokenizer, config, valid_fraction: float, targets: bool = True
+    ) -> None:
         t = recipe.training
         self.recipe, self.pad_id = recipe, tokenizer.token_ids(config.tokens).pad
+        self.targets = targets
         pairs = [p for f in recipe.data.train for p in read_pairs(f)]
         valid = read_pairs(recipe.data.valid) if recipe.data.valid else []
         if not valid:
@@ -226,7 +233,7 @@ class PreferenceData:
 
     def _batch(self, indices: list[int], split: str) -> dict:
         pairs = self.train if split == "train" else self.valid
-        batch = collate_pairs([pairs[i] for i in indices], self.pad_id)
+        batch = collate_pairs([pairs[i] for i in indices], self.pad_id, self.targets)
         if self.extra is not None:
             batch |= self.extra(indices, split)
         return batch

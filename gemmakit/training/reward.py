@@ -71,7 +71,8 @@ def reward(recipe: Recipe | dict | str | Path, resume: bool = False) -> RunResul
     config = base_config(recipe)
     tok_path = tokenizer_file(recipe)
     recipe.data.tokenizer = str(tok_path)  # copied into every checkpoint
-    data = PreferenceData(recipe, load_tokenizer(tok_path), config, recipe.reward.valid_fraction)
+    tokenizer = load_tokenizer(tok_path)
+    data = PreferenceData(recipe, tokenizer, config, recipe.reward.valid_fraction, targets=False)
     joined = torch.distributed.is_initialized()  # a caller's process group is left open
     env = distributed.init(recipe.training.device, recipe.distributed.backend)
     if env.is_main:

@@ -16,11 +16,13 @@ temperature, so they are those of the distribution the answers came from (before
     recipe.rlhf             reward model, k, beta, max_new_tokens, temperature, top_p, top_k
     recipe.lora             null: every weight trains; else adapters, base frozen
 
-The batch stream samples at micro-step s with a torch.Generator seeded from (seed, s, rank)
-using the weights of that moment (on-policy), so a resumed run, which restores the weights,
-samples the same answers as the uninterrupted one. Each step logs the mean reward, the KL to
-the reference, the policy's entropy, the answer length and the share of answers cut at
-max_new_tokens.
+The batch stream samples global micro-batch g (micro-step s of rank r in a world of w: g =
+s * w + r, the index its prompts come from) with a torch.Generator seeded from (seed, g),
+using the weights of that moment (on-policy): a resumed run, which restores the weights,
+samples the same answers as the uninterrupted one, and any split of a step over ranks and
+micro-batches of the same size samples the same answers as one process. Each step logs the
+mean reward, the KL to the reference, the policy's entropy, the answer length and the share
+of answers cut at max_new_tokens.
 """
 
 from __future__ import annotations
@@ -248,12 +250,11 @@ class RLHFStage:
         for, with the weights the policy has then."""
         t, k = self.recipe.training, self.recipe.rlhf.k
         per_rank = t.micro_batch_size // k  # prompts per micro-batch on this rank
-        per_step = per_rank * env.world_size
         step = start
         while True:
-            first = step * per_step + env.rank * per_rank
-            prompts = [self.prompts[i] for i in self._order(first, per_rank)]
-            yield self.rollout_batch(prompts, self._generator(step, env))
+            g = step * env.world_size + env.rank  # global micro-batch: the same in any split
+            prompts = [self.prompts[i] for i in self._order(g * per_rank, per_rank)]
+            yield self.rollout_batch(prompts, self._generator(g))
             step += 1
 
     def _order(self, first: int, n: int) -> list[int]:
@@ -266,8 +267,8 @@ class RLHFStage:
             out.append(int(perm[g % N]))
         return out
 
-    def _generator(self, step: int, env: DistEnv) -> torch.Generator:
-        seed = np.random.SeedSequence([self.recipe.training.seed, 3, step, env.rank])
+    def _generator(self, micro_batch: int) -> torch.Generator:
+        seed = np.random.SeedSequence([self.recipe.training.seed, 3, micro_batch])
         return torch.Generator(device=self._device()).manual_seed(int(seed.generate_state(1)[0]))
 
     def _device(self) -> torch.device:
@@ -331,7 +332,7 @@ def _permutation(seed: int, epoch: int, n: int) -> np.ndarray:
 
 def _as_batch(rollouts: Rollouts, pad: int, device: torch.device) -> dict:
     """tokens [B, T] = prompt + answer, right-padded; targets [B, T] the next id where it is
-    an answer token, else IGNORE."""
+    an answer token, else IGNORE; lengths [B] the tokens of each row."""
     seqs = rollouts.sequences()
     T = max(len(s) for s in seqs) - 1
     tokens = torch.full((len(seqs), T), pad, dtype=torch.long)
@@ -341,7 +342,8 @@ def _as_batch(rollouts: Rollouts, pad: int, device: torch.device) -> dict:
         s = torch.as_tensor(s, dtype=torch.long)
         tokens[i, : len(s) - 1] = s[:-1]
         targets[i, p - 1 : len(s) - 1] = s[p:]
-    return {"tokens": tokens.to(device), "targets": targets.to(device)}
+    lengths = torch.tensor([len(s) - 1 for s in seqs])
+    return {"tokens": tokens.to(device), "targets": targets.to(device), "lengths": lengths}
 
 
 # --- the run ---------------------------------------------------------------------------------

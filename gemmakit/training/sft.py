@@ -38,7 +38,7 @@ from gemmakit.training.conversations import (
 )
 from gemmakit.training.distributed import DistEnv
 from gemmakit.training.loop import RunResult, model_config, train
-from gemmakit.training.losses import next_token_loss
+from gemmakit.training.losses import IGNORE, LOSS_TERMS, next_token_loss
 from gemmakit.training.recipe import LoRASection, Recipe, RecipeError, as_recipe
 
 
@@ -74,6 +74,15 @@ def prepare_lora(section: LoRASection, model: torch.nn.Module, resume_from: Path
         spec = LoRASpec(section.rank, section.alpha, section.dropout, tuple(section.targets))
         apply_lora(model, spec)
     model.train()  # adapter dropout acts in training steps (never under no_grad)
+
+
+def sft_loss(model: torch.nn.Module, batch: dict, chunk_tokens: int = 0) -> dict:
+    """next_token_loss (the mean over the batch's target tokens: model turns) and, as
+    LOSS_TERMS, how many there are: rows hold different numbers of them, so the loop weighs
+    each micro-batch by its count and any split of a step (micro-batches, ranks) gives the
+    mean over the whole step's targets."""
+    loss = next_token_loss(model, batch, chunk_tokens)
+    return {"loss": loss, LOSS_TERMS: (batch["targets"] != IGNORE).sum()}
 
 
 class SFTData:
@@ -142,7 +151,7 @@ def sft(recipe: Recipe | dict | str | Path, resume: bool = False) -> RunResult:
     if env.is_main:
         print(data.summary(), flush=True)
     prepare = functools.partial(prepare_lora, recipe.lora) if recipe.lora else None
-    loss_fn = functools.partial(next_token_loss, chunk_tokens=recipe.training.loss_chunk_tokens)
+    loss_fn = functools.partial(sft_loss, chunk_tokens=recipe.training.loss_chunk_tokens)
     make_eval = data.make_eval_batches if data.valid_examples else None
     try:
         return train(
