@@ -40,6 +40,7 @@ from gemmakit.tokenizer import Tokenizer, load_tokenizer
 # progress(kind, done, total): kind is "loglikelihood", "rolling" or "generate"
 Progress = Callable[[str, int, int], None]
 
+
 @dataclass(frozen=True)
 class TokenRequest:
     """log p(continuation | context) on token ids; context holds at least one id (BOS)."""

@@ -356,3 +356,77 @@ int quant_gemv(int fmt, const float *x, const uint8_t *W, const void *scale, con
     float *ys[1] = {y};
     return quant_gemv_multi(1, &fmt, x, Ws, scales, minimums, ys, &N, M, K, &group, n_threads);
 }
+
+/* The entries of each row m of y [M, N] that can be the row's maximum when entry n may be off
+ * by at most e[m, n] = sum_b half[m, b] l1b[n, b] + slop[m] l1[n] (QuantWeight.exact_top's
+ * bound: half a rounding step of x's block b times the L1 norm of W's row n over that block,
+ * plus float32 summation slop): those with y + e >= max over n' of (y - e). Two passes over y
+ * with the coarse bound c[m] l1[n] >= e[m, n] (c = max_b half + slop) against the floor
+ * y[top] - c l1[top] keep a superset (it holds the maximum of y - e); the per-block bound is
+ * computed for those alone. l1b: float16 [N, nb]. Writes the indices to idx[m * cap ...] and
+ * their number to count[m]. Returns 0, -1 for bad arguments, -3 when a row has more than cap
+ * coarse candidates (nothing usable written). */
+int quant_candidates(const float *y, int64_t M, int64_t N, const float *l1, const uint16_t *l1b,
+                     int64_t nb, const float *half, const float *slop, int64_t *idx,
+                     int64_t *count, int64_t cap, int n_threads) {
+    if (M < 0 || N < 1 || nb < 0 || cap < 1 || n_threads < 1) return -1;
+    int over = 0;
+#pragma omp parallel for schedule(static) num_threads(n_threads) reduction(| : over)
+    for (int64_t m = 0; m < M; m++) {
+        const float *row = y + m * N, *hm = half + m * nb;
+        int64_t *out = idx + m * cap;
+        float cm = slop[m];
+        for (int64_t b = 0; b < nb; b++) cm = hm[b] + slop[m] > cm ? hm[b] + slop[m] : cm;
+        __m256 mv = _mm256_set1_ps(-INFINITY);
+        int64_t n = 0;
+        for (; n + 8 <= N; n += 8) mv = _mm256_max_ps(mv, _mm256_loadu_ps(row + n));
+        __m128 h = _mm_max_ps(_mm256_castps256_ps128(mv), _mm256_extractf128_ps(mv, 1));
+        h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+        h = _mm_max_ss(h, _mm_movehdup_ps(h));
+        float top = _mm_cvtss_f32(h);
+        for (; n < N; n++) top = row[n] > top ? row[n] : top;
+        int64_t at = 0;
+        while (at < N - 1 && row[at] != top) at++;
+        const float floor = top - cm * l1[at];
+        const __m256 fv = _mm256_set1_ps(floor), cv = _mm256_set1_ps(cm);
+        int64_t k = 0;
+        for (n = 0; n + 8 <= N; n += 8) {
+            __m256 hi = _mm256_fmadd_ps(cv, _mm256_loadu_ps(l1 + n), _mm256_loadu_ps(row + n));
+            int mask = _mm256_movemask_ps(_mm256_cmp_ps(hi, fv, _CMP_GE_OQ));
+            while (mask) {
+                int b = __builtin_ctz(mask);
+                mask &= mask - 1;
+                if (k < cap) out[k] = n + b;
+                k++;
+            }
+        }
+        for (; n < N; n++)
+            if (row[n] + cm * l1[n] >= floor) {
+                if (k < cap) out[k] = n;
+                k++;
+            }
+        if (k > cap) {
+            over = 1;
+            count[m] = 0;
+            continue;
+        }
+        /* the per-block bound of the coarse candidates, then those that can still be the max */
+        float best = -INFINITY;
+        for (int64_t i = 0; i < k; i++) {
+            const uint16_t *lb = l1b + out[i] * nb;
+            float e = slop[m] * l1[out[i]];
+            for (int64_t b = 0; b < nb; b++) e += hm[b] * _cvtsh_ss(lb[b]);
+            const float lo = row[out[i]] - e;
+            best = lo > best ? lo : best;
+        }
+        int64_t kept = 0;
+        for (int64_t i = 0; i < k; i++) {
+            const uint16_t *lb = l1b + out[i] * nb;
+            float e = slop[m] * l1[out[i]];
+            for (int64_t b = 0; b < nb; b++) e += hm[b] * _cvtsh_ss(lb[b]);
+            if (row[out[i]] + e >= best) out[kept++] = out[i];
+        }
+        count[m] = kept;
+    }
+    return over ? -3 : 0;
+}

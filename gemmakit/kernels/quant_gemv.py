@@ -55,9 +55,70 @@ def call(
     return y
 
 
+def candidates(
+    lib: ctypes.CDLL,
+    y: torch.Tensor,
+    l1: torch.Tensor,
+    l1b: torch.Tensor,
+    half: torch.Tensor,
+    slop: torch.Tensor,
+    cap: int = 16384,
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(rows, cols) of the entries of y [M, N] (float32, contiguous) that can be their row's
+    maximum when entry n of row m may be off by e = half[m] . l1b[n] + slop[m] l1[n]
+    (l1 [N] float32, l1b [N, nb] float16, half [M, nb], slop [M] float32): y + e >= the row's
+    max of y - e. None when a row has more than `cap` coarse candidates (the caller then
+    takes the torch way)."""
+    m, n = y.shape
+    idx = torch.empty(m, cap, dtype=torch.int64)
+    count = torch.empty(m, dtype=torch.int64)
+    half, slop = half.float().contiguous(), slop.float().contiguous()
+    rc = lib.quant_candidates(
+        y.data_ptr(),
+        m,
+        n,
+        l1.data_ptr(),
+        l1b.data_ptr(),
+        l1b.shape[1],
+        half.data_ptr(),
+        slop.data_ptr(),
+        idx.data_ptr(),
+        count.data_ptr(),
+        cap,
+        torch.get_num_threads(),
+    )
+    if rc == -3:
+        return None
+    if rc != 0:
+        raise ValueError(f"quant_candidates rejected y {tuple(y.shape)}")
+    cols = torch.cat([idx[r, :c] for r, c in enumerate(count.tolist())])
+    return torch.repeat_interleave(torch.arange(m), count), cols
+
+
+def candidates_torch(
+    y: torch.Tensor, l1: torch.Tensor, l1b: torch.Tensor, half: torch.Tensor, slop: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`candidates` in torch (any device): the whole [M, N] bound at once."""
+    e = half.float() @ l1b.float().T + slop.float()[:, None] * l1[None, :]  # [M, N]
+    floor = (y - e).amax(-1, keepdim=True)
+    return torch.nonzero(y + e >= floor, as_tuple=True)
+
+
 def _self_test(lib: ctypes.CDLL) -> None:
-    """Raise unless every format matches the torch dequantize-then-matmul reference."""
+    """Raise unless every format matches the torch dequantize-then-matmul reference, and the
+    candidates are the torch ones."""
     check_all(lambda *args: call(lib, *args))
+    gen = torch.Generator().manual_seed(0)
+    y, l1b = torch.randn(3, 1003, generator=gen), torch.rand(1003, 5, generator=gen).half()
+    l1 = l1b.float().sum(-1) * 1.1
+    half, slop = (
+        torch.rand(3, 5, generator=gen) * torch.tensor([[0.0], [0.2], [1.0]]),
+        torch.rand(3),
+    )
+    want = candidates_torch(y, l1, l1b, half, slop)
+    got = candidates(lib, y, l1, l1b, half, slop)
+    if got is None or not all(torch.equal(a, b) for a, b in zip(got, want)):
+        raise RuntimeError("self-test failed for quant_candidates")
 
 
 LIBRARY = CLibrary(
@@ -67,6 +128,8 @@ LIBRARY = CLibrary(
         "quant_gemv": [_INT, _P, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _INT],
         # several weights sharing x (the fused decode step's q/k/v and gate/up)
         "quant_gemv_multi": [_INT, _P, _P, _P, _P, _P, _P, _P, _I64, _I64, _P, _INT],
+        # the entries of logits that may be a row's maximum (QuantWeight.exact_top)
+        "quant_candidates": [_P, _I64, _I64, _P, _P, _I64, _P, _P, _P, _P, _I64, _INT],
     },
     _self_test,
 )

@@ -236,6 +236,12 @@ class FastDecoder:
         if rc != 0:
             raise ValueError(f"decode_step failed: {kernel.ERRORS.get(rc, rc)}")
         cache.length += 1
+        head = self.embedder.weight
+        if isinstance(head, QuantWeight):
+            # the final-normed hidden states are the scratch's second [B, D] (decode_step.c);
+            # the entries that could be the maximum are recomputed from them exactly
+            xn = self._scratch[B * c.d_model : 2 * B * c.d_model].view(B, c.d_model)
+            head.exact_top(xn, logits, c.final_logit_softcap)
         return logits
 
 

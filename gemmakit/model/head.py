@@ -5,10 +5,10 @@ A 262144-word head is most of a small model's work per scored token. One matmul 
 states against the whole [V, D] table runs at a third of the CPU's matmul rate (the table
 streams through once per call while the [N, V] output is written and read back by
 log_softmax and argmax). Here the table goes through in tiles of TILE words: each tile's
-[N, TILE] logits stay in cache, and the C kernel folds them into each row's running max, its
-id, the sum of exponentials and the target's logit (train_ops.softmax_stats). Where that kernel does not apply
-(a GPU, a bf16 or quantized table, no compiler), chunks of positions go through
-`Gemma.logits` and torch's logsumexp.
+[N, TILE] logits stay in cache, and the C kernel folds them into each row's running max,
+its id, the sum of exponentials and the target's logit (train_ops.softmax_stats). Where that
+kernel does not apply (a GPU, a bf16 or quantized table, no compiler), chunks of positions go
+through `Gemma.logits` and torch's logsumexp.
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ from gemmakit.errors import UsageError
 from gemmakit.model.attention import Attention, soft_cap
 from gemmakit.model.cache import KVCache
 from gemmakit.model.layers import GatedMLP, RMSNorm, linear, rope_angles
+from gemmakit.quant.weight import QuantWeight
 
 
 class Block(nn.Module):
@@ -115,9 +116,14 @@ class Gemma(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final-normed hidden states [..., D] -> logits [..., V] (tied embedding)."""
-        logits = linear(hidden, self.embedder.weight)  # the 1 GB read of a 2B decode step
-        if self.config.final_logit_softcap is not None:
-            logits = soft_cap(logits, self.config.final_logit_softcap)
+        weight, cap = self.embedder.weight, self.config.final_logit_softcap
+        logits = linear(hidden, weight)  # the 1 GB read of a 2B decode step
+        if cap is not None:
+            logits = soft_cap(logits, cap)
+        if isinstance(weight, QuantWeight):
+            flat = hidden.reshape(-1, hidden.shape[-1])
+            if weight.uses_kernel(flat):  # int8 activations: the top entries recomputed
+                weight.exact_top(flat, logits.view(-1, logits.shape[-1]), cap)
         return logits
 
     def _local_rope(self) -> tuple[float, float]:

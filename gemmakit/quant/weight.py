@@ -102,7 +102,7 @@ class QuantWeight(nn.Module):
             raise ValueError(f"x has {x.shape[-1]} features, the weight {k}")
         flat = x.reshape(-1, k)
         step = quant_gemv.MAX_ROWS
-        if len(flat) <= KERNEL_ROWS and quant_gemv.applies(flat[:step], self.qdata):
+        if self.uses_kernel(flat):
             # a short prompt's prefill too: the kernel in pieces of 8 rows reads the blocks
             # once per piece, cheaper than dequantizing the whole weight up to about 64 rows
             xf = flat.to(torch.float32).contiguous()
@@ -128,6 +128,59 @@ class QuantWeight(nn.Module):
             ).to(x.dtype)
         y = y.view(*x.shape[:-1], n)
         return y if bias is None else y + bias
+
+    def uses_kernel(self, x: torch.Tensor) -> bool:
+        """Whether `linear` runs x [M, K] through the C kernel (int8-rounded activations)
+        rather than the torch fallback (dequantized weights, x as it is)."""
+        return len(x) <= KERNEL_ROWS and quant_gemv.applies(x[: quant_gemv.MAX_ROWS], self.qdata)
+
+    def block_l1(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(float16 [N, K // 32]: sum of |W[n, k]| (dequantized) over each whole block of 32
+        columns; float32 [N]: over the whole row), both rounded up (x (1 + 2^-10): float16
+        rounds to nearest) so that they stay upper bounds. Computed once and kept, not
+        buffers: derived, never saved."""
+        if getattr(self, "_l1", None) is None or self._l1[0].device != self.device:
+            n, k = self.shape
+            nb, rows = k // 32, max(1, TILE_ELEMENTS // k)
+            blocks, whole = [], []
+            for i in range(0, n, rows):
+                w = self.dequantize(slice(i, i + rows)).abs()
+                blocks.append(w[:, : nb * 32].reshape(len(w), nb, 32).sum(-1))
+                whole.append(w.sum(-1))
+            up = 1 + 2**-10
+            self._l1 = ((torch.cat(blocks) * up).half(), torch.cat(whole) * up)
+        return self._l1
+
+    def exact_top(
+        self, x: torch.Tensor, y: torch.Tensor, softcap: float | None = None
+    ) -> torch.Tensor:
+        """y [M, N]: the kernel's x [M, K] @ W^T (soft-capped when `softcap`). The kernel
+        rounds x to int8 per block b of 32 (step s_b = max|x_b| / 127), which moves entry n by
+        at most sum_b s_b / 2 * |W[n, block b]|_1, plus float32 summation slop (1e-5 of
+        sum |x||w|): quant/selftest.error_bound, here in per-block L1 norms. Every entry that
+        could be its row's maximum under that bound is recomputed from the unrounded x and the
+        dequantized row, in place, so the argmax (greedy decoding) and the values at the top
+        are those of the dequantized weight; the rest stay within the bound. A soft cap only
+        shrinks differences, so the bound holds after it. Returns y.
+
+        Cheap: the C kernel (quant_gemv.candidates) makes two passes over y with a coarse
+        bound, which keeps a few thousand of 262144 entries, then the per-block bound keeps
+        about 10, which are recomputed."""
+        m, k = x.shape
+        nb = k // 32
+        xf = x.float()
+        l1b, l1 = self.block_l1()  # [N, nb] float16, [N]
+        # half a rounding step per block (a tail past the last whole block is not rounded)
+        half = xf[:, : nb * 32].abs().reshape(m, nb, 32).amax(-1) / 254.0  # [M, nb]
+        slop = 1e-5 * xf.abs().amax(-1) + 1e-6  # [M]
+        lib = quant_gemv.library() if y.is_contiguous() and y.dtype == torch.float32 else None
+        found = quant_gemv.candidates(lib, y, l1, l1b, half, slop) if lib is not None else None
+        rows, cols = found or quant_gemv.candidates_torch(y, l1, l1b, half, slop)
+        exact = (self.dequantize(cols) * xf[rows]).sum(-1)
+        if softcap:
+            exact = torch.tanh(exact / softcap) * softcap
+        y[rows, cols] = exact.to(y.dtype)
+        return y
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """Rows `ids` [...] of the table, dequantized -> [..., K] in the compute dtype."""
