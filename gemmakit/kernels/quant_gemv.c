@@ -4,7 +4,8 @@
  * Q4_K, Q6_K as llama.cpp stores them, gemmakit's int8 (a float32 scale per row) and int4
  * (blocks of 32 nibbles, a float16 scale and minimum per group of 32 or 128). As llama.cpp
  * does, x is rounded once per call to int8 per block of 32 (scale max|x| / 127, plus the
- * block's exact float sum for the formats with a minimum), and every block of 32 weights is
+ * rounded block's sum for the formats with a minimum; gemmakit's int8 and int4 take int16,
+ * scale max|x| / 32767, at the same cost: see Xq), and every block of 32 weights is
  * an integer dot product (maddubs + madd: a few instructions where dequantizing to float
  * needs a dozen), scaled in float once per block (per 16 weights for Q6_K's scales, which
  * enter as madd's int16 multipliers). So the result is the float32 dequantization's product
@@ -100,6 +101,18 @@ typedef struct {
     float macc[8];
 } Acc;
 
+/* x [M, K] rounded per block of 32: to int8 (q8, scales d8 = max|x| / 127, the rounded blocks'
+ * sums s8) for the GGUF formats, as llama.cpp; to int16 (q16, d16 = max|x| / 32767, s16) for
+ * gemmakit's int8 and int4, whose madd of int16 pairs costs as much as maddubs of int8 ones,
+ * with 258 times finer activations (greedy decoding near ties then follows the dequantized
+ * weights). Each is NULL when no weight of the call needs it. */
+typedef struct {
+    const int8_t *q8;
+    const float *d8, *s8;
+    const int16_t *q16;
+    const float *d16, *s16;
+} Xq;
+
 /* Symmetric 32-block j against the M rows of x: acc += (w . xq) * d * xd */
 INLINE void sym_block(const int fmt, const int M, const uint8_t *row, ptrdiff_t j, int par,
                       const int8_t *xq, const float *xd, ptrdiff_t K, ptrdiff_t nb, Acc *a) {
@@ -122,9 +135,12 @@ INLINE void sym_block(const int fmt, const int M, const uint8_t *row, ptrdiff_t 
  * format's minimum once per block against the rounded block's sum: the dequantized row's dot
  * product with the rounded x, up to float32 rounding. */
 INLINE void row_dot(const int fmt, const int M, const uint8_t *row, const uint8_t *sc,
-                    const uint8_t *mn, ptrdiff_t group, float row_scale, const int8_t *xq,
-                    const float *xd, const float *xs, const float *x, ptrdiff_t K, float *y,
-                    ptrdiff_t N) {
+                    const uint8_t *mn, ptrdiff_t group, float row_scale, const Xq *X,
+                    const float *x, ptrdiff_t K, float *y, ptrdiff_t N) {
+    const int8_t *xq = X->q8;
+    const float *xd = X->d8, *xs = X->s8;
+    const int16_t *xq16 = X->q16;
+    const float *xd16 = X->d16, *xs16 = X->s16;
     Acc a;
     const __m256i ones = _mm256_set1_epi16(1);
 #pragma GCC unroll 16
@@ -132,7 +148,21 @@ INLINE void row_dot(const int fmt, const int M, const uint8_t *row, const uint8_
 #pragma GCC unroll 8
     for (int m = 0; m < M; m++) a.macc[m] = 0.0f;
     const ptrdiff_t nb = K / 32;
-    if (fmt == Q8_0 || fmt == Q4_0 || fmt == Q5_0 || fmt == INT8) {
+    if (fmt == INT8) { /* int16 activations: sign-extended weights, madd of int16 pairs */
+        for (ptrdiff_t j = 0; j < nb; j++) {
+            const __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(row + 32 * j)));
+            const __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(row + 32 * j + 16)));
+#pragma GCC unroll 8
+            for (int m = 0; m < M; m++) {
+                const int16_t *xv = xq16 + m * K + 32 * j;
+                __m256i p = _mm256_add_epi32(
+                    _mm256_madd_epi16(w0, _mm256_loadu_si256((const __m256i *)xv)),
+                    _mm256_madd_epi16(w1, _mm256_loadu_si256((const __m256i *)(xv + 16))));
+                a.acc[2 * m + (j & 1)] = _mm256_fmadd_ps(
+                    _mm256_cvtepi32_ps(p), _mm256_set1_ps(xd16[m * nb + j]), a.acc[2 * m + (j & 1)]);
+            }
+        }
+    } else if (fmt == Q8_0 || fmt == Q4_0 || fmt == Q5_0) {
         ptrdiff_t j = 0;
         for (; j + 1 < nb; j += 2) {
             sym_block(fmt, M, row, j, 0, xq, xd, K, nb, &a);
@@ -192,18 +222,22 @@ INLINE void row_dot(const int fmt, const int M, const uint8_t *row, const uint8_
                 }
             }
         }
-    } else { /* INT4: unsigned nibbles, w = d * q + m per group */
+    } else { /* INT4: unsigned nibbles, w = d * q + m per group; int16 activations */
         for (ptrdiff_t j = 0; j < nb; j++) {
-            __m256i q = nibbles32(row + 16 * j);
+            const __m256i q = nibbles32(row + 16 * j);
+            const __m256i q0 = _mm256_cvtepu8_epi16(_mm256_castsi256_si128(q));
+            const __m256i q1 = _mm256_cvtepu8_epi16(_mm256_extracti128_si256(q, 1));
             ptrdiff_t g = 32 * j / group;
             float d = f16(sc + 2 * g), mv = f16(mn + 2 * g);
 #pragma GCC unroll 8
             for (int m = 0; m < M; m++) {
-                __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + m * K + 32 * j));
-                __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(q, xv), ones);
+                const int16_t *xv = xq16 + m * K + 32 * j;
+                __m256i p = _mm256_add_epi32(
+                    _mm256_madd_epi16(q0, _mm256_loadu_si256((const __m256i *)xv)),
+                    _mm256_madd_epi16(q1, _mm256_loadu_si256((const __m256i *)(xv + 16))));
                 a.acc[2 * m + (j & 1)] = _mm256_fmadd_ps(
-                    _mm256_cvtepi32_ps(p), _mm256_set1_ps(d * xd[m * nb + j]), a.acc[2 * m + (j & 1)]);
-                a.macc[m] -= mv * xs[m * nb + j];
+                    _mm256_cvtepi32_ps(p), _mm256_set1_ps(d * xd16[m * nb + j]), a.acc[2 * m + (j & 1)]);
+                a.macc[m] -= mv * xs16[m * nb + j];
             }
         }
     }
@@ -251,13 +285,48 @@ static void quantize_x(const float *x, int M, ptrdiff_t K, int8_t *xq, float *xd
         }
 }
 
+/* x [M, K] -> xq int16 [M, K] (whole blocks of 32), xd and xs [M, K / 32]: quantize_x with
+ * d = max|x| / 32767 (selftest.py's round_activations with levels 32767). */
+static void quantize_x16(const float *x, int M, ptrdiff_t K, int16_t *xq, float *xd, float *xs) {
+    const ptrdiff_t nb = K / 32;
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    for (int m = 0; m < M; m++)
+        for (ptrdiff_t j = 0; j < nb; j++) {
+            const float *b = x + m * K + 32 * j;
+            __m256 v[4];
+            for (int i = 0; i < 4; i++) v[i] = _mm256_loadu_ps(b + 8 * i);
+            __m256 mx = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign, v[0]),
+                                                    _mm256_andnot_ps(sign, v[1])),
+                                      _mm256_max_ps(_mm256_andnot_ps(sign, v[2]),
+                                                    _mm256_andnot_ps(sign, v[3])));
+            __m128 h = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+            h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+            h = _mm_max_ss(h, _mm_movehdup_ps(h));
+            const float amax = _mm_cvtss_f32(h);
+            const float d = amax / 32767.0f, id = d > 0 ? 1.0f / d : 0.0f;
+            xd[m * nb + j] = d;
+            __m256i r[4];
+            for (int i = 0; i < 4; i++)
+                r[i] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v[i], _mm256_set1_ps(id)),
+                                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+            __m256i t = _mm256_add_epi32(_mm256_add_epi32(r[0], r[1]), _mm256_add_epi32(r[2], r[3]));
+            xs[m * nb + j] = d * hsum(_mm256_cvtepi32_ps(t));
+            /* packs interleaves the 128-bit lanes: put the 16 int16 of each pair back in order */
+            for (int i = 0; i < 2; i++) {
+                __m256i p = _mm256_packs_epi32(r[2 * i], r[2 * i + 1]);
+                p = _mm256_permute4x64_epi64(p, 0xD8);
+                _mm256_storeu_si256((__m256i *)(xq + m * K + 32 * j + 16 * i), p);
+            }
+        }
+}
+
 /* rows [n0, n1) of W; fmt and M literal at every call site so each pair compiles on its own */
 #define ROWS(FMT, M_)                                                                        \
     for (ptrdiff_t n = n0; n < n1; n++) {                                                    \
         const uint8_t *s_ = scale ? (const uint8_t *)scale + n * groups * 2 : NULL;          \
         const uint8_t *m_ = minimum ? (const uint8_t *)minimum + n * groups * 2 : NULL;      \
         float rs = (FMT) == INT8 ? ((const float *)scale)[n] : 1.0f;                         \
-        row_dot((FMT), (M_), W + n * rb, s_, m_, group, rs, xq, xd, xs, x, K, y + n, N);    \
+        row_dot((FMT), (M_), W + n * rb, s_, m_, group, rs, X, x, K, y + n, N);             \
     }
 
 #define BY_M(FMT)                                                                            \
@@ -272,9 +341,8 @@ static void quantize_x(const float *x, int M, ptrdiff_t K, int8_t *xq, float *xd
     case 8: ROWS(FMT, 8) break;                                                              \
     }
 
-static void slab(int fmt, const float *x, const int8_t *xq, const float *xd, const float *xs,
-                 const uint8_t *W, const void *scale, const void *minimum, float *y, ptrdiff_t n0,
-                 ptrdiff_t n1, int M, ptrdiff_t N, ptrdiff_t K, ptrdiff_t rb, ptrdiff_t group) {
+static void slab(int fmt, const float *x, const Xq *X, const uint8_t *W, const void *scale,
+                 const void *minimum, float *y, ptrdiff_t n0, ptrdiff_t n1, int M, ptrdiff_t N, ptrdiff_t K, ptrdiff_t rb, ptrdiff_t group) {
     ptrdiff_t groups = fmt == INT4 ? K / group : 0;
     if (fmt != INT4) scale = fmt == INT8 ? scale : NULL, minimum = NULL;
     if (fmt == INT8) groups = 0;
@@ -325,24 +393,33 @@ int quant_gemv_multi(int count, const int *fmts, const float *x, const uint8_t *
     }
     const ptrdiff_t n_slabs = first[count];
     if (n_slabs < n_threads) n_threads = (int)(n_slabs > 0 ? n_slabs : 1);
-    int8_t *xq = malloc((size_t)(M * K) + 32);
-    float *xd = malloc(sizeof(float) * (size_t)(M * (K / 32) + 1));
-    float *xs = malloc(sizeof(float) * (size_t)(M * (K / 32) + 1));
-    if (!xq || !xd || !xs) {
-        free(xq), free(xd), free(xs);
+    int need8 = 0, need16 = 0;
+    for (int i = 0; i < count; i++) {
+        if (fmts[i] == INT8 || fmts[i] == INT4) need16 = 1;
+        else need8 = 1;
+    }
+    const size_t nd = (size_t)(M * (K / 32) + 1);
+    int8_t *xq = need8 ? malloc((size_t)(M * K) + 32) : NULL;
+    int16_t *xq16 = need16 ? malloc(2 * (size_t)(M * K) + 64) : NULL;
+    float *xd = malloc(sizeof(float) * 4 * nd);
+    if ((need8 && !xq) || (need16 && !xq16) || !xd) {
+        free(xq), free(xq16), free(xd);
         return -2;
     }
-    quantize_x(x, (int)M, K, xq, xd, xs);
+    float *xs = xd + nd, *xd16 = xd + 2 * nd, *xs16 = xd + 3 * nd;
+    if (need8) quantize_x(x, (int)M, K, xq, xd, xs);
+    if (need16) quantize_x16(x, (int)M, K, xq16, xd16, xs16);
+    const Xq X = {xq, xd, xs, xq16, xd16, xs16};
 #pragma omp parallel for schedule(dynamic, 1) num_threads(n_threads)
     for (ptrdiff_t c = 0; c < n_slabs; c++) {
         int i = 0;
         while (c >= first[i + 1]) i++;
         const ptrdiff_t n0 = (c - first[i]) * rows[i];
         const ptrdiff_t n1 = n0 + rows[i] < Ns[i] ? n0 + rows[i] : Ns[i];
-        slab(fmts[i], x, xq, xd, xs, Ws[i], scales[i], minimums[i], ys[i], n0, n1, (int)M,
+        slab(fmts[i], x, &X, Ws[i], scales[i], minimums[i], ys[i], n0, n1, (int)M,
              Ns[i], K, rb[i], groups[i]);
     }
-    free(xq), free(xd), free(xs);
+    free(xq), free(xq16), free(xd);
     return 0;
 }
 

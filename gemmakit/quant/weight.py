@@ -15,6 +15,7 @@ from torch import nn
 
 from gemmakit.kernels import quant_gemv
 from gemmakit.quant.formats import FORMATS, dequantize, row_bytes
+from gemmakit.quant.selftest import activation_levels
 
 TILE_ELEMENTS = 1 << 22  # the fallback dequantizes at most this many weights (16 MB) at once
 KERNEL_ROWS = 64  # up to this many rows of x go through the kernel, 8 at a time
@@ -155,7 +156,8 @@ class QuantWeight(nn.Module):
         self, x: torch.Tensor, y: torch.Tensor, softcap: float | None = None
     ) -> torch.Tensor:
         """y [M, N]: the kernel's x [M, K] @ W^T (soft-capped when `softcap`). The kernel
-        rounds x to int8 per block b of 32 (step s_b = max|x_b| / 127), which moves entry n by
+        rounds x per block b of 32 (step s_b = max|x_b| / 127, or / 32767 against int8 and
+        int4 weights: selftest.activation_levels), which moves entry n by
         at most sum_b s_b / 2 * |W[n, block b]|_1, plus float32 summation slop (1e-5 of
         sum |x||w|): quant/selftest.error_bound, here in per-block L1 norms. Every entry that
         could be its row's maximum under that bound is recomputed from the unrounded x and the
@@ -171,7 +173,8 @@ class QuantWeight(nn.Module):
         xf = x.float()
         l1b, l1 = self.block_l1()  # [N, nb] float16, [N]
         # half a rounding step per block (a tail past the last whole block is not rounded)
-        half = xf[:, : nb * 32].abs().reshape(m, nb, 32).amax(-1) / 254.0  # [M, nb]
+        levels = activation_levels(self.fmt)
+        half = xf[:, : nb * 32].abs().reshape(m, nb, 32).amax(-1) / (2.0 * levels)  # [M, nb]
         slop = 1e-5 * xf.abs().amax(-1) + 1e-6  # [M]
         lib = quant_gemv.library() if y.is_contiguous() and y.dtype == torch.float32 else None
         found = quant_gemv.candidates(lib, y, l1, l1b, half, slop) if lib is not None else None
