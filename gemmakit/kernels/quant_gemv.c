@@ -224,9 +224,11 @@ INLINE void row_dot(const int fmt, const int M, const uint8_t *row, const uint8_
         }
     } else { /* INT4: unsigned nibbles, w = d * q + m per group; int16 activations */
         for (ptrdiff_t j = 0; j < nb; j++) {
-            const __m256i q = nibbles32(row + 16 * j);
-            const __m256i q0 = _mm256_cvtepu8_epi16(_mm256_castsi256_si128(q));
-            const __m256i q1 = _mm256_cvtepu8_epi16(_mm256_extracti128_si256(q, 1));
+            /* byte i holds weight i (low nibble) and weight 16 + i (high): widened to int16,
+             * the low nibbles are the first 16 weights and the high ones the last 16 */
+            const __m256i b = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(row + 16 * j)));
+            const __m256i q0 = _mm256_and_si256(b, _mm256_set1_epi16(0x0F));
+            const __m256i q1 = _mm256_srli_epi16(b, 4);
             ptrdiff_t g = 32 * j / group;
             float d = f16(sc + 2 * g), mv = f16(mn + 2 * g);
 #pragma GCC unroll 8
