@@ -143,10 +143,7 @@ class HumanEvalTask(CodeTask):
 
     def __init__(self, problems: list[dict[str, Any]], **kwargs: Any):
         super().__init__(**kwargs)
-        self.problems = problems
-
-    def docs(self) -> Sequence[Doc]:
-        return self.problems
+        self._docs = problems
 
     def prompt(self, doc: Doc, shots: Sequence[Doc]) -> str:
         return doc["prompt"]
@@ -269,13 +266,8 @@ class MBPPTask(CodeTask):
 
     def __init__(self, docs: list[dict[str, Any]], shots: list[dict[str, Any]], **kwargs: Any):
         super().__init__(**kwargs)
+        # the three prompt problems only (an empty list stays empty: no shots)
         self._docs, self._shots = docs, shots
-
-    def docs(self) -> Sequence[Doc]:
-        return self._docs
-
-    def fewshot_docs(self) -> Sequence[Doc]:
-        return self._shots
 
     @staticmethod
     def question(doc: Doc) -> str:

@@ -153,14 +153,8 @@ class QATask(Task):
         num_fewshot: int = 5,
         max_new_tokens: int = 32,
     ):
-        self.name, self._docs, self._shots = name, docs, shots or docs
+        self.name, self._docs, self._shots = name, docs, shots or None
         self.template, self.num_fewshot, self.max_new_tokens = template, num_fewshot, max_new_tokens
-
-    def docs(self) -> Sequence[Doc]:
-        return self._docs
-
-    def fewshot_docs(self) -> Sequence[Doc]:
-        return self._shots
 
     def question(self, doc: Doc) -> str:
         return self.template.format(question=doc["question"].strip().rstrip("?"))
@@ -236,16 +230,10 @@ class GSM8KTask(Task):
         max_new_tokens: int = 256,
         name: str = "gsm8k",
     ):
-        self.name, self._docs, self._shots = name, docs, shots or docs
+        self.name, self._docs, self._shots = name, docs, shots or None
         self.k, self.temperature, self.seed = k, (temperature if k > 1 else 0.0), seed
         self.max_new_tokens = max_new_tokens
         self.metrics = (f"maj@{k}",)
-
-    def docs(self) -> Sequence[Doc]:
-        return self._docs
-
-    def fewshot_docs(self) -> Sequence[Doc]:
-        return self._shots
 
     def requests(self, doc: Doc, shots: Sequence[Doc]) -> list[Generate]:
         prompt = "".join(
@@ -342,13 +330,7 @@ class MathTask(Task):
     metrics = ("acc",)
 
     def __init__(self, docs: list[dict[str, Any]], shots: list[dict[str, Any]]):
-        self._docs, self._shots = docs, shots or docs
-
-    def docs(self) -> Sequence[Doc]:
-        return self._docs
-
-    def fewshot_docs(self) -> Sequence[Doc]:
-        return self._shots
+        self._docs, self._shots = docs, shots or None
 
     def requests(self, doc: Doc, shots: Sequence[Doc]) -> list[Generate]:
         prompt = "".join(
@@ -407,16 +389,15 @@ class BBHTask(Task):
     fewshot_order = "first"
 
     def __init__(self, docs: list[dict[str, Any]], shots: dict[str, list], prompts: dict[str, str]):
-        self._docs, self._shots, self._prompts = docs, shots, prompts
+        self._docs, self._task_shots, self._prompts = docs, shots, prompts
 
-    def docs(self) -> Sequence[Doc]:
-        return self._docs
-
+    # differs: each subtask has its own shots (a dict by subtask, not one list); the pool is
+    # all of them, in subtask order, and a document draws only from its own subtask's
     def fewshot_docs(self) -> Sequence[Doc]:
-        return [s for pool in self._shots.values() for s in pool]
+        return [s for pool in self._task_shots.values() for s in pool]
 
     def shot_pool(self, doc: Doc) -> Sequence[Doc]:
-        return self._shots.get(doc["task"], [])
+        return self._task_shots.get(doc["task"], [])
 
     def requests(self, doc: Doc, shots: Sequence[Doc]) -> list[Generate]:
         if doc["task"] in self._prompts:

@@ -95,9 +95,6 @@ class CrowsPairs(Task):
     def __init__(self, pairs: Sequence[dict]) -> None:
         self._docs = list(pairs)
 
-    def docs(self) -> Sequence[dict]:
-        return self._docs
-
     def requests(self, doc: Doc, shots: Sequence[Doc]) -> list[Loglikelihood]:
         return [Loglikelihood("", doc["sent_more"]), Loglikelihood("", doc["sent_less"])]
 
@@ -380,9 +377,6 @@ class TruthfulQAMC2(Task):
 
     def __init__(self, docs: Sequence[dict]) -> None:
         self._docs = list(docs)
-
-    def docs(self) -> Sequence[dict]:
-        return self._docs
 
     def requests(self, doc: Doc, shots: Sequence[Doc]) -> list[Loglikelihood]:
         return [Loglikelihood(doc["query"], " " + c) for c in doc["choices"]]

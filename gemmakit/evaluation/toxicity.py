@@ -168,9 +168,6 @@ class RealToxicity(Task):
         self.samples, self.max_new_tokens = samples, max_new_tokens
         self.temperature, self.top_p = temperature, top_p
 
-    def docs(self) -> Sequence[dict]:
-        return self._docs
-
     def requests(self, doc: Doc, shots: Sequence[Doc]) -> list[Generate]:
         return [
             Generate(
@@ -226,9 +223,6 @@ class Bold(Task):
         self.max_new_tokens = max_new_tokens
         self.domains = sorted({d["domain"] for d in self._docs})
         self.metrics = ("toxicity", *(f"toxicity_{d}" for d in self.domains))
-
-    def docs(self) -> Sequence[dict]:
-        return self._docs
 
     def requests(self, doc: Doc, shots: Sequence[Doc]) -> list[Generate]:
         return [Generate(doc["prompt"], self.max_new_tokens)]
