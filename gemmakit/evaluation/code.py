@@ -25,8 +25,8 @@ from typing import Any
 
 from gemmakit.atomic import atomic_path
 from gemmakit.errors import MissingPackageError, UsageError
-from gemmakit.evaluation.datafiles import Row, read_rows
-from gemmakit.evaluation.generative import eval_and_shot_files, rows_of
+from gemmakit.evaluation.datafiles import Row, eval_and_shot_files, need_path, read_rows
+from gemmakit.evaluation.generative import rows_of
 from gemmakit.evaluation.metrics import pass_at_k
 from gemmakit.evaluation.requests import Generate
 from gemmakit.evaluation.runner import cut_at_stop
@@ -304,9 +304,7 @@ def split_mbpp(
 
 
 def mbpp(path: Path | None) -> MBPPTask:
-    if path is None:
-        raise UsageError("task 'mbpp' reads local files: give --tasks mbpp:PATH")
-    eval_files, shot_files = eval_and_shot_files(path, ("test",), ("prompt",))
+    eval_files, shot_files = eval_and_shot_files(need_path("mbpp", path), ("test",), ("prompt",))
     docs = [mbpp_doc(r) for r in rows_of(eval_files)]
     shots = [mbpp_doc(r) for r in rows_of(shot_files)]
     return MBPPTask(*split_mbpp(docs, shots))

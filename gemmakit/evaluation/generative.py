@@ -32,7 +32,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from gemmakit.errors import DataError, MissingFileError, UsageError
+from gemmakit.errors import DataError, MissingFileError
 from gemmakit.evaluation.answers import (
     after_phrase,
     exact_match,
@@ -43,18 +43,19 @@ from gemmakit.evaluation.answers import (
     same_number,
     token_f1,
 )
-from gemmakit.evaluation.datafiles import Row, data_files, read_rows, split_files
+from gemmakit.evaluation.datafiles import (
+    Row,
+    data_files,
+    eval_and_shot_files,
+    load_json,
+    need_path,
+    read_rows,
+    split_files,
+)
 from gemmakit.evaluation.requests import Generate
 from gemmakit.evaluation.task import Doc, Result, Task
 
 # ------------------------------------------------------------------------------ file reading
-
-
-def _load_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
 
 
 def wrapped_rows(path: Path, key: str) -> list[Row] | None:
@@ -87,24 +88,6 @@ def rows_of(files: Sequence[Path], key: str | None = None) -> list[Row]:
         wrapped = wrapped_rows(f, key) if key else None
         rows += wrapped if wrapped is not None else read_rows(f)
     return rows
-
-
-def eval_and_shot_files(
-    path: Path, eval_splits: Sequence[str], shot_splits: Sequence[str] = ("train",)
-) -> tuple[list[Path], list[Path]]:
-    """(evaluation files, shot files) of a benchmark path: a file is both; a folder gives the
-    first split found of `eval_splits` and of `shot_splits` (no shot files when it has none)."""
-    if not path.exists():
-        raise MissingFileError(f"{path}: no such file or folder")
-    if path.is_file():
-        return [path], []
-    return split_files(path, eval_splits), split_files(path, shot_splits, required=False)
-
-
-def _need_path(name: str, path: Path | None) -> Path:
-    if path is None:
-        raise UsageError(f"task {name!r} reads local files: give --tasks {name}:PATH")
-    return path
 
 
 # ------------------------------------------------------------------------------ QA: TriviaQA, NQ
@@ -170,7 +153,7 @@ class QATask(Task):
 
 
 def triviaqa(path: Path | None) -> QATask:
-    path = _need_path("triviaqa", path)
+    path = need_path("triviaqa", path)
     eval_files, shot_files = eval_and_shot_files(path, ("validation", "dev"))
     docs = [triviaqa_doc(r) for r in rows_of(eval_files, "Data")]
     shots = [triviaqa_doc(r) for r in rows_of(shot_files, "Data")]
@@ -178,7 +161,7 @@ def triviaqa(path: Path | None) -> QATask:
 
 
 def natural_questions(path: Path | None) -> QATask:
-    path = _need_path("nq", path)
+    path = need_path("nq", path)
     eval_files, shot_files = eval_and_shot_files(path, ("validation", "dev"))
     docs = [nq_doc(r) for r in rows_of(eval_files)]
     shots = [nq_doc(r) for r in rows_of(shot_files)]
@@ -262,11 +245,11 @@ def _gsm8k_files(path: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]
 
 
 def gsm8k(path: Path | None) -> GSM8KTask:
-    return GSM8KTask(*_gsm8k_files(_need_path("gsm8k", path)))
+    return GSM8KTask(*_gsm8k_files(need_path("gsm8k", path)))
 
 
 def gsm8k_maj8(path: Path | None) -> GSM8KTask:
-    return GSM8KTask(*_gsm8k_files(_need_path("gsm8k_maj8", path)), k=8, name="gsm8k_maj8")
+    return GSM8KTask(*_gsm8k_files(need_path("gsm8k_maj8", path)), k=8, name="gsm8k_maj8")
 
 
 # ------------------------------------------------------------------------------ MATH
@@ -293,7 +276,7 @@ def _math_folder_rows(folder: Path) -> list[Row]:
     """The original release: one JSON object per problem (`algebra/1.json`)."""
     rows = []
     for f in sorted(folder.rglob("*.json"), key=lambda p: (p.parent.name, _num(p.stem))):
-        obj = _load_json(f)
+        obj = load_json(f)
         if not isinstance(obj, dict):
             raise DataError(f"{f}: expected a JSON object with 'problem' and 'solution'")
         rows.append(Row(obj, str(f)))
@@ -348,9 +331,7 @@ class MathTask(Task):
 
 
 def math_task(path: Path | None) -> MathTask:
-    path = _need_path("math", path)
-    if not path.exists():
-        raise MissingFileError(f"{path}: no such file or folder")
+    path = need_path("math", path)
     docs = [math_doc(r) for r in _math_rows(path, "test", required=True)]
     shots = [math_doc(r) for r in _math_rows(path, "train", required=False)]
     return MathTask(docs, shots)
@@ -416,9 +397,7 @@ class BBHTask(Task):
 
 
 def bbh(path: Path | None) -> BBHTask:
-    path = _need_path("bbh", path)
-    if not path.exists():
-        raise MissingFileError(f"{path}: no such file or folder")
+    path = need_path("bbh", path)
     docs, shots, prompts = [], {}, {}
     for f in _bbh_files(path):
         # the original release names a file by its task; HF exports name the folder
