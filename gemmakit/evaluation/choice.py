@@ -109,16 +109,10 @@ class ChoiceTask(Task):
         self.metrics = metrics
         self.fewshot_order = fewshot_order
         self._docs = list(docs)
-        self._fewshot = list(fewshot) if fewshot else None
+        self._shots = list(fewshot) if fewshot else None
         self._description = description
         self._group_shots = group_shots
         self._groups: dict[str, list[Choice]] = {}
-
-    def docs(self) -> Sequence[Choice]:
-        return self._docs
-
-    def fewshot_docs(self) -> Sequence[Choice]:
-        return self._fewshot if self._fewshot is not None else self._docs
 
     def shot_pool(self, doc: Doc) -> Sequence[Choice]:
         pool = self.fewshot_docs()

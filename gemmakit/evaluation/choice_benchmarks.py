@@ -33,13 +33,14 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
-from gemmakit.errors import DataError, MissingFileError, UsageError
+from gemmakit.errors import DataError
 from gemmakit.evaluation.choice import Choice, ChoiceTask
 from gemmakit.evaluation.datafiles import (
     Row,
     data_files,
+    eval_and_shot_files,
+    need_path,
     read_rows,
-    split_files,
     with_labels,
 )
 
@@ -278,31 +279,13 @@ def _read(files: Sequence[Path], bench: Benchmark) -> list[Choice]:
     return docs
 
 
-def _need_path(name: str, path: Path | None) -> Path:
-    if path is None:
-        raise UsageError(
-            f"{name} needs its data: --tasks {name}:PATH (a Parquet/JSONL/Arrow file or a "
-            "datasets folder)"
-        )
-    if not path.exists():
-        raise MissingFileError(f"{path}: no such file or folder (for {name})")
-    return path
-
-
-def _splits(bench: Benchmark, path: Path) -> tuple[list[Path], list[Path]]:
-    """(eval files, few-shot files): a file is the eval set (its shots come from itself); a
-    folder is searched for the splits."""
-    if path.is_file():
-        return [path], []
-    evals = split_files(path, bench.eval_splits, bench.prefer)
-    pool = split_files(path, bench.fewshot_splits, bench.prefer, required=False)
-    return evals, [f for f in pool if f not in evals]
-
-
 def load_benchmark(name: str, path: Path | None) -> ChoiceTask:
     """The task `name` of BENCHMARKS over the data at `path`."""
     bench = BENCHMARKS[name]
-    evals, pool = _splits(bench, _need_path(name, path))
+    evals, pool = eval_and_shot_files(
+        need_path(name, path), bench.eval_splits, bench.fewshot_splits, bench.prefer
+    )
+    pool = [f for f in pool if f not in evals]  # a file named for both splits is not a shot
     docs = _read(evals, bench)
     if not docs:
         raise DataError(f"{path}: no {name} questions")
@@ -318,12 +301,7 @@ def load_mmlu(path: Path | None) -> ChoiceTask:
     per-subject copies too) or the release's data/{dev,test}/SUBJECT_{dev,test}.csv. Shots: the
     first examples of the question's own subject in the dev split, as lm-eval and MMLU's
     evaluate.py take them (the test file itself when no dev split is found)."""
-    path = _need_path("mmlu", path)
-    if path.is_file():
-        evals, pool = [path], []
-    else:
-        evals = split_files(path, ("test",), ("all",))
-        pool = split_files(path, ("dev",), ("all",), required=False)
+    evals, pool = eval_and_shot_files(need_path("mmlu", path), ("test",), ("dev",), ("all",))
 
     def read(files: list[Path]) -> list[Choice]:
         docs = []
@@ -356,7 +334,7 @@ def load_agieval(path: Path | None) -> ChoiceTask:
     """AGIEval's English multiple-choice exams: a folder of exam files (the release's
     data/v1/*.jsonl or lm-eval's dmayhem93/agieval-* copies, named by exam), or one exam file.
     Shots come from the same exam. Files of other exams (Chinese, MATH) are skipped."""
-    path = _need_path("agieval", path)
+    path = need_path("agieval", path)
     files = [path] if path.is_file() else data_files(path)
     docs: list[Choice] = []
     for f in files:

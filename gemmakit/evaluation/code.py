@@ -25,8 +25,8 @@ from typing import Any
 
 from gemmakit.atomic import atomic_path
 from gemmakit.errors import MissingPackageError, UsageError
-from gemmakit.evaluation.datafiles import Row, read_rows
-from gemmakit.evaluation.generative import eval_and_shot_files, rows_of
+from gemmakit.evaluation.datafiles import Row, eval_and_shot_files, need_path, read_rows
+from gemmakit.evaluation.generative import rows_of
 from gemmakit.evaluation.metrics import pass_at_k
 from gemmakit.evaluation.requests import Generate
 from gemmakit.evaluation.runner import cut_at_stop
@@ -143,10 +143,7 @@ class HumanEvalTask(CodeTask):
 
     def __init__(self, problems: list[dict[str, Any]], **kwargs: Any):
         super().__init__(**kwargs)
-        self.problems = problems
-
-    def docs(self) -> Sequence[Doc]:
-        return self.problems
+        self._docs = problems
 
     def prompt(self, doc: Doc, shots: Sequence[Doc]) -> str:
         return doc["prompt"]
@@ -269,13 +266,8 @@ class MBPPTask(CodeTask):
 
     def __init__(self, docs: list[dict[str, Any]], shots: list[dict[str, Any]], **kwargs: Any):
         super().__init__(**kwargs)
+        # the three prompt problems only (an empty list stays empty: no shots)
         self._docs, self._shots = docs, shots
-
-    def docs(self) -> Sequence[Doc]:
-        return self._docs
-
-    def fewshot_docs(self) -> Sequence[Doc]:
-        return self._shots
 
     @staticmethod
     def question(doc: Doc) -> str:
@@ -312,9 +304,7 @@ def split_mbpp(
 
 
 def mbpp(path: Path | None) -> MBPPTask:
-    if path is None:
-        raise UsageError("task 'mbpp' reads local files: give --tasks mbpp:PATH")
-    eval_files, shot_files = eval_and_shot_files(path, ("test",), ("prompt",))
+    eval_files, shot_files = eval_and_shot_files(need_path("mbpp", path), ("test",), ("prompt",))
     docs = [mbpp_doc(r) for r in rows_of(eval_files)]
     shots = [mbpp_doc(r) for r in rows_of(shot_files)]
     return MBPPTask(*split_mbpp(docs, shots))

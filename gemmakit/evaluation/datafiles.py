@@ -28,11 +28,29 @@ from pathlib import Path
 from typing import Any
 
 from gemmakit.data.readers import decode_error
-from gemmakit.errors import DataError, MissingFileError
+from gemmakit.errors import DataError, MissingFileError, UsageError
 
 DATA_SUFFIXES = {".parquet", ".pq", ".jsonl", ".json", ".ndjson", ".arrow", ".csv"}
 # metadata files of `datasets` folders, never rows
 METADATA_NAMES = {"dataset_info.json", "state.json", "dataset_dict.json", "dataset_infos.json"}
+
+
+def need_path(name: str, path: Path | None) -> Path:
+    """The PATH of `--tasks name:PATH`, checked: UsageError when none was given,
+    MissingFileError when nothing is there."""
+    if path is None:
+        raise UsageError(f"{name} needs its data: --tasks {name}:PATH (a data file or folder)")
+    if not path.exists():
+        raise MissingFileError(f"{path}: no such file or folder (for {name})")
+    return path
+
+
+def load_json(path: Path) -> Any:
+    """The JSON value of a file; DataError naming the file and line when it is not JSON."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
 
 
 @dataclass(frozen=True)
@@ -171,6 +189,22 @@ def with_labels(rows: list[Row], data_file: Path, field: str) -> list[Row]:
     if len(labels) != len(rows):
         raise DataError(f"{labels_file}: {len(labels)} labels for {len(rows)} rows of {data_file}")
     return [Row({**r.data, field: lab}, r.where) for r, lab in zip(rows, labels, strict=True)]
+
+
+def eval_and_shot_files(
+    path: Path,
+    eval_splits: Sequence[str],
+    shot_splits: Sequence[str] = ("train",),
+    prefer: Sequence[str] = (),
+) -> tuple[list[Path], list[Path]]:
+    """(evaluation files, shot files) of an existing benchmark path (see `need_path`): a file
+    is the evaluation set and no shot files (its shots come from itself); a folder gives the
+    first split found of `eval_splits` and of `shot_splits` (no shot files when it has none),
+    each narrowed by `prefer` as `split_files` does."""
+    if path.is_file():
+        return [path], []
+    evals = split_files(path, eval_splits, prefer)
+    return evals, split_files(path, shot_splits, prefer, required=False)
 
 
 def _words(path: Path, root: Path) -> set[str]:

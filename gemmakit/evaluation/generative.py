@@ -32,7 +32,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from gemmakit.errors import DataError, MissingFileError, UsageError
+from gemmakit.errors import DataError, MissingFileError
 from gemmakit.evaluation.answers import (
     after_phrase,
     exact_match,
@@ -43,18 +43,19 @@ from gemmakit.evaluation.answers import (
     same_number,
     token_f1,
 )
-from gemmakit.evaluation.datafiles import Row, data_files, read_rows, split_files
+from gemmakit.evaluation.datafiles import (
+    Row,
+    data_files,
+    eval_and_shot_files,
+    load_json,
+    need_path,
+    read_rows,
+    split_files,
+)
 from gemmakit.evaluation.requests import Generate
 from gemmakit.evaluation.task import Doc, Result, Task
 
 # ------------------------------------------------------------------------------ file reading
-
-
-def _load_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
 
 
 def wrapped_rows(path: Path, key: str) -> list[Row] | None:
@@ -87,24 +88,6 @@ def rows_of(files: Sequence[Path], key: str | None = None) -> list[Row]:
         wrapped = wrapped_rows(f, key) if key else None
         rows += wrapped if wrapped is not None else read_rows(f)
     return rows
-
-
-def eval_and_shot_files(
-    path: Path, eval_splits: Sequence[str], shot_splits: Sequence[str] = ("train",)
-) -> tuple[list[Path], list[Path]]:
-    """(evaluation files, shot files) of a benchmark path: a file is both; a folder gives the
-    first split found of `eval_splits` and of `shot_splits` (no shot files when it has none)."""
-    if not path.exists():
-        raise MissingFileError(f"{path}: no such file or folder")
-    if path.is_file():
-        return [path], []
-    return split_files(path, eval_splits), split_files(path, shot_splits, required=False)
-
-
-def _need_path(name: str, path: Path | None) -> Path:
-    if path is None:
-        raise UsageError(f"task {name!r} reads local files: give --tasks {name}:PATH")
-    return path
 
 
 # ------------------------------------------------------------------------------ QA: TriviaQA, NQ
@@ -153,14 +136,8 @@ class QATask(Task):
         num_fewshot: int = 5,
         max_new_tokens: int = 32,
     ):
-        self.name, self._docs, self._shots = name, docs, shots or docs
+        self.name, self._docs, self._shots = name, docs, shots or None
         self.template, self.num_fewshot, self.max_new_tokens = template, num_fewshot, max_new_tokens
-
-    def docs(self) -> Sequence[Doc]:
-        return self._docs
-
-    def fewshot_docs(self) -> Sequence[Doc]:
-        return self._shots
 
     def question(self, doc: Doc) -> str:
         return self.template.format(question=doc["question"].strip().rstrip("?"))
@@ -176,7 +153,7 @@ class QATask(Task):
 
 
 def triviaqa(path: Path | None) -> QATask:
-    path = _need_path("triviaqa", path)
+    path = need_path("triviaqa", path)
     eval_files, shot_files = eval_and_shot_files(path, ("validation", "dev"))
     docs = [triviaqa_doc(r) for r in rows_of(eval_files, "Data")]
     shots = [triviaqa_doc(r) for r in rows_of(shot_files, "Data")]
@@ -184,7 +161,7 @@ def triviaqa(path: Path | None) -> QATask:
 
 
 def natural_questions(path: Path | None) -> QATask:
-    path = _need_path("nq", path)
+    path = need_path("nq", path)
     eval_files, shot_files = eval_and_shot_files(path, ("validation", "dev"))
     docs = [nq_doc(r) for r in rows_of(eval_files)]
     shots = [nq_doc(r) for r in rows_of(shot_files)]
@@ -236,16 +213,10 @@ class GSM8KTask(Task):
         max_new_tokens: int = 256,
         name: str = "gsm8k",
     ):
-        self.name, self._docs, self._shots = name, docs, shots or docs
+        self.name, self._docs, self._shots = name, docs, shots or None
         self.k, self.temperature, self.seed = k, (temperature if k > 1 else 0.0), seed
         self.max_new_tokens = max_new_tokens
         self.metrics = (f"maj@{k}",)
-
-    def docs(self) -> Sequence[Doc]:
-        return self._docs
-
-    def fewshot_docs(self) -> Sequence[Doc]:
-        return self._shots
 
     def requests(self, doc: Doc, shots: Sequence[Doc]) -> list[Generate]:
         prompt = "".join(
@@ -274,11 +245,11 @@ def _gsm8k_files(path: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]
 
 
 def gsm8k(path: Path | None) -> GSM8KTask:
-    return GSM8KTask(*_gsm8k_files(_need_path("gsm8k", path)))
+    return GSM8KTask(*_gsm8k_files(need_path("gsm8k", path)))
 
 
 def gsm8k_maj8(path: Path | None) -> GSM8KTask:
-    return GSM8KTask(*_gsm8k_files(_need_path("gsm8k_maj8", path)), k=8, name="gsm8k_maj8")
+    return GSM8KTask(*_gsm8k_files(need_path("gsm8k_maj8", path)), k=8, name="gsm8k_maj8")
 
 
 # ------------------------------------------------------------------------------ MATH
@@ -305,7 +276,7 @@ def _math_folder_rows(folder: Path) -> list[Row]:
     """The original release: one JSON object per problem (`algebra/1.json`)."""
     rows = []
     for f in sorted(folder.rglob("*.json"), key=lambda p: (p.parent.name, _num(p.stem))):
-        obj = _load_json(f)
+        obj = load_json(f)
         if not isinstance(obj, dict):
             raise DataError(f"{f}: expected a JSON object with 'problem' and 'solution'")
         rows.append(Row(obj, str(f)))
@@ -342,13 +313,7 @@ class MathTask(Task):
     metrics = ("acc",)
 
     def __init__(self, docs: list[dict[str, Any]], shots: list[dict[str, Any]]):
-        self._docs, self._shots = docs, shots or docs
-
-    def docs(self) -> Sequence[Doc]:
-        return self._docs
-
-    def fewshot_docs(self) -> Sequence[Doc]:
-        return self._shots
+        self._docs, self._shots = docs, shots or None
 
     def requests(self, doc: Doc, shots: Sequence[Doc]) -> list[Generate]:
         prompt = "".join(
@@ -366,9 +331,7 @@ class MathTask(Task):
 
 
 def math_task(path: Path | None) -> MathTask:
-    path = _need_path("math", path)
-    if not path.exists():
-        raise MissingFileError(f"{path}: no such file or folder")
+    path = need_path("math", path)
     docs = [math_doc(r) for r in _math_rows(path, "test", required=True)]
     shots = [math_doc(r) for r in _math_rows(path, "train", required=False)]
     return MathTask(docs, shots)
@@ -407,16 +370,15 @@ class BBHTask(Task):
     fewshot_order = "first"
 
     def __init__(self, docs: list[dict[str, Any]], shots: dict[str, list], prompts: dict[str, str]):
-        self._docs, self._shots, self._prompts = docs, shots, prompts
+        self._docs, self._task_shots, self._prompts = docs, shots, prompts
 
-    def docs(self) -> Sequence[Doc]:
-        return self._docs
-
+    # differs: each subtask has its own shots (a dict by subtask, not one list); the pool is
+    # all of them, in subtask order, and a document draws only from its own subtask's
     def fewshot_docs(self) -> Sequence[Doc]:
-        return [s for pool in self._shots.values() for s in pool]
+        return [s for pool in self._task_shots.values() for s in pool]
 
     def shot_pool(self, doc: Doc) -> Sequence[Doc]:
-        return self._shots.get(doc["task"], [])
+        return self._task_shots.get(doc["task"], [])
 
     def requests(self, doc: Doc, shots: Sequence[Doc]) -> list[Generate]:
         if doc["task"] in self._prompts:
@@ -435,9 +397,7 @@ class BBHTask(Task):
 
 
 def bbh(path: Path | None) -> BBHTask:
-    path = _need_path("bbh", path)
-    if not path.exists():
-        raise MissingFileError(f"{path}: no such file or folder")
+    path = need_path("bbh", path)
     docs, shots, prompts = [], {}, {}
     for f in _bbh_files(path):
         # the original release names a file by its task; HF exports name the folder

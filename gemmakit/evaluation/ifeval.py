@@ -33,10 +33,7 @@ class IFEvalTask(Task):
 
     def __init__(self, rows: list[dict[str, Any]], max_new_tokens: int = 1280):
         # 1280: lm-eval's ifeval max_gen_toks; generation ends earlier at <end_of_turn>/EOS
-        self.rows, self.max_new_tokens = rows, max_new_tokens
-
-    def docs(self) -> Sequence[Doc]:
-        return self.rows
+        self._docs, self.max_new_tokens = rows, max_new_tokens
 
     def requests(self, doc: Doc, shots: Sequence[Doc]) -> list[Generate]:
         return [Generate(doc["prompt"], self.max_new_tokens)]
@@ -61,7 +58,7 @@ class IFEvalTask(Task):
             return mean_stderr(values)
         # micro average over instructions: per-instruction 0/1 values, each prompt's fraction
         # repeated n times (the counts come from the rows, in the same order as `values`)
-        counts = [len(row_instructions(r)) for r in self.rows[: len(values)]]
+        counts = [len(row_instructions(r)) for r in self.docs()[: len(values)]]
         flat: list[float] = []
         for value, n in zip(values, counts):
             followed = round(value * n)

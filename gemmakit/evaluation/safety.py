@@ -29,22 +29,14 @@ from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
 
-from gemmakit.errors import DataError, MissingFileError, UsageError
+from gemmakit.errors import DataError
 from gemmakit.evaluation.choice import Choice, ChoiceTask, choice_scores
-from gemmakit.evaluation.datafiles import Row, data_files, read_rows
+from gemmakit.evaluation.datafiles import Row, data_files, need_path, read_rows
 from gemmakit.evaluation.metrics import mean_stderr
 from gemmakit.evaluation.requests import Loglikelihood
 from gemmakit.evaluation.task import Doc, Result, Task
 
 NAN = float("nan")
-
-
-def need_path(name: str, path: Path | None) -> Path:
-    if path is None:
-        raise UsageError(f"{name} needs its data: --tasks {name}:PATH (a data file or folder)")
-    if not path.exists():
-        raise MissingFileError(f"{path}: no such file or folder (for {name})")
-    return path
 
 
 def rows_of(path: Path, suffixes: Sequence[str] = ()) -> list[Row]:
@@ -94,9 +86,6 @@ class CrowsPairs(Task):
 
     def __init__(self, pairs: Sequence[dict]) -> None:
         self._docs = list(pairs)
-
-    def docs(self) -> Sequence[dict]:
-        return self._docs
 
     def requests(self, doc: Doc, shots: Sequence[Doc]) -> list[Loglikelihood]:
         return [Loglikelihood("", doc["sent_more"]), Loglikelihood("", doc["sent_less"])]
@@ -380,9 +369,6 @@ class TruthfulQAMC2(Task):
 
     def __init__(self, docs: Sequence[dict]) -> None:
         self._docs = list(docs)
-
-    def docs(self) -> Sequence[dict]:
-        return self._docs
 
     def requests(self, doc: Doc, shots: Sequence[Doc]) -> list[Loglikelihood]:
         return [Loglikelihood(doc["query"], " " + c) for c in doc["choices"]]

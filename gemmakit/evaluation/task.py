@@ -28,9 +28,10 @@ Result = LoglikelihoodResult | float | list[str]
 
 class Task(ABC):
     """Subclasses set `name`, `num_fewshot` and the metrics they report (`metrics`, the keys of
-    `score`'s dict, in the order a table shows them), and implement `docs`, `requests` and
-    `score`. `fewshot_docs` is the pool shots are drawn from (a train or dev split); by default
-    the evaluation docs themselves, never the document being asked about."""
+    `score`'s dict, in the order a table shows them), store their documents in `_docs` (and a
+    separate few-shot pool, if any, in `_shots`), and implement `requests` and `score`.
+    `fewshot_docs` is the pool shots are drawn from (a train or dev split); when `_shots` is
+    None, the evaluation docs themselves, never the document being asked about."""
 
     name: str = ""
     num_fewshot: int = 0
@@ -38,13 +39,16 @@ class Task(ABC):
     # "random": shots drawn from the pool under the seed; "first": the pool's first examples in
     # order (lm-eval's first_n sampler, which MMLU uses with its dev split)
     fewshot_order: str = "random"
+    # set by each subclass's constructor; no default, so a task that forgets fails loudly
+    _docs: Sequence[Doc]
+    _shots: Sequence[Doc] | None = None  # None: shots come from `_docs`; [] means no shots
 
-    @abstractmethod
     def docs(self) -> Sequence[Doc]:
         """The documents to evaluate, in a fixed order."""
+        return self._docs
 
     def fewshot_docs(self) -> Sequence[Doc]:
-        return self.docs()
+        return self.docs() if self._shots is None else self._shots
 
     def shot_pool(self, doc: Doc) -> Sequence[Doc]:
         """The examples `doc`'s shots come from: `fewshot_docs()` by default; a task whose
@@ -129,7 +133,7 @@ def evaluate(
 ) -> TaskResult:
     """Run `task` on its first `limit` documents (all when None) and aggregate each metric
     with its standard error. `samples` holds each document's requests, results and scores."""
-    docs = list(task.docs())[:limit] if limit is not None else list(task.docs())
+    docs = list(task.docs())[:limit]  # a None limit slices nothing off
     per_doc: list[list[Request]] = []
     for i, doc in enumerate(docs):
         per_doc.append(task.requests(doc, draw_shots(task, i, doc, seed)))

@@ -18,7 +18,6 @@ over all prompts and per domain (gender, race, profession, religious/political i
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -33,9 +32,9 @@ from gemmakit.errors import (
     MissingPackageError,
     UsageError,
 )
-from gemmakit.evaluation.datafiles import Row, data_files
+from gemmakit.evaluation.datafiles import Row, data_files, load_json, need_path
 from gemmakit.evaluation.requests import Generate
-from gemmakit.evaluation.safety import nan_mean_stderr, need_path, rows_of
+from gemmakit.evaluation.safety import nan_mean_stderr, rows_of
 from gemmakit.evaluation.task import Doc, Result, Task
 
 DEFAULT_BLOCKLIST = Path(__file__).resolve().parent.parent / "data" / "corpus" / "blocklist.txt"
@@ -168,9 +167,6 @@ class RealToxicity(Task):
         self.samples, self.max_new_tokens = samples, max_new_tokens
         self.temperature, self.top_p = temperature, top_p
 
-    def docs(self) -> Sequence[dict]:
-        return self._docs
-
     def requests(self, doc: Doc, shots: Sequence[Doc]) -> list[Generate]:
         return [
             Generate(
@@ -227,9 +223,6 @@ class Bold(Task):
         self.domains = sorted({d["domain"] for d in self._docs})
         self.metrics = ("toxicity", *(f"toxicity_{d}" for d in self.domains))
 
-    def docs(self) -> Sequence[dict]:
-        return self._docs
-
     def requests(self, doc: Doc, shots: Sequence[Doc]) -> list[Generate]:
         return [Generate(doc["prompt"], self.max_new_tokens)]
 
@@ -250,10 +243,7 @@ TOXICITY_TASKS = (RealToxicity, Bold)  # the tasks `--toxicity-scorer` applies t
 def bold_release(path: Path) -> list[dict]:
     """The release's prompts/{domain}_prompt.json: {category: {name: [prompt, ...]}}."""
     domain = path.name.removesuffix("_prompt.json")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+    data = load_json(path)
     if not isinstance(data, dict):
         raise DataError(f"{path}: expected {{category: {{name: [prompts]}}}}")
     out = []
