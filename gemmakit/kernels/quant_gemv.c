@@ -94,11 +94,11 @@ INLINE __m256i block32(const int fmt, const uint8_t *row, ptrdiff_t j, float *d)
 }
 
 /* The M rows' accumulators: acc[2 * m + parity] (two chains per row so consecutive blocks'
- * FMAs do not wait on each other's latency), macc[m] the float terms of formats with a
- * minimum (Q4_K, int4), subtracted at the end. */
+ * FMAs do not wait on each other's latency), macc[2 * m + parity] the float terms of formats
+ * with a minimum (Q4_K, int4), subtracted at the end. */
 typedef struct {
     __m256 acc[16];
-    float macc[8];
+    float macc[16]; /* two chains per row as well, [2 * m + parity] */
 } Acc;
 
 /* x [M, K] rounded per block of 32: to int8 (q8, scales d8 = max|x| / 127, the rounded blocks'
@@ -129,6 +129,38 @@ INLINE void sym_block(const int fmt, const int M, const uint8_t *row, ptrdiff_t 
     }
 }
 
+/* Block j of gemmakit's int8 (sign-extended bytes) or int4 (w = d q + m per group: nibbles
+ * widened to int16, the minimum against the rounded block's sum) against the M rows of x
+ * rounded to int16: acc[2 m + par] += (w . xq16) * scale * xd16, by madd of int16 pairs */
+INLINE void wide_block(const int fmt, const int M, const uint8_t *row, const uint8_t *sc,
+                       const uint8_t *mn, ptrdiff_t group, ptrdiff_t j, int par,
+                       const int16_t *xq16, const float *xd16, const float *xs16, ptrdiff_t K,
+                       ptrdiff_t nb, Acc *a) {
+    __m256i w0, w1;
+    float d = 1.0f, mv = 0.0f;
+    if (fmt == INT8) {
+        w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(row + 32 * j)));
+        w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(row + 32 * j + 16)));
+    } else {
+        /* byte i holds weight i (low nibble) and weight 16 + i (high): widened to int16, the
+         * low nibbles are the first 16 weights and the high ones the last 16 */
+        const __m256i b = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(row + 16 * j)));
+        w0 = _mm256_and_si256(b, _mm256_set1_epi16(0x0F));
+        w1 = _mm256_srli_epi16(b, 4);
+        const ptrdiff_t g = 32 * j / group;
+        d = f16(sc + 2 * g), mv = f16(mn + 2 * g);
+    }
+#pragma GCC unroll 8
+    for (int m = 0; m < M; m++) {
+        const int16_t *xv = xq16 + m * K + 32 * j;
+        __m256i p = _mm256_add_epi32(_mm256_madd_epi16(w0, _mm256_loadu_si256((const __m256i *)xv)),
+                                     _mm256_madd_epi16(w1, _mm256_loadu_si256((const __m256i *)(xv + 16))));
+        a->acc[2 * m + par] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d * xd16[m * nb + j]),
+                                              a->acc[2 * m + par]);
+        if (fmt == INT4) a->macc[2 * m + par] -= mv * xs16[m * nb + j];
+    }
+}
+
 /* One row n of W against M rows of x quantized per block of 32 (xq, xd, xs as quantize_x
  * writes them): y[m * N]. Every block's integer dot product is exact; its float scale (the
  * weight block's scale times x's block scale) is applied once per block of 32, and a
@@ -145,23 +177,16 @@ INLINE void row_dot(const int fmt, const int M, const uint8_t *row, const uint8_
     const __m256i ones = _mm256_set1_epi16(1);
 #pragma GCC unroll 16
     for (int i = 0; i < 2 * M; i++) a.acc[i] = _mm256_setzero_ps();
-#pragma GCC unroll 8
-    for (int m = 0; m < M; m++) a.macc[m] = 0.0f;
+#pragma GCC unroll 16
+    for (int i = 0; i < 2 * M; i++) a.macc[i] = 0.0f;
     const ptrdiff_t nb = K / 32;
-    if (fmt == INT8) { /* int16 activations: sign-extended weights, madd of int16 pairs */
-        for (ptrdiff_t j = 0; j < nb; j++) {
-            const __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(row + 32 * j)));
-            const __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(row + 32 * j + 16)));
-#pragma GCC unroll 8
-            for (int m = 0; m < M; m++) {
-                const int16_t *xv = xq16 + m * K + 32 * j;
-                __m256i p = _mm256_add_epi32(
-                    _mm256_madd_epi16(w0, _mm256_loadu_si256((const __m256i *)xv)),
-                    _mm256_madd_epi16(w1, _mm256_loadu_si256((const __m256i *)(xv + 16))));
-                a.acc[2 * m + (j & 1)] = _mm256_fmadd_ps(
-                    _mm256_cvtepi32_ps(p), _mm256_set1_ps(xd16[m * nb + j]), a.acc[2 * m + (j & 1)]);
-            }
+    if (fmt == INT8 || fmt == INT4) { /* int16 activations; consecutive blocks alternate chains */
+        ptrdiff_t j = 0;
+        for (; j + 1 < nb; j += 2) {
+            wide_block(fmt, M, row, sc, mn, group, j, 0, xq16, xd16, xs16, K, nb, &a);
+            wide_block(fmt, M, row, sc, mn, group, j + 1, 1, xq16, xd16, xs16, K, nb, &a);
         }
+        if (j < nb) wide_block(fmt, M, row, sc, mn, group, j, 0, xq16, xd16, xs16, K, nb, &a);
     } else if (fmt == Q8_0 || fmt == Q4_0 || fmt == Q5_0) {
         ptrdiff_t j = 0;
         for (; j + 1 < nb; j += 2) {
@@ -191,7 +216,7 @@ INLINE void row_dot(const int fmt, const int M, const uint8_t *row, const uint8_
                     a.acc[2 * m + (i & 1)] = _mm256_fmadd_ps(
                         _mm256_cvtepi32_ps(p), _mm256_set1_ps(ds[i] * xd[m * nb + j]),
                         a.acc[2 * m + (i & 1)]);
-                    a.macc[m] += dm[i] * xs[m * nb + j];
+                    a.macc[2 * m + (i & 1)] += dm[i] * xs[m * nb + j];
                 }
             }
         }
@@ -222,30 +247,10 @@ INLINE void row_dot(const int fmt, const int M, const uint8_t *row, const uint8_
                 }
             }
         }
-    } else { /* INT4: unsigned nibbles, w = d * q + m per group; int16 activations */
-        for (ptrdiff_t j = 0; j < nb; j++) {
-            /* byte i holds weight i (low nibble) and weight 16 + i (high): widened to int16,
-             * the low nibbles are the first 16 weights and the high ones the last 16 */
-            const __m256i b = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(row + 16 * j)));
-            const __m256i q0 = _mm256_and_si256(b, _mm256_set1_epi16(0x0F));
-            const __m256i q1 = _mm256_srli_epi16(b, 4);
-            ptrdiff_t g = 32 * j / group;
-            float d = f16(sc + 2 * g), mv = f16(mn + 2 * g);
-#pragma GCC unroll 8
-            for (int m = 0; m < M; m++) {
-                const int16_t *xv = xq16 + m * K + 32 * j;
-                __m256i p = _mm256_add_epi32(
-                    _mm256_madd_epi16(q0, _mm256_loadu_si256((const __m256i *)xv)),
-                    _mm256_madd_epi16(q1, _mm256_loadu_si256((const __m256i *)(xv + 16))));
-                a.acc[2 * m + (j & 1)] = _mm256_fmadd_ps(
-                    _mm256_cvtepi32_ps(p), _mm256_set1_ps(d * xd16[m * nb + j]), a.acc[2 * m + (j & 1)]);
-                a.macc[m] -= mv * xs16[m * nb + j];
-            }
-        }
     }
 #pragma GCC unroll 8
     for (int m = 0; m < M; m++) {
-        float s = hsum(_mm256_add_ps(a.acc[2 * m], a.acc[2 * m + 1])) - a.macc[m];
+        float s = hsum(_mm256_add_ps(a.acc[2 * m], a.acc[2 * m + 1])) - (a.macc[2 * m] + a.macc[2 * m + 1]);
         /* int8 rows need not be whole blocks: the tail in float */
         for (ptrdiff_t t = nb * 32; t < K; t++) s += (float)(int8_t)row[t] * x[m * K + t];
         y[m * N] = s * row_scale;
