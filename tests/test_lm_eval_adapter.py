@@ -46,14 +46,12 @@ def ours(tasks_dir):
     return lm, out
 
 
-def assert_same(got: dict, want: dict) -> None:
+def assert_same(got: dict, want: dict, key: str = "gk_choice", tol: float = 1e-4) -> None:
     compared = 0
-    for a, b in zip(got["gk_choice"], want["gk_choice"], strict=True):
+    for a, b in zip(got["gk_choice"], want[key], strict=True):
         assert a["arguments"] == b["arguments"]
         for (lp, greedy), (want_lp, want_greedy) in zip(a["resps"], b["resps"], strict=True):
-            # both in float32: against the float64 forward, lm-eval's hf backend is off by up
-            # to 4.2e-4 on these requests (one full-vocabulary matmul), gemmakit by 1.7e-5
-            assert lp == pytest.approx(want_lp, abs=1e-3)
+            assert lp == pytest.approx(want_lp, abs=tol)
             assert greedy == want_greedy
             compared += 1
     assert compared == sum(len(d["choices"]) for d in DOCS)
@@ -64,7 +62,11 @@ def test_requests_match_lm_evals_hf_backend(ours):
     _, out = ours
     want = json.loads(OUT.read_text())
     got = answers(out)
+    # gemmakit in float32 against the hf backend in float64 (the values both approximate)
     assert_same(got, want)
+    # and against the hf backend in float32: its one full-vocabulary matmul is itself up to
+    # 4.2e-4 off the float64 values here (gemmakit's tiled head 1.7e-5)
+    assert_same(got, want, "gk_choice_float32", tol=1e-3)
     assert any(t.strip() for t in got["gk_gen"])  # the model wrote something
     assert "acc,none" in out["results"]["gk_choice"]
 
@@ -74,14 +76,19 @@ def test_requests_match_lm_evals_hf_backend(ours):
 )
 def test_requests_match_a_live_hf_backend(ours, tasks_dir):
     _, out = ours
-    assert_same(answers(out), answers(run_tasks(hf_lm(), tasks_dir, ["gk_choice", "gk_gen"])))
+    live = answers(run_tasks(hf_lm("float64"), tasks_dir, ["gk_choice", "gk_gen"]))
+    live["gk_gen"] = answers(run_tasks(hf_lm(), tasks_dir, ["gk_choice", "gk_gen"]))["gk_gen"]
+    assert_same(answers(out), live)
 
 
 def test_rolling_is_the_text_after_bos(ours):
     _, out = ours
     want = json.loads(OUT.read_text())["rolling"]
     got = [s["resps"][0][0] for s in out["samples"]["gk_rolling"]]
-    assert got == pytest.approx(want, abs=1e-3)  # float32 on both sides: see assert_same
+    # HF's forward in float64 (its RMSNorm still computes in float32): a dozen or more scored
+    # tokens a text, where the two models' hidden states part by up to 3e-5 per token (gemmakit
+    # in float32 is within 2e-5 of its own float64 forward on these texts)
+    assert got == pytest.approx(want, abs=5e-4)
 
 
 def test_gemmakit_lm_eval_runs_lm_evals_command(ours, tasks_dir, tmp_path, monkeypatch):
