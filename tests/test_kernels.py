@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -245,20 +246,29 @@ print("ok")
 """
 
 
+def _run_in_cache(cache: Path) -> subprocess.CompletedProcess:
+    """DAMAGED_CACHE_RUN in a fresh interpreter whose kernel cache is under `cache`."""
+    env = {**os.environ, "XDG_CACHE_HOME": str(cache)}
+    env.pop("GEMMAKIT_NO_KERNELS", None)
+    cmd = [sys.executable, "-c", DAMAGED_CACHE_RUN]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def built_cache(tmp_path_factory) -> Path:
+    """A kernel cache holding freshly built libraries, built once for the damage cases."""
+    cache = tmp_path_factory.mktemp("built")
+    first = _run_in_cache(cache)
+    assert first.returncode == 0 and first.stdout.strip() == "ok", first.stderr
+    return cache
+
+
 @needs_kernel
 @pytest.mark.parametrize("damage", ["truncated", "garbage", "empty", "bad record"])
-def test_damaged_cached_library_is_rebuilt(tmp_path, damage):
+def test_damaged_cached_library_is_rebuilt(tmp_path, built_cache, damage):
     """A cached .so cut short or overwritten (which dlopen turns into SIGBUS) is not loaded:
     the next run rebuilds it and computes correct results."""
-    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
-    env.pop("GEMMAKIT_NO_KERNELS", None)
-
-    def run() -> subprocess.CompletedProcess:
-        cmd = [sys.executable, "-c", DAMAGED_CACHE_RUN]
-        return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-
-    first = run()
-    assert first.returncode == 0 and first.stdout.strip() == "ok", first.stderr
+    shutil.copytree(built_cache, tmp_path, dirs_exist_ok=True)
     libs = sorted((tmp_path / "gemmakit" / "kernels").glob("*.so"))
     assert len(libs) == 2  # one library per source
     for so in libs:
@@ -271,7 +281,7 @@ def test_damaged_cached_library_is_rebuilt(tmp_path, damage):
             so.write_bytes(b"")
         else:
             so.with_name(so.name + ".json").write_text("{not json")
-    again = run()
+    again = _run_in_cache(tmp_path)
     assert again.returncode == 0 and again.stdout.strip() == "ok", (again.returncode, again.stderr)
     assert "kernel is off" not in again.stderr  # rebuilt quietly, not disabled
     assert all(build.verified(so) for so in libs)
