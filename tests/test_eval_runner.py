@@ -221,5 +221,8 @@ def test_token_logprobs_tiled_head_equals_float64_log_softmax(preset, monkeypatc
     assert hit.tolist() == (z.argmax(-1) == targets).tolist()
     assert hit[:10].all() and not hit[10:].all()
     assert len(calls) == (3 if train_ops.library() is not None else 0)  # the kernel ran
-    with pytest.raises(ValueError, match="outside the vocabulary"):
-        head.token_logprobs(model, hidden[:1].detach(), torch.tensor([5003]))
+    for bad in (5003, -1):  # past the vocabulary, negative
+        with pytest.raises(ValueError, match="outside the vocabulary"):
+            head.token_logprobs(model, hidden[:1].detach(), torch.tensor([bad]))
+    lp, hit = head.token_logprobs(model, hidden[:0].detach(), targets[:0])  # nothing to score
+    assert lp.shape == hit.shape == (0,)

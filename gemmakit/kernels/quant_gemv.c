@@ -257,44 +257,21 @@ INLINE void row_dot(const int fmt, const int M, const uint8_t *row, const uint8_
     }
 }
 
-/* x [M, K] -> xq int8 [M, K] (whole blocks of 32), xd and xs [M, K / 32]: per block the scale
- * d = max|x| / 127 with xq = round(x * (1 / d)) (ties to even), and d * sum(xq), the rounded
- * block's sum (selftest.py's round_activations computes the same in torch). */
-static void quantize_x(const float *x, int M, ptrdiff_t K, int8_t *xq, float *xd, float *xs) {
-    const ptrdiff_t nb = K / 32;
-    const __m256 sign = _mm256_set1_ps(-0.0f);
-    for (int m = 0; m < M; m++)
-        for (ptrdiff_t j = 0; j < nb; j++) {
-            const float *b = x + m * K + 32 * j;
-            __m256 v[4];
-            for (int i = 0; i < 4; i++) v[i] = _mm256_loadu_ps(b + 8 * i);
-            __m256 mx = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign, v[0]),
-                                                    _mm256_andnot_ps(sign, v[1])),
-                                      _mm256_max_ps(_mm256_andnot_ps(sign, v[2]),
-                                                    _mm256_andnot_ps(sign, v[3])));
-            __m128 h = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
-            h = _mm_max_ps(h, _mm_movehl_ps(h, h));
-            h = _mm_max_ss(h, _mm_movehdup_ps(h));
-            const float amax = _mm_cvtss_f32(h);
-            const float d = amax / 127.0f, id = d > 0 ? 1.0f / d : 0.0f;
-            xd[m * nb + j] = d;
-            __m256i r[4];
-            for (int i = 0; i < 4; i++)
-                r[i] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v[i], _mm256_set1_ps(id)),
-                                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-            /* the rounded block's sum, so that a minimum multiplies the same x as the scale */
-            __m256i t = _mm256_add_epi32(_mm256_add_epi32(r[0], r[1]), _mm256_add_epi32(r[2], r[3]));
-            xs[m * nb + j] = d * hsum(_mm256_cvtepi32_ps(t));
-            /* packs interleave the 128-bit lanes: put the 32 bytes back in order */
-            __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(r[0], r[1]), _mm256_packs_epi32(r[2], r[3]));
-            p = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
-            _mm256_storeu_si256((__m256i *)(xq + m * K + 32 * j), p);
-        }
+/* max over the 8 lanes of v */
+INLINE float hmax(__m256 v) {
+    __m128 h = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_max_ss(h, _mm_movehdup_ps(h));
+    return _mm_cvtss_f32(h);
 }
 
-/* x [M, K] -> xq int16 [M, K] (whole blocks of 32), xd and xs [M, K / 32]: quantize_x with
- * d = max|x| / 32767 (selftest.py's round_activations with levels 32767). */
-static void quantize_x16(const float *x, int M, ptrdiff_t K, int16_t *xq, float *xd, float *xs) {
+/* x [M, K] -> per block of 32: the scale d = max|x| / levels, the block rounded to integers
+ * xq = round(x * (1 / d)) (ties to even; levels 127 or 32767), stored by `wide` as int16
+ * (int16_t xq [M, K]) or else as int8 (int8_t xq [M, K]), and d * sum(xq), the rounded block's
+ * sum, so that a minimum multiplies the same x as the scale (xd, xs [M, K / 32]; selftest.py's
+ * round_activations computes the same in torch). Whole blocks only. */
+static void quantize_x(const float *x, int M, ptrdiff_t K, float levels, int wide, void *xq,
+                       float *xd, float *xs) {
     const ptrdiff_t nb = K / 32;
     const __m256 sign = _mm256_set1_ps(-0.0f);
     for (int m = 0; m < M; m++)
@@ -302,15 +279,10 @@ static void quantize_x16(const float *x, int M, ptrdiff_t K, int16_t *xq, float 
             const float *b = x + m * K + 32 * j;
             __m256 v[4];
             for (int i = 0; i < 4; i++) v[i] = _mm256_loadu_ps(b + 8 * i);
-            __m256 mx = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign, v[0]),
-                                                    _mm256_andnot_ps(sign, v[1])),
-                                      _mm256_max_ps(_mm256_andnot_ps(sign, v[2]),
-                                                    _mm256_andnot_ps(sign, v[3])));
-            __m128 h = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
-            h = _mm_max_ps(h, _mm_movehl_ps(h, h));
-            h = _mm_max_ss(h, _mm_movehdup_ps(h));
-            const float amax = _mm_cvtss_f32(h);
-            const float d = amax / 32767.0f, id = d > 0 ? 1.0f / d : 0.0f;
+            const float amax = hmax(_mm256_max_ps(
+                _mm256_max_ps(_mm256_andnot_ps(sign, v[0]), _mm256_andnot_ps(sign, v[1])),
+                _mm256_max_ps(_mm256_andnot_ps(sign, v[2]), _mm256_andnot_ps(sign, v[3]))));
+            const float d = amax / levels, id = d > 0 ? 1.0f / d : 0.0f;
             xd[m * nb + j] = d;
             __m256i r[4];
             for (int i = 0; i < 4; i++)
@@ -318,11 +290,17 @@ static void quantize_x16(const float *x, int M, ptrdiff_t K, int16_t *xq, float 
                                                           _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
             __m256i t = _mm256_add_epi32(_mm256_add_epi32(r[0], r[1]), _mm256_add_epi32(r[2], r[3]));
             xs[m * nb + j] = d * hsum(_mm256_cvtepi32_ps(t));
-            /* packs interleaves the 128-bit lanes: put the 16 int16 of each pair back in order */
-            for (int i = 0; i < 2; i++) {
-                __m256i p = _mm256_packs_epi32(r[2 * i], r[2 * i + 1]);
-                p = _mm256_permute4x64_epi64(p, 0xD8);
-                _mm256_storeu_si256((__m256i *)(xq + m * K + 32 * j + 16 * i), p);
+            /* packs interleave the 128-bit lanes: put the values back in order */
+            if (wide) {
+                int16_t *out = (int16_t *)xq + m * K + 32 * j;
+                for (int i = 0; i < 2; i++) {
+                    __m256i p = _mm256_packs_epi32(r[2 * i], r[2 * i + 1]);
+                    _mm256_storeu_si256((__m256i *)(out + 16 * i), _mm256_permute4x64_epi64(p, 0xD8));
+                }
+            } else {
+                __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(r[0], r[1]), _mm256_packs_epi32(r[2], r[3]));
+                p = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+                _mm256_storeu_si256((__m256i *)((int8_t *)xq + m * K + 32 * j), p);
             }
         }
 }
@@ -414,8 +392,8 @@ int quant_gemv_multi(int count, const int *fmts, const float *x, const uint8_t *
         return -2;
     }
     float *xs = xd + nd, *xd16 = xd + 2 * nd, *xs16 = xd + 3 * nd;
-    if (need8) quantize_x(x, (int)M, K, xq, xd, xs);
-    if (need16) quantize_x16(x, (int)M, K, xq16, xd16, xs16);
+    if (need8) quantize_x(x, (int)M, K, 127.0f, 0, xq, xd, xs);
+    if (need16) quantize_x(x, (int)M, K, 32767.0f, 1, xq16, xd16, xs16);
     const Xq X = {xq, xd, xs, xq16, xd16, xs16};
 #pragma omp parallel for schedule(dynamic, 1) num_threads(n_threads)
     for (ptrdiff_t c = 0; c < n_slabs; c++) {
@@ -464,10 +442,7 @@ int quant_candidates(const float *y, int64_t M, int64_t N, const float *l1, cons
         __m256 mv = _mm256_set1_ps(-INFINITY);
         int64_t n = 0;
         for (; n + 8 <= N; n += 8) mv = _mm256_max_ps(mv, _mm256_loadu_ps(row + n));
-        __m128 h = _mm_max_ps(_mm256_castps256_ps128(mv), _mm256_extractf128_ps(mv, 1));
-        h = _mm_max_ps(h, _mm_movehl_ps(h, h));
-        h = _mm_max_ss(h, _mm_movehdup_ps(h));
-        float top = _mm_cvtss_f32(h);
+        float top = hmax(mv);
         for (; n < N; n++) top = row[n] > top ? row[n] : top;
         int64_t at = 0;
         while (at < N - 1 && row[at] != top) at++;

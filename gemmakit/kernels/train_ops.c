@@ -214,6 +214,19 @@ int gelu_mul_bwd(const float *a, const float *b, const float *gh, float *ga, flo
 
 /* ---- Cross-entropy rows: loss and softmax - one_hot in place ------------------------------ */
 
+/* max of row [v] (v >= 1) */
+INLINE float row_max(const float *row, int64_t v) {
+    __m256 mv = _mm256_set1_ps(-INFINITY);
+    int64_t k = 0;
+    for (; k + 8 <= v; k += 8) mv = _mm256_max_ps(mv, _mm256_loadu_ps(row + k));
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mv), _mm256_extractf128_ps(mv, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+    float m = _mm_cvtss_f32(m4);
+    for (; k < v; k++) m = row[k] > m ? row[k] : m;
+    return m;
+}
+
 /* For each row i of z [n, v] (logits) with target t = targets[i]:
  *   loss[i] = logsumexp(z[i]) - z[i, t]   (0 where t < 0: an ignored position)
  * and with want_grad, z[i] is overwritten with softmax(z[i]) - one_hot(t) (zeros where t < 0).
@@ -236,14 +249,8 @@ int xent_rows(float *z, const int64_t *targets, float *loss, int64_t n, int64_t 
             if (want_grad) memset(row, 0, sizeof(float) * (size_t)v);
             continue;
         }
-        __m256 mv = _mm256_set1_ps(-INFINITY);
-        int64_t k = 0;
-        for (; k + 8 <= v; k += 8) mv = _mm256_max_ps(mv, _mm256_loadu_ps(row + k));
-        __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mv), _mm256_extractf128_ps(mv, 1));
-        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
-        m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
-        float m = _mm_cvtss_f32(m4);
-        for (; k < v; k++) m = row[k] > m ? row[k] : m;
+        const float m = row_max(row, v);
+        int64_t k;
         float target_logit = row[t];
         __m256 mb = _mm256_set1_ps(m), acc = _mm256_setzero_ps();
         for (k = 0; k + 8 <= v; k += 8) {
@@ -283,14 +290,8 @@ int softmax_stats(const float *z, int64_t n, int64_t v, int64_t ld, int64_t offs
     for (int64_t i = 0; i < n; i++) {
         const float *row = z + i * ld;
         if (targets[i] >= offset && targets[i] < offset + v) picked[i] = row[targets[i] - offset];
-        __m256 mv = _mm256_set1_ps(-INFINITY);
-        int64_t k = 0;
-        for (; k + 8 <= v; k += 8) mv = _mm256_max_ps(mv, _mm256_loadu_ps(row + k));
-        __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mv), _mm256_extractf128_ps(mv, 1));
-        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
-        m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
-        float m = _mm_cvtss_f32(m4);
-        for (; k < v; k++) m = row[k] > m ? row[k] : m;
+        const float m = row_max(row, v);
+        int64_t k;
         int64_t at = 0;
         while (at < v - 1 && row[at] != m) at++; /* the first maximum */
         __m256 mb = _mm256_set1_ps(m), acc = _mm256_setzero_ps();
