@@ -28,6 +28,20 @@ def tiny_tokenizer(folder):
     return train_tokenizer(multilingual_texts(300), vocab_size=800, output=folder / "tok")
 
 
+class SlowEngine(Engine):
+    """The tiny model decodes a token in about a millisecond, so a long answer can finish (and
+    leave nothing to cancel) before a client that hangs up, or a browser's Stop click, reaches
+    the server: each decode step is slowed by `step_delay` seconds."""
+
+    def __init__(self, *args, step_delay: float = 0.03, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.step_delay = step_delay
+
+    def _decode(self) -> None:
+        time.sleep(self.step_delay)
+        super()._decode()
+
+
 class LiveServer:
     """`create_app(engine, ...)` served on 127.0.0.1:<free port> until `stop`."""
 

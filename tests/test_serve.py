@@ -11,7 +11,7 @@ import time
 import httpx
 import openai
 import pytest
-from serving import MODEL, LiveServer, tiny_model, tiny_tokenizer
+from serving import MODEL, LiveServer, SlowEngine, tiny_model, tiny_tokenizer
 
 from gemmakit.chat import encode_chat
 from gemmakit.generation import generate
@@ -30,7 +30,9 @@ def model(tok):
 
 @pytest.fixture(scope="module")
 def server(model, tok):
-    live = LiveServer(Engine(model, max_batch=8, prefill_chunk=32), tok)
+    # 5 ms a step: a 400-token answer lasts over 2 s, so the clients that hang up after 0.5 s
+    # (or 3 streamed tokens) always leave it running, however fast the machine decodes
+    live = LiveServer(SlowEngine(model, max_batch=8, prefill_chunk=32, step_delay=0.005), tok)
     yield live
     live.stop()
 

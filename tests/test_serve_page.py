@@ -8,11 +8,10 @@ import shutil
 import time
 
 import pytest
-from serving import LiveServer, tiny_model, tiny_tokenizer
+from serving import LiveServer, SlowEngine, tiny_model, tiny_tokenizer
 
 from gemmakit.chat import encode_chat
 from gemmakit.generation import generate
-from gemmakit.serving.engine import Engine
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 playwright = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
@@ -40,19 +39,10 @@ def answer(model, tok, messages, n):
     return tok.decode(out)
 
 
-class SlowEngine(Engine):
-    """The tiny model decodes a token in about a millisecond, so a long answer could finish
-    (and leave nothing to cancel) before the browser's Stop click reaches the server: each
-    step is slowed to 30 ms, making 450 tokens last about 14 s."""
-
-    def _decode(self) -> None:
-        time.sleep(0.03)
-        super()._decode()
-
-
 def test_chatting_in_the_browser(tmp_path):
     tok = tiny_tokenizer(tmp_path)
     model = tiny_model(tok.vocab_size)
+    # 30 ms a step: 450 tokens last about 14 s, so Stop always finds the answer running
     live = LiveServer(SlowEngine(model), tok, api_key="k3y")
     try:
         with playwright.sync_playwright() as p:
