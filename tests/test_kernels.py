@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 import gemmakit
 from gemmakit.generation import generate
-from gemmakit.kernels import build, gemv, train_ops
+from gemmakit.kernels import build, gemv, quant_gemv, train_ops
 from gemmakit.model import layers
 from gemmakit.model.layers import linear
 
@@ -330,3 +330,67 @@ def test_bf16_greedy_decoding_same_with_and_without_kernel(monkeypatch):
             i = next(j for j, (s, t) in enumerate(zip(a, b, strict=True)) if s != t)
             row = torch_logits[len(prompt) + i - 1]
             assert abs(row[a[i]] - row[b[i]]).item() < 0.02 * spread, (i, a[i], b[i])
+
+
+def test_cpu_isas_follow_the_cpu_flags(monkeypatch):
+    avx2 = {"avx2", "fma", "f16c"}
+    cases = [
+        (avx2 | {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"}, ["avx512vnni", "avx2"]),
+        (avx2 | {"avx_vnni"}, ["avxvnni", "avx2"]),
+        (avx2 | {"avx512f", "avx512bw", "avx512vl"}, ["avx2"]),  # no VNNI: nothing to gain
+        ({"avx2", "fma"}, []),  # no F16C: the kernels' float16 loads would fault
+        (set(), []),
+    ]
+    for flags, want in cases:
+        monkeypatch.setattr(build, "cpu_flags", lambda f=flags: frozenset(f))
+        assert [isa.name for isa in build.cpu_isas()] == want, flags
+        assert build.cpu_supported() == bool(want)
+
+
+@needs_kernel
+def test_a_variant_failing_its_self_test_gives_way_to_the_next(monkeypatch, tmp_path, caplog):
+    """The best variant is run blind on machines this suite never sees (AVX-512 ones): if it
+    computes wrong there, the self-test catches it and the AVX2 build is used, with a warning."""
+    monkeypatch.setattr(build, "_warned", set())
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    first = build.Isa("avx2-first", build.AVX2.cpu_flags, (*build.AVX2.cc_flags, "-DFIRST=1"))
+    monkeypatch.setattr(build, "cpu_isas", lambda: [first, build.AVX2])
+    tested = []
+
+    def fails_first(lib):
+        tested.append(lib)
+        if len(tested) == 1:
+            raise RuntimeError("self-test failed for rms_norm: max error 3.0")
+
+    lib = build.CLibrary(
+        "fused training ops", train_ops.LIBRARY.source, train_ops.SIGNATURES, fails_first
+    )
+    with caplog.at_level(logging.WARNING, logger="gemmakit.kernels.build"):
+        assert lib.get() is not None
+    assert lib.isa == build.AVX2 and len(tested) == 2
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert "avx2-first build failed its self-test" in warning and "avx2 build instead" in warning
+    assert len(list(tmp_path.rglob("*.so"))) == 2  # one library per variant, cached apart
+
+
+@needs_kernel
+def test_vnni_variants_use_the_vnni_dot_products(monkeypatch, tmp_path):
+    """quant_gemv.c's integer dots are one VNNI instruction where the build has the flags (a
+    machine with them runs its self-test at load; this one can only compile them)."""
+    source = Path(build.__file__).with_name("quant_gemv.c")
+    cc = shutil.which("cc")
+    for isa in build.ISAS[:-1]:
+        pre = subprocess.run([cc, *isa.cc_flags, "-E", str(source)], capture_output=True, text=True)
+        if pre.returncode != 0:
+            pytest.skip(f"this compiler lacks {isa.name}'s flags: {pre.stderr[:200]}")
+        code = pre.stdout[pre.stdout.index("void int4_block(") :]  # past the headers
+        assert "dpwssd" in code and "dpbusd" in code, isa.name
+    avx2 = build.build(source, quant_gemv.LIBRARY.name)  # the one this machine loads (cached)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    best = build.build(source, "quant-test", isa=build.ISAS[0])  # a full build of the best one
+
+    def disassembly(so: Path) -> str:
+        return subprocess.run(["objdump", "-d", str(so)], capture_output=True, text=True).stdout
+
+    assert "vpdpwssd" in (text := disassembly(best)) and "vpdpbusd" in text
+    assert "vpdpwssd" not in (text := disassembly(avx2)) and "vpmaddwd" in text

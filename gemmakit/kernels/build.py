@@ -7,10 +7,15 @@ that record; a truncated or overwritten file (which dlopen would turn into a SIG
 instead. Both files are written under a temporary name, fsynced, then renamed, so concurrent
 processes never see half of one.
 
-Anything that goes wrong (no compiler, a failed build, a failed self-test) makes
-`CLibrary.get()` return None, and the caller uses torch's ops: one warning per process says why
-and how to fix it. One library failing leaves the other in use. GEMMAKIT_NO_KERNELS=1 turns
-every kernel off (and so silences the warning).
+Each source is built for the best instruction set the CPU has (`ISAS`, best first: AVX-512 with
+VNNI, AVX-VNNI, AVX2; the C code picks its paths from the compiler's macros). A variant that does
+not build (an older compiler without the flags) or fails its self-test is passed over for the
+next one, so a machine always ends on the AVX2 build at worst.
+
+Anything that goes wrong with every variant (no compiler, a failed build, a failed self-test)
+makes `CLibrary.get()` return None, and the caller uses torch's ops: one warning per process
+says why and how to fix it. One library failing leaves the others in use.
+GEMMAKIT_NO_KERNELS=1 turns every kernel off (and so silences the warning).
 """
 
 from __future__ import annotations
@@ -25,13 +30,14 @@ import shutil
 import subprocess
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from gemmakit.atomic import atomic_path
 
 log = logging.getLogger(__name__)
 
-FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC"]
+FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC"]  # every variant's, beside its Isa.cc_flags
 INSTALL_HINT = "install a C compiler with OpenMP (e.g. apt install gcc)"
 _warned: set[str] = set()  # reasons already warned about in this process
 
@@ -46,19 +52,51 @@ def enabled() -> bool:
     return os.environ.get("GEMMAKIT_NO_KERNELS", "0") in ("", "0")
 
 
-def cpu_supported() -> bool:
-    """True on x86-64 Linux whose CPU flags include avx2 and fma (the kernels' instructions)."""
+@dataclass(frozen=True)
+class Isa:
+    """One build variant: the CPU flags (/proc/cpuinfo names) it needs, its compiler flags."""
+
+    name: str
+    cpu_flags: frozenset[str]
+    cc_flags: tuple[str, ...]
+
+
+_AVX2 = ("-mavx2", "-mfma", "-mf16c")
+ISAS = (  # best first
+    Isa(
+        "avx512vnni",
+        frozenset({"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni"}),
+        (*_AVX2, "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"),
+    ),
+    Isa("avxvnni", frozenset({"avx2", "fma", "f16c", "avx_vnni"}), (*_AVX2, "-mavxvnni")),
+    Isa("avx2", frozenset({"avx2", "fma", "f16c"}), _AVX2),
+)
+AVX2 = ISAS[-1]
+
+
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags on x86-64 Linux (/proc/cpuinfo); empty elsewhere."""
     if platform.machine().lower() not in ("x86_64", "amd64"):
-        return False
+        return frozenset()
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return False  # no way to check: running AVX2 code blind could crash the process
+        return frozenset()  # no way to check: running AVX2 code blind could crash the process
     for line in text.splitlines():
         if line.startswith("flags"):
-            flags = set(line.split(":", 1)[1].split())
-            return {"avx2", "fma"} <= flags
-    return False
+            return frozenset(line.split(":", 1)[1].split())
+    return frozenset()
+
+
+def cpu_isas() -> list[Isa]:
+    """The build variants this CPU can run, best first (none: the kernels are not used)."""
+    flags = cpu_flags()
+    return [isa for isa in ISAS if isa.cpu_flags <= flags]
+
+
+def cpu_supported() -> bool:
+    """True on x86-64 Linux whose CPU has AVX2, FMA and F16C (the kernels' least instructions)."""
+    return bool(cpu_isas())
 
 
 def _digest(data: bytes) -> dict[str, object]:
@@ -84,9 +122,9 @@ def verified(so: Path) -> bool:
         return False
 
 
-def build(source: Path, name: str, compiler: str | None = None) -> Path:
-    """The path of `source` compiled as a verified shared library, compiled first unless a
-    cached one verifies. Raises RuntimeError (saying why) when it cannot be built."""
+def build(source: Path, name: str, compiler: str | None = None, isa: Isa = AVX2) -> Path:
+    """The path of `source` compiled for `isa` as a verified shared library, compiled first
+    unless a cached one verifies. Raises RuntimeError (saying why) when it cannot be built."""
     cc = compiler or os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if cc is None:
         raise RuntimeError("no C compiler found (cc, gcc or $CC)")
@@ -95,14 +133,15 @@ def build(source: Path, name: str, compiler: str | None = None) -> Path:
     except (OSError, subprocess.CalledProcessError) as e:
         raise RuntimeError(f"the C compiler {cc!r} does not run ({e})") from None
     key = hashlib.sha256()
-    for part in (source.read_bytes(), cc, version.stdout, " ".join(FLAGS)):
+    flags = [*FLAGS, *isa.cc_flags]
+    for part in (source.read_bytes(), cc, version.stdout, " ".join(flags)):
         key.update(part if isinstance(part, bytes) else part.encode())
-    out = cache_dir() / f"gemmakit-{name}-{key.hexdigest()[:16]}.so"
+    out = cache_dir() / f"gemmakit-{name}-{isa.name}-{key.hexdigest()[:16]}.so"
     if verified(out):
         return out
     try:
         with atomic_path(out) as tmp:
-            cmd = [cc, *FLAGS, "-o", str(tmp), str(source), "-lm"]
+            cmd = [cc, *flags, "-o", str(tmp), str(source), "-lm"]
             done = subprocess.run(cmd, capture_output=True, text=True)
             if done.returncode != 0:
                 raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr.strip()}")
@@ -169,6 +208,7 @@ class CLibrary:
         self.signatures, self.self_test = signatures, self_test
         self._lock = threading.Lock()
         self._state: dict[str, ctypes.CDLL | None] = {}
+        self.isa: Isa | None = None  # the build variant loaded, once get() has run
 
     def get(self) -> ctypes.CDLL | None:
         """The loaded library, or None when it is unavailable (the reason warned once)."""
@@ -185,20 +225,42 @@ class CLibrary:
             self._state.clear()
 
     def _load(self) -> ctypes.CDLL | None:
-        if not cpu_supported():  # nothing to fix: the kernels are x86-64 AVX2 code
-            log.info("gemmakit %s kernel not used: CPU lacks AVX2/FMA or is not x86-64", self.name)
+        isas = cpu_isas()
+        if not isas:  # nothing to fix: the kernels are x86-64 AVX2 code
+            log.info(
+                "gemmakit %s kernel not used: CPU lacks AVX2/FMA/F16C or is not x86-64", self.name
+            )
             return None
-        try:
-            lib = ctypes.CDLL(str(build(self.source, self.name)))
-            for fn_name, args in self.signatures.items():
-                fn = getattr(lib, fn_name)
-                fn.argtypes, fn.restype = args, ctypes.c_int
-        except Exception as exc:  # any failure means: use torch instead
-            warn_fallback(self.name, str(exc), INSTALL_HINT)
-            return None
-        try:
-            isolated(self.self_test, lib)
-        except Exception as exc:
-            warn_fallback(self.name, str(exc), "please report this (compiler and CPU)")
-            return None
-        return lib
+        for i, isa in enumerate(isas):
+            last = i == len(isas) - 1
+            try:
+                lib = ctypes.CDLL(str(build(self.source, self.name, isa=isa)))
+                for fn_name, args in self.signatures.items():
+                    fn = getattr(lib, fn_name)
+                    fn.argtypes, fn.restype = args, ctypes.c_int
+            except Exception as exc:  # any failure means: the next variant, or torch
+                if last:
+                    warn_fallback(self.name, str(exc), INSTALL_HINT)
+                    return None
+                # e.g. a compiler without the variant's flags: nothing the user must fix
+                log.info("gemmakit %s kernel: no %s build (%s)", self.name, isa.name, exc)
+                continue
+            try:
+                isolated(self.self_test, lib)
+            except Exception as exc:
+                if last:
+                    warn_fallback(self.name, str(exc), "please report this (compiler and CPU)")
+                    return None
+                log.warning(
+                    "gemmakit: the %s C kernel's %s build failed its self-test (%s); using its "
+                    "%s build instead. Please report this (compiler and CPU).",
+                    self.name,
+                    isa.name,
+                    str(exc).strip().splitlines()[0],
+                    isas[i + 1].name,
+                )
+                continue
+            log.debug("gemmakit %s kernel: %s build", self.name, isa.name)
+            self.isa = isa
+            return lib
+        return None

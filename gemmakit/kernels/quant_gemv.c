@@ -27,6 +27,27 @@
 
 #define INLINE static inline __attribute__((always_inline))
 
+/* Integer dot products of 4 byte pairs or 2 int16 pairs per int32 lane, added to acc. With
+ * AVX-512 VNNI (+VL) or AVX-VNNI one instruction each (the build picks the flags from the CPU:
+ * gemmakit/kernels/build.py); with AVX2 maddubs / madd and an add. DPBUSD's unsigned operand is
+ * at most 128 and its signed one at most 127 in magnitude at every call, so maddubs' int16
+ * pair sums (at most 32512) never saturate and both give the same integers. */
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#define DPBUSD(acc, u, s) _mm256_dpbusd_epi32((acc), (u), (s))
+#define DPWSSD(acc, a, b) _mm256_dpwssd_epi32((acc), (a), (b))
+#elif defined(__AVXVNNI__)
+#define DPBUSD(acc, u, s) _mm256_dpbusd_avx_epi32((acc), (u), (s))
+#define DPWSSD(acc, a, b) _mm256_dpwssd_avx_epi32((acc), (a), (b))
+#else
+#define DPBUSD(acc, u, s) \
+    _mm256_add_epi32((acc), _mm256_madd_epi16(_mm256_maddubs_epi16((u), (s)), _mm256_set1_epi16(1)))
+#define DPWSSD(acc, a, b) _mm256_add_epi32((acc), _mm256_madd_epi16((a), (b)))
+#endif
+
+#ifndef PF_DIST
+#define PF_DIST 2048
+#endif
+
 enum { Q8_0 = 0, Q4_0 = 1, Q5_0 = 2, Q4_K = 3, Q6_K = 4, INT8 = 5, INT4 = 6 };
 static const ptrdiff_t BLOCK_BYTES[7] = {34, 18, 22, 144, 210, 1, 16};
 static const ptrdiff_t BLOCK_WEIGHTS[7] = {32, 32, 32, 256, 256, 1, 32};
@@ -118,46 +139,121 @@ INLINE void sym_block(const int fmt, const int M, const uint8_t *row, ptrdiff_t 
                       const int8_t *xq, const float *xd, ptrdiff_t K, ptrdiff_t nb, Acc *a) {
     float d;
     const __m256i w = block32(fmt, row, j, &d), aw = _mm256_sign_epi8(w, w);
-    const __m256i ones = _mm256_set1_epi16(1);
 #pragma GCC unroll 8
     for (int m = 0; m < M; m++) {
         __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + m * K + 32 * j));
-        __m256i s = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(xv, w)), ones);
+        __m256i s = DPBUSD(_mm256_setzero_si256(), aw, _mm256_sign_epi8(xv, w));
         a->acc[2 * m + par] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s),
                                               _mm256_set1_ps(d * xd[m * nb + j]),
                                               a->acc[2 * m + par]);
     }
 }
 
-/* Block j of gemmakit's int8 (sign-extended bytes) or int4 (w = d q + m per group: nibbles
- * widened to int16, the minimum against the rounded block's sum) against the M rows of x
- * rounded to int16: acc[2 m + par] += (w . xq16) * scale * xd16, by madd of int16 pairs */
-INLINE void wide_block(const int fmt, const int M, const uint8_t *row, const uint8_t *sc,
-                       const uint8_t *mn, ptrdiff_t group, ptrdiff_t j, int par,
-                       const int16_t *xq16, const float *xd16, const float *xs16, ptrdiff_t K,
-                       ptrdiff_t nb, Acc *a) {
-    __m256i w0, w1;
-    float d = 1.0f, mv = 0.0f;
-    if (fmt == INT8) {
-        w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(row + 32 * j)));
-        w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(row + 32 * j + 16)));
-    } else {
-        /* byte i holds weight i (low nibble) and weight 16 + i (high): widened to int16, the
-         * low nibbles are the first 16 weights and the high ones the last 16 */
-        const __m256i b = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(row + 16 * j)));
-        w0 = _mm256_and_si256(b, _mm256_set1_epi16(0x0F));
-        w1 = _mm256_srli_epi16(b, 4);
-        const ptrdiff_t g = 32 * j / group;
-        d = f16(sc + 2 * g), mv = f16(mn + 2 * g);
-    }
+/* Block j of gemmakit's int8 (sign-extended bytes) against the M rows of x rounded to int16:
+ * acc[2 m + par] += (w . xq16) * xd16, by madd of int16 pairs (the row scale is applied to the
+ * row's sum) */
+INLINE void int8_block(const int M, const uint8_t *row, ptrdiff_t j, int par, const int16_t *xq16,
+                       const float *xd16, ptrdiff_t K, ptrdiff_t nb, Acc *a) {
+    const __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(row + 32 * j)));
+    const __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(row + 32 * j + 16)));
 #pragma GCC unroll 8
     for (int m = 0; m < M; m++) {
         const int16_t *xv = xq16 + m * K + 32 * j;
-        __m256i p = _mm256_add_epi32(_mm256_madd_epi16(w0, _mm256_loadu_si256((const __m256i *)xv)),
-                                     _mm256_madd_epi16(w1, _mm256_loadu_si256((const __m256i *)(xv + 16))));
-        a->acc[2 * m + par] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d * xd16[m * nb + j]),
+        __m256i p = DPWSSD(_mm256_madd_epi16(w0, _mm256_loadu_si256((const __m256i *)xv)), w1,
+                           _mm256_loadu_si256((const __m256i *)(xv + 16)));
+        a->acc[2 * m + par] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_broadcast_ss(xd16 + m * nb + j),
                                               a->acc[2 * m + par]);
-        if (fmt == INT4) a->macc[2 * m + par] -= mv * xs16[m * nb + j];
+    }
+}
+
+/* Blocks of gemmakit's int4 taken CHUNK at a time: the float work is done 8 blocks per
+ * instruction before the integer dots (each block's scale, its group's scale times x's block
+ * scale, into ds; the minimum's terms, group minimum times the rounded block's sum, as one
+ * vector dot), so each block costs its integer dot, one convert and one FMA. */
+#define CHUNK 64
+
+/* Block j of int4 (byte i holds weight i in its low nibble and weight 16 + i in its high one:
+ * widened to int16, the low nibbles are the first 16 weights and the high ones the last 16)
+ * against the M rows of x rounded to int16: acc[2 m + par] += (q . xq16) * ds[m * CHUNK] */
+INLINE void int4_block(const int M, const uint8_t *row, ptrdiff_t j, int par, const float *ds,
+                       const int16_t *xq16, ptrdiff_t K, Acc *a) {
+    const __m256i b = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(row + 16 * j)));
+    const __m256i w0 = _mm256_and_si256(b, _mm256_set1_epi16(0x0F)), w1 = _mm256_srli_epi16(b, 4);
+#pragma GCC unroll 8
+    for (int m = 0; m < M; m++) {
+        const int16_t *xv = xq16 + m * K + 32 * j;
+        __m256i p = DPWSSD(_mm256_madd_epi16(w0, _mm256_loadu_si256((const __m256i *)xv)), w1,
+                           _mm256_loadu_si256((const __m256i *)(xv + 16)));
+        a->acc[2 * m + par] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_broadcast_ss(ds + m * CHUNK),
+                                              a->acc[2 * m + par]);
+    }
+}
+
+/* The float16 values of blocks b .. b + 7 of a row that has one value per group of `per`
+ * blocks (b a multiple of 8), as floats: straight from the row for groups of 32, repeated in
+ * registers for 64 and 128, broadcast from one value for groups of 256 or more (no stores and
+ * reloads: a vector load over several smaller stores stalls on store forwarding) */
+INLINE __m256 block_values(const uint8_t *v, ptrdiff_t b, ptrdiff_t per) {
+    if (per == 1) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(v + 2 * b)));
+    if (per % 8 == 0) return _mm256_set1_ps(f16(v + 2 * (b / per)));
+    if (per == 2 || per == 4) {
+        const __m256 f = _mm256_castps128_ps256(
+            _mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)(v + 2 * (b / per)))));
+        const __m256i idx = per == 2 ? _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3)
+                                     : _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
+        return _mm256_permutevar8x32_ps(f, idx);
+    }
+    float t[8];
+    for (int i = 0; i < 8; i++) t[i] = f16(v + 2 * ((b + i) / per));
+    return _mm256_loadu_ps(t);
+}
+
+/* Blocks c0 .. c0 + nc - 1 (nc <= CHUNK) of one int4 row (w = d q + m per group of `per`
+ * blocks: float16 d in sc, m in mn) against M rows of x rounded to int16: each block's scale
+ * d * xd16 into ds[m * CHUNK + j], and the minimum's terms, sum of m * xs16 (the rounded
+ * blocks' sums), subtracted from macc[2 * m] */
+INLINE void int4_scales(const int M, const uint8_t *sc, const uint8_t *mn, ptrdiff_t per,
+                        ptrdiff_t c0, int nc, const float *xd16, const float *xs16, ptrdiff_t nb,
+                        float *ds, float *macc) {
+    __m256 mt[8];
+#pragma GCC unroll 8
+    for (int m = 0; m < M; m++) mt[m] = _mm256_setzero_ps();
+    int j = 0;
+    for (; j + 8 <= nc; j += 8) {
+        const __m256 d = block_values(sc, c0 + j, per), mv = block_values(mn, c0 + j, per);
+#pragma GCC unroll 8
+        for (int m = 0; m < M; m++) {
+            const ptrdiff_t at = m * nb + c0 + j;
+            _mm256_store_ps(ds + m * CHUNK + j, _mm256_mul_ps(d, _mm256_loadu_ps(xd16 + at)));
+            mt[m] = _mm256_fmadd_ps(mv, _mm256_loadu_ps(xs16 + at), mt[m]);
+        }
+    }
+#pragma GCC unroll 8
+    for (int m = 0; m < M; m++) {
+        float t = hsum(mt[m]);
+        for (int i = j; i < nc; i++) {
+            const ptrdiff_t g = (c0 + i) / per, at = m * nb + c0 + i;
+            ds[m * CHUNK + i] = f16(sc + 2 * g) * xd16[at], t += f16(mn + 2 * g) * xs16[at];
+        }
+        macc[2 * m] -= t;
+    }
+}
+
+/* One int4 row against M rows of x rounded to int16 */
+INLINE void int4_row(const int M, const uint8_t *row, const uint8_t *sc, const uint8_t *mn,
+                     ptrdiff_t group, const int16_t *xq16, const float *xd16, const float *xs16,
+                     ptrdiff_t K, ptrdiff_t nb, Acc *a) {
+    float ds[8 * CHUNK] __attribute__((aligned(32)));
+    for (ptrdiff_t c0 = 0; c0 < nb; c0 += CHUNK) {
+        const int nc = nb - c0 < CHUNK ? (int)(nb - c0) : CHUNK;
+        int4_scales(M, sc, mn, group / 32, c0, nc, xd16, xs16, nb, ds, a->macc);
+        int j = 0;
+        for (; j + 1 < nc; j += 2) {
+            if (!(j & 3)) _mm_prefetch((const char *)(row + 16 * (c0 + j)) + PF_DIST, _MM_HINT_T0);
+            int4_block(M, row, c0 + j, 0, ds + j, xq16, K, a);
+            int4_block(M, row, c0 + j + 1, 1, ds + j + 1, xq16, K, a);
+        }
+        if (j < nc) int4_block(M, row, c0 + j, 0, ds + j, xq16, K, a);
     }
 }
 
@@ -174,19 +270,21 @@ INLINE void row_dot(const int fmt, const int M, const uint8_t *row, const uint8_
     const int16_t *xq16 = X->q16;
     const float *xd16 = X->d16, *xs16 = X->s16;
     Acc a;
-    const __m256i ones = _mm256_set1_epi16(1);
 #pragma GCC unroll 16
     for (int i = 0; i < 2 * M; i++) a.acc[i] = _mm256_setzero_ps();
 #pragma GCC unroll 16
     for (int i = 0; i < 2 * M; i++) a.macc[i] = 0.0f;
     const ptrdiff_t nb = K / 32;
-    if (fmt == INT8 || fmt == INT4) { /* int16 activations; consecutive blocks alternate chains */
+    if (fmt == INT8) { /* int16 activations; consecutive blocks alternate chains */
         ptrdiff_t j = 0;
         for (; j + 1 < nb; j += 2) {
-            wide_block(fmt, M, row, sc, mn, group, j, 0, xq16, xd16, xs16, K, nb, &a);
-            wide_block(fmt, M, row, sc, mn, group, j + 1, 1, xq16, xd16, xs16, K, nb, &a);
+            _mm_prefetch((const char *)(row + 32 * j) + PF_DIST, _MM_HINT_T0);
+            int8_block(M, row, j, 0, xq16, xd16, K, nb, &a);
+            int8_block(M, row, j + 1, 1, xq16, xd16, K, nb, &a);
         }
-        if (j < nb) wide_block(fmt, M, row, sc, mn, group, j, 0, xq16, xd16, xs16, K, nb, &a);
+        if (j < nb) int8_block(M, row, j, 0, xq16, xd16, K, nb, &a);
+    } else if (fmt == INT4) {
+        int4_row(M, row, sc, mn, group, xq16, xd16, xs16, K, nb, &a);
     } else if (fmt == Q8_0 || fmt == Q4_0 || fmt == Q5_0) {
         ptrdiff_t j = 0;
         for (; j + 1 < nb; j += 2) {
@@ -212,7 +310,7 @@ INLINE void row_dot(const int fmt, const int M, const uint8_t *row, const uint8_
 #pragma GCC unroll 8
                 for (int m = 0; m < M; m++) {
                     __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + m * K + 32 * j));
-                    __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(q, xv), ones);
+                    __m256i p = DPBUSD(_mm256_setzero_si256(), q, xv);
                     a.acc[2 * m + (i & 1)] = _mm256_fmadd_ps(
                         _mm256_cvtepi32_ps(p), _mm256_set1_ps(ds[i] * xd[m * nb + j]),
                         a.acc[2 * m + (i & 1)]);
@@ -305,6 +403,66 @@ static void quantize_x(const float *x, int M, ptrdiff_t K, float levels, int wid
         }
 }
 
+/* Rows [n0, n1) of W in a format of 32-weight blocks with one scale each (Q8_0, Q4_0, Q5_0,
+ * int8) against one row of x (decoding's M = 1), four rows at a time from the four quarters
+ * of the slab (as bf16_gemv.c's STRIDED): four sequential streams in different pages, which
+ * the prefetchers serve with four times the reads in flight of one (one stream reads at about
+ * half the bf16 kernel's rate: these formats are memory-bound, as is the Q8_0 output head of
+ * Gemma 3 270M), and each block of x loaded once for the four. */
+INLINE void sym_m1(const int fmt, const uint8_t *W, const float *rs, const Xq *X, const float *x,
+                   float *y, ptrdiff_t n0, ptrdiff_t n1, ptrdiff_t K, ptrdiff_t rb) {
+    const ptrdiff_t nb = K / 32, q = (n1 - n0) / 4;
+    for (ptrdiff_t i = 0; i < q; i++) {
+        const uint8_t *r[4];
+        __m256 acc[8];
+        for (int k = 0; k < 4; k++) r[k] = W + (n0 + i + k * q) * rb;
+        for (int k = 0; k < 8; k++) acc[k] = _mm256_setzero_ps();
+#define SYM_M1_BLOCK(J, PAR)                                                                   \
+    do {                                                                                       \
+        if (fmt == INT8) {                                                                     \
+            const int16_t *xv = X->q16 + 32 * (J);                                             \
+            const __m256i x0 = _mm256_loadu_si256((const __m256i *)xv);                        \
+            const __m256i x1 = _mm256_loadu_si256((const __m256i *)(xv + 16));                 \
+            const __m256 d = _mm256_broadcast_ss(X->d16 + (J));                                \
+            for (int k = 0; k < 4; k++) {                                                      \
+                const uint8_t *wb = r[k] + 32 * (J);                                           \
+                const __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)wb)); \
+                const __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(wb + 16))); \
+                const __m256i p = DPWSSD(_mm256_madd_epi16(w0, x0), w1, x1);                   \
+                acc[2 * k + (PAR)] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), d, acc[2 * k + (PAR)]); \
+            }                                                                                  \
+        } else {                                                                               \
+            const __m256i xv = _mm256_loadu_si256((const __m256i *)(X->q8 + 32 * (J)));        \
+            const float xd = X->d8[J];                                                         \
+            for (int k = 0; k < 4; k++) {                                                      \
+                float d;                                                                       \
+                const __m256i w = block32(fmt, r[k], (J), &d);                                 \
+                const __m256i p = DPBUSD(_mm256_setzero_si256(), _mm256_sign_epi8(w, w),       \
+                                         _mm256_sign_epi8(xv, w));                             \
+                acc[2 * k + (PAR)] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d * xd), \
+                                                     acc[2 * k + (PAR)]);                      \
+            }                                                                                  \
+        }                                                                                      \
+    } while (0)
+        ptrdiff_t j = 0;
+        for (; j + 1 < nb; j += 2) {
+            SYM_M1_BLOCK(j, 0);
+            SYM_M1_BLOCK(j + 1, 1);
+        }
+        if (j < nb) SYM_M1_BLOCK(j, 0);
+#undef SYM_M1_BLOCK
+        for (int k = 0; k < 4; k++) {
+            const ptrdiff_t n = n0 + i + k * q;
+            float s = hsum(_mm256_add_ps(acc[2 * k], acc[2 * k + 1]));
+            /* int8 rows need not be whole blocks: the tail in float */
+            for (ptrdiff_t t = nb * 32; t < K; t++) s += (float)(int8_t)r[k][t] * x[t];
+            y[n] = fmt == INT8 ? s * rs[n] : s;
+        }
+    }
+    for (ptrdiff_t n = n0 + 4 * q; n < n1; n++)
+        row_dot(fmt, 1, W + n * rb, NULL, NULL, 32, fmt == INT8 ? rs[n] : 1.0f, X, x, K, y + n, 1);
+}
+
 /* rows [n0, n1) of W; fmt and M literal at every call site so each pair compiles on its own */
 #define ROWS(FMT, M_)                                                                        \
     for (ptrdiff_t n = n0; n < n1; n++) {                                                    \
@@ -332,12 +490,24 @@ static void slab(int fmt, const float *x, const Xq *X, const uint8_t *W, const v
     if (fmt != INT4) scale = fmt == INT8 ? scale : NULL, minimum = NULL;
     if (fmt == INT8) groups = 0;
     switch (fmt) {
-    case Q8_0: BY_M(Q8_0) break;
-    case Q4_0: BY_M(Q4_0) break;
-    case Q5_0: BY_M(Q5_0) break;
+    case Q8_0:
+        if (M == 1) sym_m1(Q8_0, W, NULL, X, x, y, n0, n1, K, rb);
+        else BY_M(Q8_0)
+        break;
+    case Q4_0:
+        if (M == 1) sym_m1(Q4_0, W, NULL, X, x, y, n0, n1, K, rb);
+        else BY_M(Q4_0)
+        break;
+    case Q5_0:
+        if (M == 1) sym_m1(Q5_0, W, NULL, X, x, y, n0, n1, K, rb);
+        else BY_M(Q5_0)
+        break;
     case Q4_K: BY_M(Q4_K) break;
     case Q6_K: BY_M(Q6_K) break;
-    case INT8: BY_M(INT8) break;
+    case INT8:
+        if (M == 1) sym_m1(INT8, W, (const float *)scale, X, x, y, n0, n1, K, rb);
+        else BY_M(INT8)
+        break;
     case INT4: BY_M(INT4) break;
     }
 }
