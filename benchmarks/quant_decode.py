@@ -5,6 +5,9 @@ memory-bandwidth floor, in one run.
     python benchmarks/quant_decode.py               # full 2B shape (~5 GB of bf16 weights)
     python benchmarks/quant_decode.py --layers 2    # quicker, same per-layer shapes
 
+Every model is held in memory (about 10 GB for the four) and each round measures all of them in
+turn, with the read rate measured again each round; the table shows medians.
+
 Floor: a decode step reads every weight once (the tied 256k x 2048 embedding as the output
 head included), so tokens/s cannot beat read rate / weight bytes. The read rate is torch's
 `sum` over a large float32 buffer, measured in the same run. Targets (issue 14): bf16 at least
@@ -14,7 +17,9 @@ head included), so tokens/s cannot beat read rate / weight bytes. The read rate 
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
+import statistics
 
 import torch
 from decode import best_of, gemmakit_decode  # benchmarks/decode.py, beside this script
@@ -39,34 +44,45 @@ def main() -> None:
     ap.add_argument("--preset", default="gemma-2b")
     ap.add_argument("--layers", type=int, default=None, help="fewer layers for a quick run")
     ap.add_argument("--new-tokens", type=int, default=24)
-    ap.add_argument("--modes", default="bf16,int8,int4")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--modes", default="bf16,int8,int4,int4-g128")
     args = ap.parse_args()
     cfg = gemmakit.get_config(args.preset)
     if args.layers:
         cfg = cfg.replace(n_layers=args.layers)
     prompt = [2] + list(range(1000, 1007))
-    rate = read_rate()
-    rows = []
-    for mode in args.modes.split(","):
-        model = gemmakit.build_model(cfg, dtype=torch.bfloat16)
-        if mode != "bf16":
-            quantize_model(model, mode)
-            gc.collect()
-        nbytes = weight_bytes(model)
-        floor = rate / nbytes
-        tps = max(gemmakit_decode(model, prompt, args.new_tokens) for _ in range(2))
-        rows.append((mode, nbytes, tps, floor))
-        del model
+    modes = args.modes.split(",")
+    # every model in memory at once, measured in turn each round: the machine's read rate
+    # drifts by a quarter within minutes here, so ratios only hold within a round
+    base = gemmakit.build_model(cfg, dtype=torch.bfloat16)
+    models = {}
+    for mode in modes:
+        models[mode] = base if mode == "bf16" else quantize_model(copy.deepcopy(base), mode)
         gc.collect()
-    base = next((r[2] for r in rows if r[0] == "bf16"), None)
+    del base
+    rates, tps = [], {mode: [] for mode in modes}
+    for _ in range(args.rounds):
+        rates.append(read_rate())
+        for mode in modes:
+            tps[mode].append(gemmakit_decode(models[mode], prompt, args.new_tokens))
+    rate = statistics.median(rates)
+    med = {mode: statistics.median(v) for mode, v in tps.items()}
     print(
         f"\n{cfg.name} ({cfg.n_layers} layers), batch 1, {torch.get_num_threads()} threads, "
-        f"streaming read (torch sum, 2 GiB float32): {rate / 1e9:.1f} GB/s"
+        f"{args.rounds} rounds (medians), streaming read (torch sum, 2 GiB float32): "
+        f"{rate / 1e9:.1f} GB/s (rounds: {', '.join(f'{r / 1e9:.1f}' for r in rates)})"
     )
-    print(f"{'weights':10}{'GB/token':>10}{'tok/s':>8}{'floor':>8}{'% floor':>9}{'vs bf16':>9}")
-    for mode, nbytes, tps, floor in rows:
-        vs = f"{tps / base:8.2f}x" if base else "       -"
-        print(f"{mode:10}{nbytes / 1e9:10.2f}{tps:8.2f}{floor:8.2f}{tps / floor:9.0%} {vs}")
+    print(
+        f"{'weights':10}{'GB/token':>10}{'tok/s':>8}{'floor':>8}{'% floor':>9}{'vs bf16':>9}"
+        "  rounds (tok/s)"
+    )
+    for mode in modes:
+        nbytes = weight_bytes(models[mode])
+        floor = rate / nbytes
+        vs = f"{med[mode] / med['bf16']:8.2f}x" if "bf16" in med else "       -"
+        each = ", ".join(f"{t:.2f}" for t in tps[mode])
+        cols = f"{nbytes / 1e9:10.2f}{med[mode]:8.2f}{floor:8.2f}{med[mode] / floor:9.0%}"
+        print(f"{mode:10}{cols} {vs}  {each}")
 
 
 if __name__ == "__main__":
