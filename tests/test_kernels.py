@@ -375,7 +375,7 @@ def test_a_variant_failing_its_self_test_gives_way_to_the_next(monkeypatch, tmp_
 
 @needs_kernel
 def test_vnni_variants_use_the_vnni_dot_products(monkeypatch, tmp_path):
-    """quant_gemv.c's integer dots are one VNNI instruction where the build has the flags (a
+    """quant_gemv.c's integer dots end in one VNNI instruction where the build has the flags (a
     machine with them runs its self-test at load; this one can only compile them)."""
     source = Path(build.__file__).with_name("quant_gemv.c")
     cc = shutil.which("cc")
@@ -384,7 +384,7 @@ def test_vnni_variants_use_the_vnni_dot_products(monkeypatch, tmp_path):
         if pre.returncode != 0:
             pytest.skip(f"this compiler lacks {isa.name}'s flags: {pre.stderr[:200]}")
         code = pre.stdout[pre.stdout.index("void int4_block(") :]  # past the headers
-        assert "dpwssd" in code and "dpbusd" in code, isa.name
+        assert "dpwssd" in code, isa.name
     avx2 = build.build(source, quant_gemv.LIBRARY.name)  # the one this machine loads (cached)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     best = build.build(source, "quant-test", isa=build.ISAS[0])  # a full build of the best one
@@ -392,5 +392,5 @@ def test_vnni_variants_use_the_vnni_dot_products(monkeypatch, tmp_path):
     def disassembly(so: Path) -> str:
         return subprocess.run(["objdump", "-d", str(so)], capture_output=True, text=True).stdout
 
-    assert "vpdpwssd" in (text := disassembly(best)) and "vpdpbusd" in text
+    assert "vpdpwssd" in disassembly(best)
     assert "vpdpwssd" not in (text := disassembly(avx2)) and "vpmaddwd" in text

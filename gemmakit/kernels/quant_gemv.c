@@ -2,16 +2,18 @@
  *
  * W is kept as its blocks (gemmakit/quant/formats.py): the GGUF formats Q8_0, Q4_0, Q5_0,
  * Q4_K, Q6_K as llama.cpp stores them, gemmakit's int8 (a float32 scale per row) and int4
- * (blocks of 32 nibbles, a float16 scale and minimum per group of 32 or 128). As llama.cpp
- * does, x is rounded once per call to int8 per block of 32 (scale max|x| / 127, plus the
- * rounded block's sum for the formats with a minimum; gemmakit's int8 and int4 take int16,
- * scale max|x| / 32767, at the same cost: see Xq), and every block of 32 weights is
- * an integer dot product (maddubs + madd: a few instructions where dequantizing to float
- * needs a dozen), scaled in float once per block (per 16 weights for Q6_K's scales, which
- * enter as madd's int16 multipliers). So the result is the float32 dequantization's product
- * with x rounded to int8 (up to float32 summation order), which differs from its product with
- * x by at most sum over k of |w_k| * step_k / 2, step_k = max|x| / 127 of k's block
- * (gemmakit/quant/selftest.py's round_activations and error_bound).
+ * (blocks of 32 nibbles, a float16 scale and minimum per group of 32 or 128). x is rounded
+ * once per call to int16 per block of 32 (scale max|x| / 32767, plus the rounded block's sum
+ * for the formats with a minimum: see Xq), where llama.cpp rounds it to int8: 258 times
+ * finer steps at about the same instruction count (madd of int16 pairs where llama.cpp does
+ * maddubs of int8 ones), so that greedy decoding near ties follows the dequantized weights.
+ * Every block of 32 weights is widened to int16 in registers and is an integer dot product
+ * (a few instructions where dequantizing to float needs a dozen), scaled in float once per
+ * block (Q6_K's per-16 scales multiply the widened weights first). So the result is the
+ * float32 dequantization's product with x rounded to int16 (up to float32 summation order),
+ * which differs from its product with x by at most sum over k of |w_k| * step_k / 2,
+ * step_k = max|x| / 32767 of k's block (gemmakit/quant/selftest.py's round_activations and
+ * error_bound).
  * The weights are read once per call whatever M is; x stays in L1.
  *
  * Threads take slabs of at most 256 KiB of W in turn (OpenMP, dynamic schedule);
@@ -27,20 +29,14 @@
 
 #define INLINE static inline __attribute__((always_inline))
 
-/* Integer dot products of 4 byte pairs or 2 int16 pairs per int32 lane, added to acc. With
- * AVX-512 VNNI (+VL) or AVX-VNNI one instruction each (the build picks the flags from the CPU:
- * gemmakit/kernels/build.py); with AVX2 maddubs / madd and an add. DPBUSD's unsigned operand is
- * at most 128 and its signed one at most 127 in magnitude at every call, so maddubs' int16
- * pair sums (at most 32512) never saturate and both give the same integers. */
+/* Integer dot products of 2 int16 pairs per int32 lane, added to acc: with AVX-512 VNNI (+VL)
+ * or AVX-VNNI one instruction (the build picks the flags from the CPU: build.py); with AVX2
+ * madd and an add. The same integers either way. */
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)
-#define DPBUSD(acc, u, s) _mm256_dpbusd_epi32((acc), (u), (s))
 #define DPWSSD(acc, a, b) _mm256_dpwssd_epi32((acc), (a), (b))
 #elif defined(__AVXVNNI__)
-#define DPBUSD(acc, u, s) _mm256_dpbusd_avx_epi32((acc), (u), (s))
 #define DPWSSD(acc, a, b) _mm256_dpwssd_avx_epi32((acc), (a), (b))
 #else
-#define DPBUSD(acc, u, s) \
-    _mm256_add_epi32((acc), _mm256_madd_epi16(_mm256_maddubs_epi16((u), (s)), _mm256_set1_epi16(1)))
 #define DPWSSD(acc, a, b) _mm256_add_epi32((acc), _mm256_madd_epi16((a), (b)))
 #endif
 
@@ -65,13 +61,6 @@ INLINE float hsum(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-/* 16 bytes of nibbles -> 32 bytes: the low nibbles (values 0..15), then the high ones */
-INLINE __m256i nibbles32(const uint8_t *qs) {
-    __m128i v = _mm_loadu_si128((const __m128i *)qs);
-    __m256i b = _mm256_set_m128i(_mm_srli_epi16(v, 4), v);
-    return _mm256_and_si256(b, _mm256_set1_epi8(0x0F));
-}
-
 /* 32 bits -> 32 bytes, 0xFF where the bit is set (llama.cpp's bytes_from_bits_32, MIT) */
 INLINE __m256i bytes_from_bits_32(const uint8_t *p) {
     uint32_t x32;
@@ -83,35 +72,54 @@ INLINE __m256i bytes_from_bits_32(const uint8_t *p) {
     return _mm256_cmpeq_epi8(bytes, _mm256_set1_epi64x(-1));
 }
 
-/* maddubs wants an unsigned and a signed operand: |w| against x with w's sign, for signed w */
-INLINE __m256i dot16_signed(__m256i w, __m256i x) {
-    return _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w));
-}
-
-/* The 32 weights of block j of a symmetric 32-block format (Q8_0, Q4_0, Q5_0, int8) as signed
- * bytes, and the block's scale (int8's row scale is applied to the row's sum instead). */
-INLINE __m256i block32(const int fmt, const uint8_t *row, ptrdiff_t j, float *d) {
+/* The 32 weights of block j of a symmetric 32-block format (Q8_0, Q4_0, Q5_0, int8) widened
+ * to int16 (w0: the first 16, w1: the last 16), and the block's scale (int8's row scale is
+ * applied to the row's sum instead). The 4-bit formats keep weight i in the low nibble of
+ * byte i and weight 16 + i in its high one: widened to int16 first, the nibbles split there. */
+INLINE void wide32(const int fmt, const uint8_t *row, ptrdiff_t j, __m256i *w0, __m256i *w1,
+                   float *d) {
     switch (fmt) {
     case Q8_0: {
         const uint8_t *b = row + 34 * j;
         *d = f16(b);
-        return _mm256_loadu_si256((const __m256i *)(b + 2));
+        *w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(b + 2)));
+        *w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(b + 18)));
+        return;
     }
     case Q4_0: {
         const uint8_t *b = row + 18 * j;
+        const __m256i v = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(b + 2)));
         *d = f16(b);
-        return _mm256_sub_epi8(nibbles32(b + 2), _mm256_set1_epi8(8));
+        *w0 = _mm256_sub_epi16(_mm256_and_si256(v, _mm256_set1_epi16(0x0F)), _mm256_set1_epi16(8));
+        *w1 = _mm256_sub_epi16(_mm256_srli_epi16(v, 4), _mm256_set1_epi16(8));
+        return;
     }
     case Q5_0: {
         const uint8_t *b = row + 22 * j;
-        __m256i hi = _mm256_and_si256(bytes_from_bits_32(b + 2), _mm256_set1_epi8(0x10));
+        const __m256i v = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(b + 6)));
+        /* weight k's fifth bit is bit k of the 32 at b + 2 */
+        const __m256i hi = _mm256_and_si256(bytes_from_bits_32(b + 2), _mm256_set1_epi8(0x10));
         *d = f16(b);
-        return _mm256_sub_epi8(_mm256_or_si256(nibbles32(b + 6), hi), _mm256_set1_epi8(16));
+        *w0 = _mm256_sub_epi16(
+            _mm256_or_si256(_mm256_and_si256(v, _mm256_set1_epi16(0x0F)),
+                            _mm256_cvtepu8_epi16(_mm256_castsi256_si128(hi))),
+            _mm256_set1_epi16(16));
+        *w1 = _mm256_sub_epi16(
+            _mm256_or_si256(_mm256_srli_epi16(v, 4), _mm256_cvtepu8_epi16(_mm256_extracti128_si256(hi, 1))),
+            _mm256_set1_epi16(16));
+        return;
     }
     default: /* INT8 */
         *d = 1.0f;
-        return _mm256_loadu_si256((const __m256i *)(row + 32 * j));
+        *w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(row + 32 * j)));
+        *w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(row + 32 * j + 16)));
     }
+}
+
+/* The integer dot product of 32 int16 weights (w0, w1) with 32 int16 activations at xv */
+INLINE __m256i dot32(__m256i w0, __m256i w1, const int16_t *xv) {
+    return DPWSSD(_mm256_madd_epi16(w0, _mm256_loadu_si256((const __m256i *)xv)), w1,
+                  _mm256_loadu_si256((const __m256i *)(xv + 16)));
 }
 
 /* The M rows' accumulators: acc[2 * m + parity] (two chains per row so consecutive blocks'
@@ -122,47 +130,25 @@ typedef struct {
     float macc[16]; /* two chains per row as well, [2 * m + parity] */
 } Acc;
 
-/* x [M, K] rounded per block of 32: to int8 (q8, scales d8 = max|x| / 127, the rounded blocks'
- * sums s8) for the GGUF formats, as llama.cpp; to int16 (q16, d16 = max|x| / 32767, s16) for
- * gemmakit's int8 and int4, whose madd of int16 pairs costs as much as maddubs of int8 ones,
- * with 258 times finer activations (greedy decoding near ties then follows the dequantized
- * weights). Each is NULL when no weight of the call needs it. */
+/* x [M, K] rounded per block of 32 to int16: q [M, K], the scales d = max|x| / 32767 and
+ * the rounded blocks' sums s (d * sum of q) [M, K / 32] (quantize_x) */
 typedef struct {
-    const int8_t *q8;
-    const float *d8, *s8;
-    const int16_t *q16;
-    const float *d16, *s16;
+    const int16_t *q;
+    const float *d, *s;
 } Xq;
 
-/* Symmetric 32-block j against the M rows of x: acc += (w . xq) * d * xd */
+/* Symmetric 32-block j (Q8_0, Q4_0, Q5_0, int8) against the M rows of x rounded to int16:
+ * acc[2 m + par] += (w . xq) * d * xd */
 INLINE void sym_block(const int fmt, const int M, const uint8_t *row, ptrdiff_t j, int par,
-                      const int8_t *xq, const float *xd, ptrdiff_t K, ptrdiff_t nb, Acc *a) {
+                      const int16_t *xq, const float *xd, ptrdiff_t K, ptrdiff_t nb, Acc *a) {
+    __m256i w0, w1;
     float d;
-    const __m256i w = block32(fmt, row, j, &d), aw = _mm256_sign_epi8(w, w);
+    wide32(fmt, row, j, &w0, &w1, &d);
 #pragma GCC unroll 8
     for (int m = 0; m < M; m++) {
-        __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + m * K + 32 * j));
-        __m256i s = DPBUSD(_mm256_setzero_si256(), aw, _mm256_sign_epi8(xv, w));
-        a->acc[2 * m + par] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s),
-                                              _mm256_set1_ps(d * xd[m * nb + j]),
-                                              a->acc[2 * m + par]);
-    }
-}
-
-/* Block j of gemmakit's int8 (sign-extended bytes) against the M rows of x rounded to int16:
- * acc[2 m + par] += (w . xq16) * xd16, by madd of int16 pairs (the row scale is applied to the
- * row's sum) */
-INLINE void int8_block(const int M, const uint8_t *row, ptrdiff_t j, int par, const int16_t *xq16,
-                       const float *xd16, ptrdiff_t K, ptrdiff_t nb, Acc *a) {
-    const __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(row + 32 * j)));
-    const __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(row + 32 * j + 16)));
-#pragma GCC unroll 8
-    for (int m = 0; m < M; m++) {
-        const int16_t *xv = xq16 + m * K + 32 * j;
-        __m256i p = DPWSSD(_mm256_madd_epi16(w0, _mm256_loadu_si256((const __m256i *)xv)), w1,
-                           _mm256_loadu_si256((const __m256i *)(xv + 16)));
-        a->acc[2 * m + par] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_broadcast_ss(xd16 + m * nb + j),
-                                              a->acc[2 * m + par]);
+        const __m256i p = dot32(w0, w1, xq + m * K + 32 * j);
+        const __m256 s = fmt == INT8 ? _mm256_broadcast_ss(xd + m * nb + j) : _mm256_set1_ps(d * xd[m * nb + j]);
+        a->acc[2 * m + par] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), s, a->acc[2 * m + par]);
     }
 }
 
@@ -265,29 +251,20 @@ INLINE void int4_row(const int M, const uint8_t *row, const uint8_t *sc, const u
 INLINE void row_dot(const int fmt, const int M, const uint8_t *row, const uint8_t *sc,
                     const uint8_t *mn, ptrdiff_t group, float row_scale, const Xq *X,
                     const float *x, ptrdiff_t K, float *y, ptrdiff_t N) {
-    const int8_t *xq = X->q8;
-    const float *xd = X->d8, *xs = X->s8;
-    const int16_t *xq16 = X->q16;
-    const float *xd16 = X->d16, *xs16 = X->s16;
+    const int16_t *xq = X->q;
+    const float *xd = X->d, *xs = X->s;
     Acc a;
 #pragma GCC unroll 16
     for (int i = 0; i < 2 * M; i++) a.acc[i] = _mm256_setzero_ps();
 #pragma GCC unroll 16
     for (int i = 0; i < 2 * M; i++) a.macc[i] = 0.0f;
     const ptrdiff_t nb = K / 32;
-    if (fmt == INT8) { /* int16 activations; consecutive blocks alternate chains */
-        ptrdiff_t j = 0;
+    if (fmt == INT4) {
+        int4_row(M, row, sc, mn, group, xq, xd, xs, K, nb, &a);
+    } else if (fmt == Q8_0 || fmt == Q4_0 || fmt == Q5_0 || fmt == INT8) {
+        ptrdiff_t j = 0; /* consecutive blocks alternate chains */
         for (; j + 1 < nb; j += 2) {
-            _mm_prefetch((const char *)(row + 32 * j) + PF_DIST, _MM_HINT_T0);
-            int8_block(M, row, j, 0, xq16, xd16, K, nb, &a);
-            int8_block(M, row, j + 1, 1, xq16, xd16, K, nb, &a);
-        }
-        if (j < nb) int8_block(M, row, j, 0, xq16, xd16, K, nb, &a);
-    } else if (fmt == INT4) {
-        int4_row(M, row, sc, mn, group, xq16, xd16, xs16, K, nb, &a);
-    } else if (fmt == Q8_0 || fmt == Q4_0 || fmt == Q5_0) {
-        ptrdiff_t j = 0;
-        for (; j + 1 < nb; j += 2) {
+            if (fmt == INT8) _mm_prefetch((const char *)(row + 32 * j) + PF_DIST, _MM_HINT_T0);
             sym_block(fmt, M, row, j, 0, xq, xd, K, nb, &a);
             sym_block(fmt, M, row, j + 1, 1, xq, xd, K, nb, &a);
         }
@@ -303,18 +280,25 @@ INLINE void row_dot(const int fmt, const int M, const uint8_t *row, const uint8_
                 ds[i + 4] = d * (float)((s[i + 8] & 0xF) | ((s[i] >> 6) << 4));
                 dm[i + 4] = dmin * (float)((s[i + 8] >> 4) | ((s[i + 4] >> 6) << 4));
             }
-            for (int i = 0; i < 8; i++) {
-                __m256i q = _mm256_loadu_si256((const __m256i *)(b + 16 + 32 * (i >> 1)));
-                q = _mm256_and_si256(_mm256_srli_epi16(q, 4 * (i & 1)), _mm256_set1_epi8(0x0F));
-                const ptrdiff_t j = 8 * sb + i;
+            for (int k = 0; k < 4; k++) {
+                /* 32 bytes: sub-block 2k in the low nibbles, 2k + 1 in the high ones */
+                const uint8_t *q = b + 16 + 32 * k;
+                const __m256i v0 = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)q));
+                const __m256i v1 = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(q + 16)));
+                const __m256i lo0 = _mm256_and_si256(v0, _mm256_set1_epi16(0x0F));
+                const __m256i lo1 = _mm256_and_si256(v1, _mm256_set1_epi16(0x0F));
+                const __m256i hi0 = _mm256_srli_epi16(v0, 4), hi1 = _mm256_srli_epi16(v1, 4);
+                const ptrdiff_t j = 8 * sb + 2 * k;
 #pragma GCC unroll 8
                 for (int m = 0; m < M; m++) {
-                    __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + m * K + 32 * j));
-                    __m256i p = DPBUSD(_mm256_setzero_si256(), q, xv);
-                    a.acc[2 * m + (i & 1)] = _mm256_fmadd_ps(
-                        _mm256_cvtepi32_ps(p), _mm256_set1_ps(ds[i] * xd[m * nb + j]),
-                        a.acc[2 * m + (i & 1)]);
-                    a.macc[2 * m + (i & 1)] += dm[i] * xs[m * nb + j];
+                    const int16_t *xv = xq + m * K + 32 * j;
+                    a.acc[2 * m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot32(lo0, lo1, xv)),
+                                                   _mm256_set1_ps(ds[2 * k] * xd[m * nb + j]), a.acc[2 * m]);
+                    a.acc[2 * m + 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot32(hi0, hi1, xv + 32)),
+                                                       _mm256_set1_ps(ds[2 * k + 1] * xd[m * nb + j + 1]),
+                                                       a.acc[2 * m + 1]);
+                    a.macc[2 * m] += dm[2 * k] * xs[m * nb + j];
+                    a.macc[2 * m + 1] += dm[2 * k + 1] * xs[m * nb + j + 1];
                 }
             }
         }
@@ -330,15 +314,16 @@ INLINE void row_dot(const int fmt, const int M, const uint8_t *row, const uint8_
                 qh = _mm256_and_si256(_mm256_srli_epi16(qh, 2 * q4), _mm256_set1_epi8(3));
                 const __m256i w = _mm256_sub_epi8(_mm256_or_si256(ql, _mm256_slli_epi16(qh, 4)),
                                                   _mm256_set1_epi8(32));
-                const __m256i aw = _mm256_sign_epi8(w, w);
-                /* the 16-weight halves' int8 scales, as the int16 multipliers of madd */
+                /* the 16-weight halves' int8 scales multiply the widened weights (|w sc| <= 4096) */
                 const int8_t *scl = (const int8_t *)(b + 192 + 8 * h + 2 * q4);
-                const __m256i s16 = _mm256_set_m128i(_mm_set1_epi16(scl[1]), _mm_set1_epi16(scl[0]));
+                const __m256i w0 = _mm256_mullo_epi16(_mm256_cvtepi8_epi16(_mm256_castsi256_si128(w)),
+                                                      _mm256_set1_epi16(scl[0]));
+                const __m256i w1 = _mm256_mullo_epi16(_mm256_cvtepi8_epi16(_mm256_extracti128_si256(w, 1)),
+                                                      _mm256_set1_epi16(scl[1]));
                 const ptrdiff_t j = 8 * sb + i;
 #pragma GCC unroll 8
                 for (int m = 0; m < M; m++) {
-                    __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + m * K + 32 * j));
-                    __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(xv, w)), s16);
+                    const __m256i p = dot32(w0, w1, xq + m * K + 32 * j);
                     a.acc[2 * m + (i & 1)] = _mm256_fmadd_ps(
                         _mm256_cvtepi32_ps(p), _mm256_set1_ps(d * xd[m * nb + j]),
                         a.acc[2 * m + (i & 1)]);
@@ -363,13 +348,11 @@ INLINE float hmax(__m256 v) {
     return _mm_cvtss_f32(h);
 }
 
-/* x [M, K] -> per block of 32: the scale d = max|x| / levels, the block rounded to integers
- * xq = round(x * (1 / d)) (ties to even; levels 127 or 32767), stored by `wide` as int16
- * (int16_t xq [M, K]) or else as int8 (int8_t xq [M, K]), and d * sum(xq), the rounded block's
- * sum, so that a minimum multiplies the same x as the scale (xd, xs [M, K / 32]; selftest.py's
- * round_activations computes the same in torch). Whole blocks only. */
-static void quantize_x(const float *x, int M, ptrdiff_t K, float levels, int wide, void *xq,
-                       float *xd, float *xs) {
+/* x [M, K] -> per block of 32: the scale d = max|x| / 32767, the block rounded to int16
+ * xq = round(x * (1 / d)) (ties to even; int16_t xq [M, K]), and d * sum(xq), the rounded
+ * block's sum, so that a minimum multiplies the same x as the scale (xd, xs [M, K / 32];
+ * selftest.py's round_activations computes the same in torch). Whole blocks only. */
+static void quantize_x(const float *x, int M, ptrdiff_t K, int16_t *xq, float *xd, float *xs) {
     const ptrdiff_t nb = K / 32;
     const __m256 sign = _mm256_set1_ps(-0.0f);
     for (int m = 0; m < M; m++)
@@ -380,7 +363,7 @@ static void quantize_x(const float *x, int M, ptrdiff_t K, float levels, int wid
             const float amax = hmax(_mm256_max_ps(
                 _mm256_max_ps(_mm256_andnot_ps(sign, v[0]), _mm256_andnot_ps(sign, v[1])),
                 _mm256_max_ps(_mm256_andnot_ps(sign, v[2]), _mm256_andnot_ps(sign, v[3]))));
-            const float d = amax / levels, id = d > 0 ? 1.0f / d : 0.0f;
+            const float d = amax / 32767.0f, id = d > 0 ? 1.0f / d : 0.0f;
             xd[m * nb + j] = d;
             __m256i r[4];
             for (int i = 0; i < 4; i++)
@@ -389,16 +372,10 @@ static void quantize_x(const float *x, int M, ptrdiff_t K, float levels, int wid
             __m256i t = _mm256_add_epi32(_mm256_add_epi32(r[0], r[1]), _mm256_add_epi32(r[2], r[3]));
             xs[m * nb + j] = d * hsum(_mm256_cvtepi32_ps(t));
             /* packs interleave the 128-bit lanes: put the values back in order */
-            if (wide) {
-                int16_t *out = (int16_t *)xq + m * K + 32 * j;
-                for (int i = 0; i < 2; i++) {
-                    __m256i p = _mm256_packs_epi32(r[2 * i], r[2 * i + 1]);
-                    _mm256_storeu_si256((__m256i *)(out + 16 * i), _mm256_permute4x64_epi64(p, 0xD8));
-                }
-            } else {
-                __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(r[0], r[1]), _mm256_packs_epi32(r[2], r[3]));
-                p = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
-                _mm256_storeu_si256((__m256i *)((int8_t *)xq + m * K + 32 * j), p);
+            int16_t *out = xq + m * K + 32 * j;
+            for (int i = 0; i < 2; i++) {
+                __m256i p = _mm256_packs_epi32(r[2 * i], r[2 * i + 1]);
+                _mm256_storeu_si256((__m256i *)(out + 16 * i), _mm256_permute4x64_epi64(p, 0xD8));
             }
         }
 }
@@ -419,29 +396,17 @@ INLINE void sym_m1(const int fmt, const uint8_t *W, const float *rs, const Xq *X
         for (int k = 0; k < 8; k++) acc[k] = _mm256_setzero_ps();
 #define SYM_M1_BLOCK(J, PAR)                                                                   \
     do {                                                                                       \
-        if (fmt == INT8) {                                                                     \
-            const int16_t *xv = X->q16 + 32 * (J);                                             \
-            const __m256i x0 = _mm256_loadu_si256((const __m256i *)xv);                        \
-            const __m256i x1 = _mm256_loadu_si256((const __m256i *)(xv + 16));                 \
-            const __m256 d = _mm256_broadcast_ss(X->d16 + (J));                                \
-            for (int k = 0; k < 4; k++) {                                                      \
-                const uint8_t *wb = r[k] + 32 * (J);                                           \
-                const __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)wb)); \
-                const __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(wb + 16))); \
-                const __m256i p = DPWSSD(_mm256_madd_epi16(w0, x0), w1, x1);                   \
-                acc[2 * k + (PAR)] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), d, acc[2 * k + (PAR)]); \
-            }                                                                                  \
-        } else {                                                                               \
-            const __m256i xv = _mm256_loadu_si256((const __m256i *)(X->q8 + 32 * (J)));        \
-            const float xd = X->d8[J];                                                         \
-            for (int k = 0; k < 4; k++) {                                                      \
-                float d;                                                                       \
-                const __m256i w = block32(fmt, r[k], (J), &d);                                 \
-                const __m256i p = DPBUSD(_mm256_setzero_si256(), _mm256_sign_epi8(w, w),       \
-                                         _mm256_sign_epi8(xv, w));                             \
-                acc[2 * k + (PAR)] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d * xd), \
-                                                     acc[2 * k + (PAR)]);                      \
-            }                                                                                  \
+        const int16_t *xv = X->q + 32 * (J);                                                   \
+        const __m256i x0 = _mm256_loadu_si256((const __m256i *)xv);                            \
+        const __m256i x1 = _mm256_loadu_si256((const __m256i *)(xv + 16));                     \
+        const float xd = X->d[J];                                                              \
+        for (int k = 0; k < 4; k++) {                                                          \
+            __m256i w0, w1;                                                                    \
+            float d;                                                                           \
+            wide32(fmt, r[k], (J), &w0, &w1, &d);                                              \
+            const __m256i p = DPWSSD(_mm256_madd_epi16(w0, x0), w1, x1);                       \
+            acc[2 * k + (PAR)] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d * xd), \
+                                                 acc[2 * k + (PAR)]);                          \
         }                                                                                      \
     } while (0)
         ptrdiff_t j = 0;
@@ -548,23 +513,16 @@ int quant_gemv_multi(int count, const int *fmts, const float *x, const uint8_t *
     }
     const ptrdiff_t n_slabs = first[count];
     if (n_slabs < n_threads) n_threads = (int)(n_slabs > 0 ? n_slabs : 1);
-    int need8 = 0, need16 = 0;
-    for (int i = 0; i < count; i++) {
-        if (fmts[i] == INT8 || fmts[i] == INT4) need16 = 1;
-        else need8 = 1;
-    }
     const size_t nd = (size_t)(M * (K / 32) + 1);
-    int8_t *xq = need8 ? malloc((size_t)(M * K) + 32) : NULL;
-    int16_t *xq16 = need16 ? malloc(2 * (size_t)(M * K) + 64) : NULL;
-    float *xd = malloc(sizeof(float) * 4 * nd);
-    if ((need8 && !xq) || (need16 && !xq16) || !xd) {
-        free(xq), free(xq16), free(xd);
+    int16_t *xq = malloc(2 * (size_t)(M * K) + 64);
+    float *xd = malloc(sizeof(float) * 2 * nd);
+    if (!xq || !xd) {
+        free(xq), free(xd);
         return -2;
     }
-    float *xs = xd + nd, *xd16 = xd + 2 * nd, *xs16 = xd + 3 * nd;
-    if (need8) quantize_x(x, (int)M, K, 127.0f, 0, xq, xd, xs);
-    if (need16) quantize_x(x, (int)M, K, 32767.0f, 1, xq16, xd16, xs16);
-    const Xq X = {xq, xd, xs, xq16, xd16, xs16};
+    float *xs = xd + nd;
+    quantize_x(x, (int)M, K, xq, xd, xs);
+    const Xq X = {xq, xd, xs};
 #pragma omp parallel for schedule(dynamic, 1) num_threads(n_threads)
     for (ptrdiff_t c = 0; c < n_slabs; c++) {
         int i = 0;
@@ -574,7 +532,7 @@ int quant_gemv_multi(int count, const int *fmts, const float *x, const uint8_t *
         slab(fmts[i], x, &X, Ws[i], scales[i], minimums[i], ys[i], n0, n1, (int)M,
              Ns[i], K, rb[i], groups[i]);
     }
-    free(xq), free(xq16), free(xd);
+    free(xq), free(xd);
     return 0;
 }
 

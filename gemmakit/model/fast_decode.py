@@ -8,7 +8,7 @@ built), else None, and the caller runs `model(...)` as before. Its `step` is `mo
 eager bfloat16 path rounds them to bfloat16 after every op), RoPE cos/sin read from tables
 precomputed for every cache position, no per-step allocation but the logits. Weights kept
 quantized (gemmakit.quant, any format) run the same GEMV kernel as the eager path, which rounds
-each layer's input to int8 per block of 32; q/k/v and gate/up share one call
+each layer's input to int16 per block of 32; q/k/v and gate/up share one call
 (quant_gemv_multi). Last-bit differences from the eager path can round an activation lying on
 a half-step the other way, so quantized models match eager within tests/test_fast_decode.py's
 QUANT_BOUND rather than float32's.

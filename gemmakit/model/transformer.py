@@ -122,7 +122,7 @@ class Gemma(nn.Module):
             logits = soft_cap(logits, cap)
         if isinstance(weight, QuantWeight):
             flat = hidden.reshape(-1, hidden.shape[-1])
-            if weight.uses_kernel(flat):  # int8 activations: the top entries recomputed
+            if weight.uses_kernel(flat):  # rounded activations: the top entries recomputed
                 weight.exact_top(flat, logits.view(-1, logits.shape[-1]), cap)
         return logits
 

@@ -41,33 +41,31 @@ def reference(x: torch.Tensor, fmt: str, qdata, scale, minimum) -> torch.Tensor:
     return (x.double() @ w.T).float()
 
 
-def activation_levels(fmt: str) -> int:
-    """The kernel rounds x per block of 32 to integers in [-L, L], L = this: 127 (int8, as
-    llama.cpp) against the GGUF formats, 32767 (int16) against gemmakit's int8 and int4."""
-    return 32767 if fmt in ("int8", "int4") else 127
+ACTIVATION_LEVELS = 32767
+"""The kernel rounds x per block of 32 to integers in [-L, L], L = this (int16; llama.cpp
+rounds to int8, L = 127, 258 times coarser), against every format."""
 
 
-def round_activations(x: torch.Tensor, fmt: str = "q8_0") -> torch.Tensor:
-    """x [M, K] float32 as the kernel rounds it against a weight of format `fmt`: per block of
-    32, d = max|x| / L (activation_levels) and x ~ d * round(x * (1 / d)) (ties to even, in
-    float32 as the C code); a tail of K past the last whole block (int8 rows) stays as it is."""
+def round_activations(x: torch.Tensor) -> torch.Tensor:
+    """x [M, K] float32 as the kernel rounds it: per block of 32, d = max|x| / ACTIVATION_LEVELS
+    and x ~ d * round(x * (1 / d)) (ties to even, in float32 as the C code); a tail of K past
+    the last whole block (int8 rows) stays as it is."""
     m, k = x.shape
     nb = k // 32
     b = x[:, : nb * 32].reshape(m, nb, 32)
-    d = b.abs().amax(-1, keepdim=True) / float(activation_levels(fmt))
+    d = b.abs().amax(-1, keepdim=True) / float(ACTIVATION_LEVELS)
     inv = torch.where(d > 0, 1.0 / d, torch.zeros_like(d))
     q = torch.round(b * inv)
     return torch.cat([(q * d).reshape(m, nb * 32), x[:, nb * 32 :]], dim=1)
 
 
-def error_bound(fmt: str, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """[M, N] bound on |kernel - reference| for x [M, K] and dequantized w [N, K] of format
-    `fmt`: the kernel rounds x per block of 32 (step max|x| / L of the block, L the format's
-    activation_levels), so half a step of each x times |w|, plus 1e-5 of sum |x| |w| (float32
-    sums in another order)."""
+def error_bound(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """[M, N] bound on |kernel - reference| for x [M, K] and dequantized w [N, K] (any format):
+    the kernel rounds x per block of 32 (step max|x| / ACTIVATION_LEVELS of the block), so half
+    a step of each x times |w|, plus 1e-5 of sum |x| |w| (float32 sums in another order)."""
     m, k = x.shape
     nb = k // 32
-    step = x[:, : nb * 32].abs().view(m, nb, 32).amax(-1) / float(activation_levels(fmt))
+    step = x[:, : nb * 32].abs().view(m, nb, 32).amax(-1) / float(ACTIVATION_LEVELS)
     half = (step / 2).repeat_interleave(32, dim=1)  # [M, nb * 32]
     return 1e-5 * (x.abs() @ w.abs().T) + 1e-6 + half @ w[:, : nb * 32].abs().T
 
@@ -86,7 +84,7 @@ def check_all(kernel: Callable[..., torch.Tensor], rows: tuple[int, ...] = (1, 3
             for m in rows:
                 x = torch.randn(m, kk, generator=gen)
                 got = kernel(f.code, x, qdata, scale, minimum, 13, group, 2)
-                want = reference(round_activations(x, fmt), fmt, qdata, scale, minimum)
+                want = reference(round_activations(x), fmt, qdata, scale, minimum)
                 w = dequantize(fmt, qdata, scale, minimum)
                 bound = 1e-5 * (x.abs() @ w.abs().T) + 1e-6
                 if not bool(((got - want).abs() <= bound).all()):

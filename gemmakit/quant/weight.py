@@ -15,7 +15,7 @@ from torch import nn
 
 from gemmakit.kernels import quant_gemv
 from gemmakit.quant.formats import FORMATS, dequantize, row_bytes
-from gemmakit.quant.selftest import activation_levels
+from gemmakit.quant.selftest import ACTIVATION_LEVELS
 
 TILE_ELEMENTS = 1 << 22  # the fallback dequantizes at most this many weights (16 MB) at once
 KERNEL_ROWS = 64  # up to this many rows of x go through the kernel, 8 at a time
@@ -131,7 +131,7 @@ class QuantWeight(nn.Module):
         return y if bias is None else y + bias
 
     def uses_kernel(self, x: torch.Tensor) -> bool:
-        """Whether `linear` runs x [M, K] through the C kernel (int8-rounded activations)
+        """Whether `linear` runs x [M, K] through the C kernel (int16-rounded activations)
         rather than the torch fallback (dequantized weights, x as it is)."""
         return len(x) <= KERNEL_ROWS and quant_gemv.applies(x[: quant_gemv.MAX_ROWS], self.qdata)
 
@@ -156,10 +156,10 @@ class QuantWeight(nn.Module):
         self, x: torch.Tensor, y: torch.Tensor, softcap: float | None = None
     ) -> torch.Tensor:
         """y [M, N]: the kernel's x [M, K] @ W^T (soft-capped when `softcap`). The kernel
-        rounds x per block b of 32 (step s_b = max|x_b| / 127, or / 32767 against int8 and
-        int4 weights: selftest.activation_levels), which moves entry n by
-        at most sum_b s_b / 2 * |W[n, block b]|_1, plus float32 summation slop (1e-5 of
-        sum |x||w|): quant/selftest.error_bound, here in per-block L1 norms. Every entry that
+        rounds x per block b of 32 to int16 (step s_b = max|x_b| / 32767:
+        selftest.ACTIVATION_LEVELS), which moves entry n by at most
+        sum_b s_b / 2 * |W[n, block b]|_1, plus float32 summation slop (1e-5 of sum |x||w|):
+        quant/selftest.error_bound, here in per-block L1 norms. Every entry that
         could be its row's maximum under that bound is recomputed from the unrounded x and the
         dequantized row, in place, so the argmax (greedy decoding) and the values at the top
         are those of the dequantized weight; the rest stay within the bound. A soft cap only
@@ -173,8 +173,7 @@ class QuantWeight(nn.Module):
         xf = x.float()
         l1b, l1 = self.block_l1()  # [N, nb] float16, [N]
         # half a rounding step per block (a tail past the last whole block is not rounded)
-        levels = activation_levels(self.fmt)
-        half = xf[:, : nb * 32].abs().reshape(m, nb, 32).amax(-1) / (2.0 * levels)  # [M, nb]
+        half = xf[:, : nb * 32].abs().reshape(m, nb, 32).amax(-1) / (2.0 * ACTIVATION_LEVELS)
         slop = 1e-5 * xf.abs().amax(-1) + 1e-6  # [M]
         lib = quant_gemv.library() if y.is_contiguous() and y.dtype == torch.float32 else None
         found = quant_gemv.candidates(lib, y, l1, l1b, half, slop) if lib is not None else None
