@@ -196,14 +196,11 @@ INLINE __m256 block_values(const uint8_t *v, ptrdiff_t b, ptrdiff_t per) {
 
 /* Blocks c0 .. c0 + nc - 1 (nc <= CHUNK) of one int4 row (w = d q + m per group of `per`
  * blocks: float16 d in sc, m in mn) against M rows of x rounded to int16: each block's scale
- * d * xd16 into ds[m * CHUNK + j], and the minimum's terms, sum of m * xs16 (the rounded
- * blocks' sums), subtracted from macc[2 * m] */
+ * d * xd16 into ds[m * CHUNK + j], and the minimum's terms, m * xs16 (the rounded blocks'
+ * sums), added to the row's second accumulator as vectors (no sum across lanes per row) */
 INLINE void int4_scales(const int M, const uint8_t *sc, const uint8_t *mn, ptrdiff_t per,
                         ptrdiff_t c0, int nc, const float *xd16, const float *xs16, ptrdiff_t nb,
-                        float *ds, float *macc) {
-    __m256 mt[8];
-#pragma GCC unroll 8
-    for (int m = 0; m < M; m++) mt[m] = _mm256_setzero_ps();
+                        float *ds, Acc *a) {
     int j = 0;
     for (; j + 8 <= nc; j += 8) {
         const __m256 d = block_values(sc, c0 + j, per), mv = block_values(mn, c0 + j, per);
@@ -211,18 +208,16 @@ INLINE void int4_scales(const int M, const uint8_t *sc, const uint8_t *mn, ptrdi
         for (int m = 0; m < M; m++) {
             const ptrdiff_t at = m * nb + c0 + j;
             _mm256_store_ps(ds + m * CHUNK + j, _mm256_mul_ps(d, _mm256_loadu_ps(xd16 + at)));
-            mt[m] = _mm256_fmadd_ps(mv, _mm256_loadu_ps(xs16 + at), mt[m]);
+            a->acc[2 * m + 1] = _mm256_fmadd_ps(mv, _mm256_loadu_ps(xs16 + at), a->acc[2 * m + 1]);
         }
     }
 #pragma GCC unroll 8
-    for (int m = 0; m < M; m++) {
-        float t = hsum(mt[m]);
+    for (int m = 0; m < M; m++)
         for (int i = j; i < nc; i++) {
             const ptrdiff_t g = (c0 + i) / per, at = m * nb + c0 + i;
-            ds[m * CHUNK + i] = f16(sc + 2 * g) * xd16[at], t += f16(mn + 2 * g) * xs16[at];
+            ds[m * CHUNK + i] = f16(sc + 2 * g) * xd16[at];
+            a->macc[2 * m] -= f16(mn + 2 * g) * xs16[at];
         }
-        macc[2 * m] -= t;
-    }
 }
 
 /* One int4 row against M rows of x rounded to int16 */
@@ -232,7 +227,7 @@ INLINE void int4_row(const int M, const uint8_t *row, const uint8_t *sc, const u
     float ds[8 * CHUNK] __attribute__((aligned(32)));
     for (ptrdiff_t c0 = 0; c0 < nb; c0 += CHUNK) {
         const int nc = nb - c0 < CHUNK ? (int)(nb - c0) : CHUNK;
-        int4_scales(M, sc, mn, group / 32, c0, nc, xd16, xs16, nb, ds, a->macc);
+        int4_scales(M, sc, mn, group / 32, c0, nc, xd16, xs16, nb, ds, a);
         int j = 0;
         for (; j + 1 < nc; j += 2) {
             if (!(j & 3)) _mm_prefetch((const char *)(row + 16 * (c0 + j)) + PF_DIST, _MM_HINT_T0);
