@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 
 FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC"]  # every variant's, beside its Isa.cc_flags
 INSTALL_HINT = "install a C compiler with OpenMP (e.g. apt install gcc)"
+REPORT_HINT = "please report this (compiler and CPU)"
 _warned: set[str] = set()  # reasons already warned about in this process
 
 
@@ -232,25 +233,21 @@ class CLibrary:
             )
             return None
         for i, isa in enumerate(isas):
-            last = i == len(isas) - 1
+            built = False  # past the build: a failure from here on is the self-test's
             try:
                 lib = ctypes.CDLL(str(build(self.source, self.name, isa=isa)))
                 for fn_name, args in self.signatures.items():
                     fn = getattr(lib, fn_name)
                     fn.argtypes, fn.restype = args, ctypes.c_int
-            except Exception as exc:  # any failure means: the next variant, or torch
-                if last:
-                    warn_fallback(self.name, str(exc), INSTALL_HINT)
-                    return None
-                # e.g. a compiler without the variant's flags: nothing the user must fix
-                log.info("gemmakit %s kernel: no %s build (%s)", self.name, isa.name, exc)
-                continue
-            try:
+                built = True
                 isolated(self.self_test, lib)
-            except Exception as exc:
-                if last:
-                    warn_fallback(self.name, str(exc), "please report this (compiler and CPU)")
+            except Exception as exc:  # any failure means: the next variant, or torch
+                if i == len(isas) - 1:
+                    warn_fallback(self.name, str(exc), REPORT_HINT if built else INSTALL_HINT)
                     return None
+                if not built:  # e.g. a compiler without the variant's flags: nothing to fix
+                    log.info("gemmakit %s kernel: no %s build (%s)", self.name, isa.name, exc)
+                    continue
                 log.warning(
                     "gemmakit: the %s C kernel's %s build failed its self-test (%s); using its "
                     "%s build instead. Please report this (compiler and CPU).",

@@ -40,9 +40,7 @@
 #define DPWSSD(acc, a, b) _mm256_add_epi32((acc), _mm256_madd_epi16((a), (b)))
 #endif
 
-#ifndef PF_DIST
-#define PF_DIST 2048
-#endif
+#define PF_DIST 2048 /* bytes ahead that int8 and int4 rows prefetch */
 
 enum { Q8_0 = 0, Q4_0 = 1, Q5_0 = 2, Q4_K = 3, Q6_K = 4, INT8 = 5, INT4 = 6 };
 static const ptrdiff_t BLOCK_BYTES[7] = {34, 18, 22, 144, 210, 1, 16};
@@ -72,6 +70,13 @@ INLINE __m256i bytes_from_bits_32(const uint8_t *p) {
     return _mm256_cmpeq_epi8(bytes, _mm256_set1_epi64x(-1));
 }
 
+/* 16 bytes widened to int16, each split into its low nibble (lo) and its high one (hi) */
+INLINE void nibbles16(const uint8_t *p, __m256i *lo, __m256i *hi) {
+    const __m256i v = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)p));
+    *lo = _mm256_and_si256(v, _mm256_set1_epi16(0x0F));
+    *hi = _mm256_srli_epi16(v, 4);
+}
+
 /* The 32 weights of block j of a symmetric 32-block format (Q8_0, Q4_0, Q5_0, int8) widened
  * to int16 (w0: the first 16, w1: the last 16), and the block's scale (int8's row scale is
  * applied to the row's sum instead). The 4-bit formats keep weight i in the low nibble of
@@ -88,25 +93,22 @@ INLINE void wide32(const int fmt, const uint8_t *row, ptrdiff_t j, __m256i *w0, 
     }
     case Q4_0: {
         const uint8_t *b = row + 18 * j;
-        const __m256i v = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(b + 2)));
+        nibbles16(b + 2, w0, w1);
         *d = f16(b);
-        *w0 = _mm256_sub_epi16(_mm256_and_si256(v, _mm256_set1_epi16(0x0F)), _mm256_set1_epi16(8));
-        *w1 = _mm256_sub_epi16(_mm256_srli_epi16(v, 4), _mm256_set1_epi16(8));
+        *w0 = _mm256_sub_epi16(*w0, _mm256_set1_epi16(8));
+        *w1 = _mm256_sub_epi16(*w1, _mm256_set1_epi16(8));
         return;
     }
     case Q5_0: {
         const uint8_t *b = row + 22 * j;
-        const __m256i v = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(b + 6)));
+        nibbles16(b + 6, w0, w1);
         /* weight k's fifth bit is bit k of the 32 at b + 2 */
         const __m256i hi = _mm256_and_si256(bytes_from_bits_32(b + 2), _mm256_set1_epi8(0x10));
         *d = f16(b);
-        *w0 = _mm256_sub_epi16(
-            _mm256_or_si256(_mm256_and_si256(v, _mm256_set1_epi16(0x0F)),
-                            _mm256_cvtepu8_epi16(_mm256_castsi256_si128(hi))),
-            _mm256_set1_epi16(16));
-        *w1 = _mm256_sub_epi16(
-            _mm256_or_si256(_mm256_srli_epi16(v, 4), _mm256_cvtepu8_epi16(_mm256_extracti128_si256(hi, 1))),
-            _mm256_set1_epi16(16));
+        *w0 = _mm256_sub_epi16(_mm256_or_si256(*w0, _mm256_cvtepu8_epi16(_mm256_castsi256_si128(hi))),
+                               _mm256_set1_epi16(16));
+        *w1 = _mm256_sub_epi16(_mm256_or_si256(*w1, _mm256_cvtepu8_epi16(_mm256_extracti128_si256(hi, 1))),
+                               _mm256_set1_epi16(16));
         return;
     }
     default: /* INT8 */
@@ -120,6 +122,13 @@ INLINE void wide32(const int fmt, const uint8_t *row, ptrdiff_t j, __m256i *w0, 
 INLINE __m256i dot32(__m256i w0, __m256i w1, const int16_t *xv) {
     return DPWSSD(_mm256_madd_epi16(w0, _mm256_loadu_si256((const __m256i *)xv)), w1,
                   _mm256_loadu_si256((const __m256i *)(xv + 16)));
+}
+
+/* int8 rows need not be whole blocks: the row's weights past its last block times x, in float */
+INLINE float int8_tail(const uint8_t *row, const float *x, ptrdiff_t nb, ptrdiff_t K) {
+    float s = 0.0f;
+    for (ptrdiff_t t = nb * 32; t < K; t++) s += (float)(int8_t)row[t] * x[t];
+    return s;
 }
 
 /* The M rows' accumulators: acc[2 * m + parity] (two chains per row so consecutive blocks'
@@ -153,9 +162,9 @@ INLINE void sym_block(const int fmt, const int M, const uint8_t *row, ptrdiff_t 
 }
 
 /* Blocks of gemmakit's int4 taken CHUNK at a time: the float work is done 8 blocks per
- * instruction before the integer dots (each block's scale, its group's scale times x's block
- * scale, into ds; the minimum's terms, group minimum times the rounded block's sum, as one
- * vector dot), so each block costs its integer dot, one convert and one FMA. */
+ * instruction before the integer dots (int4_scales: each block's scale, its group's scale times
+ * x's block scale, into ds; the minimum's terms, group minimum times the rounded block's sum,
+ * into an accumulator), so each block costs its integer dot, one convert and one FMA. */
 #define CHUNK 64
 
 /* Block j of int4 (byte i holds weight i in its low nibble and weight 16 + i in its high one:
@@ -163,13 +172,11 @@ INLINE void sym_block(const int fmt, const int M, const uint8_t *row, ptrdiff_t 
  * against the M rows of x rounded to int16: acc[2 m + par] += (q . xq16) * ds[m * CHUNK] */
 INLINE void int4_block(const int M, const uint8_t *row, ptrdiff_t j, int par, const float *ds,
                        const int16_t *xq16, ptrdiff_t K, Acc *a) {
-    const __m256i b = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(row + 16 * j)));
-    const __m256i w0 = _mm256_and_si256(b, _mm256_set1_epi16(0x0F)), w1 = _mm256_srli_epi16(b, 4);
+    __m256i w0, w1;
+    nibbles16(row + 16 * j, &w0, &w1);
 #pragma GCC unroll 8
     for (int m = 0; m < M; m++) {
-        const int16_t *xv = xq16 + m * K + 32 * j;
-        __m256i p = DPWSSD(_mm256_madd_epi16(w0, _mm256_loadu_si256((const __m256i *)xv)), w1,
-                           _mm256_loadu_si256((const __m256i *)(xv + 16)));
+        const __m256i p = dot32(w0, w1, xq16 + m * K + 32 * j);
         a->acc[2 * m + par] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_broadcast_ss(ds + m * CHUNK),
                                               a->acc[2 * m + par]);
     }
@@ -277,12 +284,9 @@ INLINE void row_dot(const int fmt, const int M, const uint8_t *row, const uint8_
             }
             for (int k = 0; k < 4; k++) {
                 /* 32 bytes: sub-block 2k in the low nibbles, 2k + 1 in the high ones */
-                const uint8_t *q = b + 16 + 32 * k;
-                const __m256i v0 = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)q));
-                const __m256i v1 = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(q + 16)));
-                const __m256i lo0 = _mm256_and_si256(v0, _mm256_set1_epi16(0x0F));
-                const __m256i lo1 = _mm256_and_si256(v1, _mm256_set1_epi16(0x0F));
-                const __m256i hi0 = _mm256_srli_epi16(v0, 4), hi1 = _mm256_srli_epi16(v1, 4);
+                __m256i lo0, hi0, lo1, hi1;
+                nibbles16(b + 16 + 32 * k, &lo0, &hi0);
+                nibbles16(b + 32 + 32 * k, &lo1, &hi1);
                 const ptrdiff_t j = 8 * sb + 2 * k;
 #pragma GCC unroll 8
                 for (int m = 0; m < M; m++) {
@@ -328,9 +332,8 @@ INLINE void row_dot(const int fmt, const int M, const uint8_t *row, const uint8_
     }
 #pragma GCC unroll 8
     for (int m = 0; m < M; m++) {
-        float s = hsum(_mm256_add_ps(a.acc[2 * m], a.acc[2 * m + 1])) - (a.macc[2 * m] + a.macc[2 * m + 1]);
-        /* int8 rows need not be whole blocks: the tail in float */
-        for (ptrdiff_t t = nb * 32; t < K; t++) s += (float)(int8_t)row[t] * x[m * K + t];
+        const float s = hsum(_mm256_add_ps(a.acc[2 * m], a.acc[2 * m + 1])) -
+                        (a.macc[2 * m] + a.macc[2 * m + 1]) + int8_tail(row, x + m * K, nb, K);
         y[m * N] = s * row_scale;
     }
 }
@@ -375,6 +378,20 @@ static void quantize_x(const float *x, int M, ptrdiff_t K, int16_t *xq, float *x
         }
 }
 
+/* Block j of four rows r[0..3] of a symmetric format against one row of x:
+ * acc[2 k + par] += (w_k . xq) * d_k * xd (x's block loaded once for the four) */
+INLINE void sym4_block(const int fmt, const uint8_t *const *r, ptrdiff_t j, int par, const Xq *X,
+                       __m256 *acc) {
+    const float xd = X->d[j];
+    for (int k = 0; k < 4; k++) {
+        __m256i w0, w1;
+        float d;
+        wide32(fmt, r[k], j, &w0, &w1, &d);
+        const __m256i p = dot32(w0, w1, X->q + 32 * j);
+        acc[2 * k + par] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d * xd), acc[2 * k + par]);
+    }
+}
+
 /* Rows [n0, n1) of W in a format of 32-weight blocks with one scale each (Q8_0, Q4_0, Q5_0,
  * int8) against one row of x (decoding's M = 1), four rows at a time from the four quarters
  * of the slab (as bf16_gemv.c's STRIDED): four sequential streams in different pages, which
@@ -389,33 +406,15 @@ INLINE void sym_m1(const int fmt, const uint8_t *W, const float *rs, const Xq *X
         __m256 acc[8];
         for (int k = 0; k < 4; k++) r[k] = W + (n0 + i + k * q) * rb;
         for (int k = 0; k < 8; k++) acc[k] = _mm256_setzero_ps();
-#define SYM_M1_BLOCK(J, PAR)                                                                   \
-    do {                                                                                       \
-        const int16_t *xv = X->q + 32 * (J);                                                   \
-        const __m256i x0 = _mm256_loadu_si256((const __m256i *)xv);                            \
-        const __m256i x1 = _mm256_loadu_si256((const __m256i *)(xv + 16));                     \
-        const float xd = X->d[J];                                                              \
-        for (int k = 0; k < 4; k++) {                                                          \
-            __m256i w0, w1;                                                                    \
-            float d;                                                                           \
-            wide32(fmt, r[k], (J), &w0, &w1, &d);                                              \
-            const __m256i p = DPWSSD(_mm256_madd_epi16(w0, x0), w1, x1);                       \
-            acc[2 * k + (PAR)] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d * xd), \
-                                                 acc[2 * k + (PAR)]);                          \
-        }                                                                                      \
-    } while (0)
-        ptrdiff_t j = 0;
+        ptrdiff_t j = 0; /* consecutive blocks alternate chains */
         for (; j + 1 < nb; j += 2) {
-            SYM_M1_BLOCK(j, 0);
-            SYM_M1_BLOCK(j + 1, 1);
+            sym4_block(fmt, r, j, 0, X, acc);
+            sym4_block(fmt, r, j + 1, 1, X, acc);
         }
-        if (j < nb) SYM_M1_BLOCK(j, 0);
-#undef SYM_M1_BLOCK
+        if (j < nb) sym4_block(fmt, r, j, 0, X, acc);
         for (int k = 0; k < 4; k++) {
             const ptrdiff_t n = n0 + i + k * q;
-            float s = hsum(_mm256_add_ps(acc[2 * k], acc[2 * k + 1]));
-            /* int8 rows need not be whole blocks: the tail in float */
-            for (ptrdiff_t t = nb * 32; t < K; t++) s += (float)(int8_t)r[k][t] * x[t];
+            const float s = hsum(_mm256_add_ps(acc[2 * k], acc[2 * k + 1])) + int8_tail(r[k], x, nb, K);
             y[n] = fmt == INT8 ? s * rs[n] : s;
         }
     }
