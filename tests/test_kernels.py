@@ -211,6 +211,7 @@ def test_failed_self_test_disables_that_library(monkeypatch, tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="gemmakit.kernels.build"):
         assert lib.get() is None
         assert lib.get() is None  # decided once
+    # one warning however many variants this CPU builds (AVX-512 machines build two or three)
     (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert "self-test failed" in warning and "report" in warning
 
@@ -369,8 +370,8 @@ def test_cpu_flags_of_odd_machines_are_none(monkeypatch):
 
 @needs_kernel
 def test_a_variant_failing_its_self_test_gives_way_to_the_next(monkeypatch, tmp_path, caplog):
-    """The best variant is run blind on machines this suite never sees (AVX-512 ones): if it
-    computes wrong there, the self-test catches it and the AVX2 build is used, with a warning."""
+    """If the best variant computes wrong on some machine, the self-test catches it and the next
+    build is used, with one warning once that one is known to work."""
     monkeypatch.setattr(build, "_warned", set())
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     first = build.Isa("avx2-first", build.AVX2.cpu_flags, (*build.AVX2.cc_flags, "-DFIRST=1"))

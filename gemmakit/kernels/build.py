@@ -232,6 +232,7 @@ class CLibrary:
                 "gemmakit %s kernel not used: CPU lacks AVX2/FMA/F16C or is not x86-64", self.name
             )
             return None
+        failed: list[str] = []  # variants that built but failed their self-test
         for i, isa in enumerate(isas):
             built = False  # past the build: a failure from here on is the self-test's
             try:
@@ -242,21 +243,23 @@ class CLibrary:
                 built = True
                 isolated(self.self_test, lib)
             except Exception as exc:  # any failure means: the next variant, or torch
-                if i == len(isas) - 1:
+                if i == len(isas) - 1:  # one warning, whichever variants failed before
                     warn_fallback(self.name, str(exc), REPORT_HINT if built else INSTALL_HINT)
                     return None
-                if not built:  # e.g. a compiler without the variant's flags: nothing to fix
+                if built:
+                    reason = str(exc).strip().splitlines()[0]
+                    failed.append(f"{isa.name} build failed its self-test ({reason})")
+                else:  # e.g. a compiler without the variant's flags: nothing to fix
                     log.info("gemmakit %s kernel: no %s build (%s)", self.name, isa.name, exc)
-                    continue
-                log.warning(
-                    "gemmakit: the %s C kernel's %s build failed its self-test (%s); using its "
-                    "%s build instead. Please report this (compiler and CPU).",
-                    self.name,
-                    isa.name,
-                    str(exc).strip().splitlines()[0],
-                    isas[i + 1].name,
-                )
                 continue
+            if failed:  # said only now, once a variant that works is known
+                log.warning(
+                    "gemmakit: the %s C kernel's %s; using its %s build instead. Please report "
+                    "this (compiler and CPU).",
+                    self.name,
+                    "; its ".join(failed),
+                    isa.name,
+                )
             log.debug("gemmakit %s kernel: %s build", self.name, isa.name)
             self.isa = isa
             return lib
