@@ -142,7 +142,7 @@ typedef struct {
 /* x [M, K] rounded per block of 32 to int16: q [M, K], the scales d = max|x| / 32767 and
  * the rounded blocks' sums s (d * sum of q) [M, K / 32] (quantize_x) */
 typedef struct {
-    const int16_t *q;
+    const int16_t *q, *p; /* p: q in pair order (pair_x) when the call has an int4 weight */
     const float *d, *s;
 } Xq;
 
@@ -158,27 +158,6 @@ INLINE void sym_block(const int fmt, const int M, const uint8_t *row, ptrdiff_t 
         const __m256i p = dot32(w0, w1, xq + m * K + 32 * j);
         const __m256 s = fmt == INT8 ? _mm256_broadcast_ss(xd + m * nb + j) : _mm256_set1_ps(d * xd[m * nb + j]);
         a->acc[2 * m + par] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), s, a->acc[2 * m + par]);
-    }
-}
-
-/* Blocks of gemmakit's int4 taken CHUNK at a time: the float work is done 8 blocks per
- * instruction before the integer dots (int4_scales: each block's scale, its group's scale times
- * x's block scale, into ds; the minimum's terms, group minimum times the rounded block's sum,
- * into an accumulator), so each block costs its integer dot, one convert and one FMA. */
-#define CHUNK 64
-
-/* Block j of int4 (byte i holds weight i in its low nibble and weight 16 + i in its high one:
- * widened to int16, the low nibbles are the first 16 weights and the high ones the last 16)
- * against the M rows of x rounded to int16: acc[2 m + par] += (q . xq16) * ds[m * CHUNK] */
-INLINE void int4_block(const int M, const uint8_t *row, ptrdiff_t j, int par, const float *ds,
-                       const int16_t *xq16, ptrdiff_t K, Acc *a) {
-    __m256i w0, w1;
-    nibbles16(row + 16 * j, &w0, &w1);
-#pragma GCC unroll 8
-    for (int m = 0; m < M; m++) {
-        const __m256i p = dot32(w0, w1, xq16 + m * K + 32 * j);
-        a->acc[2 * m + par] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_broadcast_ss(ds + m * CHUNK),
-                                              a->acc[2 * m + par]);
     }
 }
 
@@ -201,47 +180,107 @@ INLINE __m256 block_values(const uint8_t *v, ptrdiff_t b, ptrdiff_t per) {
     return _mm256_loadu_ps(t);
 }
 
-/* Blocks c0 .. c0 + nc - 1 (nc <= CHUNK) of one int4 row (w = d q + m per group of `per`
- * blocks: float16 d in sc, m in mn) against M rows of x rounded to int16: each block's scale
- * d * xd16 into ds[m * CHUNK + j], and the minimum's terms, m * xs16 (the rounded blocks'
- * sums), added to the row's second accumulator as vectors (no sum across lanes per row) */
-INLINE void int4_scales(const int M, const uint8_t *sc, const uint8_t *mn, ptrdiff_t per,
-                        ptrdiff_t c0, int nc, const float *xd16, const float *xs16, ptrdiff_t nb,
-                        float *ds, Acc *a) {
-    int j = 0;
-    for (; j + 8 <= nc; j += 8) {
-        const __m256 d = block_values(sc, c0 + j, per), mv = block_values(mn, c0 + j, per);
-#pragma GCC unroll 8
-        for (int m = 0; m < M; m++) {
-            const ptrdiff_t at = m * nb + c0 + j;
-            _mm256_store_ps(ds + m * CHUNK + j, _mm256_mul_ps(d, _mm256_loadu_ps(xd16 + at)));
-            a->acc[2 * m + 1] = _mm256_fmadd_ps(mv, _mm256_loadu_ps(xs16 + at), a->acc[2 * m + 1]);
-        }
-    }
-#pragma GCC unroll 8
+/* gemmakit's int4 is read two blocks (32 bytes) at a time as 16 int16 lanes: lane l holds
+ * bytes 2i and 2i + 1 of its block (lanes 0-7 block j, 8-15 block j + 1; i = l mod 8), so its
+ * four nibbles, each one AND or shift away, are the block's weights 2i, 2i + 16, 2i + 1 and
+ * 2i + 17. x is laid out to match once per call (pair_x: per pair of blocks, the four int16
+ * vectors of those weights' activations), and the pair's integer dot product has block j in
+ * its int32 lanes 0-3 and block j + 1 in lanes 4-7: one convert and one FMA with
+ * [s_j x 4, s_j+1 x 4] apply both blocks' scales. A row's odd last block is a pair whose
+ * second block is zeros. */
+INLINE void pair_nibbles(__m256i v, __m256i w[4]) {
+    const __m256i f = _mm256_set1_epi16(0x0F);
+    w[0] = _mm256_and_si256(v, f);
+    w[1] = _mm256_and_si256(_mm256_srli_epi16(v, 4), f);
+    w[2] = _mm256_and_si256(_mm256_srli_epi16(v, 8), f);
+    w[3] = _mm256_srli_epi16(v, 12);
+}
+
+INLINE __m256i pair_dot(const __m256i w[4], const int16_t *xp) {
+    const __m256i *x = (const __m256i *)xp;
+    const __m256i p = DPWSSD(_mm256_madd_epi16(w[0], _mm256_loadu_si256(x)), w[1], _mm256_loadu_si256(x + 1));
+    const __m256i q = DPWSSD(_mm256_madd_epi16(w[2], _mm256_loadu_si256(x + 2)), w[3], _mm256_loadu_si256(x + 3));
+    return _mm256_add_epi32(p, q);
+}
+
+/* 16 int16 -> [the 8 at even places | the 8 at odd places] */
+INLINE __m256i evens_odds(const int16_t *p) {
+    const __m256i v = _mm256_loadu_si256((const __m256i *)p);
+    const __m256i m = _mm256_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15,
+                                       0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15);
+    return _mm256_permute4x64_epi64(_mm256_shuffle_epi8(v, m), 0xD8);
+}
+
+/* x rounded to int16 (xq [M, K]) in pair order: xp [M, Kp], Kp = 64 per pair of blocks (an odd
+ * last block padded with zeros). Per pair, A (activations of weights 2i of both blocks), B
+ * (2i + 16), C (2i + 1), D (2i + 17): the even and odd places of each half block. */
+static void pair_x(const int16_t *xq, int M, ptrdiff_t K, int16_t *xp) {
+    const ptrdiff_t nb = K / 32, Kp = 64 * ((nb + 1) / 2);
     for (int m = 0; m < M; m++)
-        for (int i = j; i < nc; i++) {
-            const ptrdiff_t g = (c0 + i) / per, at = m * nb + c0 + i;
-            ds[m * CHUNK + i] = f16(sc + 2 * g) * xd16[at];
-            a->macc[2 * m] -= f16(mn + 2 * g) * xs16[at];
+        for (ptrdiff_t j = 0; j < nb; j += 2) {
+            const int16_t *b = xq + m * K + 32 * j;
+            const __m256i z = _mm256_setzero_si256();
+            const __m256i ac0 = evens_odds(b), bd0 = evens_odds(b + 16);
+            const __m256i ac1 = j + 1 < nb ? evens_odds(b + 32) : z;
+            const __m256i bd1 = j + 1 < nb ? evens_odds(b + 48) : z;
+            __m256i *o = (__m256i *)(xp + m * Kp + 32 * j);
+            _mm256_storeu_si256(o, _mm256_permute2x128_si256(ac0, ac1, 0x20));
+            _mm256_storeu_si256(o + 1, _mm256_permute2x128_si256(bd0, bd1, 0x20));
+            _mm256_storeu_si256(o + 2, _mm256_permute2x128_si256(ac0, ac1, 0x31));
+            _mm256_storeu_si256(o + 3, _mm256_permute2x128_si256(bd0, bd1, 0x31));
         }
 }
 
-/* One int4 row against M rows of x rounded to int16 */
+/* One int4 row (w = d q + m per group of `group` weights: float16 d in sc, m in mn) against
+ * M rows of x: xp in pair order, xd16 its block scales, xs16 the rounded blocks' sums.
+ * Blocks eight at a time: their scales d * xd16 in one multiply, the minimum's terms
+ * m * xs16 in one FMA into the row's second accumulator; then four pairs. */
 INLINE void int4_row(const int M, const uint8_t *row, const uint8_t *sc, const uint8_t *mn,
-                     ptrdiff_t group, const int16_t *xq16, const float *xd16, const float *xs16,
-                     ptrdiff_t K, ptrdiff_t nb, Acc *a) {
-    float ds[8 * CHUNK] __attribute__((aligned(32)));
-    for (ptrdiff_t c0 = 0; c0 < nb; c0 += CHUNK) {
-        const int nc = nb - c0 < CHUNK ? (int)(nb - c0) : CHUNK;
-        int4_scales(M, sc, mn, group / 32, c0, nc, xd16, xs16, nb, ds, a);
-        int j = 0;
-        for (; j + 1 < nc; j += 2) {
-            if (!(j & 3)) _mm_prefetch((const char *)(row + 16 * (c0 + j)) + PF_DIST, _MM_HINT_T0);
-            int4_block(M, row, c0 + j, 0, ds + j, xq16, K, a);
-            int4_block(M, row, c0 + j + 1, 1, ds + j + 1, xq16, K, a);
+                     ptrdiff_t group, const int16_t *xp, const float *xd16, const float *xs16,
+                     ptrdiff_t Kp, ptrdiff_t nb, Acc *a) {
+    const ptrdiff_t per = group / 32;
+    ptrdiff_t b = 0;
+    for (; b + 8 <= nb; b += 8) {
+        const __m256 d = block_values(sc, b, per), mv = block_values(mn, b, per);
+        __m256 s[8];
+#pragma GCC unroll 8
+        for (int m = 0; m < M; m++) {
+            s[m] = _mm256_mul_ps(d, _mm256_loadu_ps(xd16 + m * nb + b));
+            a->acc[2 * m + 1] = _mm256_fmadd_ps(mv, _mm256_loadu_ps(xs16 + m * nb + b), a->acc[2 * m + 1]);
         }
-        if (j < nc) int4_block(M, row, c0 + j, 0, ds + j, xq16, K, a);
+        _mm_prefetch((const char *)(row + 16 * b) + PF_DIST, _MM_HINT_T0);
+        _mm_prefetch((const char *)(row + 16 * b) + PF_DIST + 64, _MM_HINT_T0);
+#pragma GCC unroll 4
+        for (int k = 0; k < 4; k++) {
+            __m256i w[4];
+            pair_nibbles(_mm256_loadu_si256((const __m256i *)(row + 16 * (b + 2 * k))), w);
+            const __m256i idx = _mm256_setr_epi32(2 * k, 2 * k, 2 * k, 2 * k, 2 * k + 1, 2 * k + 1,
+                                                  2 * k + 1, 2 * k + 1);
+#pragma GCC unroll 8
+            for (int m = 0; m < M; m++) {
+                const __m256i p = pair_dot(w, xp + m * Kp + 32 * (b + 2 * k));
+                a->acc[2 * m + (k & 1)] = _mm256_fmadd_ps(
+                    _mm256_cvtepi32_ps(p), _mm256_permutevar8x32_ps(s[m], idx), a->acc[2 * m + (k & 1)]);
+            }
+        }
+    }
+    for (; b < nb; b += 2) { /* the last nb mod 8 blocks: scales one by one */
+        const int two = b + 1 < nb;
+        __m256i w[4];
+        const __m128i lo = _mm_loadu_si128((const __m128i *)(row + 16 * b));
+        pair_nibbles(two ? _mm256_loadu_si256((const __m256i *)(row + 16 * b))
+                         : _mm256_inserti128_si256(_mm256_setzero_si256(), lo, 0), w);
+        const float d0 = f16(sc + 2 * (b / per)), m0 = f16(mn + 2 * (b / per));
+        const float d1 = two ? f16(sc + 2 * ((b + 1) / per)) : 0.0f;
+        const float m1 = two ? f16(mn + 2 * ((b + 1) / per)) : 0.0f;
+#pragma GCC unroll 8
+        for (int m = 0; m < M; m++) {
+            const float *xd = xd16 + m * nb + b, *xs = xs16 + m * nb + b;
+            const __m256 s = _mm256_set_m128(_mm_set1_ps(two ? d1 * xd[1] : 0.0f), _mm_set1_ps(d0 * xd[0]));
+            const __m256i p = pair_dot(w, xp + m * Kp + 32 * b);
+            a->acc[2 * m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), s, a->acc[2 * m]);
+            a->macc[2 * m] -= m0 * xs[0] + (two ? m1 * xs[1] : 0.0f);
+        }
     }
 }
 
@@ -262,7 +301,7 @@ INLINE void row_dot(const int fmt, const int M, const uint8_t *row, const uint8_
     for (int i = 0; i < 2 * M; i++) a.macc[i] = 0.0f;
     const ptrdiff_t nb = K / 32;
     if (fmt == INT4) {
-        int4_row(M, row, sc, mn, group, xq, xd, xs, K, nb, &a);
+        int4_row(M, row, sc, mn, group, X->p, xd, xs, 64 * ((nb + 1) / 2), nb, &a);
     } else if (fmt == Q8_0 || fmt == Q4_0 || fmt == Q5_0 || fmt == INT8) {
         ptrdiff_t j = 0; /* consecutive blocks alternate chains */
         for (; j + 1 < nb; j += 2) {
@@ -516,7 +555,17 @@ int quant_gemv_multi(int count, const int *fmts, const float *x, const uint8_t *
     }
     float *xs = xd + nd;
     quantize_x(x, (int)M, K, xq, xd, xs);
-    const Xq X = {xq, xd, xs};
+    int16_t *xp = NULL;
+    for (int i = 0; i < count; i++)
+        if (fmts[i] == INT4 && !xp) {
+            xp = malloc(2 * (size_t)(M * 64 * ((K / 32 + 1) / 2)) + 64);
+            if (!xp) {
+                free(xq), free(xd);
+                return -2;
+            }
+            pair_x(xq, (int)M, K, xp);
+        }
+    const Xq X = {xq, xp, xd, xs};
 #pragma omp parallel for schedule(dynamic, 1) num_threads(n_threads)
     for (ptrdiff_t c = 0; c < n_slabs; c++) {
         int i = 0;
@@ -526,7 +575,7 @@ int quant_gemv_multi(int count, const int *fmts, const float *x, const uint8_t *
         slab(fmts[i], x, &X, Ws[i], scales[i], minimums[i], ys[i], n0, n1, (int)M,
              Ns[i], K, rb[i], groups[i]);
     }
-    free(xq), free(xd);
+    free(xq), free(xd), free(xp);
     return 0;
 }
 

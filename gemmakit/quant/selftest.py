@@ -79,7 +79,8 @@ def check_all(kernel: Callable[..., torch.Tensor], rows: tuple[int, ...] = (1, 3
     for fmt, f in FORMATS.items():
         k = 512 if f.block == 256 else (72 if fmt == "int8" else 96)
         for group in (32, 128) if fmt == "int4" else (32,):
-            kk = 2176 if fmt == "int4" else k
+            # int4 rows: chunks of 8 blocks, then pairs, and for group 32 an odd last block
+            kk = {32: 2208, 128: 2176}[group] if fmt == "int4" else k
             qdata, scale, minimum = random_weight(fmt, 13, kk, gen, group)
             for m in rows:
                 x = torch.randn(m, kk, generator=gen)
