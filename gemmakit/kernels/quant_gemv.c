@@ -102,6 +102,16 @@ INLINE void wide32(const int fmt, const uint8_t *row, ptrdiff_t j, __m256i *w0, 
     case Q5_0: {
         const uint8_t *b = row + 22 * j;
         nibbles16(b + 6, w0, w1);
+#if defined(__AVX512BW__) && defined(__AVX512VL__)
+        /* weight k's fifth bit is bit k of the 32 at b + 2: its lane keeps the nibble where
+         * the bit is set and loses 16 where it is clear (one masked subtract per 16) */
+        uint32_t qh;
+        memcpy(&qh, b + 2, 4);
+        *d = f16(b);
+        *w0 = _mm256_mask_sub_epi16(*w0, (__mmask16)~qh, *w0, _mm256_set1_epi16(16));
+        *w1 = _mm256_mask_sub_epi16(*w1, (__mmask16)(~qh >> 16), *w1, _mm256_set1_epi16(16));
+        return;
+#endif
         /* weight k's fifth bit is bit k of the 32 at b + 2 */
         const __m256i hi = _mm256_and_si256(bytes_from_bits_32(b + 2), _mm256_set1_epi8(0x10));
         *d = f16(b);
