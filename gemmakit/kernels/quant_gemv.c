@@ -102,23 +102,22 @@ INLINE void wide32(const int fmt, const uint8_t *row, ptrdiff_t j, __m256i *w0, 
     case Q5_0: {
         const uint8_t *b = row + 22 * j;
         nibbles16(b + 6, w0, w1);
+        *d = f16(b);
+        /* weight k's fifth bit is bit k of the 32 at b + 2 */
 #if defined(__AVX512BW__) && defined(__AVX512VL__)
-        /* weight k's fifth bit is bit k of the 32 at b + 2: its lane keeps the nibble where
-         * the bit is set and loses 16 where it is clear (one masked subtract per 16) */
+        /* the bits as a mask: a lane keeps its nibble where the bit is set and loses 16 where
+         * it is clear (one masked subtract per 16 weights) */
         uint32_t qh;
         memcpy(&qh, b + 2, 4);
-        *d = f16(b);
         *w0 = _mm256_mask_sub_epi16(*w0, (__mmask16)~qh, *w0, _mm256_set1_epi16(16));
         *w1 = _mm256_mask_sub_epi16(*w1, (__mmask16)(~qh >> 16), *w1, _mm256_set1_epi16(16));
-        return;
-#endif
-        /* weight k's fifth bit is bit k of the 32 at b + 2 */
+#else
         const __m256i hi = _mm256_and_si256(bytes_from_bits_32(b + 2), _mm256_set1_epi8(0x10));
-        *d = f16(b);
         *w0 = _mm256_sub_epi16(_mm256_or_si256(*w0, _mm256_cvtepu8_epi16(_mm256_castsi256_si128(hi))),
                                _mm256_set1_epi16(16));
         *w1 = _mm256_sub_epi16(_mm256_or_si256(*w1, _mm256_cvtepu8_epi16(_mm256_extracti128_si256(hi, 1))),
                                _mm256_set1_epi16(16));
+#endif
         return;
     }
     default: /* INT8 */
@@ -221,11 +220,14 @@ INLINE __m256i evens_odds(const int16_t *p) {
     return _mm256_permute4x64_epi64(_mm256_shuffle_epi8(v, m), 0xD8);
 }
 
-/* x rounded to int16 (xq [M, K]) in pair order: xp [M, Kp], Kp = 64 per pair of blocks (an odd
- * last block padded with zeros). Per pair, A (activations of weights 2i of both blocks), B
+/* The length of a row of x in pair order: 64 per pair of blocks, an odd last block padded */
+INLINE ptrdiff_t pair_len(ptrdiff_t K) { return 64 * ((K / 32 + 1) / 2); }
+
+/* x rounded to int16 (xq [M, K]) in pair order: xp [M, pair_len(K)], an odd last block padded
+ * with zeros. Per pair, A (activations of weights 2i of both blocks), B
  * (2i + 16), C (2i + 1), D (2i + 17): the even and odd places of each half block. */
 static void pair_x(const int16_t *xq, int M, ptrdiff_t K, int16_t *xp) {
-    const ptrdiff_t nb = K / 32, Kp = 64 * ((nb + 1) / 2);
+    const ptrdiff_t nb = K / 32, Kp = pair_len(K);
     for (int m = 0; m < M; m++)
         for (ptrdiff_t j = 0; j < nb; j += 2) {
             const int16_t *b = xq + m * K + 32 * j;
@@ -277,9 +279,10 @@ INLINE void int4_row(const int M, const uint8_t *row, const uint8_t *sc, const u
     for (; b < nb; b += 2) { /* the last nb mod 8 blocks: scales one by one */
         const int two = b + 1 < nb;
         __m256i w[4];
-        const __m128i lo = _mm_loadu_si128((const __m128i *)(row + 16 * b));
-        pair_nibbles(two ? _mm256_loadu_si256((const __m256i *)(row + 16 * b))
-                         : _mm256_inserti128_si256(_mm256_setzero_si256(), lo, 0), w);
+        const uint8_t *at = row + 16 * b; /* an odd last block: its 16 bytes, then zeros */
+        pair_nibbles(two ? _mm256_loadu_si256((const __m256i *)at)
+                         : _mm256_inserti128_si256(_mm256_setzero_si256(), _mm_loadu_si128((const __m128i *)at), 0),
+                     w);
         const float d0 = f16(sc + 2 * (b / per)), m0 = f16(mn + 2 * (b / per));
         const float d1 = two ? f16(sc + 2 * ((b + 1) / per)) : 0.0f;
         const float m1 = two ? f16(mn + 2 * ((b + 1) / per)) : 0.0f;
@@ -311,7 +314,7 @@ INLINE void row_dot(const int fmt, const int M, const uint8_t *row, const uint8_
     for (int i = 0; i < 2 * M; i++) a.macc[i] = 0.0f;
     const ptrdiff_t nb = K / 32;
     if (fmt == INT4) {
-        int4_row(M, row, sc, mn, group, X->p, xd, xs, 64 * ((nb + 1) / 2), nb, &a);
+        int4_row(M, row, sc, mn, group, X->p, xd, xs, pair_len(K), nb, &a);
     } else if (fmt == Q8_0 || fmt == Q4_0 || fmt == Q5_0 || fmt == INT8) {
         ptrdiff_t j = 0; /* consecutive blocks alternate chains */
         for (; j + 1 < nb; j += 2) {
@@ -492,30 +495,23 @@ INLINE void sym_m1(const int fmt, const uint8_t *W, const float *rs, const Xq *X
     case 8: ROWS(FMT, 8) break;                                                              \
     }
 
+/* a symmetric 32-block format: one row of x four weight rows at a time (sym_m1), else BY_M */
+#define SYM_BY_M(FMT)                                                                        \
+    if (M == 1) sym_m1((FMT), W, (const float *)scale, X, x, y, n0, n1, K, rb);               \
+    else BY_M(FMT)
+
 static void slab(int fmt, const float *x, const Xq *X, const uint8_t *W, const void *scale,
                  const void *minimum, float *y, ptrdiff_t n0, ptrdiff_t n1, int M, ptrdiff_t N, ptrdiff_t K, ptrdiff_t rb, ptrdiff_t group) {
     ptrdiff_t groups = fmt == INT4 ? K / group : 0;
     if (fmt != INT4) scale = fmt == INT8 ? scale : NULL, minimum = NULL;
     if (fmt == INT8) groups = 0;
     switch (fmt) {
-    case Q8_0:
-        if (M == 1) sym_m1(Q8_0, W, NULL, X, x, y, n0, n1, K, rb);
-        else BY_M(Q8_0)
-        break;
-    case Q4_0:
-        if (M == 1) sym_m1(Q4_0, W, NULL, X, x, y, n0, n1, K, rb);
-        else BY_M(Q4_0)
-        break;
-    case Q5_0:
-        if (M == 1) sym_m1(Q5_0, W, NULL, X, x, y, n0, n1, K, rb);
-        else BY_M(Q5_0)
-        break;
+    case Q8_0: SYM_BY_M(Q8_0) break;
+    case Q4_0: SYM_BY_M(Q4_0) break;
+    case Q5_0: SYM_BY_M(Q5_0) break;
     case Q4_K: BY_M(Q4_K) break;
     case Q6_K: BY_M(Q6_K) break;
-    case INT8:
-        if (M == 1) sym_m1(INT8, W, (const float *)scale, X, x, y, n0, n1, K, rb);
-        else BY_M(INT8)
-        break;
+    case INT8: SYM_BY_M(INT8) break;
     case INT4: BY_M(INT4) break;
     }
 }
@@ -565,16 +561,14 @@ int quant_gemv_multi(int count, const int *fmts, const float *x, const uint8_t *
     }
     float *xs = xd + nd;
     quantize_x(x, (int)M, K, xq, xd, xs);
-    int16_t *xp = NULL;
-    for (int i = 0; i < count; i++)
-        if (fmts[i] == INT4 && !xp) {
-            xp = malloc(2 * (size_t)(M * 64 * ((K / 32 + 1) / 2)) + 64);
-            if (!xp) {
-                free(xq), free(xd);
-                return -2;
-            }
-            pair_x(xq, (int)M, K, xp);
-        }
+    int any_int4 = 0;
+    for (int i = 0; i < count; i++) any_int4 |= fmts[i] == INT4;
+    int16_t *xp = any_int4 ? malloc(2 * (size_t)(M * pair_len(K)) + 64) : NULL;
+    if (any_int4 && !xp) {
+        free(xq), free(xd);
+        return -2;
+    }
+    if (xp) pair_x(xq, (int)M, K, xp);
     const Xq X = {xq, xp, xd, xs};
 #pragma omp parallel for schedule(dynamic, 1) num_threads(n_threads)
     for (ptrdiff_t c = 0; c < n_slabs; c++) {

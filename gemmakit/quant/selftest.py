@@ -46,6 +46,14 @@ ACTIVATION_LEVELS = 32767
 rounds to int8, L = 127, 258 times coarser), against every format."""
 
 
+def activation_steps(x: torch.Tensor) -> torch.Tensor:
+    """[M, K // 32] the kernel's rounding step of each whole block of 32 of x [M, K]:
+    max|x| of the block / ACTIVATION_LEVELS."""
+    m, k = x.shape
+    nb = k // 32
+    return x[:, : nb * 32].abs().reshape(m, nb, 32).amax(-1) / float(ACTIVATION_LEVELS)
+
+
 def round_activations(x: torch.Tensor) -> torch.Tensor:
     """x [M, K] float32 as the kernel rounds it: per block of 32, d = max|x| / ACTIVATION_LEVELS
     and x ~ d * round(x * (1 / d)) (ties to even, in float32 as the C code); a tail of K past
@@ -53,7 +61,7 @@ def round_activations(x: torch.Tensor) -> torch.Tensor:
     m, k = x.shape
     nb = k // 32
     b = x[:, : nb * 32].reshape(m, nb, 32)
-    d = b.abs().amax(-1, keepdim=True) / float(ACTIVATION_LEVELS)
+    d = activation_steps(x).unsqueeze(-1)
     inv = torch.where(d > 0, 1.0 / d, torch.zeros_like(d))
     q = torch.round(b * inv)
     return torch.cat([(q * d).reshape(m, nb * 32), x[:, nb * 32 :]], dim=1)
@@ -63,10 +71,8 @@ def error_bound(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """[M, N] bound on |kernel - reference| for x [M, K] and dequantized w [N, K] (any format):
     the kernel rounds x per block of 32 (step max|x| / ACTIVATION_LEVELS of the block), so half
     a step of each x times |w|, plus 1e-5 of sum |x| |w| (float32 sums in another order)."""
-    m, k = x.shape
-    nb = k // 32
-    step = x[:, : nb * 32].abs().view(m, nb, 32).amax(-1) / float(ACTIVATION_LEVELS)
-    half = (step / 2).repeat_interleave(32, dim=1)  # [M, nb * 32]
+    nb = x.shape[1] // 32
+    half = (activation_steps(x) / 2).repeat_interleave(32, dim=1)  # [M, nb * 32]
     return 1e-5 * (x.abs() @ w.abs().T) + 1e-6 + half @ w[:, : nb * 32].abs().T
 
 

@@ -15,7 +15,7 @@ from torch import nn
 
 from gemmakit.kernels import quant_gemv
 from gemmakit.quant.formats import FORMATS, dequantize, row_bytes
-from gemmakit.quant.selftest import ACTIVATION_LEVELS
+from gemmakit.quant.selftest import activation_steps
 
 TILE_ELEMENTS = 1 << 22  # the fallback dequantizes at most this many weights (16 MB) at once
 KERNEL_ROWS = 64  # up to this many rows of x go through the kernel, 8 at a time
@@ -168,12 +168,10 @@ class QuantWeight(nn.Module):
         Cheap: the C kernel (quant_gemv.candidates) makes two passes over y with a coarse
         bound, which keeps a few thousand of 262144 entries, then the per-block bound keeps
         about 10, which are recomputed."""
-        m, k = x.shape
-        nb = k // 32
         xf = x.float()
         l1b, l1 = self.block_l1()  # [N, nb] float16, [N]
         # half a rounding step per block (a tail past the last whole block is not rounded)
-        half = xf[:, : nb * 32].abs().reshape(m, nb, 32).amax(-1) / (2.0 * ACTIVATION_LEVELS)
+        half = activation_steps(xf) / 2  # [M, nb]
         slop = 1e-5 * xf.abs().amax(-1) + 1e-6  # [M]
         lib = quant_gemv.library() if y.is_contiguous() and y.dtype == torch.float32 else None
         found = quant_gemv.candidates(lib, y, l1, l1b, half, slop) if lib is not None else None
