@@ -26,6 +26,7 @@ from decode import best_of, gemmakit_decode  # benchmarks/decode.py, beside this
 
 import gemmakit
 from gemmakit.quant.model import quant_summary, quantize_model
+from gemmakit.quant.modes import QUANT_MODES
 
 
 def read_rate(gib: float = 2.0) -> float:
@@ -39,19 +40,50 @@ def weight_bytes(model) -> int:
     return sum(quant_summary(model).values())
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def positive(text: str) -> int:
+    """argparse type: an integer of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not at least 1")
+    return value
+
+
+MODES = ("bf16", *(m for m in QUANT_MODES if m != "keep"))  # random weights: nothing to keep
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, object, list[str]]:
+    """(arguments, the model config, the modes): every bad value refused before a model is
+    built (one line on stderr, exit status 2)."""
+    ap = argparse.ArgumentParser(prog="quant_decode.py", description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="gemma-2b")
-    ap.add_argument("--layers", type=int, default=None, help="fewer layers for a quick run")
-    ap.add_argument("--new-tokens", type=int, default=24)
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--modes", default="bf16,int8,int4,int4-g128")
-    args = ap.parse_args()
-    cfg = gemmakit.get_config(args.preset)
+    ap.add_argument("--layers", type=positive, default=None, help="fewer layers for a quick run")
+    ap.add_argument("--new-tokens", type=positive, default=24)
+    ap.add_argument("--rounds", type=positive, default=3)
+    ap.add_argument(
+        "--modes", default="bf16,int8,int4,int4-g128", help=f"comma-separated: {', '.join(MODES)}"
+    )
+    args = ap.parse_args(argv)
+    try:
+        cfg = gemmakit.get_config(args.preset)
+    except ValueError as e:
+        ap.error(f"--preset: {e}")
     if args.layers:
         cfg = cfg.replace(n_layers=args.layers)
-    prompt = [2] + list(range(1000, 1007))
     modes = args.modes.split(",")
+    bad = [m for m in modes if m not in MODES]
+    if bad:
+        ap.error(f"--modes: unknown {', '.join(map(repr, bad))}; choose from {', '.join(MODES)}")
+    if len(set(modes)) != len(modes):
+        ap.error(f"--modes: {args.modes!r} names a mode twice")
+    return args, cfg, modes
+
+
+def main() -> None:
+    args, cfg, modes = parse_args()
+    prompt = [2] + list(range(1000, 1007))
     # every model in memory at once, measured in turn each round: the machine's read rate
     # drifts by a quarter within minutes here, so ratios only hold within a round
     base = gemmakit.build_model(cfg, dtype=torch.bfloat16)

@@ -1,0 +1,45 @@
+"""benchmarks/quant_decode.py refuses bad options in one line before it builds any model (the
+full run holds about 10 GB of models: a typo found after that costs minutes)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = str(Path(__file__).resolve().parents[1] / "benchmarks")
+sys.path.insert(0, BENCHMARKS)  # benchmarks/ is not a package: its scripts import each other
+try:
+    import quant_decode
+finally:
+    sys.path.remove(BENCHMARKS)  # no benchmark module shadows another test's imports
+
+
+@pytest.mark.parametrize(
+    "argv, says",
+    [
+        (["--rounds", "0"], "--rounds: 0 is not at least 1"),
+        (["--rounds", "three"], "--rounds: 'three' is not an integer"),
+        (["--new-tokens", "-3"], "--new-tokens: -3 is not at least 1"),
+        (["--layers", "0"], "--layers: 0 is not at least 1"),
+        (["--modes", "int8,int5"], "--modes: unknown 'int5'"),
+        (["--modes", ""], "--modes: unknown ''"),
+        (["--modes", "keep"], "--modes: unknown 'keep'"),  # random weights: nothing to keep
+        (["--modes", "bf16,int4,bf16"], "names a mode twice"),
+        (["--preset", "gemma-9000"], "--preset: unknown preset 'gemma-9000'"),
+    ],
+)
+def test_bad_options_are_refused_in_one_line(argv, says, capsys, monkeypatch):
+    built = []
+    monkeypatch.setattr(quant_decode.gemmakit, "build_model", lambda *a, **k: built.append(a))
+    with pytest.raises(SystemExit) as exit_:
+        quant_decode.parse_args(argv)
+    assert exit_.value.code == 2 and not built
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("quant_decode.py: error:") and says in err, err
+
+
+def test_good_options_parse():
+    args, cfg, modes = quant_decode.parse_args(["--layers", "2", "--modes", "bf16,int4-g128"])
+    assert cfg.n_layers == 2 and modes == ["bf16", "int4-g128"] and args.rounds == 3
