@@ -395,6 +395,26 @@ def test_a_variant_failing_its_self_test_gives_way_to_the_next(monkeypatch, tmp_
 
 
 @needs_kernel
+def test_a_variant_the_compiler_cannot_build_gives_way_quietly(monkeypatch, tmp_path, caplog):
+    """An older compiler without the best variant's flags: that build fails, the next one is
+    used, and there is no warning (nothing for the user to fix), nor a half-written file."""
+    monkeypatch.setattr(build, "_warned", set())
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    unknown = build.Isa("future", build.AVX2.cpu_flags, ("-mno-such-instruction-set",))
+    monkeypatch.setattr(build, "cpu_isas", lambda: [unknown, build.AVX2])
+    lib = build.CLibrary(
+        "fused training ops", train_ops.LIBRARY.source, train_ops.SIGNATURES, lambda lib: None
+    )
+    with caplog.at_level(logging.INFO, logger="gemmakit.kernels.build"):
+        assert lib.get() is not None
+    assert lib.isa == build.AVX2
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert any("no future build" in r.getMessage() for r in caplog.records)
+    files = [p.name for p in tmp_path.rglob("*") if p.is_file()]
+    assert len(files) == 2 and all("-avx2-" in f for f in files), files  # .so and its record
+
+
+@needs_kernel
 def test_vnni_variants_use_the_vnni_dot_products(monkeypatch, tmp_path):
     """quant_gemv.c's integer dots end in one VNNI instruction where the build has the flags (a
     machine with them runs its self-test at load; this one can only compile them)."""
