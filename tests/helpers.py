@@ -194,3 +194,37 @@ def preference_recipe(folder: Path, **sections) -> dict:
     for name, values in sections.items():
         recipe[name] = {**recipe.get(name, {}), **values} if isinstance(values, dict) else values
     return recipe
+
+
+# --------------------------------------------------------------------------- decode steps
+
+
+def step_logits(model, prompts, steps: int, fast: bool) -> list:
+    """Logits [B, V] of `steps` decode steps after an eager prefill, feeding the same fixed
+    tokens to both paths so that their logits compare step by step."""
+    import torch
+
+    from gemmakit.generation import left_pad
+    from gemmakit.model import KVCache
+    from gemmakit.model.fast_decode import fast_decoder
+
+    span = min(4000, model.config.vocab_size - 5)  # the fed tokens: 5 .. span + 4
+    tokens, valid = left_pad(prompts, 0)
+    B, T = tokens.shape
+    cache = KVCache(model.config, B, T + steps + 1, model.dtype)
+    cache.key_valid[:, :T] = valid
+    positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
+    out = []
+    with torch.inference_mode():
+        model(tokens, positions=positions, cache=cache)
+        decoder = fast_decoder(model, cache) if fast else None
+        assert (decoder is not None) == fast
+        pos = positions[:, -1:] + 1
+        for i in range(steps):
+            nxt = torch.tensor([[(37 * i + 11 * b) % span + 5] for b in range(B)])
+            if fast:
+                out.append(decoder.step(nxt, pos, cache))
+            else:
+                out.append(model(nxt, positions=pos, cache=cache)[:, -1].float())
+            pos = pos + 1
+    return out

@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import step_logits
 
 from gemmakit.api import build_model
 from gemmakit.config import get_config
-from gemmakit.generation import Session, generate, left_pad
+from gemmakit.generation import Session, generate
 from gemmakit.model import KVCache, fast_decode
 from gemmakit.model.fast_decode import fast_decoder, unsupported
 from gemmakit.model.transformer import init_weights
@@ -29,30 +30,6 @@ PROMPTS = [[2, 17, 301, 4000, 5, 9], [2, 44], [2, 7, 7, 8, 9, 10, 11, 12, 13, 14
 def model_for(preset: str, dtype: torch.dtype):
     model = init_weights(build_model(get_config(preset)), std=0.1, seed=3).to(dtype).eval()
     return model
-
-
-def step_logits(model, prompts, steps: int, fast: bool) -> list[torch.Tensor]:
-    """Logits [B, V] of `steps` decode steps after an eager prefill, feeding the same fixed
-    tokens to both paths so that their logits compare step by step."""
-    tokens, valid = left_pad(prompts, 0)
-    B, T = tokens.shape
-    cache = KVCache(model.config, B, T + steps + 1, model.dtype)
-    cache.key_valid[:, :T] = valid
-    positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
-    out = []
-    with torch.inference_mode():
-        model(tokens, positions=positions, cache=cache)
-        decoder = fast_decoder(model, cache) if fast else None
-        assert (decoder is not None) == fast
-        pos = positions[:, -1:] + 1
-        for i in range(steps):
-            nxt = torch.tensor([[(37 * i + 11 * b) % 4000 + 5] for b in range(B)])
-            if fast:
-                out.append(decoder.step(nxt, pos, cache))
-            else:
-                out.append(model(nxt, positions=pos, cache=cache)[:, -1].float())
-            pos = pos + 1
-    return out
 
 
 @pytest.mark.parametrize("preset", PRESETS)

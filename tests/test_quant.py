@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from gguf import GGMLQuantizationType, GGUFWriter, quants
+from helpers import step_logits
 
 from gemmakit.api import build_model, load_model
 from gemmakit.checkpoint.dequant import dequantize as gguf_dequantize
@@ -17,8 +18,16 @@ from gemmakit.cli import main
 from gemmakit.config import get_config
 from gemmakit.generation import generate
 from gemmakit.kernels import quant_gemv
+from gemmakit.quant import formats
 from gemmakit.quant.checkpoint import save_quantized
-from gemmakit.quant.formats import FORMATS, GGUF_FORMATS, dequantize, quantize_int4
+from gemmakit.quant.formats import (
+    FORMATS,
+    GGUF_FORMATS,
+    dequantize,
+    int4_tile,
+    quantize_int4,
+    to_tiles,
+)
 from gemmakit.quant.ggml import quantize_q4_k, quantize_q8_0
 from gemmakit.quant.model import (
     dequantize_model,
@@ -189,6 +198,60 @@ def test_quantized_checkpoint_saves_and_loads_back(tmp_path):
     assert (a - b).abs().max() <= 5e-4 * b.abs().max()  # the kernel rounds x to int16
 
 
+def test_int4_tile_sizes():
+    assert int4_tile(16384, 32) == 4096  # Gemma-2B's down projection: 4 tiles
+    assert int4_tile(24576, 128) == 4096  # 7B's: 6
+    assert int4_tile(6912, 32) == int4_tile(6912, 128) == 2304  # Gemma 3 1B's: 3
+    assert int4_tile(4096, 32) == int4_tile(2048, 32) == 0  # short rows stay in rows
+    assert int4_tile(4352, 32) == 0  # 17 x 256: no equal tiles of 1024..4096 columns
+
+
+def test_int4_held_in_tiles_is_the_same_weight(tmp_path, monkeypatch):
+    """With INT4_TILE at 256, the tiny model's 1024-wide down projections are held in 4 tiles
+    of 256 columns: the state_dict, the saved file, dequantize, the kernel's logits and the
+    fused decode step's logits are those of the same weights held in rows, and a
+    state_dict in rows loads into the tiled model."""
+    from safetensors.torch import load_file
+
+    config = get_config("tiny-gemma3").replace(
+        d_model=256, n_layers=2, vocab_size=512, ffn_dim=1024
+    )
+    rows = quantize_model(build_model(config, seed=0, init_std=0.08), "int4")
+    monkeypatch.setattr(formats, "INT4_TILE", 256)
+    tiled = quantize_model(build_model(config, seed=0, init_std=0.08), "int4")
+    down = tiled.blocks[0].mlp.down_proj.weight
+    assert down.tile == 256 and tuple(down.qdata.shape) == (4, 256, 128)
+    assert tuple(down.scale.shape) == (4, 256, 8) and rows.blocks[0].mlp.down_proj.weight.tile == 0
+    assert torch.equal(down.dequantize(), rows.blocks[0].mlp.down_proj.weight.dequantize())
+    assert torch.equal(down.dequantize(torch.tensor([7, 3])), down.dequantize()[[7, 3]])
+    a, b = tiled.state_dict(), rows.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    save_quantized(tiled, tmp_path / "t")
+    save_quantized(rows, tmp_path / "r")
+    ft, fr = (
+        load_file(tmp_path / "t" / "model.safetensors"),
+        load_file(tmp_path / "r" / "model.safetensors"),
+    )
+    assert ft.keys() == fr.keys() and all(torch.equal(ft[k], fr[k]) for k in ft)
+    kept = load_model(tmp_path / "r", quant="keep")  # rows on disk, tiles in memory
+    assert kept.blocks[1].mlp.down_proj.weight.tile == 256
+    tokens = torch.tensor(PROMPTS[1])[None]
+    with torch.no_grad():
+        lt, lr, lk = tiled(tokens), rows(tokens), kept(tokens)
+    # the tiles' sums add in another order, which can move a next layer's activation across
+    # an int16 rounding step (1/65534 of its block's max)
+    assert (lt - lr).abs().max() <= 1e-4 * lr.abs().max()
+    assert torch.equal(lk, lt)
+    # the fused decode step takes the tiles too: its logits against the eager path's in rows
+    for f, e in zip(
+        step_logits(tiled, PROMPTS, 4, fast=True), step_logits(rows, PROMPTS, 4, fast=False)
+    ):
+        assert (f - e).abs().max() <= 1e-3 * e.abs().max()  # test_fast_decode's QUANT_BOUND
+    other = quantize_model(build_model(config, seed=1, init_std=0.08), "int4")
+    other.load_state_dict(rows.state_dict())
+    assert torch.equal(other.blocks[0].mlp.down_proj.weight.qdata, down.qdata)
+
+
 def test_keep_on_a_q8_0_gguf_matches_its_float32_dequantization(tmp_path):
     from gemmakit.checkpoint.gguf_write import save_gguf
 
@@ -237,15 +300,18 @@ def test_unknown_quant_mode_is_a_usage_error():
 @needs_kernel
 def test_multi_gemv_equals_one_call_per_weight():
     """quant_gemv_multi (one rounding of x, one parallel region for several weights, as the
-    fused decode step's q/k/v) gives each weight's quant_gemv result, mixed formats too."""
+    fused decode step's q/k/v) gives each weight's quant_gemv result, mixed formats too, and
+    an int4 weight held in tiles gives what the same weight in rows does."""
     import ctypes
 
     lib = quant_gemv.library()
     gen = torch.Generator().manual_seed(5)
     k = 512
-    fmts = ["q5_0", "q8_0", "q4_k", "int4"]
-    ns = [37, 8, 300, 21]
-    parts = [random_weight(f, n, k, gen) for f, n in zip(fmts, ns)]
+    fmts = ["q5_0", "q8_0", "q4_k", "int4", "int4"]
+    ns = [37, 8, 300, 21, 19]
+    tiles = [0, 0, 0, 0, 256]
+    rows = [random_weight(f, n, k, gen) for f, n in zip(fmts, ns)]
+    parts = rows[:4] + [tuple(to_tiles(t, 2) for t in rows[4])]
     x = torch.randn(3, k, generator=gen)
     ys = [torch.full((3, n), float("nan")) for n in ns]
 
@@ -264,12 +330,17 @@ def test_multi_gemv_equals_one_call_per_weight():
         3,
         k,
         arr(ctypes.c_int64, [32] * len(fmts)),
+        arr(ctypes.c_int64, tiles),
         2,
     )
     assert rc == 0
-    for f, n, p, y in zip(fmts, ns, parts, ys):
+    for f, n, p, y, tile in zip(fmts, ns, rows, ys, tiles):
         one = quant_gemv.call(lib, FORMATS[f].code, x, *p, n, 32, 2)
-        assert torch.allclose(y, one, rtol=1e-6, atol=1e-6)
+        tol = 1e-5 if tile else 1e-6  # a tiled row's sums add up in another order
+        assert torch.allclose(y, one, rtol=tol, atol=tol)
+    assert torch.equal(
+        ys[4], quant_gemv.call(lib, FORMATS["int4"].code, x, *parts[4], 19, 32, 2, 256)
+    )
 
 
 def test_exact_top_makes_the_argmax_the_dequantized_weights():

@@ -22,19 +22,20 @@ typedef int (*gemv_fn)(const float *x, const void *W, float *y, int64_t M, int64
                        int n_threads);
 typedef int (*quant_fn)(int fmt, const float *x, const uint8_t *W, const void *scale,
                         const void *minimum, float *y, int64_t M, int64_t N, int64_t K,
-                        int64_t group, int n_threads);
+                        int64_t group, int64_t tile, int n_threads);
 
 typedef int (*multi_fn)(int count, const int *fmts, const float *x, const uint8_t *const *Ws,
                         const void *const *scales, const void *const *minimums, float *const *ys,
                         const int64_t *Ns, int64_t M, int64_t K, const int64_t *groups,
-                        int n_threads);
+                        const int64_t *tiles, int n_threads);
 
-/* One weight [N, K]: plain (float32 / bf16 through `plain`) or quantized (through `quant`). */
+/* One weight [N, K]: plain (float32 / bf16 through `plain`) or quantized (through `quant`;
+ * tile: an int4 weight held in tiles of that many columns, else 0). */
 typedef struct {
     const void *data, *scale, *minimum;
     gemv_fn plain;
     quant_fn quant;
-    int64_t fmt, group;
+    int64_t fmt, group, tile;
 } Weight;
 
 enum { MAX_ROWS = 16, GEMV_ROWS = 8 }; /* sequences per step; the GEMV kernels' largest M */
@@ -47,7 +48,7 @@ static int matvec(const Weight *w, const float *x, float *y, int64_t M, int64_t 
         const float *xm = x + m0 * K;
         float *ym = y + m0 * N;
         int rc = w->quant ? w->quant((int)w->fmt, xm, (const uint8_t *)w->data, w->scale,
-                                     w->minimum, ym, m, N, K, w->group, n_threads)
+                                     w->minimum, ym, m, N, K, w->group, w->tile, n_threads)
                           : w->plain(xm, w->data, ym, m, N, K, n_threads);
         if (rc != 0) return rc;
     }
@@ -84,17 +85,18 @@ static int matvecs(const Model *md, const Weight *w, int count, const float *x, 
         int fmts[8];
         const uint8_t *Ws[8];
         const void *scales[8], *minimums[8];
-        int64_t groups[8];
+        int64_t groups[8], tiles[8];
         for (int i = 0; i < count; i++) {
             fmts[i] = (int)w[i].fmt, Ws[i] = (const uint8_t *)w[i].data;
             scales[i] = w[i].scale, minimums[i] = w[i].minimum, groups[i] = w[i].group;
+            tiles[i] = w[i].tile;
         }
         for (int64_t m0 = 0; m0 < M; m0 += GEMV_ROWS) { /* the quant kernels take 8 rows */
             const int64_t m = M - m0 < GEMV_ROWS ? M - m0 : GEMV_ROWS;
             float *yc[8];
             for (int i = 0; i < count; i++) yc[i] = ys[i] + m0 * Ns[i];
             int rc = md->quant_multi(count, fmts, x + m0 * K, Ws, scales, minimums, yc, Ns, m, K,
-                                     groups, n_threads);
+                                     groups, tiles, n_threads);
             if (rc != 0) return rc;
         }
         return 0;

@@ -17,7 +17,7 @@ N_NORMS = 6  # attn, post_attn, mlp, post_mlp, q_norm, k_norm
 
 class Weight(ctypes.Structure):
     """decode_step.c's `Weight`: plain (`plain` GEMV) or quantized (`quant` GEMV, format code
-    `fmt`, int4 `group`)."""
+    `fmt`, int4 `group`, and `tile` for int4 held in tiles)."""
 
     _fields_ = [
         ("data", _P),
@@ -27,6 +27,7 @@ class Weight(ctypes.Structure):
         ("quant", _P),
         ("fmt", _I64),
         ("group", _I64),
+        ("tile", _I64),
     ]
 
 

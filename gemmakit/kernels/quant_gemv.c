@@ -243,13 +243,14 @@ static void pair_x(const int16_t *xq, int M, ptrdiff_t K, int16_t *xp) {
         }
 }
 
-/* One int4 row (w = d q + m per group of `group` weights: float16 d in sc, m in mn) against
- * M rows of x: xp in pair order, xd16 its block scales, xs16 the rounded blocks' sums.
- * Blocks eight at a time: their scales d * xd16 in one multiply, the minimum's terms
- * m * xs16 in one FMA into the row's second accumulator; then four pairs. */
+/* One int4 row of nb blocks (w = d q + m per group of `group` weights: float16 d in sc, m in
+ * mn) against M rows of x: xp in pair order (rows Kp apart), xd16 its block scales, xs16 the
+ * rounded blocks' sums (rows xb blocks apart). Blocks eight at a time: their scales d * xd16
+ * in one multiply, the minimum's terms m * xs16 in one FMA into the row's second accumulator;
+ * then four pairs. */
 INLINE void int4_row(const int M, const uint8_t *row, const uint8_t *sc, const uint8_t *mn,
                      ptrdiff_t group, const int16_t *xp, const float *xd16, const float *xs16,
-                     ptrdiff_t Kp, ptrdiff_t nb, Acc *a) {
+                     ptrdiff_t Kp, ptrdiff_t nb, ptrdiff_t xb, Acc *a) {
     const ptrdiff_t per = group / 32;
     ptrdiff_t b = 0;
     for (; b + 8 <= nb; b += 8) {
@@ -257,8 +258,8 @@ INLINE void int4_row(const int M, const uint8_t *row, const uint8_t *sc, const u
         __m256 s[8];
 #pragma GCC unroll 8
         for (int m = 0; m < M; m++) {
-            s[m] = _mm256_mul_ps(d, _mm256_loadu_ps(xd16 + m * nb + b));
-            a->acc[2 * m + 1] = _mm256_fmadd_ps(mv, _mm256_loadu_ps(xs16 + m * nb + b), a->acc[2 * m + 1]);
+            s[m] = _mm256_mul_ps(d, _mm256_loadu_ps(xd16 + m * xb + b));
+            a->acc[2 * m + 1] = _mm256_fmadd_ps(mv, _mm256_loadu_ps(xs16 + m * xb + b), a->acc[2 * m + 1]);
         }
         _mm_prefetch((const char *)(row + 16 * b) + PF_DIST, _MM_HINT_T0);
         _mm_prefetch((const char *)(row + 16 * b) + PF_DIST + 64, _MM_HINT_T0);
@@ -288,7 +289,7 @@ INLINE void int4_row(const int M, const uint8_t *row, const uint8_t *sc, const u
         const float m1 = two ? f16(mn + 2 * ((b + 1) / per)) : 0.0f;
 #pragma GCC unroll 8
         for (int m = 0; m < M; m++) {
-            const float *xd = xd16 + m * nb + b, *xs = xs16 + m * nb + b;
+            const float *xd = xd16 + m * xb + b, *xs = xs16 + m * xb + b;
             const __m256 s = _mm256_set_m128(_mm_set1_ps(two ? d1 * xd[1] : 0.0f), _mm_set1_ps(d0 * xd[0]));
             const __m256i p = pair_dot(w, xp + m * Kp + 32 * b);
             a->acc[2 * m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), s, a->acc[2 * m]);
@@ -314,7 +315,7 @@ INLINE void row_dot(const int fmt, const int M, const uint8_t *row, const uint8_
     for (int i = 0; i < 2 * M; i++) a.macc[i] = 0.0f;
     const ptrdiff_t nb = K / 32;
     if (fmt == INT4) {
-        int4_row(M, row, sc, mn, group, X->p, xd, xs, pair_len(K), nb, &a);
+        int4_row(M, row, sc, mn, group, X->p, xd, xs, pair_len(K), nb, nb, &a);
     } else if (fmt == Q8_0 || fmt == Q4_0 || fmt == Q5_0 || fmt == INT8) {
         ptrdiff_t j = 0; /* consecutive blocks alternate chains */
         for (; j + 1 < nb; j += 2) {
@@ -495,13 +496,57 @@ INLINE void sym_m1(const int fmt, const uint8_t *W, const float *rs, const Xq *X
     case 8: ROWS(FMT, 8) break;                                                              \
     }
 
+/* Rows [n0, n1) of an int4 weight stored in tiles of `tile` columns: W [K / tile][N][tile / 2]
+ * bytes, its scales and minimums float16 [K / tile][N][tile / group] (QuantWeight holds long
+ * rows so). Tile by tile, the slab's rows of a tile are one sequential read, and x's tile
+ * (8 KiB in pair order at 4096 columns) stays in L1 across them; a whole long row's x (32 KiB
+ * for the 16384 columns of Gemma-2B's down projection) does not, and was re-read from L2 for
+ * every row. Each row's sums over the tiles add up in y. */
+INLINE void int4_tiled(const int M, const uint8_t *W, const uint8_t *sc, const uint8_t *mn,
+                       ptrdiff_t group, const Xq *X, float *y, ptrdiff_t n0, ptrdiff_t n1,
+                       ptrdiff_t N, ptrdiff_t K, ptrdiff_t tile) {
+    const ptrdiff_t tb = tile / 2, tg = 2 * (tile / group), nbt = tile / 32, Kp = pair_len(K);
+    for (ptrdiff_t t = 0; t < K / tile; t++)
+        for (ptrdiff_t n = n0; n < n1; n++) {
+            const ptrdiff_t r = t * N + n;
+            Acc a;
+#pragma GCC unroll 16
+            for (int i = 0; i < 2 * M; i++) a.acc[i] = _mm256_setzero_ps(), a.macc[i] = 0.0f;
+            int4_row(M, W + r * tb, sc + r * tg, mn + r * tg, group, X->p + t * tile,
+                     X->d + t * nbt, X->s + t * nbt, Kp, nbt, K / 32, &a);
+#pragma GCC unroll 8
+            for (int m = 0; m < M; m++) {
+                const float v = hsum(_mm256_add_ps(a.acc[2 * m], a.acc[2 * m + 1])) -
+                                (a.macc[2 * m] + a.macc[2 * m + 1]);
+                y[m * N + n] = t ? y[m * N + n] + v : v;
+            }
+        }
+}
+
+#define INT4_TILED_BY_M                                                                      \
+    switch (M) {                                                                             \
+    case 1: int4_tiled(1, W, scale, minimum, group, X, y, n0, n1, N, K, tile); break;        \
+    case 2: int4_tiled(2, W, scale, minimum, group, X, y, n0, n1, N, K, tile); break;        \
+    case 3: int4_tiled(3, W, scale, minimum, group, X, y, n0, n1, N, K, tile); break;        \
+    case 4: int4_tiled(4, W, scale, minimum, group, X, y, n0, n1, N, K, tile); break;        \
+    case 5: int4_tiled(5, W, scale, minimum, group, X, y, n0, n1, N, K, tile); break;        \
+    case 6: int4_tiled(6, W, scale, minimum, group, X, y, n0, n1, N, K, tile); break;        \
+    case 7: int4_tiled(7, W, scale, minimum, group, X, y, n0, n1, N, K, tile); break;        \
+    case 8: int4_tiled(8, W, scale, minimum, group, X, y, n0, n1, N, K, tile); break;        \
+    }
+
 /* a symmetric 32-block format: one row of x four weight rows at a time (sym_m1), else BY_M */
 #define SYM_BY_M(FMT)                                                                        \
     if (M == 1) sym_m1((FMT), W, (const float *)scale, X, x, y, n0, n1, K, rb);               \
     else BY_M(FMT)
 
 static void slab(int fmt, const float *x, const Xq *X, const uint8_t *W, const void *scale,
-                 const void *minimum, float *y, ptrdiff_t n0, ptrdiff_t n1, int M, ptrdiff_t N, ptrdiff_t K, ptrdiff_t rb, ptrdiff_t group) {
+                 const void *minimum, float *y, ptrdiff_t n0, ptrdiff_t n1, int M, ptrdiff_t N,
+                 ptrdiff_t K, ptrdiff_t rb, ptrdiff_t group, ptrdiff_t tile) {
+    if (fmt == INT4 && tile) {
+        INT4_TILED_BY_M
+        return;
+    }
     ptrdiff_t groups = fmt == INT4 ? K / group : 0;
     if (fmt != INT4) scale = fmt == INT8 ? scale : NULL, minimum = NULL;
     if (fmt == INT8) groups = 0;
@@ -529,12 +574,12 @@ static ptrdiff_t slab_rows(ptrdiff_t N, ptrdiff_t rb, int n_threads) {
 /* quant_gemv for `count` (<= 8) weights that share x [M, K]: y_i = x @ W_i^T. x is rounded
  * once and every weight's slabs go to the threads in one parallel region (q/k/v, gate/up of a
  * decode step: one wake-up of the threads instead of three). fmts, Ws, scales, minimums, ys,
- * Ns, groups: one entry per weight, as quant_gemv's arguments. Returns 0, -1 for bad
- * arguments (nothing written), -2 out of memory. */
+ * Ns, groups, tiles: one entry per weight, as quant_gemv's arguments (tiles may be NULL: none
+ * tiled). Returns 0, -1 for bad arguments (nothing written), -2 out of memory. */
 int quant_gemv_multi(int count, const int *fmts, const float *x, const uint8_t *const *Ws,
                      const void *const *scales, const void *const *minimums, float *const *ys,
                      const int64_t *Ns, int64_t M, int64_t K, const int64_t *groups,
-                     int n_threads) {
+                     const int64_t *tiles, int n_threads) {
     if (count < 1 || count > 8 || M < 1 || M > 8 || K < 0 || n_threads < 1) return -1;
     ptrdiff_t rb[8], rows[8], first[9];
     first[0] = 0;
@@ -546,8 +591,11 @@ int quant_gemv_multi(int count, const int *fmts, const float *x, const uint8_t *
                             !minimums[i]))
             return -1;
         if (fmt == INT8 && !scales[i]) return -1;
+        if (tiles && tiles[i] && (fmt != INT4 || tiles[i] < 0 || tiles[i] % 256 ||
+                                  tiles[i] % groups[i] || K % tiles[i]))
+            return -1;
         rb[i] = K / BLOCK_WEIGHTS[fmt] * BLOCK_BYTES[fmt];
-        rows[i] = slab_rows(Ns[i], rb[i], n_threads);
+        rows[i] = slab_rows(Ns[i], tiles && tiles[i] ? tiles[i] / 2 : rb[i], n_threads);
         first[i + 1] = first[i] + (Ns[i] + rows[i] - 1) / rows[i]; /* slabs before weight i+1 */
     }
     const ptrdiff_t n_slabs = first[count];
@@ -577,7 +625,7 @@ int quant_gemv_multi(int count, const int *fmts, const float *x, const uint8_t *
         const ptrdiff_t n0 = (c - first[i]) * rows[i];
         const ptrdiff_t n1 = n0 + rows[i] < Ns[i] ? n0 + rows[i] : Ns[i];
         slab(fmts[i], x, &X, Ws[i], scales[i], minimums[i], ys[i], n0, n1, (int)M,
-             Ns[i], K, rb[i], groups[i]);
+             Ns[i], K, rb[i], groups[i], tiles && tiles[i] < K ? tiles[i] : 0);
     }
     free(xq), free(xd), free(xp);
     return 0;
@@ -585,13 +633,17 @@ int quant_gemv_multi(int count, const int *fmts, const float *x, const uint8_t *
 
 /* fmt: the format number; x [M, K] float32; W [N, row bytes] blocks; scale: int8's float32
  * [N] or int4's float16 [N, K / group]; minimum: int4's float16 [N, K / group]; y [M, N].
- * Returns 0, or -1 for bad arguments (nothing written). */
+ * tile: 0, or for int4 the columns per tile (a multiple of 256 and of group dividing K) of a
+ * weight stored tile by tile (int4_tiled). Returns 0, or -1 for bad arguments (nothing
+ * written). */
 int quant_gemv(int fmt, const float *x, const uint8_t *W, const void *scale, const void *minimum,
-               float *y, int64_t M, int64_t N, int64_t K, int64_t group, int n_threads) {
+               float *y, int64_t M, int64_t N, int64_t K, int64_t group, int64_t tile,
+               int n_threads) {
     const uint8_t *Ws[1] = {W};
     const void *scales[1] = {scale}, *minimums[1] = {minimum};
     float *ys[1] = {y};
-    return quant_gemv_multi(1, &fmt, x, Ws, scales, minimums, ys, &N, M, K, &group, n_threads);
+    return quant_gemv_multi(1, &fmt, x, Ws, scales, minimums, ys, &N, M, K, &group, &tile,
+                            n_threads);
 }
 
 /* The entries of each row m of y [M, N] that can be the row's maximum when entry n may be off

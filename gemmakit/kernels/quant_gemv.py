@@ -33,8 +33,11 @@ def call(
     n: int,
     group: int,
     n_threads: int,
+    tile: int = 0,
 ) -> torch.Tensor:
-    """x [M, K] float32 contiguous, qdata uint8 [N, row bytes] contiguous -> y [M, N] float32."""
+    """x [M, K] float32 contiguous, qdata uint8 [N, row bytes] contiguous -> y [M, N] float32.
+    tile: int4 held in tiles of that many columns (qdata [K / tile, N, tile / 2], scale and
+    minimum [K / tile, N, tile / group]: formats.to_tiles), 0 for the row layout."""
     m, k = x.shape
     y = torch.empty(m, n, dtype=torch.float32)
     rc = lib.quant_gemv(
@@ -48,6 +51,7 @@ def call(
         n,
         k,
         group,
+        tile,
         n_threads,
     )
     if rc != 0:
@@ -125,9 +129,9 @@ LIBRARY = CLibrary(
     "quantized GEMV",
     Path(__file__).with_name("quant_gemv.c"),
     {
-        "quant_gemv": [_INT, _P, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _INT],
+        "quant_gemv": [_INT, _P, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _I64, _INT],
         # several weights sharing x (the fused decode step's q/k/v and gate/up)
-        "quant_gemv_multi": [_INT, _P, _P, _P, _P, _P, _P, _P, _I64, _I64, _P, _INT],
+        "quant_gemv_multi": [_INT, _P, _P, _P, _P, _P, _P, _P, _I64, _I64, _P, _P, _INT],
         # the entries of logits that may be a row's maximum (QuantWeight.exact_top)
         "quant_candidates": [_P, _I64, _I64, _P, _P, _I64, _P, _P, _P, _P, _I64, _INT],
     },

@@ -88,6 +88,7 @@ class FastDecoder:
                     quant=quant_ptr,
                     fmt=FORMATS[w.fmt].code,
                     group=w.group,
+                    tile=w.tile,
                 )
             return kernel.Weight(data=ptr(w), plain=gemv_ptr)
 

@@ -8,6 +8,10 @@ file's blocks (llama.cpp's ggml-quants.c layouts), for gemmakit's own formats:
   its high one, as Q4_0 does), q in 0..15, and per group of 32 or 128 weights a float16 scale
   d and minimum m (asymmetric, "scale + min" as Q4_1/Q4_K): w = d * q + m.
 
+In memory, an int4 weight with long rows is held tile by tile (`int4_tile`, `to_tiles`): qdata
+[T, N, tile / 2], scale and minimum [T, N, tile / group], so that the kernel reads each tile's
+rows as one stream while x's tile stays in its L1. Files and `dequantize` use the row layout.
+
 `dequantize(fmt, qdata, scale, minimum, K)` is the torch reference every kernel is tested
 against; it runs on any device (the fallback for machines without the C kernels and for GPUs).
 """
@@ -53,6 +57,40 @@ def row_bytes(fmt: str, k: int) -> int:
             f"a row of {k} weights is not a multiple of the {fmt} block {f.block}"
         )
     return k // f.block * f.block_bytes
+
+
+INT4_TILE = 4096  # int4 rows longer than this are held in tiles of at most this many columns
+
+
+def int4_tile(k: int, group: int) -> int:
+    """Columns per tile for an int4 weight with rows of `k` (0: not tiled): rows longer than
+    INT4_TILE split into the fewest equal tiles of at most INT4_TILE columns, each a multiple
+    of 256 (the kernel's 8 blocks) and of the group, and at least a quarter of INT4_TILE
+    (Gemma-2B's 16384-wide down projection: 4 tiles of 4096, whose activations are 8 KiB in the
+    kernel where the row's are 32 KiB; 7B's 24576: 6 of 4096; Gemma 3 1B's 6912: 3 of 2304).
+    Rows with no such tiles stay in rows."""
+    if k <= INT4_TILE:
+        return 0
+    for t in range(-(-k // INT4_TILE), k // max(256, INT4_TILE // 4) + 1):
+        c = k // t
+        if k % t == 0 and c % 256 == 0 and c % group == 0:
+            return c
+    return 0
+
+
+def to_tiles(t: torch.Tensor, tiles: int) -> torch.Tensor:
+    """[N, C] in row layout -> [tiles, N, C / tiles] (a copy, contiguous)."""
+    n, c = t.shape
+    if c % tiles:
+        raise ValueError(f"{c} columns do not split into {tiles} tiles")
+    return t.reshape(n, tiles, c // tiles).transpose(0, 1).contiguous()
+
+
+def from_tiles(t: torch.Tensor, rows: slice | torch.Tensor | None = None) -> torch.Tensor:
+    """[T, N, c] -> rows `rows` (all when None) in row layout [len(rows), T * c] (a copy)."""
+    if rows is not None:
+        t = t[:, rows]
+    return t.transpose(0, 1).reshape(t.shape[1], -1)
 
 
 def _f16(b: torch.Tensor) -> torch.Tensor:

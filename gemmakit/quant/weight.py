@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gemmakit.kernels import quant_gemv
-from gemmakit.quant.formats import FORMATS, dequantize, row_bytes
+from gemmakit.quant.formats import FORMATS, dequantize, from_tiles, int4_tile, row_bytes, to_tiles
 from gemmakit.quant.selftest import activation_steps
 
 TILE_ELEMENTS = 1 << 22  # the fallback dequantizes at most this many weights (16 MB) at once
@@ -27,6 +27,10 @@ class QuantWeight(nn.Module):
     Buffers (so `.to(device)` and state_dict carry them): qdata uint8 [N, row bytes]; scale
     (int8: float32 [N]; int4: float16 [N, K / group]); minimum (int4: float16 [N, K / group]).
     `dtype` is the compute dtype: what the dequantized values and the outputs are cast to.
+
+    An int4 weight with long rows is held in `tile`-column tiles (formats.int4_tile): its
+    buffers are [K / tile, N, ...], and state_dict gives and takes the row layout above, so
+    files never see the tiles. `tile` is 0 otherwise.
     """
 
     def __init__(
@@ -46,11 +50,34 @@ class QuantWeight(nn.Module):
         if tuple(qdata.shape) != want or qdata.dtype != torch.uint8:
             raise ValueError(f"{fmt} blocks of a [{n}, {k}] weight are uint8 {list(want)}")
         self.fmt, self.shape, self.compute_dtype = fmt, (n, k), dtype
-        self.register_buffer("qdata", qdata.contiguous())
+        self._group = k // scale.shape[1] if fmt == "int4" else 32
+        self.tile = int4_tile(k, self._group) if fmt == "int4" else 0
+        parts = {"qdata": qdata, "scale": scale, "minimum": minimum}
+        for name in self._tiled_names():
+            parts[name] = to_tiles(parts[name], k // self.tile)
+        self.register_buffer("qdata", parts["qdata"].contiguous())
         if fmt in ("int8", "int4"):
-            self.register_buffer("scale", scale.contiguous())
+            self.register_buffer("scale", parts["scale"].contiguous())
         if fmt == "int4":
-            self.register_buffer("minimum", minimum.contiguous())
+            self.register_buffer("minimum", parts["minimum"].contiguous())
+
+    def _tiled_names(self) -> tuple[str, ...]:
+        return ("qdata", "scale", "minimum") if self.tile else ()
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        """The row layout, whatever the memory layout: what files and other models hold."""
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        for name in self._tiled_names():
+            destination[prefix + name] = from_tiles(self._buffers[name])
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """Takes the row layout (state_dict's), tiling it as the buffers are held."""
+        state_dict = dict(state_dict)
+        for name in self._tiled_names():
+            t = state_dict.get(prefix + name)
+            if t is not None and t.dim() == 2:
+                state_dict[prefix + name] = to_tiles(t, self.shape[1] // self.tile)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -75,7 +102,7 @@ class QuantWeight(nn.Module):
     @property
     def group(self) -> int:
         """Weights per int4 scale (32 or 128); 32 for the other formats (unused by them)."""
-        return self.shape[1] // self.scale.shape[1] if self.fmt == "int4" else 32
+        return self._group
 
     @property
     def nbytes(self) -> int:
@@ -89,6 +116,8 @@ class QuantWeight(nn.Module):
     def _parts(self, rows) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         scale = getattr(self, "scale", None)
         minimum = getattr(self, "minimum", None)
+        if self.tile:
+            return tuple(from_tiles(t, rows) for t in (self.qdata, scale, minimum))
         pick = (lambda t: None if t is None else t[rows]) if rows is not None else (lambda t: t)
         return pick(self.qdata), pick(scale), pick(minimum)
 
@@ -107,10 +136,13 @@ class QuantWeight(nn.Module):
             # a short prompt's prefill too: the kernel in pieces of 8 rows reads the blocks
             # once per piece, cheaper than dequantizing the whole weight up to about 64 rows
             xf = flat.to(torch.float32).contiguous()
-            lib, code, parts = quant_gemv.library(), FORMATS[self.fmt].code, self._parts(None)
+            lib, code = quant_gemv.library(), FORMATS[self.fmt].code
+            parts = (self.qdata, getattr(self, "scale", None), getattr(self, "minimum", None))
             threads = torch.get_num_threads()
             pieces = [
-                quant_gemv.call(lib, code, xf[i : i + step], *parts, n, self.group, threads)
+                quant_gemv.call(
+                    lib, code, xf[i : i + step], *parts, n, self.group, threads, self.tile
+                )
                 for i in range(0, len(xf), step)
             ]  # one piece when decoding: no copy through cat
             y = (pieces[0] if len(pieces) == 1 else torch.cat(pieces)).to(x.dtype)
