@@ -222,6 +222,22 @@ def test_failed_self_test_disables_that_library(monkeypatch, tmp_path, caplog):
 
 
 @needs_kernel
+def test_a_header_change_rebuilds(monkeypatch, tmp_path):
+    """A header beside the source (vmath.h) is part of the cache key: editing it builds anew
+    instead of loading the library built from the old header."""
+    import ctypes
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    (tmp_path / "k.h").write_text("#define K 1\n")
+    source = tmp_path / "k.c"
+    source.write_text('#include "k.h"\nint k(void) { return K; }\n')
+    first = build.build(source, "k")
+    (tmp_path / "k.h").write_text("#define K 2\n")
+    second = build.build(source, "k")
+    assert second != first and ctypes.CDLL(str(second)).k() == 2
+
+
+@needs_kernel
 def test_build_caches_by_content(monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     source = gemv.LIBRARY.source

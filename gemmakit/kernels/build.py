@@ -1,7 +1,8 @@
 """Build, verify and load one C kernel source as its own shared library, via ctypes.
 
 Each source (bf16_gemv.c, train_ops.c) is a separate `CLibrary`: compiled once per source +
-compiler + flags into ~/.cache/gemmakit/kernels/gemmakit-<name>-<hash>.so, with its size and
+compiler + flags (and the headers beside it: vmath.h) into
+~/.cache/gemmakit/kernels/gemmakit-<name>-<hash>.so, with its size and
 SHA-256 recorded beside it (`.so.json`). A cached library is loaded only when its bytes match
 that record; a truncated or overwritten file (which dlopen would turn into a SIGBUS) is rebuilt
 instead. Both files are written under a temporary name, fsynced, then renamed, so concurrent
@@ -135,7 +136,8 @@ def build(source: Path, name: str, compiler: str | None = None, isa: Isa = AVX2)
         raise RuntimeError(f"the C compiler {cc!r} does not run ({e})") from None
     key = hashlib.sha256()
     flags = [*FLAGS, *isa.cc_flags]
-    for part in (source.read_bytes(), cc, version.stdout, " ".join(flags)):
+    headers = [h.read_bytes() for h in sorted(source.parent.glob("*.h"))]  # vmath.h
+    for part in (source.read_bytes(), *headers, cc, version.stdout, " ".join(flags)):
         key.update(part if isinstance(part, bytes) else part.encode())
     out = cache_dir() / f"gemmakit-{name}-{isa.name}-{key.hexdigest()[:16]}.so"
     if verified(out):

@@ -18,6 +18,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "vmath.h"
+
 typedef int (*gemv_fn)(const float *x, const void *W, float *y, int64_t M, int64_t N, int64_t K,
                        int n_threads);
 typedef int (*quant_fn)(int fmt, const float *x, const uint8_t *W, const void *scale,
@@ -140,9 +142,27 @@ static void rope(float *x, const float *c, const float *s, int64_t H) {
     }
 }
 
-static float gelu_tanh(float x) {
-    const float k = 0.7978845608028654f; /* sqrt(2 / pi) */
-    return 0.5f * x * (1.0f + tanhf(k * (x + 0.044715f * x * x * x)));
+/* gate[i] = gelu(gate[i]) * up[i] for i < n (vmath.h's gelu8, the tail one by one) */
+static void gelu_mul(float *gate, const float *up, int64_t n, int n_threads) {
+    const int64_t n8 = n / 8 * 8;
+#pragma omp parallel for schedule(static) num_threads(n_threads) if (n >= 16384)
+    for (int64_t i = 0; i < n8; i += 8) {
+        __m256 t;
+        const __m256 g = gelu8(_mm256_loadu_ps(gate + i), &t);
+        _mm256_storeu_ps(gate + i, _mm256_mul_ps(g, _mm256_loadu_ps(up + i)));
+    }
+    for (int64_t i = n8; i < n; i++) {
+        float t;
+        gate[i] = gelu1(gate[i], &t) * up[i];
+    }
+}
+
+/* x[i] = tanh(x[i] / c) * c for i < n (vmath.h's softcap8, the tail one by one) */
+static void softcap(float *x, int64_t n, float c, int n_threads) {
+    const int64_t n8 = n / 8 * 8;
+#pragma omp parallel for schedule(static) num_threads(n_threads) if (n >= 16384)
+    for (int64_t i = 0; i < n8; i += 8) _mm256_storeu_ps(x + i, softcap8(_mm256_loadu_ps(x + i), c));
+    for (int64_t i = n8; i < n; i++) x[i] = tanhf(x[i] / c) * c;
 }
 
 /* 8 cache values from element i (bf16 bits or float32), widened to float32. */
@@ -322,8 +342,7 @@ int decode_step(const Model *md, const float *x_in, const int64_t *positions, in
             if (matvecs(md, md->weights + l * N_WEIGHTS + W_GATE, 2, xn, ys, ns, M, D, n_threads))
                 return -4;
         }
-#pragma omp parallel for schedule(static) num_threads(n_threads) if (M * F >= 16384)
-        for (int64_t i = 0; i < M * F; i++) gate[i] = gelu_tanh(gate[i]) * up[i];
+        gelu_mul(gate, up, M * F, n_threads);
         GEMV(W_DOWN, gate, h, D, F);
         for (int64_t m = 0; m < M; m++) {
             if (nw[N_POST_MLP]) rms_norm(h + m * D, nw[N_POST_MLP], h + m * D, D, md->norm_eps);
@@ -333,10 +352,6 @@ int decode_step(const Model *md, const float *x_in, const int64_t *positions, in
 #undef GEMV
     for (int64_t m = 0; m < M; m++) rms_norm(x + m * D, md->final_norm, xn + m * D, D, md->norm_eps);
     if (matvec(md->embed, xn, logits, M, md->vocab, D, n_threads) != 0) return -4;
-    if (md->final_softcap > 0.0f) {
-        const float c = md->final_softcap;
-#pragma omp parallel for schedule(static) num_threads(n_threads)
-        for (int64_t i = 0; i < M * md->vocab; i++) logits[i] = tanhf(logits[i] / c) * c;
-    }
+    if (md->final_softcap > 0.0f) softcap(logits, M * md->vocab, md->final_softcap, n_threads);
     return 0;
 }
