@@ -6,9 +6,9 @@ memory-bandwidth floor, in one run.
     python benchmarks/quant_decode.py --layers 2    # quicker, same per-layer shapes
 
 Every model is held in memory (about 10 GB for the four) and each round measures all of them in
-turn, with the read rate measured again each round and bf16 measured again at the round's end;
-the table shows medians of each round's figures (the machine's read rate drifts between rounds,
-so ratios are taken within a round).
+turn, the read rate measured just before and after each run and bf16 again at the round's end;
+the table shows medians of each run's figures (the machine's read rate drifts within minutes,
+so each run is set against the rates around it, and ratios are taken within a round).
 
 Floor: a decode step reads every weight once (the tied 256k x 2048 embedding as the output
 head included), so tokens/s cannot beat read rate / weight bytes. The read rate is torch's
@@ -94,38 +94,45 @@ def main() -> None:
         models[mode] = base if mode == "bf16" else quantize_model(copy.deepcopy(base), mode)
         gc.collect()
     del base
-    # each round: the read rate, then every mode in turn, bf16 again at the end (when it is
-    # measured): a mode's ratio to bf16 is against the mean of the two bf16 runs around it, and
-    # its % of floor against the round's own read rate, so that drift between rounds cancels
-    rates, tps, ratios = [], {mode: [] for mode in modes}, {mode: [] for mode in modes}
+    # each round: every mode in turn, bf16 again at the end (when it is measured), and the
+    # read rate measured just before and after each run: a mode's % of floor is against the
+    # mean of the two rates around its own run, its ratio to bf16 against the mean of the two
+    # bf16 runs around it, so that the drift of the machine's read rate (31-59 GB/s within
+    # minutes here) cancels as far as it can
+    tps = {mode: [] for mode in modes}
+    floors = {mode: [] for mode in modes}  # tok/s over that run's floor
+    ratios = {mode: [] for mode in modes}
+    rates = []
     for _ in range(args.rounds):
-        rates.append(read_rate())
         for mode in modes:
+            before = read_rate()
             tps[mode].append(gemmakit_decode(models[mode], prompt, args.new_tokens))
+            after = read_rate()
+            rates += [before, after]
+            floors[mode].append(tps[mode][-1] * weight_bytes(models[mode]) * 2 / (before + after))
         if "bf16" in modes:
             ref = (tps["bf16"][-1] + gemmakit_decode(models["bf16"], prompt, args.new_tokens)) / 2
             for mode in modes:
                 ratios[mode].append(tps[mode][-1] / ref)
-    rate = statistics.median(rates)
     print(
         f"\n{cfg.name} ({cfg.n_layers} layers), batch 1, {torch.get_num_threads()} threads, "
-        f"{args.rounds} rounds (medians), streaming read (torch sum, 2 GiB float32): "
-        f"{rate / 1e9:.1f} GB/s (rounds: {', '.join(f'{r / 1e9:.1f}' for r in rates)})"
+        f"{args.rounds} rounds (medians), streaming read (torch sum, 2 GiB float32, before and "
+        f"after each run): median {statistics.median(rates) / 1e9:.1f} GB/s, "
+        f"{min(rates) / 1e9:.1f}-{max(rates) / 1e9:.1f}"
     )
     print(
         f"{'weights':10}{'GB/token':>10}{'tok/s':>8}{'% floor':>9}{'vs bf16':>9}"
-        "  rounds: tok/s (% of that round's floor, x bf16 of that round)"
+        "  rounds: tok/s (% of that run's floor, x bf16 of that round)"
     )
     for mode in modes:
         nbytes = weight_bytes(models[mode])
-        floors = [t / (r / nbytes) for t, r in zip(tps[mode], rates)]
         vs = f"{statistics.median(ratios[mode]):8.2f}x" if ratios[mode] else "       -"
         each = ", ".join(
             f"{t:.2f} ({f:.0%}" + (f", {q:.2f}x)" if ratios[mode] else ")")
-            for t, f, q in zip(tps[mode], floors, ratios[mode] or [None] * len(floors))
+            for t, f, q in zip(tps[mode], floors[mode], ratios[mode] or [None] * len(tps[mode]))
         )
         cols = f"{nbytes / 1e9:10.2f}{statistics.median(tps[mode]):8.2f}"
-        print(f"{mode:10}{cols}{statistics.median(floors):9.0%} {vs}  {each}")
+        print(f"{mode:10}{cols}{statistics.median(floors[mode]):9.0%} {vs}  {each}")
 
 
 if __name__ == "__main__":
