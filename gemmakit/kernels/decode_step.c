@@ -42,21 +42,6 @@ typedef struct {
 
 enum { MAX_ROWS = 16, GEMV_ROWS = 8 }; /* sequences per step; the GEMV kernels' largest M */
 
-/* y [M, N] = x [M, K] @ W^T, M <= MAX_ROWS: in calls of at most GEMV_ROWS rows of x each. */
-static int matvec(const Weight *w, const float *x, float *y, int64_t M, int64_t N, int64_t K,
-                  int n_threads) {
-    for (int64_t m0 = 0; m0 < M; m0 += GEMV_ROWS) {
-        const int64_t m = M - m0 < GEMV_ROWS ? M - m0 : GEMV_ROWS;
-        const float *xm = x + m0 * K;
-        float *ym = y + m0 * N;
-        int rc = w->quant ? w->quant((int)w->fmt, xm, (const uint8_t *)w->data, w->scale,
-                                     w->minimum, ym, m, N, K, w->group, w->tile, n_threads)
-                          : w->plain(xm, w->data, ym, m, N, K, n_threads);
-        if (rc != 0) return rc;
-    }
-    return 0;
-}
-
 enum { W_Q, W_K, W_V, W_O, W_GATE, W_UP, W_DOWN, N_WEIGHTS };
 enum { N_ATTN, N_POST_ATTN, N_MLP, N_POST_MLP, N_QNORM, N_KNORM, N_NORMS };
 
@@ -76,38 +61,48 @@ typedef struct {
     multi_fn quant_multi; /* quant_gemv_multi, or NULL: quantized weights one call each */
 } Model;
 
-/* y_i [M, N_i] = x [M, K] @ W_i^T for `count` weights sharing x (q/k/v, gate/up): one
- * quant_gemv_multi call (x rounded once, one parallel region) when every weight is quantized,
- * else one GEMV each. */
+/* y_i [M, N_i] = x [M, K] @ W_i^T for `count` (<= 8) weights sharing x (q/k/v, gate/up; one
+ * for the others), M <= MAX_ROWS, in pieces of at most GEMV_ROWS rows of x (the GEMV kernels'
+ * largest M): one quant_gemv_multi call per piece (x rounded once, one parallel region) when
+ * every weight is quantized, else one GEMV per weight. */
 static int matvecs(const Model *md, const Weight *w, int count, const float *x, float *const *ys,
                    const int64_t *Ns, int64_t M, int64_t K, int n_threads) {
     int all_quant = md->quant_multi != NULL;
-    for (int i = 0; i < count; i++) all_quant = all_quant && w[i].quant != NULL;
-    if (all_quant) {
-        int fmts[8];
-        const uint8_t *Ws[8];
-        const void *scales[8], *minimums[8];
-        int64_t groups[8], tiles[8];
-        for (int i = 0; i < count; i++) {
-            fmts[i] = (int)w[i].fmt, Ws[i] = (const uint8_t *)w[i].data;
-            scales[i] = w[i].scale, minimums[i] = w[i].minimum, groups[i] = w[i].group;
-            tiles[i] = w[i].tile;
+    int fmts[8];
+    const uint8_t *Ws[8];
+    const void *scales[8], *minimums[8];
+    int64_t groups[8], tiles[8];
+    for (int i = 0; i < count; i++) {
+        all_quant = all_quant && w[i].quant != NULL;
+        fmts[i] = (int)w[i].fmt, Ws[i] = (const uint8_t *)w[i].data;
+        scales[i] = w[i].scale, minimums[i] = w[i].minimum, groups[i] = w[i].group;
+        tiles[i] = w[i].tile;
+    }
+    for (int64_t m0 = 0; m0 < M; m0 += GEMV_ROWS) {
+        const int64_t m = M - m0 < GEMV_ROWS ? M - m0 : GEMV_ROWS;
+        const float *xm = x + m0 * K;
+        float *yc[8];
+        for (int i = 0; i < count; i++) yc[i] = ys[i] + m0 * Ns[i];
+        if (all_quant) {
+            int rc = md->quant_multi(count, fmts, xm, Ws, scales, minimums, yc, Ns, m, K, groups,
+                                     tiles, n_threads);
+            if (rc != 0) return rc;
+            continue;
         }
-        for (int64_t m0 = 0; m0 < M; m0 += GEMV_ROWS) { /* the quant kernels take 8 rows */
-            const int64_t m = M - m0 < GEMV_ROWS ? M - m0 : GEMV_ROWS;
-            float *yc[8];
-            for (int i = 0; i < count; i++) yc[i] = ys[i] + m0 * Ns[i];
-            int rc = md->quant_multi(count, fmts, x + m0 * K, Ws, scales, minimums, yc, Ns, m, K,
-                                     groups, tiles, n_threads);
+        for (int i = 0; i < count; i++) {
+            int rc = w[i].quant ? w[i].quant(fmts[i], xm, Ws[i], scales[i], minimums[i], yc[i], m,
+                                             Ns[i], K, groups[i], tiles[i], n_threads)
+                                : w[i].plain(xm, w[i].data, yc[i], m, Ns[i], K, n_threads);
             if (rc != 0) return rc;
         }
-        return 0;
-    }
-    for (int i = 0; i < count; i++) {
-        int rc = matvec(&w[i], x, ys[i], M, Ns[i], K, n_threads);
-        if (rc != 0) return rc;
     }
     return 0;
+}
+
+/* y [M, N] = x [M, K] @ W^T: matvecs of one weight */
+static int matvec(const Model *md, const Weight *w, const float *x, float *y, int64_t M,
+                  int64_t N, int64_t K, int n_threads) {
+    return matvecs(md, w, 1, x, &y, &N, M, K, n_threads);
 }
 
 static float bf16_to_float(uint16_t v) {
@@ -280,7 +275,7 @@ int decode_step(const Model *md, const float *x_in, const int64_t *positions, in
     memcpy(x, x_in, (size_t)(M * D) * sizeof(float));
 #define GEMV(j, in, out, rows, cols)                                                             \
     do {                                                                                     \
-        if (matvec(md->weights + l * N_WEIGHTS + (j), in, out, M, rows, cols, n_threads) != 0) \
+        if (matvec(md, md->weights + l * N_WEIGHTS + (j), in, out, M, rows, cols, n_threads) != 0) \
             return -4;                                                                       \
     } while (0)
 
@@ -351,7 +346,7 @@ int decode_step(const Model *md, const float *x_in, const int64_t *positions, in
     }
 #undef GEMV
     for (int64_t m = 0; m < M; m++) rms_norm(x + m * D, md->final_norm, xn + m * D, D, md->norm_eps);
-    if (matvec(md->embed, xn, logits, M, md->vocab, D, n_threads) != 0) return -4;
+    if (matvec(md, md->embed, xn, logits, M, md->vocab, D, n_threads) != 0) return -4;
     if (md->final_softcap > 0.0f) softcap(logits, M * md->vocab, md->final_softcap, n_threads);
     return 0;
 }
