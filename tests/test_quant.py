@@ -24,9 +24,11 @@ from gemmakit.quant.formats import (
     FORMATS,
     GGUF_FORMATS,
     dequantize,
+    int4_memory,
     int4_tile,
+    pack_int4,
     quantize_int4,
-    to_tiles,
+    unpack_int4,
 )
 from gemmakit.quant.ggml import quantize_q4_k, quantize_q8_0
 from gemmakit.quant.model import (
@@ -188,14 +190,49 @@ def test_quantized_checkpoint_saves_and_loads_back(tmp_path):
     for name, m in model.named_modules():
         if isinstance(m, QuantWeight):
             other = kept.get_submodule(name)
-            assert other.fmt == m.fmt and torch.equal(other.qdata, m.qdata)
-            assert torch.equal(other.scale, m.scale) and torch.equal(other.minimum, m.minimum)
+            assert other.fmt == m.fmt and torch.equal(other.qdata, m.qdata)  # packed int4
+            a, b = other.state_dict(), m.state_dict()  # qdata, scale, minimum in rows
+            assert a.keys() == b.keys() == {"qdata", "scale", "minimum"}
+            assert all(torch.equal(a[k], b[k]) for k in a)
     plain = load_model(tmp_path / "q")  # quant=None: dequantized floats, no QuantWeight
     assert not any(isinstance(m, QuantWeight) for m in plain.modules())
     tokens = torch.tensor(PROMPTS[:1])
     with torch.no_grad():
         a, b = kept(tokens), plain(tokens)
     assert (a - b).abs().max() <= 5e-4 * b.abs().max()  # the kernel rounds x to int16
+
+
+def test_int4_packing_round_trips():
+    """QuantWeight's int4 memory (packed rows, tiles) gives back the row layout exactly, for
+    whole and short last chunks and every group that divides a chunk; a chunk is its 128
+    bytes of nibbles, then its scales, then its minimums."""
+    from gemmakit.errors import CheckpointError
+    from gemmakit.quant.formats import int4_rows
+
+    gen = torch.Generator().manual_seed(3)
+    for k, group, tile in [
+        (2208, 32, 0),
+        (1152, 128, 0),
+        (1536, 64, 0),
+        (2048, 256, 0),
+        (1536, 32, 512),
+        (1024, 128, 256),
+    ]:
+        parts = random_weight("int4", 5, k, gen, group)
+        packed = pack_int4(*parts)
+        assert tuple(packed.shape) == (5, k // 2 + 4 * k // group)
+        assert all(torch.equal(a, b) for a, b in zip(unpack_int4(packed, k, group), parts))
+        spc = 8 * 32 // group  # scales per whole chunk
+        assert torch.equal(packed[:, :128], parts[0][:, :128])
+        assert torch.equal(packed[:, 128 : 128 + 2 * spc].view(torch.float16), parts[1][:, :spc])
+        memory = int4_memory(*parts, tile)
+        assert tuple(memory.shape[:2]) == ((k // tile if tile else 1), 5)
+        assert all(torch.equal(a, b) for a, b in zip(int4_rows(memory, k, group), parts))
+        picked = int4_rows(memory, k, group, torch.tensor([4, 1]))
+        assert all(torch.equal(a, b[[4, 1]]) for a, b in zip(picked, parts))
+    q, d, m = random_weight("int4", 2, 96 * 4, gen, 96)  # groups of 96 do not divide a chunk
+    with pytest.raises(CheckpointError, match="groups of 96"):
+        QuantWeight("int4", (2, 384), q, d, m)
 
 
 def test_int4_tile_sizes():
@@ -220,8 +257,9 @@ def test_int4_held_in_tiles_is_the_same_weight(tmp_path, monkeypatch):
     monkeypatch.setattr(formats, "INT4_TILE", 256)
     tiled = quantize_model(build_model(config, seed=0, init_std=0.08), "int4")
     down = tiled.blocks[0].mlp.down_proj.weight
-    assert down.tile == 256 and tuple(down.qdata.shape) == (4, 256, 128)
-    assert tuple(down.scale.shape) == (4, 256, 8) and rows.blocks[0].mlp.down_proj.weight.tile == 0
+    # 4 tiles of 256 rows of one 8-block chunk: 128 bytes of nibbles, 8 scales, 8 minimums
+    assert down.tile == 256 and tuple(down.qdata.shape) == (4, 256, 160)
+    assert rows.blocks[0].mlp.down_proj.weight.tile == 0
     assert torch.equal(down.dequantize(), rows.blocks[0].mlp.down_proj.weight.dequantize())
     assert torch.equal(down.dequantize(torch.tensor([7, 3])), down.dequantize()[[7, 3]])
     a, b = tiled.state_dict(), rows.state_dict()
@@ -311,7 +349,10 @@ def test_multi_gemv_equals_one_call_per_weight():
     ns = [37, 8, 300, 21, 19]
     tiles = [0, 0, 0, 0, 256]
     rows = [random_weight(f, n, k, gen) for f, n in zip(fmts, ns)]
-    parts = rows[:4] + [tuple(to_tiles(t, 2) for t in rows[4])]
+    # as QuantWeight holds them: int4 packed, the second in 2 tiles
+    parts = [
+        (int4_memory(*p, t), None, None) if f == "int4" else p for f, p, t in zip(fmts, rows, tiles)
+    ]
     x = torch.randn(3, k, generator=gen)
     ys = [torch.full((3, n), float("nan")) for n in ns]
 
@@ -334,13 +375,13 @@ def test_multi_gemv_equals_one_call_per_weight():
         2,
     )
     assert rc == 0
-    for f, n, p, y, tile in zip(fmts, ns, rows, ys, tiles):
-        one = quant_gemv.call(lib, FORMATS[f].code, x, *p, n, 32, 2)
-        tol = 1e-5 if tile else 1e-6  # a tiled row's sums add up in another order
-        assert torch.allclose(y, one, rtol=tol, atol=tol)
-    assert torch.equal(
-        ys[4], quant_gemv.call(lib, FORMATS["int4"].code, x, *parts[4], 19, 32, 2, 256)
+    for f, n, p, y, tile in zip(fmts, ns, parts, ys, tiles):
+        assert torch.equal(y, quant_gemv.call(lib, FORMATS[f].code, x, *p, n, 32, 2, tile))
+    # the tiles add up each row's sums in another order than the same weight in rows
+    rows4 = quant_gemv.call(
+        lib, FORMATS["int4"].code, x, int4_memory(*rows[4]), None, None, 19, 32, 2
     )
+    assert torch.allclose(ys[4], rows4, rtol=1e-5, atol=1e-5)
 
 
 def test_exact_top_makes_the_argmax_the_dequantized_weights():

@@ -2,7 +2,10 @@
  *
  * W is kept as its blocks (gemmakit/quant/formats.py): the GGUF formats Q8_0, Q4_0, Q5_0,
  * Q4_K, Q6_K as llama.cpp stores them, gemmakit's int8 (a float32 scale per row) and int4
- * (blocks of 32 nibbles, a float16 scale and minimum per group of 32 or 128). x is rounded
+ * (blocks of 32 nibbles, a float16 scale and minimum per group of 32, 64, 128 or 256), which is
+ * held packed: each row in chunks of 8 blocks, the chunk's 128 bytes of nibbles followed by its
+ * groups' scales and then their minimums (quant/formats.py's pack_int4), so that a row is one
+ * stream of memory, not three. x is rounded
  * once per call to int16 per block of 32 (scale max|x| / 32767, plus the rounded block's sum
  * for the formats with a minimum: see Xq), where llama.cpp rounds it to int8: 258 times
  * finer steps at about the same instruction count (madd of int16 pairs where llama.cpp does
@@ -170,25 +173,6 @@ INLINE void sym_block(const int fmt, const int M, const uint8_t *row, ptrdiff_t 
     }
 }
 
-/* The float16 values of blocks b .. b + 7 of a row that has one value per group of `per`
- * blocks (b a multiple of 8), as floats: straight from the row for groups of 32, repeated in
- * registers for 64 and 128, broadcast from one value for groups of 256 or more (no stores and
- * reloads: a vector load over several smaller stores stalls on store forwarding) */
-INLINE __m256 block_values(const uint8_t *v, ptrdiff_t b, ptrdiff_t per) {
-    if (per == 1) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(v + 2 * b)));
-    if (per % 8 == 0) return _mm256_set1_ps(f16(v + 2 * (b / per)));
-    if (per == 2 || per == 4) {
-        const __m256 f = _mm256_castps128_ps256(
-            _mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)(v + 2 * (b / per)))));
-        const __m256i idx = per == 2 ? _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3)
-                                     : _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
-        return _mm256_permutevar8x32_ps(f, idx);
-    }
-    float t[8];
-    for (int i = 0; i < 8; i++) t[i] = f16(v + 2 * ((b + i) / per));
-    return _mm256_loadu_ps(t);
-}
-
 /* gemmakit's int4 is read two blocks (32 bytes) at a time as 16 int16 lanes: lane l holds
  * bytes 2i and 2i + 1 of its block (lanes 0-7 block j, 8-15 block j + 1; i = l mod 8), so its
  * four nibbles, each one AND or shift away, are the block's weights 2i, 2i + 16, 2i + 1 and
@@ -243,30 +227,52 @@ static void pair_x(const int16_t *xq, int M, ptrdiff_t K, int16_t *xp) {
         }
 }
 
-/* One int4 row of nb blocks (w = d q + m per group of `group` weights: float16 d in sc, m in
- * mn) against M rows of x: xp in pair order (rows Kp apart), xd16 its block scales, xs16 the
- * rounded blocks' sums (rows xb blocks apart). Blocks eight at a time: their scales d * xd16
- * in one multiply, the minimum's terms m * xs16 in one FMA into the row's second accumulator;
- * then four pairs. */
-INLINE void int4_row(const int M, const uint8_t *row, const uint8_t *sc, const uint8_t *mn,
-                     ptrdiff_t group, const int16_t *xp, const float *xd16, const float *xs16,
-                     ptrdiff_t Kp, ptrdiff_t nb, ptrdiff_t xb, Acc *a) {
-    const ptrdiff_t per = group / 32;
+/* The 8 blocks' values of a chunk holding one float16 value per group of `per` blocks (per
+ * divides 8), as floats; reads only the 16 / per bytes there are. */
+INLINE __m256 chunk_values(const uint8_t *v, ptrdiff_t per) {
+    if (per == 1) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)v));
+    if (per == 8) return _mm256_set1_ps(f16(v));
+    int64_t bits = 0; /* per 2: four values, per 4: two (sizes fixed, so no memcpy call) */
+    if (per == 2)
+        memcpy(&bits, v, 8);
+    else
+        memcpy(&bits, v, 4);
+    const __m256 f = _mm256_castps128_ps256(_mm_cvtph_ps(_mm_cvtsi64_si128(bits)));
+    const __m256i idx = per == 2 ? _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3)
+                                 : _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
+    return _mm256_permutevar8x32_ps(f, idx);
+}
+
+/* Bytes of a packed int4 row of nb blocks with groups of `per` blocks: 16 per block, and a
+ * float16 scale and minimum per group. */
+INLINE ptrdiff_t int4_row_bytes(ptrdiff_t nb, ptrdiff_t per) { return 16 * nb + 4 * (nb / per); }
+
+/* One packed int4 row of nb blocks (w = d q + m per group of `group` weights) against M rows
+ * of x: xp in pair order (rows Kp apart), xd16 its block scales, xs16 the rounded blocks' sums
+ * (rows xb blocks apart). A chunk of 8 blocks at a time: its scales d * xd16 in one multiply,
+ * the minimum's terms m * xs16 in one FMA into the row's second accumulator; then four pairs.
+ * The last chunk of nb mod 8 blocks: a pair at a time, scales one by one. */
+INLINE void int4_row(const int M, const uint8_t *row, ptrdiff_t group, const int16_t *xp,
+                     const float *xd16, const float *xs16, ptrdiff_t Kp, ptrdiff_t nb,
+                     ptrdiff_t xb, Acc *a) {
+    const ptrdiff_t per = group / 32, cb = int4_row_bytes(8, per); /* bytes per whole chunk */
     ptrdiff_t b = 0;
     for (; b + 8 <= nb; b += 8) {
-        const __m256 d = block_values(sc, b, per), mv = block_values(mn, b, per);
+        const uint8_t *ch = row + cb * (b / 8);
+        const __m256 d = chunk_values(ch + 128, per), mv = chunk_values(ch + 128 + 16 / per, per);
         __m256 s[8];
 #pragma GCC unroll 8
         for (int m = 0; m < M; m++) {
             s[m] = _mm256_mul_ps(d, _mm256_loadu_ps(xd16 + m * xb + b));
             a->acc[2 * m + 1] = _mm256_fmadd_ps(mv, _mm256_loadu_ps(xs16 + m * xb + b), a->acc[2 * m + 1]);
         }
-        _mm_prefetch((const char *)(row + 16 * b) + PF_DIST, _MM_HINT_T0);
-        _mm_prefetch((const char *)(row + 16 * b) + PF_DIST + 64, _MM_HINT_T0);
+        _mm_prefetch((const char *)ch + PF_DIST, _MM_HINT_T0);
+        _mm_prefetch((const char *)ch + PF_DIST + 64, _MM_HINT_T0);
+        _mm_prefetch((const char *)ch + PF_DIST + 128, _MM_HINT_T0);
 #pragma GCC unroll 4
         for (int k = 0; k < 4; k++) {
             __m256i w[4];
-            pair_nibbles(_mm256_loadu_si256((const __m256i *)(row + 16 * (b + 2 * k))), w);
+            pair_nibbles(_mm256_loadu_si256((const __m256i *)(ch + 32 * k)), w);
             const __m256i idx = _mm256_setr_epi32(2 * k, 2 * k, 2 * k, 2 * k, 2 * k + 1, 2 * k + 1,
                                                   2 * k + 1, 2 * k + 1);
 #pragma GCC unroll 8
@@ -277,21 +283,23 @@ INLINE void int4_row(const int M, const uint8_t *row, const uint8_t *sc, const u
             }
         }
     }
-    for (; b < nb; b += 2) { /* the last nb mod 8 blocks: scales one by one */
-        const int two = b + 1 < nb;
+    const ptrdiff_t r = nb - b; /* the last chunk: r blocks, then r / per scales and minimums */
+    const uint8_t *ch = row + cb * (b / 8), *sc = ch + 16 * r, *mn = sc + 2 * (r / per);
+    for (ptrdiff_t j = 0; j < r; j += 2) {
+        const int two = j + 1 < r;
         __m256i w[4];
-        const uint8_t *at = row + 16 * b; /* an odd last block: its 16 bytes, then zeros */
+        const uint8_t *at = ch + 16 * j; /* an odd last block: its 16 bytes, then zeros */
         pair_nibbles(two ? _mm256_loadu_si256((const __m256i *)at)
                          : _mm256_inserti128_si256(_mm256_setzero_si256(), _mm_loadu_si128((const __m128i *)at), 0),
                      w);
-        const float d0 = f16(sc + 2 * (b / per)), m0 = f16(mn + 2 * (b / per));
-        const float d1 = two ? f16(sc + 2 * ((b + 1) / per)) : 0.0f;
-        const float m1 = two ? f16(mn + 2 * ((b + 1) / per)) : 0.0f;
+        const float d0 = f16(sc + 2 * (j / per)), m0 = f16(mn + 2 * (j / per));
+        const float d1 = two ? f16(sc + 2 * ((j + 1) / per)) : 0.0f;
+        const float m1 = two ? f16(mn + 2 * ((j + 1) / per)) : 0.0f;
 #pragma GCC unroll 8
         for (int m = 0; m < M; m++) {
-            const float *xd = xd16 + m * xb + b, *xs = xs16 + m * xb + b;
+            const float *xd = xd16 + m * xb + b + j, *xs = xs16 + m * xb + b + j;
             const __m256 s = _mm256_set_m128(_mm_set1_ps(two ? d1 * xd[1] : 0.0f), _mm_set1_ps(d0 * xd[0]));
-            const __m256i p = pair_dot(w, xp + m * Kp + 32 * b);
+            const __m256i p = pair_dot(w, xp + m * Kp + 32 * (b + j));
             a->acc[2 * m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), s, a->acc[2 * m]);
             a->macc[2 * m] -= m0 * xs[0] + (two ? m1 * xs[1] : 0.0f);
         }
@@ -303,8 +311,7 @@ INLINE void int4_row(const int M, const uint8_t *row, const uint8_t *sc, const u
  * weight block's scale times x's block scale) is applied once per block of 32, and a
  * format's minimum once per block against the rounded block's sum: the dequantized row's dot
  * product with the rounded x, up to float32 rounding. */
-INLINE void row_dot(const int fmt, const int M, const uint8_t *row, const uint8_t *sc,
-                    const uint8_t *mn, ptrdiff_t group, float row_scale, const Xq *X,
+INLINE void row_dot(const int fmt, const int M, const uint8_t *row, float row_scale, const Xq *X,
                     const float *x, ptrdiff_t K, float *y, ptrdiff_t N) {
     const int16_t *xq = X->q;
     const float *xd = X->d, *xs = X->s;
@@ -314,9 +321,7 @@ INLINE void row_dot(const int fmt, const int M, const uint8_t *row, const uint8_
 #pragma GCC unroll 16
     for (int i = 0; i < 2 * M; i++) a.macc[i] = 0.0f;
     const ptrdiff_t nb = K / 32;
-    if (fmt == INT4) {
-        int4_row(M, row, sc, mn, group, X->p, xd, xs, pair_len(K), nb, nb, &a);
-    } else if (fmt == Q8_0 || fmt == Q4_0 || fmt == Q5_0 || fmt == INT8) {
+    if (fmt == Q8_0 || fmt == Q4_0 || fmt == Q5_0 || fmt == INT8) {
         ptrdiff_t j = 0; /* consecutive blocks alternate chains */
         for (; j + 1 < nb; j += 2) {
             if (fmt == INT8) _mm_prefetch((const char *)(row + 32 * j) + PF_DIST, _MM_HINT_T0);
@@ -472,16 +477,14 @@ INLINE void sym_m1(const int fmt, const uint8_t *W, const float *rs, const Xq *X
         }
     }
     for (ptrdiff_t n = n0 + 4 * q; n < n1; n++)
-        row_dot(fmt, 1, W + n * rb, NULL, NULL, 32, fmt == INT8 ? rs[n] : 1.0f, X, x, K, y + n, 1);
+        row_dot(fmt, 1, W + n * rb, fmt == INT8 ? rs[n] : 1.0f, X, x, K, y + n, 1);
 }
 
 /* rows [n0, n1) of W; fmt and M literal at every call site so each pair compiles on its own */
 #define ROWS(FMT, M_)                                                                        \
     for (ptrdiff_t n = n0; n < n1; n++) {                                                    \
-        const uint8_t *s_ = scale ? (const uint8_t *)scale + n * groups * 2 : NULL;          \
-        const uint8_t *m_ = minimum ? (const uint8_t *)minimum + n * groups * 2 : NULL;      \
         float rs = (FMT) == INT8 ? ((const float *)scale)[n] : 1.0f;                         \
-        row_dot((FMT), (M_), W + n * rb, s_, m_, group, rs, X, x, K, y + n, N);             \
+        row_dot((FMT), (M_), W + n * rb, rs, X, x, K, y + n, N);                             \
     }
 
 #define BY_M(FMT)                                                                            \
@@ -496,24 +499,22 @@ INLINE void sym_m1(const int fmt, const uint8_t *W, const float *rs, const Xq *X
     case 8: ROWS(FMT, 8) break;                                                              \
     }
 
-/* Rows [n0, n1) of an int4 weight stored in tiles of `tile` columns: W [K / tile][N][tile / 2]
- * bytes, its scales and minimums float16 [K / tile][N][tile / group] (QuantWeight holds long
- * rows so). Tile by tile, the slab's rows of a tile are one sequential read, and x's tile
- * (8 KiB in pair order at 4096 columns) stays in L1 across them; a whole long row's x (32 KiB
- * for the 16384 columns of Gemma-2B's down projection) does not, and was re-read from L2 for
- * every row. Each row's sums over the tiles add up in y. */
-INLINE void int4_tiled(const int M, const uint8_t *W, const uint8_t *sc, const uint8_t *mn,
-                       ptrdiff_t group, const Xq *X, float *y, ptrdiff_t n0, ptrdiff_t n1,
-                       ptrdiff_t N, ptrdiff_t K, ptrdiff_t tile) {
-    const ptrdiff_t tb = tile / 2, tg = 2 * (tile / group), nbt = tile / 32, Kp = pair_len(K);
+/* Rows [n0, n1) of a packed int4 weight held in tiles of `tile` columns: W [K / tile][N][the
+ * packed bytes of `tile` columns] (QuantWeight holds rows longer than 4096 so). Tile by tile,
+ * the slab's rows of a tile are one sequential read, and x's tile (8 KiB in pair order at 4096
+ * columns) stays in L1 across them; a whole long row's x (32 KiB for the 16384 columns of
+ * Gemma-2B's down projection) does not, and was re-read from L2 for every row. Each row's sums
+ * over the tiles add up in y. tile = K: one tile, the rows as they are. */
+INLINE void int4_tiled(const int M, const uint8_t *W, ptrdiff_t group, const Xq *X, float *y,
+                       ptrdiff_t n0, ptrdiff_t n1, ptrdiff_t N, ptrdiff_t K, ptrdiff_t tile) {
+    const ptrdiff_t nbt = tile / 32, tb = int4_row_bytes(nbt, group / 32), Kp = pair_len(K);
     for (ptrdiff_t t = 0; t < K / tile; t++)
         for (ptrdiff_t n = n0; n < n1; n++) {
-            const ptrdiff_t r = t * N + n;
             Acc a;
 #pragma GCC unroll 16
             for (int i = 0; i < 2 * M; i++) a.acc[i] = _mm256_setzero_ps(), a.macc[i] = 0.0f;
-            int4_row(M, W + r * tb, sc + r * tg, mn + r * tg, group, X->p + t * tile,
-                     X->d + t * nbt, X->s + t * nbt, Kp, nbt, K / 32, &a);
+            int4_row(M, W + (t * N + n) * tb, group, X->p + t * tile, X->d + t * nbt,
+                     X->s + t * nbt, Kp, nbt, K / 32, &a);
 #pragma GCC unroll 8
             for (int m = 0; m < M; m++) {
                 const float v = hsum(_mm256_add_ps(a.acc[2 * m], a.acc[2 * m + 1])) -
@@ -525,14 +526,14 @@ INLINE void int4_tiled(const int M, const uint8_t *W, const uint8_t *sc, const u
 
 #define INT4_TILED_BY_M                                                                      \
     switch (M) {                                                                             \
-    case 1: int4_tiled(1, W, scale, minimum, group, X, y, n0, n1, N, K, tile); break;        \
-    case 2: int4_tiled(2, W, scale, minimum, group, X, y, n0, n1, N, K, tile); break;        \
-    case 3: int4_tiled(3, W, scale, minimum, group, X, y, n0, n1, N, K, tile); break;        \
-    case 4: int4_tiled(4, W, scale, minimum, group, X, y, n0, n1, N, K, tile); break;        \
-    case 5: int4_tiled(5, W, scale, minimum, group, X, y, n0, n1, N, K, tile); break;        \
-    case 6: int4_tiled(6, W, scale, minimum, group, X, y, n0, n1, N, K, tile); break;        \
-    case 7: int4_tiled(7, W, scale, minimum, group, X, y, n0, n1, N, K, tile); break;        \
-    case 8: int4_tiled(8, W, scale, minimum, group, X, y, n0, n1, N, K, tile); break;        \
+    case 1: int4_tiled(1, W, group, X, y, n0, n1, N, K, tile); break;                        \
+    case 2: int4_tiled(2, W, group, X, y, n0, n1, N, K, tile); break;                        \
+    case 3: int4_tiled(3, W, group, X, y, n0, n1, N, K, tile); break;                        \
+    case 4: int4_tiled(4, W, group, X, y, n0, n1, N, K, tile); break;                        \
+    case 5: int4_tiled(5, W, group, X, y, n0, n1, N, K, tile); break;                        \
+    case 6: int4_tiled(6, W, group, X, y, n0, n1, N, K, tile); break;                        \
+    case 7: int4_tiled(7, W, group, X, y, n0, n1, N, K, tile); break;                        \
+    case 8: int4_tiled(8, W, group, X, y, n0, n1, N, K, tile); break;                        \
     }
 
 /* a symmetric 32-block format: one row of x four weight rows at a time (sym_m1), else BY_M */
@@ -543,13 +544,11 @@ INLINE void int4_tiled(const int M, const uint8_t *W, const uint8_t *sc, const u
 static void slab(int fmt, const float *x, const Xq *X, const uint8_t *W, const void *scale,
                  const void *minimum, float *y, ptrdiff_t n0, ptrdiff_t n1, int M, ptrdiff_t N,
                  ptrdiff_t K, ptrdiff_t rb, ptrdiff_t group, ptrdiff_t tile) {
-    if (fmt == INT4 && tile) {
+    if (fmt == INT4) {
+        tile = tile ? tile : K;
         INT4_TILED_BY_M
         return;
     }
-    ptrdiff_t groups = fmt == INT4 ? K / group : 0;
-    if (fmt != INT4) scale = fmt == INT8 ? scale : NULL, minimum = NULL;
-    if (fmt == INT8) groups = 0;
     switch (fmt) {
     case Q8_0: SYM_BY_M(Q8_0) break;
     case Q4_0: SYM_BY_M(Q4_0) break;
@@ -557,7 +556,6 @@ static void slab(int fmt, const float *x, const Xq *X, const uint8_t *W, const v
     case Q4_K: BY_M(Q4_K) break;
     case Q6_K: BY_M(Q6_K) break;
     case INT8: SYM_BY_M(INT8) break;
-    case INT4: BY_M(INT4) break;
     }
 }
 
@@ -587,15 +585,17 @@ int quant_gemv_multi(int count, const int *fmts, const float *x, const uint8_t *
         const int fmt = fmts[i];
         if (fmt < 0 || fmt > 6 || Ns[i] < 0) return -1;
         if (fmt != INT8 && K % BLOCK_WEIGHTS[fmt]) return -1;
-        if (fmt == INT4 && (groups[i] < 32 || groups[i] % 32 || K % groups[i] || !scales[i] ||
-                            !minimums[i]))
+        const ptrdiff_t per = fmt == INT4 ? groups[i] / 32 : 1; /* int4 blocks per group */
+        if (fmt == INT4 && (groups[i] < 32 || groups[i] % 32 || 8 % per || K % groups[i]))
             return -1;
         if (fmt == INT8 && !scales[i]) return -1;
         if (tiles && tiles[i] && (fmt != INT4 || tiles[i] < 0 || tiles[i] % 256 ||
                                   tiles[i] % groups[i] || K % tiles[i]))
             return -1;
-        rb[i] = K / BLOCK_WEIGHTS[fmt] * BLOCK_BYTES[fmt];
-        rows[i] = slab_rows(Ns[i], tiles && tiles[i] ? tiles[i] / 2 : rb[i], n_threads);
+        rb[i] = fmt == INT4 ? int4_row_bytes(K / 32, per) : K / BLOCK_WEIGHTS[fmt] * BLOCK_BYTES[fmt];
+        /* a tiled weight's slab reads its rows' bytes of each tile in turn */
+        rows[i] = slab_rows(Ns[i], tiles && tiles[i] ? int4_row_bytes(tiles[i] / 32, per) : rb[i],
+                            n_threads);
         first[i + 1] = first[i] + (Ns[i] + rows[i] - 1) / rows[i]; /* slabs before weight i+1 */
     }
     const ptrdiff_t n_slabs = first[count];
@@ -631,11 +631,11 @@ int quant_gemv_multi(int count, const int *fmts, const float *x, const uint8_t *
     return 0;
 }
 
-/* fmt: the format number; x [M, K] float32; W [N, row bytes] blocks; scale: int8's float32
- * [N] or int4's float16 [N, K / group]; minimum: int4's float16 [N, K / group]; y [M, N].
- * tile: 0, or for int4 the columns per tile (a multiple of 256 and of group dividing K) of a
- * weight stored tile by tile (int4_tiled). Returns 0, or -1 for bad arguments (nothing
- * written). */
+/* fmt: the format number; x [M, K] float32; W [N, row bytes] blocks (int4: packed rows,
+ * int4_row); scale: int8's float32 [N] (unused by the other formats: NULL); minimum: unused;
+ * y [M, N]. group: int4's weights per scale (32, 64, 128 or 256). tile: 0, or for int4 the
+ * columns per tile (a multiple of 256 and of group dividing K) of a weight held tile by tile
+ * (int4_tiled). Returns 0, or -1 for bad arguments (nothing written). */
 int quant_gemv(int fmt, const float *x, const uint8_t *W, const void *scale, const void *minimum,
                float *y, int64_t M, int64_t N, int64_t K, int64_t group, int64_t tile,
                int n_threads) {

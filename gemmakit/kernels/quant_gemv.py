@@ -35,9 +35,10 @@ def call(
     n_threads: int,
     tile: int = 0,
 ) -> torch.Tensor:
-    """x [M, K] float32 contiguous, qdata uint8 [N, row bytes] contiguous -> y [M, N] float32.
-    tile: int4 held in tiles of that many columns (qdata [K / tile, N, tile / 2], scale and
-    minimum [K / tile, N, tile / group]: formats.to_tiles), 0 for the row layout."""
+    """x [M, K] float32 contiguous, qdata uint8 contiguous -> y [M, N] float32. qdata: the
+    row layout [N, row bytes], but for int4 as QuantWeight holds it (formats.int4_memory:
+    packed, [K / tile, N, bytes]; `tile` its columns per tile, 0 for one tile), with scale and
+    minimum None."""
     m, k = x.shape
     y = torch.empty(m, n, dtype=torch.float32)
     rc = lib.quant_gemv(

@@ -8,9 +8,13 @@ file's blocks (llama.cpp's ggml-quants.c layouts), for gemmakit's own formats:
   its high one, as Q4_0 does), q in 0..15, and per group of 32 or 128 weights a float16 scale
   d and minimum m (asymmetric, "scale + min" as Q4_1/Q4_K): w = d * q + m.
 
-In memory, an int4 weight with long rows is held tile by tile (`int4_tile`, `to_tiles`): qdata
-[T, N, tile / 2], scale and minimum [T, N, tile / group], so that the kernel reads each tile's
-rows as one stream while x's tile stays in its L1. Files and `dequantize` use the row layout.
+In memory (QuantWeight), an int4 weight is held packed (`int4_memory`): each row in chunks of 8
+blocks, a chunk's 128 bytes of nibbles followed by its groups' float16 scales and then their
+minimums, so that the kernel reads a row as one stream of memory where the row layout is three
+(one per tensor); rows longer than INT4_TILE are also cut into tiles (`int4_tile`), [tiles, N,
+packed bytes of a tile], so that each tile's rows are one stream while the kernel's activations
+for the tile stay in its L1. Files, state_dict and `dequantize` use the row layout
+(`int4_rows` gives it back).
 
 `dequantize(fmt, qdata, scale, minimum, K)` is the torch reference every kernel is tested
 against; it runs on any device (the fallback for machines without the C kernels and for GPUs).
@@ -86,11 +90,82 @@ def to_tiles(t: torch.Tensor, tiles: int) -> torch.Tensor:
     return t.reshape(n, tiles, c // tiles).transpose(0, 1).contiguous()
 
 
-def from_tiles(t: torch.Tensor, rows: slice | torch.Tensor | None = None) -> torch.Tensor:
-    """[T, N, c] -> rows `rows` (all when None) in row layout [len(rows), T * c] (a copy)."""
-    if rows is not None:
-        t = t[:, rows]
+def from_tiles(t: torch.Tensor) -> torch.Tensor:
+    """[T, N, c] -> [N, T * c] in row layout (a copy)."""
     return t.transpose(0, 1).reshape(t.shape[1], -1)
+
+
+def _chunk_scales(nb: int, group: int) -> int:
+    """Scales (and minimums) per whole chunk of 8 int4 blocks: the group must divide 256."""
+    per = group // 32
+    if group % 32 or 8 % per:
+        raise CheckpointError(f"int4 groups of {group} do not divide chunks of 256 weights")
+    return 8 // per
+
+
+def pack_int4(qdata: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor) -> torch.Tensor:
+    """Row layout (qdata uint8 [N, K / 2], scale and minimum float16 [N, K / group]) -> packed
+    rows uint8 [N, K / 2 + 4 K / group]: per chunk of 8 blocks (the last may be shorter) its
+    16 bytes per block, then its groups' scales, then their minimums."""
+    n, half = qdata.shape
+    nb, groups = half // 16, scale.shape[1]
+    spc = _chunk_scales(nb, 32 * nb // groups)
+    full = nb // 8
+    d, m = scale.contiguous().view(torch.uint8), minimum.contiguous().view(torch.uint8)
+    whole = torch.cat(
+        [
+            qdata[:, : 128 * full].reshape(n, full, 128),
+            d[:, : 2 * spc * full].reshape(n, full, 2 * spc),
+            m[:, : 2 * spc * full].reshape(n, full, 2 * spc),
+        ],
+        dim=2,
+    ).reshape(n, -1)
+    if nb == 8 * full:
+        return whole
+    rest = [qdata[:, 128 * full :], d[:, 2 * spc * full :], m[:, 2 * spc * full :]]
+    return torch.cat([whole, *rest], dim=1)
+
+
+def unpack_int4(packed: torch.Tensor, k: int, group: int) -> tuple[torch.Tensor, ...]:
+    """pack_int4's inverse: packed rows uint8 [N, bytes] of K weights -> (qdata, scale,
+    minimum) in row layout."""
+    n, nb, spc = packed.shape[0], k // 32, _chunk_scales(k // 32, group)
+    full, cb = nb // 8, 128 + 4 * spc
+    body = packed[:, : cb * full].reshape(n, full, cb)
+    q, d, m = [body[..., :128]], [body[..., 128 : 128 + 2 * spc]], [body[..., 128 + 2 * spc :]]
+    parts = [[t.reshape(n, -1) for t in p] for p in (q, d, m)]
+    r = nb - 8 * full
+    if r:
+        tail, g = packed[:, cb * full :], 2 * (r * 32 // group)
+        for p, t in zip(
+            parts, (tail[:, : 16 * r], tail[:, 16 * r : 16 * r + g], tail[:, 16 * r + g :])
+        ):
+            p.append(t)
+    q, d, m = (torch.cat(p, dim=1) if len(p) > 1 else p[0] for p in parts)
+    return q.contiguous(), d.contiguous().view(torch.float16), m.contiguous().view(torch.float16)
+
+
+def int4_memory(
+    qdata: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor, tile: int = 0
+) -> torch.Tensor:
+    """An int4 weight in row layout -> how QuantWeight holds it: packed rows, [T, N, packed
+    bytes of a tile] with T = K / tile tiles (T = 1 when `tile` is 0)."""
+    n, k = qdata.shape[0], 2 * qdata.shape[1]
+    t = k // tile if tile else 1
+    parts = [to_tiles(p, t).reshape(t * n, -1) for p in (qdata, scale, minimum)]
+    return pack_int4(*parts).reshape(t, n, -1)
+
+
+def int4_rows(
+    memory: torch.Tensor, k: int, group: int, rows: slice | torch.Tensor | None = None
+) -> tuple[torch.Tensor, ...]:
+    """int4_memory's inverse for rows `rows` (all when None): (qdata, scale, minimum) in row
+    layout."""
+    if rows is not None:
+        memory = memory[:, rows]
+    t, n = memory.shape[:2]
+    parts = unpack_int4(memory.reshape(t * n, -1), k // t, group)
+    return tuple(from_tiles(p.reshape(t, n, -1)) for p in parts)
 
 
 def _f16(b: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import torch
 
-from gemmakit.quant.formats import FORMATS, dequantize, row_bytes, to_tiles
+from gemmakit.quant.formats import FORMATS, dequantize, int4_memory, row_bytes
 
 # byte offsets of float16 scales inside one block, overwritten with sane values (random bytes
 # there could be inf or NaN)
@@ -86,27 +86,29 @@ def _check(got: torch.Tensor, x: torch.Tensor, fmt: str, parts, what: str) -> No
 
 
 def check_all(kernel: Callable[..., torch.Tensor], rows: tuple[int, ...] = (1, 3, 8)) -> None:
-    """Raise RuntimeError unless kernel(code, x, qdata, scale, minimum, N, group, n_threads)
-    equals `reference` of the rounded x (`round_activations`) up to float32 summation order
-    (1e-5 of sum |x| |w|): the tight check, which a wrong block, scale or minimum fails (the
-    looser `error_bound` against the unrounded x is what callers may rely on). int4 is also
-    checked held in tiles: kernel(..., n_threads, tile) with formats.to_tiles' layout."""
+    """Raise RuntimeError unless kernel(code, x, qdata, scale, minimum, N, group, n_threads,
+    tile) equals `reference` of the rounded x (`round_activations`) up to float32 summation
+    order (1e-5 of sum |x| |w|): the tight check, which a wrong block, scale or minimum fails
+    (the looser `error_bound` against the unrounded x is what callers may rely on). int4 goes
+    in as QuantWeight holds it (formats.int4_memory), in rows and in tiles."""
     gen = torch.Generator().manual_seed(0)
-    for fmt, f in FORMATS.items():
-        k = 512 if f.block == 256 else (72 if fmt == "int8" else 96)
-        for group in (32, 128) if fmt == "int4" else (32,):
-            # int4 rows: chunks of 8 blocks, then pairs, and for group 32 an odd last block
-            kk = {32: 2208, 128: 2176}[group] if fmt == "int4" else k
-            parts = random_weight(fmt, 13, kk, gen, group)
-            for m in rows:
-                x = torch.randn(m, kk, generator=gen)
-                got = kernel(f.code, x, *parts, 13, group, 2)
-                _check(got, x, fmt, parts, f"{fmt} M={m}")
-    # int4 in 3 tiles of 512 columns: each row's sums over the tiles add up
-    for group in (32, 128):
-        parts = random_weight("int4", 13, 1536, gen, group)
-        tiled = [to_tiles(t, 3) for t in parts]
+    cases = [
+        (fmt, 512 if f.block == 256 else (72 if fmt == "int8" else 96), 32, 0)
+        for fmt, f in FORMATS.items()
+        if fmt != "int4"
+    ]
+    # int4: chunks of 8 blocks, then a shorter last chunk (pairs, and for group 32 an odd
+    # last block); then 3 tiles of 512 columns, whose sums add up per row
+    cases += [
+        ("int4", 2208, 32, 0),
+        ("int4", 2176, 128, 0),
+        ("int4", 1536, 32, 512),
+        ("int4", 1536, 128, 512),
+    ]
+    for fmt, k, group, tile in cases:
+        parts = random_weight(fmt, 13, k, gen, group)
+        held = (int4_memory(*parts, tile), None, None) if fmt == "int4" else parts
         for m in rows:
-            x = torch.randn(m, 1536, generator=gen)
-            got = kernel(FORMATS["int4"].code, x, *tiled, 13, group, 2, 512)
-            _check(got, x, "int4", parts, f"tiled int4 M={m}")
+            x = torch.randn(m, k, generator=gen)
+            got = kernel(FORMATS[fmt].code, x, *held, 13, group, 2, tile)
+            _check(got, x, fmt, parts, f"{fmt} M={m}" + (f" in tiles of {tile}" if tile else ""))

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gemmakit.kernels import quant_gemv
-from gemmakit.quant.formats import FORMATS, dequantize, from_tiles, int4_tile, row_bytes, to_tiles
+from gemmakit.quant.formats import FORMATS, dequantize, int4_memory, int4_rows, int4_tile, row_bytes
 from gemmakit.quant.selftest import activation_steps
 
 TILE_ELEMENTS = 1 << 22  # the fallback dequantizes at most this many weights (16 MB) at once
@@ -24,13 +24,14 @@ KERNEL_ROWS = 64  # up to this many rows of x go through the kernel, 8 at a time
 class QuantWeight(nn.Module):
     """A weight [N, K] in format `fmt` (see gemmakit/quant/formats.py).
 
-    Buffers (so `.to(device)` and state_dict carry them): qdata uint8 [N, row bytes]; scale
-    (int8: float32 [N]; int4: float16 [N, K / group]); minimum (int4: float16 [N, K / group]).
-    `dtype` is the compute dtype: what the dequantized values and the outputs are cast to.
-
-    An int4 weight with long rows is held in `tile`-column tiles (formats.int4_tile): its
-    buffers are [K / tile, N, ...], and state_dict gives and takes the row layout above, so
-    files never see the tiles. `tile` is 0 otherwise.
+    Takes the row layout: qdata uint8 [N, row bytes]; scale (int8: float32 [N]; int4: float16
+    [N, K / group]); minimum (int4: float16 [N, K / group]). Buffers (so `.to(device)` and
+    state_dict carry them): int8 and the GGUF formats keep those; int4 is held as one buffer,
+    `qdata`, packed and tiled (formats.int4_memory: [K / tile, N, bytes], `tile` columns per
+    tile, `tile` = 0 for rows of at most 4096), one stream of memory per tile's rows for the
+    kernel. state_dict gives and takes the row layout whatever the memory layout, so files
+    never see it. `dtype` is the compute dtype: what the dequantized values and the outputs
+    are cast to.
     """
 
     def __init__(
@@ -50,33 +51,36 @@ class QuantWeight(nn.Module):
         if tuple(qdata.shape) != want or qdata.dtype != torch.uint8:
             raise ValueError(f"{fmt} blocks of a [{n}, {k}] weight are uint8 {list(want)}")
         self.fmt, self.shape, self.compute_dtype = fmt, (n, k), dtype
-        self._group = k // scale.shape[1] if fmt == "int4" else 32
-        self.tile = int4_tile(k, self._group) if fmt == "int4" else 0
-        parts = {"qdata": qdata, "scale": scale, "minimum": minimum}
-        for name in self._tiled_names():
-            parts[name] = to_tiles(parts[name], k // self.tile)
-        self.register_buffer("qdata", parts["qdata"].contiguous())
-        if fmt in ("int8", "int4"):
-            self.register_buffer("scale", parts["scale"].contiguous())
+        self._group, self.tile = 32, 0
         if fmt == "int4":
-            self.register_buffer("minimum", parts["minimum"].contiguous())
-
-    def _tiled_names(self) -> tuple[str, ...]:
-        return ("qdata", "scale", "minimum") if self.tile else ()
+            g = scale.shape[-1] if scale is not None and scale.dim() == 2 else 0
+            for name, t in (("scale", scale), ("minimum", minimum)):
+                if t is None or t.dtype != torch.float16 or tuple(t.shape) != (n, g) or not g:
+                    raise ValueError(f"int4 {name} of a [{n}, {k}] weight is float16 [{n}, groups]")
+            if k % g:
+                raise ValueError(f"int4 rows of {k} weights do not split into {g} groups")
+            self._group = k // g
+            self.tile = int4_tile(k, self._group)
+            qdata = int4_memory(qdata, scale, minimum, self.tile)
+        self.register_buffer("qdata", qdata.contiguous())
+        if fmt == "int8":
+            self.register_buffer("scale", scale.contiguous())
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         """The row layout, whatever the memory layout: what files and other models hold."""
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        for name in self._tiled_names():
-            destination[prefix + name] = from_tiles(self._buffers[name])
+        if self.fmt == "int4":
+            for name, t in zip(("qdata", "scale", "minimum"), self._parts(None)):
+                destination[prefix + name] = t
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        """Takes the row layout (state_dict's), tiling it as the buffers are held."""
-        state_dict = dict(state_dict)
-        for name in self._tiled_names():
-            t = state_dict.get(prefix + name)
-            if t is not None and t.dim() == 2:
-                state_dict[prefix + name] = to_tiles(t, self.shape[1] // self.tile)
+        """Takes the row layout (state_dict's), packed as the int4 buffer is held."""
+        if self.fmt == "int4" and all(
+            prefix + p in state_dict for p in ("qdata", "scale", "minimum")
+        ):
+            state_dict = dict(state_dict)
+            parts = [state_dict.pop(prefix + p) for p in ("qdata", "scale", "minimum")]
+            state_dict[prefix + "qdata"] = int4_memory(*parts, self.tile)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @property
@@ -114,12 +118,12 @@ class QuantWeight(nn.Module):
         return f"{self.fmt}, shape={list(self.shape)}{g}"
 
     def _parts(self, rows) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """(qdata, scale, minimum) of rows `rows` (all when None) in row layout."""
+        if self.fmt == "int4":
+            return int4_rows(self.qdata, self.shape[1], self._group, rows)
         scale = getattr(self, "scale", None)
-        minimum = getattr(self, "minimum", None)
-        if self.tile:
-            return tuple(from_tiles(t, rows) for t in (self.qdata, scale, minimum))
         pick = (lambda t: None if t is None else t[rows]) if rows is not None else (lambda t: t)
-        return pick(self.qdata), pick(scale), pick(minimum)
+        return pick(self.qdata), pick(scale), None
 
     def dequantize(self, rows: slice | torch.Tensor | None = None) -> torch.Tensor:
         """float32 [N, K] (or [len(rows), K] for a slice or index tensor of rows)."""
@@ -137,7 +141,7 @@ class QuantWeight(nn.Module):
             # once per piece, cheaper than dequantizing the whole weight up to about 64 rows
             xf = flat.to(torch.float32).contiguous()
             lib, code = quant_gemv.library(), FORMATS[self.fmt].code
-            parts = (self.qdata, getattr(self, "scale", None), getattr(self, "minimum", None))
+            parts = (self.qdata, getattr(self, "scale", None), None)
             threads = torch.get_num_threads()
             pieces = [
                 quant_gemv.call(
