@@ -351,7 +351,7 @@ def test_multi_gemv_equals_one_call_per_weight():
     rows = [random_weight(f, n, k, gen) for f, n in zip(fmts, ns)]
     # as QuantWeight holds them: int4 packed, the second in 2 tiles
     parts = [
-        (int4_memory(*p, t), None, None) if f == "int4" else p for f, p, t in zip(fmts, rows, tiles)
+        (int4_memory(*p, t), None) if f == "int4" else p[:2] for f, p, t in zip(fmts, rows, tiles)
     ]
     x = torch.randn(3, k, generator=gen)
     ys = [torch.full((3, n), float("nan")) for n in ns]
@@ -365,7 +365,6 @@ def test_multi_gemv_equals_one_call_per_weight():
         x.data_ptr(),
         arr(ctypes.c_void_p, [p[0].data_ptr() for p in parts]),
         arr(ctypes.c_void_p, [None if p[1] is None else p[1].data_ptr() for p in parts]),
-        arr(ctypes.c_void_p, [None if p[2] is None else p[2].data_ptr() for p in parts]),
         arr(ctypes.c_void_p, [y.data_ptr() for y in ys]),
         arr(ctypes.c_int64, ns),
         3,
@@ -378,9 +377,7 @@ def test_multi_gemv_equals_one_call_per_weight():
     for f, n, p, y, tile in zip(fmts, ns, parts, ys, tiles):
         assert torch.equal(y, quant_gemv.call(lib, FORMATS[f].code, x, *p, n, 32, 2, tile))
     # the tiles add up each row's sums in another order than the same weight in rows
-    rows4 = quant_gemv.call(
-        lib, FORMATS["int4"].code, x, int4_memory(*rows[4]), None, None, 19, 32, 2
-    )
+    rows4 = quant_gemv.call(lib, FORMATS["int4"].code, x, int4_memory(*rows[4]), None, 19, 32, 2)
     assert torch.allclose(ys[4], rows4, rtol=1e-5, atol=1e-5)
 
 

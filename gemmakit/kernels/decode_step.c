@@ -23,18 +23,18 @@
 typedef int (*gemv_fn)(const float *x, const void *W, float *y, int64_t M, int64_t N, int64_t K,
                        int n_threads);
 typedef int (*quant_fn)(int fmt, const float *x, const uint8_t *W, const void *scale,
-                        const void *minimum, float *y, int64_t M, int64_t N, int64_t K,
+                        float *y, int64_t M, int64_t N, int64_t K,
                         int64_t group, int64_t tile, int n_threads);
 
 typedef int (*multi_fn)(int count, const int *fmts, const float *x, const uint8_t *const *Ws,
-                        const void *const *scales, const void *const *minimums, float *const *ys,
+                        const void *const *scales, float *const *ys,
                         const int64_t *Ns, int64_t M, int64_t K, const int64_t *groups,
                         const int64_t *tiles, int n_threads);
 
 /* One weight [N, K]: plain (float32 / bf16 through `plain`) or quantized (through `quant`;
  * tile: an int4 weight held in tiles of that many columns, else 0). */
 typedef struct {
-    const void *data, *scale, *minimum;
+    const void *data, *scale;
     gemv_fn plain;
     quant_fn quant;
     int64_t fmt, group, tile;
@@ -70,12 +70,12 @@ static int matvecs(const Model *md, const Weight *w, int count, const float *x, 
     int all_quant = md->quant_multi != NULL;
     int fmts[8];
     const uint8_t *Ws[8];
-    const void *scales[8], *minimums[8];
+    const void *scales[8];
     int64_t groups[8], tiles[8];
     for (int i = 0; i < count; i++) {
         all_quant = all_quant && w[i].quant != NULL;
         fmts[i] = (int)w[i].fmt, Ws[i] = (const uint8_t *)w[i].data;
-        scales[i] = w[i].scale, minimums[i] = w[i].minimum, groups[i] = w[i].group;
+        scales[i] = w[i].scale, groups[i] = w[i].group;
         tiles[i] = w[i].tile;
     }
     for (int64_t m0 = 0; m0 < M; m0 += GEMV_ROWS) {
@@ -84,13 +84,13 @@ static int matvecs(const Model *md, const Weight *w, int count, const float *x, 
         float *yc[8];
         for (int i = 0; i < count; i++) yc[i] = ys[i] + m0 * Ns[i];
         if (all_quant) {
-            int rc = md->quant_multi(count, fmts, xm, Ws, scales, minimums, yc, Ns, m, K, groups,
+            int rc = md->quant_multi(count, fmts, xm, Ws, scales, yc, Ns, m, K, groups,
                                      tiles, n_threads);
             if (rc != 0) return rc;
             continue;
         }
         for (int i = 0; i < count; i++) {
-            int rc = w[i].quant ? w[i].quant(fmts[i], xm, Ws[i], scales[i], minimums[i], yc[i], m,
+            int rc = w[i].quant ? w[i].quant(fmts[i], xm, Ws[i], scales[i], yc[i], m,
                                              Ns[i], K, groups[i], tiles[i], n_threads)
                                 : w[i].plain(xm, w[i].data, yc[i], m, Ns[i], K, n_threads);
             if (rc != 0) return rc;

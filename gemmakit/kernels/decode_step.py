@@ -22,7 +22,6 @@ class Weight(ctypes.Structure):
     _fields_ = [
         ("data", _P),
         ("scale", _P),
-        ("minimum", _P),
         ("plain", _P),
         ("quant", _P),
         ("fmt", _I64),

@@ -542,7 +542,7 @@ INLINE void int4_tiled(const int M, const uint8_t *W, ptrdiff_t group, const Xq 
     else BY_M(FMT)
 
 static void slab(int fmt, const float *x, const Xq *X, const uint8_t *W, const void *scale,
-                 const void *minimum, float *y, ptrdiff_t n0, ptrdiff_t n1, int M, ptrdiff_t N,
+                 float *y, ptrdiff_t n0, ptrdiff_t n1, int M, ptrdiff_t N,
                  ptrdiff_t K, ptrdiff_t rb, ptrdiff_t group, ptrdiff_t tile) {
     if (fmt == INT4) {
         tile = tile ? tile : K;
@@ -571,11 +571,11 @@ static ptrdiff_t slab_rows(ptrdiff_t N, ptrdiff_t rb, int n_threads) {
 
 /* quant_gemv for `count` (<= 8) weights that share x [M, K]: y_i = x @ W_i^T. x is rounded
  * once and every weight's slabs go to the threads in one parallel region (q/k/v, gate/up of a
- * decode step: one wake-up of the threads instead of three). fmts, Ws, scales, minimums, ys,
+ * decode step: one wake-up of the threads instead of three). fmts, Ws, scales, ys,
  * Ns, groups, tiles: one entry per weight, as quant_gemv's arguments (tiles may be NULL: none
  * tiled). Returns 0, -1 for bad arguments (nothing written), -2 out of memory. */
 int quant_gemv_multi(int count, const int *fmts, const float *x, const uint8_t *const *Ws,
-                     const void *const *scales, const void *const *minimums, float *const *ys,
+                     const void *const *scales, float *const *ys,
                      const int64_t *Ns, int64_t M, int64_t K, const int64_t *groups,
                      const int64_t *tiles, int n_threads) {
     if (count < 1 || count > 8 || M < 1 || M > 8 || K < 0 || n_threads < 1) return -1;
@@ -624,7 +624,7 @@ int quant_gemv_multi(int count, const int *fmts, const float *x, const uint8_t *
         while (c >= first[i + 1]) i++;
         const ptrdiff_t n0 = (c - first[i]) * rows[i];
         const ptrdiff_t n1 = n0 + rows[i] < Ns[i] ? n0 + rows[i] : Ns[i];
-        slab(fmts[i], x, &X, Ws[i], scales[i], minimums[i], ys[i], n0, n1, (int)M,
+        slab(fmts[i], x, &X, Ws[i], scales[i], ys[i], n0, n1, (int)M,
              Ns[i], K, rb[i], groups[i], tiles && tiles[i] < K ? tiles[i] : 0);
     }
     free(xq), free(xd), free(xp);
@@ -632,17 +632,17 @@ int quant_gemv_multi(int count, const int *fmts, const float *x, const uint8_t *
 }
 
 /* fmt: the format number; x [M, K] float32; W [N, row bytes] blocks (int4: packed rows,
- * int4_row); scale: int8's float32 [N] (unused by the other formats: NULL); minimum: unused;
+ * int4_row); scale: int8's float32 [N] (unused by the other formats: NULL);
  * y [M, N]. group: int4's weights per scale (32, 64, 128 or 256). tile: 0, or for int4 the
  * columns per tile (a multiple of 256 and of group dividing K) of a weight held tile by tile
  * (int4_tiled). Returns 0, or -1 for bad arguments (nothing written). */
-int quant_gemv(int fmt, const float *x, const uint8_t *W, const void *scale, const void *minimum,
+int quant_gemv(int fmt, const float *x, const uint8_t *W, const void *scale,
                float *y, int64_t M, int64_t N, int64_t K, int64_t group, int64_t tile,
                int n_threads) {
     const uint8_t *Ws[1] = {W};
-    const void *scales[1] = {scale}, *minimums[1] = {minimum};
+    const void *scales[1] = {scale};
     float *ys[1] = {y};
-    return quant_gemv_multi(1, &fmt, x, Ws, scales, minimums, ys, &N, M, K, &group, &tile,
+    return quant_gemv_multi(1, &fmt, x, Ws, scales, ys, &N, M, K, &group, &tile,
                             n_threads);
 }
 

@@ -29,7 +29,6 @@ def call(
     x: torch.Tensor,
     qdata: torch.Tensor,
     scale: torch.Tensor | None,
-    minimum: torch.Tensor | None,
     n: int,
     group: int,
     n_threads: int,
@@ -37,8 +36,8 @@ def call(
 ) -> torch.Tensor:
     """x [M, K] float32 contiguous, qdata uint8 contiguous -> y [M, N] float32. qdata: the
     row layout [N, row bytes], but for int4 as QuantWeight holds it (formats.int4_memory:
-    packed, [K / tile, N, bytes]; `tile` its columns per tile, 0 for one tile), with scale and
-    minimum None."""
+    packed, [K / tile, N, bytes]; `tile` its columns per tile, 0 for one tile). scale: int8's
+    float32 [N], else None."""
     m, k = x.shape
     y = torch.empty(m, n, dtype=torch.float32)
     rc = lib.quant_gemv(
@@ -46,7 +45,6 @@ def call(
         x.data_ptr(),
         qdata.data_ptr(),
         _ptr(scale),
-        _ptr(minimum),
         y.data_ptr(),
         m,
         n,
@@ -130,9 +128,9 @@ LIBRARY = CLibrary(
     "quantized GEMV",
     Path(__file__).with_name("quant_gemv.c"),
     {
-        "quant_gemv": [_INT, _P, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _I64, _INT],
+        "quant_gemv": [_INT, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _I64, _INT],
         # several weights sharing x (the fused decode step's q/k/v and gate/up)
-        "quant_gemv_multi": [_INT, _P, _P, _P, _P, _P, _P, _P, _I64, _I64, _P, _P, _INT],
+        "quant_gemv_multi": [_INT, _P, _P, _P, _P, _P, _P, _I64, _I64, _P, _P, _INT],
         # the entries of logits that may be a row's maximum (QuantWeight.exact_top)
         "quant_candidates": [_P, _I64, _I64, _P, _P, _I64, _P, _P, _P, _P, _I64, _INT],
     },

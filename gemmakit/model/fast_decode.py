@@ -84,7 +84,6 @@ class FastDecoder:
                 return kernel.Weight(
                     data=ptr(w.qdata),
                     scale=ptr(getattr(w, "scale", None)),
-                    minimum=ptr(getattr(w, "minimum", None)),
                     quant=quant_ptr,
                     fmt=FORMATS[w.fmt].code,
                     group=w.group,

@@ -86,8 +86,8 @@ def _check(got: torch.Tensor, x: torch.Tensor, fmt: str, parts, what: str) -> No
 
 
 def check_all(kernel: Callable[..., torch.Tensor], rows: tuple[int, ...] = (1, 3, 8)) -> None:
-    """Raise RuntimeError unless kernel(code, x, qdata, scale, minimum, N, group, n_threads,
-    tile) equals `reference` of the rounded x (`round_activations`) up to float32 summation
+    """Raise RuntimeError unless kernel(code, x, qdata, scale, N, group, n_threads, tile)
+    equals `reference` of the rounded x (`round_activations`) up to float32 summation
     order (1e-5 of sum |x| |w|): the tight check, which a wrong block, scale or minimum fails
     (the looser `error_bound` against the unrounded x is what callers may rely on). int4 goes
     in as QuantWeight holds it (formats.int4_memory), in rows and in tiles."""
@@ -107,7 +107,7 @@ def check_all(kernel: Callable[..., torch.Tensor], rows: tuple[int, ...] = (1, 3
     ]
     for fmt, k, group, tile in cases:
         parts = random_weight(fmt, 13, k, gen, group)
-        held = (int4_memory(*parts, tile), None, None) if fmt == "int4" else parts
+        held = (int4_memory(*parts, tile), None) if fmt == "int4" else parts[:2]
         for m in rows:
             x = torch.randn(m, k, generator=gen)
             got = kernel(FORMATS[fmt].code, x, *held, 13, group, 2, tile)

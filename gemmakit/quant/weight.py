@@ -141,7 +141,7 @@ class QuantWeight(nn.Module):
             # once per piece, cheaper than dequantizing the whole weight up to about 64 rows
             xf = flat.to(torch.float32).contiguous()
             lib, code = quant_gemv.library(), FORMATS[self.fmt].code
-            parts = (self.qdata, getattr(self, "scale", None), None)
+            parts = (self.qdata, getattr(self, "scale", None))
             threads = torch.get_num_threads()
             pieces = [
                 quant_gemv.call(
