@@ -235,6 +235,41 @@ def test_int4_packing_round_trips():
         QuantWeight("int4", (2, 384), q, d, m)
 
 
+@pytest.mark.parametrize("damage", ["scale float32", "minimum missing", "groups of 512"])
+def test_hostile_int4_tensors_in_a_quantized_folder(tmp_path, damage):
+    """int4 parts that QuantWeight cannot hold (a scale of another dtype, a missing minimum, a
+    group that does not divide the 256-weight chunks of the packed layout) are refused at
+    `--quant keep` in one line naming the file and the key, and the folder is left as it was."""
+    from safetensors.torch import load_file, save_file
+
+    from gemmakit.errors import CheckpointError
+
+    folder = save_quantized(quantize_model(_tiny(), "int4"), tmp_path / "q")
+    path = folder / "model.safetensors"
+    state = load_file(path)
+    key = next(k.removesuffix(".qdata") for k in state if "down_proj" in k and k.endswith(".qdata"))
+    n = state[f"{key}.scale"].shape[0]
+    if damage == "scale float32":
+        state[f"{key}.scale"] = state[f"{key}.scale"].float()
+    elif damage == "minimum missing":
+        del state[f"{key}.minimum"]
+    else:  # the 512-wide rows as one group
+        state[f"{key}.scale"] = torch.ones(n, 1, dtype=torch.float16)
+        state[f"{key}.minimum"] = torch.zeros(n, 1, dtype=torch.float16)
+    save_file(state, path, metadata={"format": "pt"})
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    with pytest.raises(CheckpointError) as err:
+        load_model(folder, quant="keep")
+    message = str(err.value)
+    assert "\n" not in message and str(path) in message and key in message
+    assert {
+        "scale float32": "float16",
+        "minimum missing": "minimum",
+        "groups of 512": "groups of 512",
+    }[damage] in message
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+
+
 def test_int4_tile_sizes():
     assert int4_tile(16384, 32) == 4096  # Gemma-2B's down projection: 4 tiles
     assert int4_tile(24576, 128) == 4096  # 7B's: 6
