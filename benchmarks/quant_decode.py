@@ -94,6 +94,7 @@ def main() -> None:
         models[mode] = base if mode == "bf16" else quantize_model(copy.deepcopy(base), mode)
         gc.collect()
     del base
+    nbytes = {mode: weight_bytes(m) for mode, m in models.items()}  # read per token
     # each round: every mode in turn, bf16 again at the end (when it is measured), and the
     # read rate measured just before and after each run: a mode's % of floor is against the
     # mean of the two rates around its own run, its ratio to bf16 against the mean of the two
@@ -109,7 +110,7 @@ def main() -> None:
             tps[mode].append(gemmakit_decode(models[mode], prompt, args.new_tokens))
             after = read_rate()
             rates += [before, after]
-            floors[mode].append(tps[mode][-1] * weight_bytes(models[mode]) * 2 / (before + after))
+            floors[mode].append(tps[mode][-1] * nbytes[mode] * 2 / (before + after))
         if "bf16" in modes:
             ref = (tps["bf16"][-1] + gemmakit_decode(models["bf16"], prompt, args.new_tokens)) / 2
             for mode in modes:
@@ -125,13 +126,12 @@ def main() -> None:
         "  rounds: tok/s (% of that run's floor, x bf16 of that round)"
     )
     for mode in modes:
-        nbytes = weight_bytes(models[mode])
         vs = f"{statistics.median(ratios[mode]):8.2f}x" if ratios[mode] else "       -"
         each = ", ".join(
             f"{t:.2f} ({f:.0%}" + (f", {q:.2f}x)" if ratios[mode] else ")")
             for t, f, q in zip(tps[mode], floors[mode], ratios[mode] or [None] * len(tps[mode]))
         )
-        cols = f"{nbytes / 1e9:10.2f}{statistics.median(tps[mode]):8.2f}"
+        cols = f"{nbytes[mode] / 1e9:10.2f}{statistics.median(tps[mode]):8.2f}"
         print(f"{mode:10}{cols}{statistics.median(floors[mode]):9.0%} {vs}  {each}")
 
 

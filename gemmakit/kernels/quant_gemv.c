@@ -46,6 +46,7 @@
 #define PF_DIST 2048 /* bytes ahead that int8 and int4 rows prefetch */
 
 enum { Q8_0 = 0, Q4_0 = 1, Q5_0 = 2, Q4_K = 3, Q6_K = 4, INT8 = 5, INT4 = 6 };
+/* bytes per block; int4 rows are packed with their scales: int4_row_bytes */
 static const ptrdiff_t BLOCK_BYTES[7] = {34, 18, 22, 144, 210, 1, 16};
 static const ptrdiff_t BLOCK_WEIGHTS[7] = {32, 32, 32, 256, 256, 1, 32};
 
