@@ -251,6 +251,28 @@ def test_alpha_mixes_in_the_cross_entropy(tmp_path, teacher):
     assert half.losses[0] == pytest.approx(0.5 * one.losses[0] + 0.5 * ce.losses[0], rel=1e-5)
 
 
+def test_mfu_counts_the_teachers_forward(tmp_path, teacher):
+    """MFU counts the student's training FLOPs and, when alpha > 0, the teacher's forward over
+    the same windows (2 per teacher weight per token, its head at every target); with alpha 0
+    the teacher does not run and is not counted."""
+    from gemmakit.training.metrics import StepFlops, forward_flops, read_metrics
+
+    T, rows = SEQ["seq_len"], SEQ["batch_size"]
+    positions = rows * T  # pretraining windows: every position a token and a target
+    student_cfg = get_config("tiny").replace(**{**SMALL, **STUDENT})
+    student = StepFlops.of(build_model(student_cfg), T)(positions, positions)
+    taught = forward_flops(load_model(teacher).config, positions, positions, T)
+    assert taught > student / 3  # the teacher is the bigger model: not a rounding error
+    for alpha, want in ((1.0, student + taught), (0.0, student)):
+        run = tmp_path / f"a{alpha}"
+        recipe = student_recipe(run, teacher, steps=2, distill={"alpha": alpha})
+        distill({**recipe, "log": {**recipe["log"], "peak_flops": 1e12}})
+        steps = [r for r in read_metrics(run) if "loss" in r]
+        assert len(steps) == 2
+        for r in steps:
+            assert r["mfu"] * r["step_s"] * 1e12 == pytest.approx(want, rel=1e-9)
+
+
 def test_teacher_is_not_in_the_checkpoint(tmp_path, teacher):
     result = distill(student_recipe(tmp_path / "s", teacher, steps=2))
     saved = state.read_train_state(result.checkpoint)

@@ -217,6 +217,39 @@ def test_rlhf_raises_the_reward_with_bounded_kl(tmp_path):
     assert all(0 <= r["truncated"] <= 1 and 0 < r["answer_len"] <= 8 for r in rec)
 
 
+def test_rollout_flops_by_hand(tmp_path):
+    """A rollout batch says what making it cost, for MFU: the prompt's prefill (3 tokens, one
+    logit), the answer tokens fed back (all but each answer's last: 2 + 0), the reference's
+    pass over the batch (rows of 5 and 3 tokens, 3 + 1 answer targets), and the reward's own
+    figure when it gives one."""
+    from gemmakit.training.metrics import forward_flops
+    from gemmakit.training.recipe import as_recipe
+    from gemmakit.training.rlhf import RLHFStage, _as_batch
+    from gemmakit.training.rollouts import Rollouts
+
+    class PricedReward(CountReward):
+        def flops(self, sequences):
+            return 1000.0 * sum(map(len, sequences))
+
+    prompt_task(tmp_path)
+    model = small_model()
+    cfg = model.config
+    recipe = as_recipe(rlhf_recipe(tmp_path, rlhf={"k": 2}))
+    for reward, reward_flops in ((CountReward(), 0.0), (PricedReward(), 1000.0 * (6 + 4))):
+        stage = RLHFStage(recipe, [[2, 5, 6]], reward)
+        stage.adapt(model, None)
+        rollouts = Rollouts([[2, 5, 6]], [[7, 8, 1], [9]], [False, True], 2)
+        batch = _as_batch(rollouts, cfg.tokens.pad, model.device)
+        T = batch["tokens"].shape[1]
+        assert T == 5
+
+        token, logit = forward_flops(cfg, 1, 0, T), forward_flops(cfg, 0, 1, T)
+        sampling = (3 + 2) * token + (1 + 2) * logit
+        reference = (5 + 3) * token + (3 + 1) * logit
+        got = stage.rollout_flops(rollouts, batch)
+        assert got == pytest.approx(sampling + reference + reward_flops, rel=1e-12)
+
+
 def test_prompt_rows_and_their_errors(tmp_path):
     rows = [
         {"prompt": "hi", "chosen": "a", "rejected": "b"},

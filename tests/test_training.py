@@ -277,6 +277,49 @@ def test_flops_leave_out_frozen_weights_gradients_and_logits_without_a_target():
     assert lora(10, 4) == 10 * lora.per_token + 4 * lora.per_logit
 
 
+def test_forward_flops_are_a_third_of_full_training():
+    """A forward pass without gradients (a teacher, a reference, sampling) is 2 FLOPs per
+    weight per token and a third of the attention of a trained token: a third of what full
+    training costs per token and per logit."""
+    from gemmakit.training.metrics import StepFlops, forward_flops
+
+    model = small_model()
+    cfg, T = model.config, 16
+    full = StepFlops.of(model, T)
+    assert forward_flops(cfg, 1, 0, T) == pytest.approx(full.per_token / 3, rel=1e-12)
+    assert forward_flops(cfg, 0, 1, T) == pytest.approx(full.per_logit / 3, rel=1e-12)
+    assert forward_flops(cfg, 7, 3, T) == pytest.approx(full(7, 3) / 3, rel=1e-12)
+    # attention grows with the keys attended to
+    assert forward_flops(cfg, 1, 0, 2 * T) > forward_flops(cfg, 1, 0, T)
+
+
+def test_a_batchs_flops_entry_counts_in_mfu(tmp_path):
+    """What a stage spends outside the trained model (its batches' "flops": sampling, a
+    reference, a teacher) is added to the step's FLOPs, once per micro-batch."""
+    from gemmakit.training.loop import train
+    from gemmakit.training.losses import FLOPS, windows_to_batch
+    from gemmakit.training.metrics import StepFlops, read_metrics
+    from gemmakit.training.recipe import as_recipe
+
+    recipe = tiny_recipe(tmp_path, eval={"interval": 0}, checkpoint={"interval": 0})
+    recipe["training"]["steps"] = 2
+    recipe["log"]["peak_flops"] = 1e12
+    extra = 3.5e6
+
+    def batches(env, start):
+        gen = torch.Generator().manual_seed(start)
+        while True:
+            yield {**windows_to_batch(torch.randint(0, 64, (2, 17), generator=gen)), FLOPS: extra}
+
+    train(as_recipe(recipe), next_token_loss, batches)
+    model = small_model()
+    per_step = StepFlops.of(model, 16)(64, 64) + 2 * extra  # 2 micro-batches of 2 x 16
+    steps = [r for r in read_metrics(tmp_path) if "loss" in r]
+    assert len(steps) == 2
+    for r in steps:
+        assert r["mfu"] * r["step_s"] * 1e12 == pytest.approx(per_step, rel=1e-9)
+
+
 def test_peak_is_measured_with_the_runs_threads(monkeypatch):
     """The CPU peak is measured (and cached) per thread count: a peak taken with 1 thread
     for a 2-thread run would halve it and double MFU."""

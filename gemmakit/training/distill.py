@@ -16,6 +16,8 @@ FSDP and checkpoints never see it (each rank holds a whole copy, in the compute 
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -25,13 +27,16 @@ from gemmakit.errors import ConfigError, GemmakitError
 from gemmakit.model.attention import soft_cap
 from gemmakit.model.transformer import Gemma
 from gemmakit.training import distributed
-from gemmakit.training.loop import RunResult, compute_dtype, train
+from gemmakit.training.distributed import DistEnv
+from gemmakit.training.loop import BatchFn, RunResult, compute_dtype, count_positions, train
 from gemmakit.training.losses import (
+    FLOPS,
     IGNORE,
     auto_chunk_tokens,
     chunked_cross_entropy,
     chunked_head_loss,
 )
+from gemmakit.training.metrics import forward_flops
 from gemmakit.training.pretrain import PretrainData
 from gemmakit.training.recipe import DistillSection, Recipe, RecipeError, as_recipe
 
@@ -55,10 +60,25 @@ def distill(recipe: Recipe | dict | str | Path, resume: bool = False) -> RunResu
             data.use_model(model)
 
         evals = data.eval_batches if data.has_validation else None
-        return train(recipe, loss_fn, data.batches, evals, resume, env, adapt_model=adapt)
+        batches = functools.partial(_with_teacher_flops, data.batches, loss_fn, recipe)
+        return train(recipe, loss_fn, batches, evals, resume, env, adapt_model=adapt)
     finally:
         if not joined:
             distributed.close()
+
+
+def _with_teacher_flops(
+    batches: BatchFn, loss_fn: DistillLoss, recipe: Recipe, env: DistEnv, start: int
+) -> Iterator[dict]:
+    """The token stream's micro-batches, each saying the FLOPs of the teacher's forward pass on
+    it (the loop's MFU counts them; none when alpha is 0 and the teacher does not run)."""
+    seq_len = recipe.training.seq_len
+    for batch in batches(env, start):
+        if loss_fn.alpha > 0:
+            tokens, logits = count_positions(batch)
+            flops = forward_flops(loss_fn.teacher.config, tokens, logits, seq_len)
+            batch = {**batch, FLOPS: batch.get(FLOPS, 0.0) + flops}
+        yield batch
 
 
 def load_teacher(

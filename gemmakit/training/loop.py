@@ -14,7 +14,11 @@ A stage is a loss and a batch stream, handed to `train`:
   `start` on, resuming exactly (micro-step k is the same batch in a fresh and a resumed run).
   Throughput and MFU read two of their entries when present: "lengths" [B] (the tokens of
   each right-padded row, padding not counted; else every position of "tokens" counts) and
-  "targets" [B, T] (IGNORE where the loss takes no next-token logits; without it none);
+  "targets" [B, T] (IGNORE where the loss takes no next-token logits; without it none); and
+  MFU counts a third, "flops" (a number), when present: the model FLOPs spent on the
+  micro-batch outside the trained model's forward and backward (RLHF's sampling, reference and
+  reward passes, a distillation teacher's forward: metrics.forward_flops), which the step's
+  time includes;
 - make_eval_batches(env) -> this rank's validation batches (optional);
 - adapt_model(model) (optional): change the model before it is sharded and the optimizer is
   made (freeze parameters, add adapters), or learn what the batch stream needs from it.
@@ -48,7 +52,7 @@ from gemmakit.errors import ConfigError, MissingFileError
 from gemmakit.model.transformer import Gemma
 from gemmakit.training import allocator, distributed, state
 from gemmakit.training.distributed import DistEnv
-from gemmakit.training.losses import IGNORE, LOSS_TERMS, WORKSPACE, LossFn, LossModule
+from gemmakit.training.losses import FLOPS, IGNORE, LOSS_TERMS, WORKSPACE, LossFn, LossModule
 from gemmakit.training.metrics import MetricsLog, StepFlops, peak_flops
 from gemmakit.training.recipe import OptimizerSection, Recipe, RecipeError
 from gemmakit.training.schedule import lr_at
@@ -278,6 +282,7 @@ class StepStats:
     metrics: dict = field(default_factory=dict)  # the loss's own, averaged like the loss
     tokens: float = 0.0  # positions holding a token (not padding), over all ranks
     logits: float = 0.0  # positions whose next-token logits the loss took, over all ranks
+    extra_flops: float = 0.0  # the batches' "flops" (outside the trained model), all ranks
 
 
 def optimizer_step(run: Run, batches: Iterator[dict]) -> StepStats:
@@ -291,11 +296,11 @@ def optimizer_step(run: Run, batches: Iterator[dict]) -> StepStats:
     loss_sum = torch.zeros((), device=run.env.device)
     terms_sum = torch.zeros((), device=run.env.device)
     metric_sums: dict[str, torch.Tensor] = {}
-    counts = [0, 0]  # tokens, logits
+    counts = [0, 0, 0.0]  # tokens, logits, FLOPs outside the trained model
     weighted = False  # the loss gives its LOSS_TERMS (the same on every rank: the same loss_fn)
     for micro in range(run.accum):
         batch = next(batches)
-        counts = [a + b for a, b in zip(counts, count_positions(batch))]
+        counts = [a + b for a, b in zip(counts, (*count_positions(batch), extra_flops(batch)))]
         batch = to_device(batch, run.env.device)
         distributed.set_grad_sync(run.train_module, micro == run.accum - 1)
         with run.autocast():
@@ -326,7 +331,7 @@ def optimizer_step(run: Run, batches: Iterator[dict]) -> StepStats:
     run.step += 1
     run.data_position += t.batch_size
     names = list(metric_sums)
-    loss_value, grad_norm, tokens, logits, *values = distributed.mean_over_ranks(
+    loss_value, grad_norm, tokens, logits, extra, *values = distributed.mean_over_ranks(
         [
             loss_mean,
             grad_norm,
@@ -346,6 +351,7 @@ def optimizer_step(run: Run, batches: Iterator[dict]) -> StepStats:
         dict(zip(names, values)),
         tokens * world,
         logits * world,
+        extra * world,
     )
 
 
@@ -369,6 +375,12 @@ def count_positions(batch: dict) -> tuple[int, int]:
         tokens = batch["tokens"].numel()
     logits = int((batch["targets"] != IGNORE).sum()) if "targets" in batch else 0
     return tokens, logits
+
+
+def extra_flops(batch: dict) -> float:
+    """The model FLOPs a micro-batch says were spent on it outside the trained model (its
+    "flops" entry, module docstring), 0 without one."""
+    return float(batch.get(FLOPS, 0.0)) if isinstance(batch, dict) else 0.0
 
 
 def _scale_grads(module: nn.Module, factor: float) -> None:
@@ -434,7 +446,7 @@ class Progress:
 
     def record(self, s: StepStats) -> None:
         t = self.recipe.training
-        flops = self.flops(s.tokens, s.logits)
+        flops = self.flops(s.tokens, s.logits) + s.extra_flops
         if s.step > self.first_step + 1 or t.steps - self.first_step == 1:  # 1st: warm-up
             self.timed_s += s.seconds
             self.timed_tokens += s.tokens

@@ -13,6 +13,9 @@ from gemmakit.kernels import train_ops
 IGNORE = -100  # target id that contributes no loss (padding, prompt tokens in SFT)
 # The entry of a loss_fn's dict saying how many terms its loss is the mean of (training.loop).
 LOSS_TERMS = "loss_terms"
+# The entry of a micro-batch giving the model FLOPs spent on it outside the trained model
+# (sampling, a reference, a reward model, a teacher), which MFU counts (training.loop).
+FLOPS = "flops"
 CHUNK_BYTES = 2**29  # auto chunk size: at most this many bytes of float32 logits per chunk
 
 

@@ -37,10 +37,21 @@ def train_flops_per_token(config: GemmaConfig, seq_len: int) -> float:
     return 6 * n + attention_flops_per_token(config, seq_len)
 
 
-def attention_flops_per_token(config: GemmaConfig, seq_len: int) -> float:
+def attention_flops_per_token(config: GemmaConfig, seq_len: int, backward: bool = True) -> float:
     """QK^T and AV of one position against seq_len keys: 4 per multiply-add pair forward, 8
     backward (both operands need gradients whether or not any weight trains)."""
-    return 12 * config.n_layers * config.n_heads * config.head_dim * seq_len
+    return (12 if backward else 4) * config.n_layers * config.n_heads * config.head_dim * seq_len
+
+
+def forward_flops(config: GemmaConfig, tokens: float, logits: float, seq_len: int) -> float:
+    """Model FLOPs of forward passes without gradients (a frozen teacher, a reference model, a
+    reward model, sampling) over `tokens` positions, `logits` of them through the tied output
+    head, with attention against seq_len keys counted as in training: 2 per body weight per
+    token, 2 * V * D per logit."""
+    per_token = 2 * config.non_embedding_params() + attention_flops_per_token(
+        config, seq_len, backward=False
+    )
+    return per_token * tokens + 2 * config.vocab_size * config.d_model * logits
 
 
 @dataclass(frozen=True)

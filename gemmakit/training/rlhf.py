@@ -49,8 +49,15 @@ from gemmakit.tokenizer import load_tokenizer
 from gemmakit.training import distributed
 from gemmakit.training.conversations import jsonl_rows
 from gemmakit.training.distributed import DistEnv
-from gemmakit.training.loop import RunResult, build_model_for, compute_dtype, train
-from gemmakit.training.losses import IGNORE, auto_chunk_tokens
+from gemmakit.training.loop import (
+    RunResult,
+    build_model_for,
+    compute_dtype,
+    count_positions,
+    train,
+)
+from gemmakit.training.losses import FLOPS, IGNORE, auto_chunk_tokens
+from gemmakit.training.metrics import forward_flops
 from gemmakit.training.recipe import Recipe, RecipeError, as_recipe
 from gemmakit.training.rollouts import Rollouts, sample_answers
 from gemmakit.training.sft import base_config, prepare_lora, tokenizer_file
@@ -300,11 +307,26 @@ class RLHFStage:
                     )
                 batch["ref_logp"] = ref_logp.sum(dim=1)
                 scores = self.reward.score_ids(rollouts.sequences())
+                batch[FLOPS] = self.rollout_flops(rollouts, batch)
         finally:
             model.train(was_training)
         batch["scores"] = torch.as_tensor(scores, dtype=torch.float32).reshape(-1).to(model.device)
         batch["truncated"] = torch.tensor(rollouts.truncated, device=model.device)
         return batch
+
+    def rollout_flops(self, rollouts: Rollouts, batch: dict) -> float:
+        """Model FLOPs of making the batch (the loop's MFU counts them with the loss's): the
+        prompts' prefill (one logit each), every answer token but the last fed back to the
+        policy, the reference's pass over the batch, and the reward's, when it says (a
+        `flops(sequences)` method; a program scoring answers has none)."""
+        cfg, seq_len = self.model.config, batch["tokens"].shape[1]
+        fed = sum(max(len(a) - 1, 0) for a in rollouts.answers)
+        prompt_tokens = sum(len(p) for p in rollouts.prompts)
+        flops = forward_flops(cfg, prompt_tokens + fed, len(rollouts.prompts) + fed, seq_len)
+        tokens, logits = count_positions(batch)
+        flops += forward_flops(cfg, tokens, logits, seq_len)
+        reward_flops = getattr(self.reward, "flops", None)
+        return flops + (reward_flops(rollouts.sequences()) if reward_flops else 0.0)
 
     @contextlib.contextmanager
     def _reference(self) -> Iterator[Gemma]:
@@ -359,8 +381,17 @@ class ChatReward:
         self.end_of_turn = model.config.tokens.end_of_turn
 
     def score_ids(self, sequences: list[list[int]]) -> torch.Tensor:
-        closed = [s + self.newline if s[-1] == self.end_of_turn else s for s in sequences]
-        return self.model.score_ids(closed, self.batch_size)
+        return self.model.score_ids(self._closed(sequences), self.batch_size)
+
+    def flops(self, sequences: list[list[int]]) -> float:
+        """Model FLOPs of scoring the sequences (the reward model's forward over their tokens;
+        its one-row score head is left out)."""
+        closed = self._closed(sequences)
+        longest = max((len(s) for s in closed), default=0)
+        return forward_flops(self.model.config, sum(map(len, closed)), 0, longest)
+
+    def _closed(self, sequences: list[list[int]]) -> list[list[int]]:
+        return [s + self.newline if s[-1] == self.end_of_turn else s for s in sequences]
 
 
 def load_reward(recipe: Recipe, tokenizer, device: torch.device) -> ChatReward:
