@@ -246,7 +246,7 @@ def test_rollout_flops_by_hand(tmp_path):
         token, logit = forward_flops(cfg, 1, 0, T), forward_flops(cfg, 0, 1, T)
         sampling = (3 + 2) * token + (1 + 2) * logit
         reference = (5 + 3) * token + (3 + 1) * logit
-        got = stage.rollout_flops(rollouts, batch)
+        got = stage.rollout_flops(rollouts, batch, rollouts.sequences())
         assert got == pytest.approx(sampling + reference + reward_flops, rel=1e-12)
 
 

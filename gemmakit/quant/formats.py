@@ -95,7 +95,7 @@ def from_tiles(t: torch.Tensor) -> torch.Tensor:
     return t.transpose(0, 1).reshape(t.shape[1], -1)
 
 
-def _chunk_scales(nb: int, group: int) -> int:
+def _chunk_scales(group: int) -> int:
     """Scales (and minimums) per whole chunk of 8 int4 blocks: the group must divide 256."""
     per = group // 32
     if group % 32 or 8 % per:
@@ -108,8 +108,8 @@ def pack_int4(qdata: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor) -
     rows uint8 [N, K / 2 + 4 K / group]: per chunk of 8 blocks (the last may be shorter) its
     16 bytes per block, then its groups' scales, then their minimums."""
     n, half = qdata.shape
-    nb, groups = half // 16, scale.shape[1]
-    spc = _chunk_scales(nb, 32 * nb // groups)
+    nb = half // 16
+    spc = _chunk_scales(32 * nb // scale.shape[1])
     full = nb // 8
     d, m = scale.contiguous().view(torch.uint8), minimum.contiguous().view(torch.uint8)
     whole = torch.cat(
@@ -129,19 +129,14 @@ def pack_int4(qdata: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor) -
 def unpack_int4(packed: torch.Tensor, k: int, group: int) -> tuple[torch.Tensor, ...]:
     """pack_int4's inverse: packed rows uint8 [N, bytes] of K weights -> (qdata, scale,
     minimum) in row layout."""
-    n, nb, spc = packed.shape[0], k // 32, _chunk_scales(k // 32, group)
+    n, nb, spc = packed.shape[0], k // 32, _chunk_scales(group)
     full, cb = nb // 8, 128 + 4 * spc
     body = packed[:, : cb * full].reshape(n, full, cb)
-    q, d, m = [body[..., :128]], [body[..., 128 : 128 + 2 * spc]], [body[..., 128 + 2 * spc :]]
-    parts = [[t.reshape(n, -1) for t in p] for p in (q, d, m)]
-    r = nb - 8 * full
-    if r:
-        tail, g = packed[:, cb * full :], 2 * (r * 32 // group)
-        for p, t in zip(
-            parts, (tail[:, : 16 * r], tail[:, 16 * r : 16 * r + g], tail[:, 16 * r + g :])
-        ):
-            p.append(t)
-    q, d, m = (torch.cat(p, dim=1) if len(p) > 1 else p[0] for p in parts)
+    tail, r = packed[:, cb * full :], nb - 8 * full  # the last chunk's r blocks
+    s, e = 16 * r, 16 * r + 2 * (r * 32 // group)  # where its scales start and end
+    q = torch.cat([body[..., :128].reshape(n, -1), tail[:, :s]], dim=1)
+    d = torch.cat([body[..., 128 : 128 + 2 * spc].reshape(n, -1), tail[:, s:e]], dim=1)
+    m = torch.cat([body[..., 128 + 2 * spc :].reshape(n, -1), tail[:, e:]], dim=1)
     return q.contiguous(), d.contiguous().view(torch.float16), m.contiguous().view(torch.float16)
 
 

@@ -306,19 +306,21 @@ class RLHFStage:
                         ref, batch["tokens"], batch["targets"], h.temperature, self._chunk()
                     )
                 batch["ref_logp"] = ref_logp.sum(dim=1)
-                scores = self.reward.score_ids(rollouts.sequences())
-                batch[FLOPS] = self.rollout_flops(rollouts, batch)
+                sequences = rollouts.sequences()
+                scores = self.reward.score_ids(sequences)
+                batch[FLOPS] = self.rollout_flops(rollouts, batch, sequences)
         finally:
             model.train(was_training)
         batch["scores"] = torch.as_tensor(scores, dtype=torch.float32).reshape(-1).to(model.device)
         batch["truncated"] = torch.tensor(rollouts.truncated, device=model.device)
         return batch
 
-    def rollout_flops(self, rollouts: Rollouts, batch: dict) -> float:
+    def rollout_flops(self, rollouts: Rollouts, batch: dict, sequences: list[list[int]]) -> float:
         """Model FLOPs of making the batch (the loop's MFU counts them with the loss's): the
         prompts' prefill (one logit each), every answer token but the last fed back to the
-        policy, the reference's pass over the batch, and the reward's, when it says (a
-        `flops(sequences)` method; a program scoring answers has none)."""
+        policy, the reference's pass over the batch, and the reward's on the scored
+        `sequences`, when it says (a `flops(sequences)` method; a program scoring answers has
+        none)."""
         cfg, seq_len = self.model.config, batch["tokens"].shape[1]
         fed = sum(max(len(a) - 1, 0) for a in rollouts.answers)
         prompt_tokens = sum(len(p) for p in rollouts.prompts)
@@ -326,7 +328,7 @@ class RLHFStage:
         tokens, logits = count_positions(batch)
         flops += forward_flops(cfg, tokens, logits, seq_len)
         reward_flops = getattr(self.reward, "flops", None)
-        return flops + (reward_flops(rollouts.sequences()) if reward_flops else 0.0)
+        return flops + (reward_flops(sequences) if reward_flops else 0.0)
 
     @contextlib.contextmanager
     def _reference(self) -> Iterator[Gemma]:
