@@ -320,6 +320,28 @@ def test_a_batchs_flops_entry_counts_in_mfu(tmp_path):
         assert r["mfu"] * r["step_s"] * 1e12 == pytest.approx(per_step, rel=1e-9)
 
 
+@pytest.mark.parametrize("bad", ["lots", None, -1.0, float("nan"), float("inf"), [1, 2]])
+def test_a_bad_flops_entry_is_refused_naming_it(tmp_path, bad):
+    """A stage's batch whose "flops" is not a finite number >= 0 stops the run at its first
+    step with one line naming the entry and the value; no checkpoint is written."""
+    from gemmakit.errors import DataError
+    from gemmakit.training.loop import train
+    from gemmakit.training.losses import FLOPS, windows_to_batch
+    from gemmakit.training.recipe import as_recipe
+
+    recipe = tiny_recipe(tmp_path / "run", eval={"interval": 0}, checkpoint={"interval": 1})
+
+    def batches(env, start):
+        while True:
+            yield {**windows_to_batch(torch.zeros(2, 17, dtype=torch.long)), FLOPS: bad}
+
+    with pytest.raises(DataError) as err:
+        train(as_recipe(recipe), next_token_loss, batches)
+    message = str(err.value)
+    assert '"flops"' in message and repr(bad) in message and "\n" not in message
+    assert not list((tmp_path / "run").rglob("step_*"))
+
+
 def test_peak_is_measured_with_the_runs_threads(monkeypatch):
     """The CPU peak is measured (and cached) per thread count: a peak taken with 1 thread
     for a 2-thread run would halve it and double MFU."""

@@ -48,7 +48,7 @@ from torch.utils.checkpoint import checkpoint
 from gemmakit.api import build_model, load_model
 from gemmakit.config import GemmaConfig, get_config
 from gemmakit.dtypes import torch_dtype
-from gemmakit.errors import ConfigError, MissingFileError
+from gemmakit.errors import ConfigError, DataError, MissingFileError
 from gemmakit.model.transformer import Gemma
 from gemmakit.training import allocator, distributed, state
 from gemmakit.training.distributed import DistEnv
@@ -379,8 +379,15 @@ def count_positions(batch: dict) -> tuple[int, int]:
 
 def extra_flops(batch: dict) -> float:
     """The model FLOPs a micro-batch says were spent on it outside the trained model (its
-    "flops" entry, module docstring), 0 without one."""
-    return float(batch.get(FLOPS, 0.0)) if isinstance(batch, dict) else 0.0
+    "flops" entry, module docstring), 0 without one. DataError unless a finite number >= 0."""
+    value = batch.get(FLOPS, 0.0) if isinstance(batch, dict) else 0.0
+    try:
+        flops = float(value)
+    except (TypeError, ValueError):
+        flops = math.nan
+    if not math.isfinite(flops) or flops < 0:
+        raise DataError(f'batch entry "{FLOPS}" must be a finite number >= 0, got {value!r}')
+    return flops
 
 
 def _scale_grads(module: nn.Module, factor: float) -> None:
