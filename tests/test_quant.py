@@ -23,7 +23,10 @@ from gemmakit.quant.checkpoint import save_quantized
 from gemmakit.quant.formats import (
     FORMATS,
     GGUF_FORMATS,
+    HELD,
     dequantize,
+    held_memory,
+    held_rows,
     int4_memory,
     int4_tile,
     pack_int4,
@@ -235,6 +238,30 @@ def test_int4_packing_round_trips():
         QuantWeight("int4", (2, 384), q, d, m)
 
 
+def test_q4_k_held_layout_round_trips():
+    """QuantWeight holds Q4_K as int4 is held: per super-block its 8 sub-blocks' values in
+    int4's blocks (byte i: q[i] low, q[i + 16] high), then the block's 16 bytes of scales;
+    rows and tiles give the file's blocks back exactly, and state_dict is the file's layout."""
+    gen = torch.Generator().manual_seed(4)
+    blocks, _, _ = random_weight("q4_k", 5, 1536, gen)
+    for tile in (0, 512):
+        memory = held_memory("q4_k", blocks, None, None, tile)
+        assert tuple(memory.shape) == ((1536 // tile if tile else 1), 5, 6 * 144 // len(memory))
+        assert torch.equal(held_rows("q4_k", memory, 1536, 32)[0], blocks)
+        picked = held_rows("q4_k", memory, 1536, 32, torch.tensor([4, 1]))[0]
+        assert torch.equal(picked, blocks[[4, 1]])
+    file_block, held_chunk = blocks[2, :144], held_memory("q4_k", blocks, None, None, 0)[0, 2, :144]
+    qs = file_block[16:].reshape(4, 32)  # sub-block 2k in the low nibbles, 2k + 1 in the high
+    want = torch.stack([qs & 0xF, qs >> 4], dim=1).reshape(8, 32)
+    nib = held_chunk[:128].reshape(8, 16)
+    assert torch.equal(torch.cat([nib & 0xF, nib >> 4], dim=1), want)
+    assert torch.equal(held_chunk[128:], file_block[:16])
+    w = QuantWeight("q4_k", (5, 1536), blocks)
+    assert w.tile == 0 and set(w.state_dict()) == {"qdata"}
+    assert torch.equal(w.state_dict()["qdata"], blocks)
+    assert torch.equal(w.dequantize(), dequantize("q4_k", blocks))
+
+
 @pytest.mark.parametrize("damage", ["scale float32", "minimum missing", "groups of 512"])
 def test_hostile_int4_tensors_in_a_quantized_folder(tmp_path, damage):
     """int4 parts that QuantWeight cannot hold (a scale of another dtype, a missing minimum, a
@@ -384,9 +411,9 @@ def test_multi_gemv_equals_one_call_per_weight():
     ns = [37, 8, 300, 21, 19]
     tiles = [0, 0, 0, 0, 256]
     rows = [random_weight(f, n, k, gen) for f, n in zip(fmts, ns)]
-    # as QuantWeight holds them: int4 packed, the second in 2 tiles
+    # as QuantWeight holds them: int4 and q4_k in chunks, the second int4 in 2 tiles
     parts = [
-        (int4_memory(*p, t), None) if f == "int4" else p[:2] for f, p, t in zip(fmts, rows, tiles)
+        (held_memory(f, *p, t), None) if f in HELD else p[:2] for f, p, t in zip(fmts, rows, tiles)
     ]
     x = torch.randn(3, k, generator=gen)
     ys = [torch.full((3, n), float("nan")) for n in ns]

@@ -1,11 +1,13 @@
 /* y[M, N] = x[M, K] @ W[N, K]^T for a quantized W, float32 x and y, 1 <= M <= 8.
  *
  * W is kept as its blocks (gemmakit/quant/formats.py): the GGUF formats Q8_0, Q4_0, Q5_0,
- * Q4_K, Q6_K as llama.cpp stores them, gemmakit's int8 (a float32 scale per row) and int4
+ * Q6_K as llama.cpp stores them, gemmakit's int8 (a float32 scale per row) and int4
  * (blocks of 32 nibbles, a float16 scale and minimum per group of 32, 64, 128 or 256), which is
  * held packed: each row in chunks of 8 blocks, the chunk's 128 bytes of nibbles followed by its
  * groups' scales and then their minimums (quant/formats.py's pack_int4), so that a row is one
- * stream of memory, not three. x is rounded
+ * stream of memory, not three. Q4_K is held as int4 is, a super-block of 256 weights being a
+ * chunk: its nibbles in int4's blocks, then its 16 bytes of scales as the file has them
+ * (formats.q4_k_memory), so that one inner loop serves both. x is rounded
  * once per call to int16 per block of 32 (scale max|x| / 32767, plus the rounded block's sum
  * for the formats with a minimum: see Xq), where llama.cpp rounds it to int8: 258 times
  * finer steps at about the same instruction count (madd of int16 pairs where llama.cpp does
@@ -46,7 +48,8 @@
 #define PF_DIST 2048 /* bytes ahead that int8 and int4 rows prefetch */
 
 enum { Q8_0 = 0, Q4_0 = 1, Q5_0 = 2, Q4_K = 3, Q6_K = 4, INT8 = 5, INT4 = 6 };
-/* bytes per block; int4 rows are packed with their scales: int4_row_bytes */
+/* bytes per block; int4 rows are packed with their scales: int4_row_bytes (Q4_K's as many as
+ * the file's) */
 static const ptrdiff_t BLOCK_BYTES[7] = {34, 18, 22, 144, 210, 1, 16};
 static const ptrdiff_t BLOCK_WEIGHTS[7] = {32, 32, 32, 256, 256, 1, 32};
 
@@ -145,8 +148,8 @@ INLINE float int8_tail(const uint8_t *row, const float *x, ptrdiff_t nb, ptrdiff
 }
 
 /* The M rows' accumulators: acc[2 * m + parity] (two chains per row so consecutive blocks'
- * FMAs do not wait on each other's latency), macc[2 * m + parity] the float terms of formats
- * with a minimum (Q4_K, int4), subtracted at the end. */
+ * FMAs do not wait on each other's latency), macc[2 * m + parity] the minimums' terms of an
+ * int4 row's last short chunk, subtracted at the end (int4_row). */
 typedef struct {
     __m256 acc[16];
     float macc[16]; /* two chains per row as well, [2 * m + parity] */
@@ -244,6 +247,22 @@ INLINE __m256 chunk_values(const uint8_t *v, ptrdiff_t per) {
     return _mm256_permutevar8x32_ps(f, idx);
 }
 
+/* A Q4_K super-block's 16 bytes of scales (float16 d and dmin, then 12 bytes of six-bit
+ * scales sc and minimums mn, packed as llama.cpp packs them: formats._q4_k_scales) -> its 8
+ * sub-blocks' d * sc and, negated, dmin * mn (w = d sc q - dmin mn): four bytes at a time in
+ * 32-bit words, then widened to floats. */
+INLINE void q4_k_values(const uint8_t *p, __m256 *d, __m256 *mv) {
+    uint32_t u[3];
+    memcpy(u, p + 4, 12);
+    const uint32_t lo6 = 0x3F3F3F3F, lo4 = 0x0F0F0F0F, b45 = 0x30303030;
+    const uint32_t sc0 = u[0] & lo6, sc1 = (u[2] & lo4) | ((u[0] >> 2) & b45);
+    const uint32_t mn0 = u[1] & lo6, mn1 = ((u[2] >> 4) & lo4) | ((u[1] >> 2) & b45);
+    const __m256 sc = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_setr_epi32((int)sc0, (int)sc1, 0, 0)));
+    const __m256 mn = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_setr_epi32((int)mn0, (int)mn1, 0, 0)));
+    *d = _mm256_mul_ps(_mm256_set1_ps(f16(p)), sc);
+    *mv = _mm256_mul_ps(_mm256_set1_ps(-f16(p + 2)), mn);
+}
+
 /* Bytes of a packed int4 row of nb blocks with groups of `per` blocks: 16 per block, and a
  * float16 scale and minimum per group. */
 INLINE ptrdiff_t int4_row_bytes(ptrdiff_t nb, ptrdiff_t per) { return 16 * nb + 4 * (nb / per); }
@@ -252,15 +271,22 @@ INLINE ptrdiff_t int4_row_bytes(ptrdiff_t nb, ptrdiff_t per) { return 16 * nb + 
  * of x: xp in pair order (rows Kp apart), xd16 its block scales, xs16 the rounded blocks' sums
  * (rows xb blocks apart). A chunk of 8 blocks at a time: its scales d * xd16 in one multiply,
  * the minimum's terms m * xs16 in one FMA into the row's second accumulator; then four pairs.
- * The last chunk of nb mod 8 blocks: a pair at a time, scales one by one. */
-INLINE void int4_row(const int M, const uint8_t *row, ptrdiff_t group, const int16_t *xp,
-                     const float *xd16, const float *xs16, ptrdiff_t Kp, ptrdiff_t nb,
-                     ptrdiff_t xb, Acc *a) {
-    const ptrdiff_t per = group / 32, cb = int4_row_bytes(8, per); /* bytes per whole chunk */
+ * The last chunk of nb mod 8 blocks: a pair at a time, scales one by one. q4k (a literal at
+ * every call site): the row is a held Q4_K row, whose chunks are its super-blocks (144 bytes,
+ * their scales decoded by q4_k_values; nb a multiple of 8). */
+INLINE void int4_row(const int M, const int q4k, const uint8_t *row, ptrdiff_t group,
+                     const int16_t *xp, const float *xd16, const float *xs16, ptrdiff_t Kp,
+                     ptrdiff_t nb, ptrdiff_t xb, Acc *a) {
+    const ptrdiff_t per = group / 32;
+    const ptrdiff_t cb = q4k ? BLOCK_BYTES[Q4_K] : int4_row_bytes(8, per); /* bytes per chunk */
     ptrdiff_t b = 0;
     for (; b + 8 <= nb; b += 8) {
         const uint8_t *ch = row + cb * (b / 8);
-        const __m256 d = chunk_values(ch + 128, per), mv = chunk_values(ch + 128 + 16 / per, per);
+        __m256 d, mv;
+        if (q4k)
+            q4_k_values(ch + 128, &d, &mv);
+        else
+            d = chunk_values(ch + 128, per), mv = chunk_values(ch + 128 + 16 / per, per);
         __m256 s[8];
 #pragma GCC unroll 8
         for (int m = 0; m < M; m++) {
@@ -284,6 +310,7 @@ INLINE void int4_row(const int M, const uint8_t *row, ptrdiff_t group, const int
             }
         }
     }
+    if (q4k) return; /* whole super-blocks only */
     const ptrdiff_t r = nb - b; /* the last chunk: r blocks, then r / per scales and minimums */
     const uint8_t *ch = row + cb * (b / 8), *sc = ch + 16 * r, *mn = sc + 2 * (r / per);
     for (ptrdiff_t j = 0; j < r; j += 2) {
@@ -307,20 +334,18 @@ INLINE void int4_row(const int M, const uint8_t *row, ptrdiff_t group, const int
     }
 }
 
-/* One row n of W against M rows of x quantized per block of 32 (xq, xd, xs as quantize_x
- * writes them): y[m * N]. Every block's integer dot product is exact; its float scale (the
- * weight block's scale times x's block scale) is applied once per block of 32, and a
- * format's minimum once per block against the rounded block's sum: the dequantized row's dot
- * product with the rounded x, up to float32 rounding. */
+/* One row n of W in a format without minimums (the symmetric ones and Q6_K) against M rows
+ * of x quantized per block of 32 (xq, xd as quantize_x writes them): y[m * N]. Every block's
+ * integer dot product is exact; its float scale (the weight block's scale times x's block
+ * scale) is applied once per block of 32: the dequantized row's dot product with the rounded
+ * x, up to float32 rounding. */
 INLINE void row_dot(const int fmt, const int M, const uint8_t *row, float row_scale, const Xq *X,
                     const float *x, ptrdiff_t K, float *y, ptrdiff_t N) {
     const int16_t *xq = X->q;
-    const float *xd = X->d, *xs = X->s;
+    const float *xd = X->d;
     Acc a;
 #pragma GCC unroll 16
     for (int i = 0; i < 2 * M; i++) a.acc[i] = _mm256_setzero_ps();
-#pragma GCC unroll 16
-    for (int i = 0; i < 2 * M; i++) a.macc[i] = 0.0f;
     const ptrdiff_t nb = K / 32;
     if (fmt == Q8_0 || fmt == Q4_0 || fmt == Q5_0 || fmt == INT8) {
         ptrdiff_t j = 0; /* consecutive blocks alternate chains */
@@ -330,36 +355,6 @@ INLINE void row_dot(const int fmt, const int M, const uint8_t *row, float row_sc
             sym_block(fmt, M, row, j + 1, 1, xq, xd, K, nb, &a);
         }
         if (j < nb) sym_block(fmt, M, row, j, 0, xq, xd, K, nb, &a);
-    } else if (fmt == Q4_K) {
-        for (ptrdiff_t sb = 0; sb < nb / 8; sb++) {
-            const uint8_t *b = row + 144 * sb, *s = b + 4;
-            const float d = f16(b), dmin = f16(b + 2);
-            float ds[8], dm[8];
-            for (int i = 0; i < 4; i++) {
-                ds[i] = d * (float)(s[i] & 63);
-                dm[i] = dmin * (float)(s[i + 4] & 63);
-                ds[i + 4] = d * (float)((s[i + 8] & 0xF) | ((s[i] >> 6) << 4));
-                dm[i + 4] = dmin * (float)((s[i + 8] >> 4) | ((s[i + 4] >> 6) << 4));
-            }
-            for (int k = 0; k < 4; k++) {
-                /* 32 bytes: sub-block 2k in the low nibbles, 2k + 1 in the high ones */
-                __m256i lo0, hi0, lo1, hi1;
-                nibbles16(b + 16 + 32 * k, &lo0, &hi0);
-                nibbles16(b + 32 + 32 * k, &lo1, &hi1);
-                const ptrdiff_t j = 8 * sb + 2 * k;
-#pragma GCC unroll 8
-                for (int m = 0; m < M; m++) {
-                    const int16_t *xv = xq + m * K + 32 * j;
-                    a.acc[2 * m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot32(lo0, lo1, xv)),
-                                                   _mm256_set1_ps(ds[2 * k] * xd[m * nb + j]), a.acc[2 * m]);
-                    a.acc[2 * m + 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot32(hi0, hi1, xv + 32)),
-                                                       _mm256_set1_ps(ds[2 * k + 1] * xd[m * nb + j + 1]),
-                                                       a.acc[2 * m + 1]);
-                    a.macc[2 * m] += dm[2 * k] * xs[m * nb + j];
-                    a.macc[2 * m + 1] += dm[2 * k + 1] * xs[m * nb + j + 1];
-                }
-            }
-        }
     } else if (fmt == Q6_K) {
         for (ptrdiff_t sb = 0; sb < nb / 8; sb++) {
             const uint8_t *b = row + 210 * sb;
@@ -391,8 +386,7 @@ INLINE void row_dot(const int fmt, const int M, const uint8_t *row, float row_sc
     }
 #pragma GCC unroll 8
     for (int m = 0; m < M; m++) {
-        const float s = hsum(_mm256_add_ps(a.acc[2 * m], a.acc[2 * m + 1])) -
-                        (a.macc[2 * m] + a.macc[2 * m + 1]) + int8_tail(row, x + m * K, nb, K);
+        const float s = hsum(_mm256_add_ps(a.acc[2 * m], a.acc[2 * m + 1])) + int8_tail(row, x + m * K, nb, K);
         y[m * N] = s * row_scale;
     }
 }
@@ -500,21 +494,24 @@ INLINE void sym_m1(const int fmt, const uint8_t *W, const float *rs, const Xq *X
     case 8: ROWS(FMT, 8) break;                                                              \
     }
 
-/* Rows [n0, n1) of a packed int4 weight held in tiles of `tile` columns: W [K / tile][N][the
- * packed bytes of `tile` columns] (QuantWeight holds rows longer than 4096 so). Tile by tile,
+/* Rows [n0, n1) of a packed int4 weight (or a held Q4_K one: q4k) held in tiles of `tile`
+ * columns: W [K / tile][N][the packed bytes of `tile` columns] (QuantWeight holds rows longer
+ * than 4096 so). Tile by tile,
  * the slab's rows of a tile are one sequential read, and x's tile (8 KiB in pair order at 4096
  * columns) stays in L1 across them; a whole long row's x (32 KiB for the 16384 columns of
  * Gemma-2B's down projection) does not, and was re-read from L2 for every row. Each row's sums
  * over the tiles add up in y. tile = K: one tile, the rows as they are. */
-INLINE void int4_tiled(const int M, const uint8_t *W, ptrdiff_t group, const Xq *X, float *y,
-                       ptrdiff_t n0, ptrdiff_t n1, ptrdiff_t N, ptrdiff_t K, ptrdiff_t tile) {
-    const ptrdiff_t nbt = tile / 32, tb = int4_row_bytes(nbt, group / 32), Kp = pair_len(K);
+INLINE void int4_tiled(const int M, const int q4k, const uint8_t *W, ptrdiff_t group, const Xq *X,
+                       float *y, ptrdiff_t n0, ptrdiff_t n1, ptrdiff_t N, ptrdiff_t K,
+                       ptrdiff_t tile) {
+    const ptrdiff_t nbt = tile / 32, Kp = pair_len(K);
+    const ptrdiff_t tb = q4k ? nbt / 8 * BLOCK_BYTES[Q4_K] : int4_row_bytes(nbt, group / 32);
     for (ptrdiff_t t = 0; t < K / tile; t++)
         for (ptrdiff_t n = n0; n < n1; n++) {
             Acc a;
 #pragma GCC unroll 16
             for (int i = 0; i < 2 * M; i++) a.acc[i] = _mm256_setzero_ps(), a.macc[i] = 0.0f;
-            int4_row(M, W + (t * N + n) * tb, group, X->p + t * tile, X->d + t * nbt,
+            int4_row(M, q4k, W + (t * N + n) * tb, group, X->p + t * tile, X->d + t * nbt,
                      X->s + t * nbt, Kp, nbt, K / 32, &a);
 #pragma GCC unroll 8
             for (int m = 0; m < M; m++) {
@@ -525,16 +522,16 @@ INLINE void int4_tiled(const int M, const uint8_t *W, ptrdiff_t group, const Xq 
         }
 }
 
-#define INT4_TILED_BY_M                                                                      \
+#define INT4_TILED_BY_M(Q4K)                                                                 \
     switch (M) {                                                                             \
-    case 1: int4_tiled(1, W, group, X, y, n0, n1, N, K, tile); break;                        \
-    case 2: int4_tiled(2, W, group, X, y, n0, n1, N, K, tile); break;                        \
-    case 3: int4_tiled(3, W, group, X, y, n0, n1, N, K, tile); break;                        \
-    case 4: int4_tiled(4, W, group, X, y, n0, n1, N, K, tile); break;                        \
-    case 5: int4_tiled(5, W, group, X, y, n0, n1, N, K, tile); break;                        \
-    case 6: int4_tiled(6, W, group, X, y, n0, n1, N, K, tile); break;                        \
-    case 7: int4_tiled(7, W, group, X, y, n0, n1, N, K, tile); break;                        \
-    case 8: int4_tiled(8, W, group, X, y, n0, n1, N, K, tile); break;                        \
+    case 1: int4_tiled(1, (Q4K), W, group, X, y, n0, n1, N, K, tile); break;                 \
+    case 2: int4_tiled(2, (Q4K), W, group, X, y, n0, n1, N, K, tile); break;                 \
+    case 3: int4_tiled(3, (Q4K), W, group, X, y, n0, n1, N, K, tile); break;                 \
+    case 4: int4_tiled(4, (Q4K), W, group, X, y, n0, n1, N, K, tile); break;                 \
+    case 5: int4_tiled(5, (Q4K), W, group, X, y, n0, n1, N, K, tile); break;                 \
+    case 6: int4_tiled(6, (Q4K), W, group, X, y, n0, n1, N, K, tile); break;                 \
+    case 7: int4_tiled(7, (Q4K), W, group, X, y, n0, n1, N, K, tile); break;                 \
+    case 8: int4_tiled(8, (Q4K), W, group, X, y, n0, n1, N, K, tile); break;                 \
     }
 
 /* a symmetric 32-block format: one row of x four weight rows at a time (sym_m1), else BY_M */
@@ -545,16 +542,18 @@ INLINE void int4_tiled(const int M, const uint8_t *W, ptrdiff_t group, const Xq 
 static void slab(int fmt, const float *x, const Xq *X, const uint8_t *W, const void *scale,
                  float *y, ptrdiff_t n0, ptrdiff_t n1, int M, ptrdiff_t N,
                  ptrdiff_t K, ptrdiff_t rb, ptrdiff_t group, ptrdiff_t tile) {
-    if (fmt == INT4) {
+    if (fmt == INT4 || fmt == Q4_K) {
         tile = tile ? tile : K;
-        INT4_TILED_BY_M
+        if (fmt == Q4_K)
+            INT4_TILED_BY_M(1)
+        else
+            INT4_TILED_BY_M(0)
         return;
     }
     switch (fmt) {
     case Q8_0: SYM_BY_M(Q8_0) break;
     case Q4_0: SYM_BY_M(Q4_0) break;
     case Q5_0: SYM_BY_M(Q5_0) break;
-    case Q4_K: BY_M(Q4_K) break;
     case Q6_K: BY_M(Q6_K) break;
     case INT8: SYM_BY_M(INT8) break;
     }
@@ -590,13 +589,15 @@ int quant_gemv_multi(int count, const int *fmts, const float *x, const uint8_t *
         if (fmt == INT4 && (groups[i] < 32 || groups[i] % 32 || 8 % per || K % groups[i]))
             return -1;
         if (fmt == INT8 && !scales[i]) return -1;
-        if (tiles && tiles[i] && (fmt != INT4 || tiles[i] < 0 || tiles[i] % 256 ||
+        if (tiles && tiles[i] && ((fmt != INT4 && fmt != Q4_K) || tiles[i] < 0 || tiles[i] % 256 ||
                                   tiles[i] % groups[i] || K % tiles[i]))
             return -1;
         rb[i] = fmt == INT4 ? int4_row_bytes(K / 32, per) : K / BLOCK_WEIGHTS[fmt] * BLOCK_BYTES[fmt];
         /* a tiled weight's slab reads its rows' bytes of each tile in turn */
-        rows[i] = slab_rows(Ns[i], tiles && tiles[i] ? int4_row_bytes(tiles[i] / 32, per) : rb[i],
-                            n_threads);
+        const ptrdiff_t tb = !(tiles && tiles[i]) ? rb[i]
+                             : fmt == Q4_K ? tiles[i] / 256 * BLOCK_BYTES[Q4_K]
+                                           : int4_row_bytes(tiles[i] / 32, per);
+        rows[i] = slab_rows(Ns[i], tb, n_threads);
         first[i + 1] = first[i] + (Ns[i] + rows[i] - 1) / rows[i]; /* slabs before weight i+1 */
     }
     const ptrdiff_t n_slabs = first[count];
@@ -611,7 +612,7 @@ int quant_gemv_multi(int count, const int *fmts, const float *x, const uint8_t *
     float *xs = xd + nd;
     quantize_x(x, (int)M, K, xq, xd, xs);
     int any_int4 = 0;
-    for (int i = 0; i < count; i++) any_int4 |= fmts[i] == INT4;
+    for (int i = 0; i < count; i++) any_int4 |= fmts[i] == INT4 || fmts[i] == Q4_K;
     int16_t *xp = any_int4 ? malloc(2 * (size_t)(M * pair_len(K)) + 64) : NULL;
     if (any_int4 && !xp) {
         free(xq), free(xd);

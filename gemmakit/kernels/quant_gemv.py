@@ -35,9 +35,9 @@ def call(
     tile: int = 0,
 ) -> torch.Tensor:
     """x [M, K] float32 contiguous, qdata uint8 contiguous -> y [M, N] float32. qdata: the
-    row layout [N, row bytes], but for int4 as QuantWeight holds it (formats.int4_memory:
-    packed, [K / tile, N, bytes]; `tile` its columns per tile, 0 for one tile). scale: int8's
-    float32 [N], else None."""
+    row layout [N, row bytes], but for int4 and q4_k as QuantWeight holds them
+    (formats.held_memory: chunks, [K / tile, N, bytes]; `tile` its columns per tile, 0 for
+    one tile). scale: int8's float32 [N], else None."""
     m, k = x.shape
     y = torch.empty(m, n, dtype=torch.float32)
     rc = lib.quant_gemv(

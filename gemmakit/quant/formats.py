@@ -13,8 +13,10 @@ blocks, a chunk's 128 bytes of nibbles followed by its groups' float16 scales an
 minimums, so that the kernel reads a row as one stream of memory where the row layout is three
 (one per tensor); rows longer than INT4_TILE are also cut into tiles (`int4_tile`), [tiles, N,
 packed bytes of a tile], so that each tile's rows are one stream while the kernel's activations
-for the tile stay in its L1. Files, state_dict and `dequantize` use the row layout
-(`int4_rows` gives it back).
+for the tile stay in its L1. A Q4_K weight is held the same way (`q4_k_memory`): each
+super-block of 256 weights a chunk, its nibbles in int4's blocks followed by its 16 bytes of
+scales, so that the kernel runs both through one inner loop. Files, state_dict and
+`dequantize` use the row layout (`held_rows` gives it back).
 
 `dequantize(fmt, qdata, scale, minimum, K)` is the torch reference every kernel is tested
 against; it runs on any device (the fallback for machines without the C kernels and for GPUs).
@@ -161,6 +163,67 @@ def int4_rows(
     t, n = memory.shape[:2]
     parts = unpack_int4(memory.reshape(t * n, -1), k // t, group)
     return tuple(from_tiles(p.reshape(t, n, -1)) for p in parts)
+
+
+def q4_k_memory(qdata: torch.Tensor, tile: int = 0) -> torch.Tensor:
+    """A Q4_K weight's blocks as the file holds them (uint8 [N, K / 256 * 144]: d, dmin, 12
+    bytes of scales, then per 64 weights 32 bytes holding sub-block 2i in their low nibbles and
+    2i + 1 in their high ones) -> how QuantWeight holds it: per super-block its 8 sub-blocks in
+    int4's block layout (byte i: q[i] low, q[i + 16] high; 128 bytes), then its first 16 bytes,
+    as [T, N, bytes of a tile] (T = K / tile, 1 when `tile` is 0). The same bytes reordered."""
+    n = qdata.shape[0]
+    b = qdata.reshape(n, -1, 144)
+    s = b.shape[1]
+    qs = b[..., 16:].reshape(n, s, 4, 1, 32)
+    q = torch.cat([qs & 0xF, qs >> 4], dim=3).reshape(n, s, 8, 2, 16)  # sub-blocks in order
+    nibbles = (q[..., 0, :] | (q[..., 1, :] << 4)).reshape(n, s, 128)
+    held = torch.cat([nibbles, b[..., :16]], dim=-1).reshape(n, -1)
+    t = 256 * s // tile if tile else 1
+    return to_tiles(held, t)
+
+
+def q4_k_rows(memory: torch.Tensor) -> torch.Tensor:
+    """q4_k_memory's inverse: [T, N, bytes of a tile] -> the file's blocks [N, K / 256 * 144]."""
+    held = from_tiles(memory)
+    n = held.shape[0]
+    b = held.reshape(n, -1, 144)
+    s = b.shape[1]
+    nib = b[..., :128].reshape(n, s, 8, 1, 16)
+    q = torch.cat([nib & 0xF, nib >> 4], dim=3).reshape(n, s, 4, 2, 32)
+    qs = (q[..., 0, :] | (q[..., 1, :] << 4)).reshape(n, s, 128)
+    return torch.cat([b[..., 128:], qs], dim=-1).reshape(n, -1)
+
+
+HELD = ("int4", "q4_k")  # the formats QuantWeight holds in chunks (and tiles), not as files do
+
+
+def held_tile(fmt: str, k: int, group: int) -> int:
+    """Columns per tile of a held format's weight with rows of `k` (int4_tile); 0 for the
+    formats held as files hold them."""
+    if fmt not in HELD:
+        return 0
+    return int4_tile(k, 256 if fmt == "q4_k" else group)
+
+
+def held_memory(
+    fmt: str,
+    qdata: torch.Tensor,
+    scale: torch.Tensor | None,
+    minimum: torch.Tensor | None,
+    tile: int,
+) -> torch.Tensor:
+    """A weight in row layout -> the one tensor QuantWeight holds (fmt in HELD)."""
+    return int4_memory(qdata, scale, minimum, tile) if fmt == "int4" else q4_k_memory(qdata, tile)
+
+
+def held_rows(
+    fmt: str, memory: torch.Tensor, k: int, group: int, rows: slice | torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """held_memory's inverse for rows `rows` (all when None): (qdata, scale, minimum) in row
+    layout (scale and minimum None for q4_k, whose blocks hold them)."""
+    if fmt == "int4":
+        return int4_rows(memory, k, group, rows)
+    return q4_k_rows(memory if rows is None else memory[:, rows]), None, None
 
 
 def _f16(b: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import torch
 
-from gemmakit.quant.formats import FORMATS, dequantize, int4_memory, row_bytes
+from gemmakit.quant.formats import FORMATS, HELD, dequantize, held_memory, row_bytes
 
 # byte offsets of float16 scales inside one block, overwritten with sane values (random bytes
 # there could be inf or NaN)
@@ -89,25 +89,28 @@ def check_all(kernel: Callable[..., torch.Tensor], rows: tuple[int, ...] = (1, 3
     """Raise RuntimeError unless kernel(code, x, qdata, scale, N, group, n_threads, tile)
     equals `reference` of the rounded x (`round_activations`) up to float32 summation
     order (1e-5 of sum |x| |w|): the tight check, which a wrong block, scale or minimum fails
-    (the looser `error_bound` against the unrounded x is what callers may rely on). int4 goes
-    in as QuantWeight holds it (formats.int4_memory), in rows and in tiles."""
+    (the looser `error_bound` against the unrounded x is what callers may rely on). int4
+    and q4_k go in as QuantWeight holds them (formats.held_memory), in rows and in tiles."""
     gen = torch.Generator().manual_seed(0)
     cases = [
         (fmt, 512 if f.block == 256 else (72 if fmt == "int8" else 96), 32, 0)
         for fmt, f in FORMATS.items()
-        if fmt != "int4"
+        if fmt not in HELD
     ]
     # int4: chunks of 8 blocks, then a shorter last chunk (pairs, and for group 32 an odd
-    # last block); then 3 tiles of 512 columns, whose sums add up per row
+    # last block); then 3 tiles of 512 columns, whose sums add up per row; q4_k the same
+    # way (whole super-blocks only)
     cases += [
         ("int4", 2208, 32, 0),
         ("int4", 2176, 128, 0),
         ("int4", 1536, 32, 512),
         ("int4", 1536, 128, 512),
+        ("q4_k", 512, 32, 0),
+        ("q4_k", 1536, 32, 512),
     ]
     for fmt, k, group, tile in cases:
         parts = random_weight(fmt, 13, k, gen, group)
-        held = (int4_memory(*parts, tile), None) if fmt == "int4" else parts[:2]
+        held = (held_memory(fmt, *parts, tile), None) if fmt in HELD else parts[:2]
         for m in rows:
             x = torch.randn(m, k, generator=gen)
             got = kernel(FORMATS[fmt].code, x, *held, 13, group, 2, tile)

@@ -14,7 +14,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from gemmakit.kernels import quant_gemv
-from gemmakit.quant.formats import FORMATS, dequantize, int4_memory, int4_rows, int4_tile, row_bytes
+from gemmakit.quant.formats import (
+    FORMATS,
+    HELD,
+    dequantize,
+    held_memory,
+    held_rows,
+    held_tile,
+    row_bytes,
+)
 from gemmakit.quant.selftest import activation_steps
 
 TILE_ELEMENTS = 1 << 22  # the fallback dequantizes at most this many weights (16 MB) at once
@@ -26,12 +34,12 @@ class QuantWeight(nn.Module):
 
     Takes the row layout: qdata uint8 [N, row bytes]; scale (int8: float32 [N]; int4: float16
     [N, K / group]); minimum (int4: float16 [N, K / group]). Buffers (so `.to(device)` and
-    state_dict carry them): int8 and the GGUF formats keep those; int4 is held as one buffer,
-    `qdata`, packed and tiled (formats.int4_memory: [K / tile, N, bytes], `tile` columns per
-    tile, `tile` = 0 for rows of at most 4096), one stream of memory per tile's rows for the
-    kernel. state_dict gives and takes the row layout whatever the memory layout, so files
-    never see it. `dtype` is the compute dtype: what the dequantized values and the outputs
-    are cast to.
+    state_dict carry them): int8 and the GGUF formats but Q4_K keep those; int4 and Q4_K
+    (formats.HELD) are held as one buffer, `qdata`, in chunks and tiles
+    (formats.held_memory: [K / tile, N, bytes], `tile` columns per tile, `tile` = 0 for rows
+    of at most 4096), one stream of memory per tile's rows for the kernel. state_dict gives
+    and takes the row layout whatever the memory layout, so files never see it. `dtype` is
+    the compute dtype: what the dequantized values and the outputs are cast to.
     """
 
     def __init__(
@@ -60,8 +68,9 @@ class QuantWeight(nn.Module):
             if k % g:
                 raise ValueError(f"int4 rows of {k} weights do not split into {g} groups")
             self._group = k // g
-            self.tile = int4_tile(k, self._group)
-            qdata = int4_memory(qdata, scale, minimum, self.tile)
+        if fmt in HELD:
+            self.tile = held_tile(fmt, k, self._group)
+            qdata = held_memory(fmt, qdata, scale, minimum, self.tile)
         self.register_buffer("qdata", qdata.contiguous())
         if fmt == "int8":
             self.register_buffer("scale", scale.contiguous())
@@ -69,18 +78,23 @@ class QuantWeight(nn.Module):
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         """The row layout, whatever the memory layout: what files and other models hold."""
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        if self.fmt == "int4":
+        if self.fmt in HELD:
             for name, t in zip(("qdata", "scale", "minimum"), self._parts(None)):
-                destination[prefix + name] = t
+                if t is not None:
+                    destination[prefix + name] = t
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        """Takes the row layout (state_dict's), packed as the int4 buffer is held."""
-        if self.fmt == "int4" and all(
-            prefix + p in state_dict for p in ("qdata", "scale", "minimum")
+        """Takes the row layout (state_dict's: 2-D qdata), held as the buffer is
+        (formats.HELD); a held buffer (3-D) as it is."""
+        names = ("qdata", "scale", "minimum") if self.fmt == "int4" else ("qdata",)
+        if (
+            self.fmt in HELD
+            and all(prefix + p in state_dict for p in names)
+            and state_dict[prefix + "qdata"].dim() == 2
         ):
             state_dict = dict(state_dict)
-            parts = [state_dict.pop(prefix + p) for p in ("qdata", "scale", "minimum")]
-            state_dict[prefix + "qdata"] = int4_memory(*parts, self.tile)
+            parts = [state_dict.pop(prefix + p) for p in names] + [None] * (3 - len(names))
+            state_dict[prefix + "qdata"] = held_memory(self.fmt, *parts, self.tile)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @property
@@ -119,8 +133,8 @@ class QuantWeight(nn.Module):
 
     def _parts(self, rows) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """(qdata, scale, minimum) of rows `rows` (all when None) in row layout."""
-        if self.fmt == "int4":
-            return int4_rows(self.qdata, self.shape[1], self._group, rows)
+        if self.fmt in HELD:
+            return held_rows(self.fmt, self.qdata, self.shape[1], self._group, rows)
         scale = getattr(self, "scale", None)
         pick = (lambda t: None if t is None else t[rows]) if rows is not None else (lambda t: t)
         return pick(self.qdata), pick(scale), None
