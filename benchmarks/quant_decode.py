@@ -1,11 +1,12 @@
 """Decode speed of a Gemma-2B-shaped model (random weights) on CPU, batch 1, with its weights in
-bfloat16, int8 (per-row scales) and int4 (groups of 32, scale + min), each against its own
+bfloat16, int8 (per-row scales), int4 (groups of 32 or 128, scale + min) and llama.cpp's Q4_K
+(super-blocks of 256 weights, six-bit scales and minimums per 32), each against its own
 memory-bandwidth floor, in one run.
 
     python benchmarks/quant_decode.py               # full 2B shape (~5 GB of bf16 weights)
     python benchmarks/quant_decode.py --layers 2    # quicker, same per-layer shapes
 
-Every model is held in memory (about 10 GB for the four) and each round measures all of them in
+Every model is held in memory (about 11 GB for the five) and each round measures all of them in
 turn, the read rate measured just before and after each run and bf16 again at the round's end;
 the table shows medians of each run's figures (the machine's read rate drifts within minutes,
 so each run is set against the rates around it, and ratios are taken within a round).
@@ -65,7 +66,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, objec
     ap.add_argument("--new-tokens", type=positive, default=24)
     ap.add_argument("--rounds", type=positive, default=3)
     ap.add_argument(
-        "--modes", default="bf16,int8,int4,int4-g128", help=f"comma-separated: {', '.join(MODES)}"
+        "--modes",
+        default="bf16,int8,int4,int4-g128,q4_k",
+        help=f"comma-separated: {', '.join(MODES)}",
     )
     args = ap.parse_args(argv)
     try:

@@ -305,22 +305,25 @@ def test_int4_tile_sizes():
     assert int4_tile(4352, 32) == 0  # 17 x 256: no equal tiles of 1024..4096 columns
 
 
-def test_int4_held_in_tiles_is_the_same_weight(tmp_path, monkeypatch):
-    """With INT4_TILE at 256, the tiny model's 1024-wide down projections are held in 4 tiles
-    of 256 columns: the state_dict, the saved file, dequantize, the kernel's logits and the
-    fused decode step's logits are those of the same weights held in rows, and a
-    state_dict in rows loads into the tiled model."""
+@pytest.mark.parametrize("mode", ["int4", "q4_k"])
+def test_held_in_tiles_is_the_same_weight(tmp_path, monkeypatch, mode):
+    """With INT4_TILE at 256, the tiny model's 1024-wide down projections (int4, or Q4_K held
+    as int4 is) are held in 4 tiles of 256 columns: the state_dict, the saved file,
+    dequantize, the kernel's logits and the fused decode step's logits are those of the same
+    weights held in rows, and a state_dict in rows loads into the tiled model."""
     from safetensors.torch import load_file
 
     config = get_config("tiny-gemma3").replace(
         d_model=256, n_layers=2, vocab_size=512, ffn_dim=1024
     )
-    rows = quantize_model(build_model(config, seed=0, init_std=0.08), "int4")
+    rows = quantize_model(build_model(config, seed=0, init_std=0.08), mode)
     monkeypatch.setattr(formats, "INT4_TILE", 256)
-    tiled = quantize_model(build_model(config, seed=0, init_std=0.08), "int4")
+    tiled = quantize_model(build_model(config, seed=0, init_std=0.08), mode)
     down = tiled.blocks[0].mlp.down_proj.weight
-    # 4 tiles of 256 rows of one 8-block chunk: 128 bytes of nibbles, 8 scales, 8 minimums
-    assert down.tile == 256 and tuple(down.qdata.shape) == (4, 256, 160)
+    # 4 tiles of 256 rows of one 8-block chunk: 128 bytes of nibbles, then 8 scales and 8
+    # minimums (int4) or the super-block's 16 bytes of scales (Q4_K)
+    chunk = 160 if mode == "int4" else 144
+    assert down.tile == 256 and tuple(down.qdata.shape) == (4, 256, chunk)
     assert rows.blocks[0].mlp.down_proj.weight.tile == 0
     assert torch.equal(down.dequantize(), rows.blocks[0].mlp.down_proj.weight.dequantize())
     assert torch.equal(down.dequantize(torch.tensor([7, 3])), down.dequantize()[[7, 3]])
@@ -347,7 +350,7 @@ def test_int4_held_in_tiles_is_the_same_weight(tmp_path, monkeypatch):
         step_logits(tiled, PROMPTS, 4, fast=True), step_logits(rows, PROMPTS, 4, fast=False)
     ):
         assert (f - e).abs().max() <= 1e-3 * e.abs().max()  # test_fast_decode's QUANT_BOUND
-    other = quantize_model(build_model(config, seed=1, init_std=0.08), "int4")
+    other = quantize_model(build_model(config, seed=1, init_std=0.08), mode)
     other.load_state_dict(rows.state_dict())
     assert torch.equal(other.blocks[0].mlp.down_proj.weight.qdata, down.qdata)
 
