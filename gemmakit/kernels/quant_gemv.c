@@ -267,6 +267,12 @@ INLINE void q4_k_values(const uint8_t *p, __m256 *d, __m256 *mv) {
  * float16 scale and minimum per group. */
 INLINE ptrdiff_t int4_row_bytes(ptrdiff_t nb, ptrdiff_t per) { return 16 * nb + 4 * (nb / per); }
 
+/* Bytes of nb blocks of a held row: int4's packed ones, or (q4k) Q4_K's super-blocks, whose
+ * held bytes are the file's (nb a multiple of 8) */
+INLINE ptrdiff_t held_row_bytes(int q4k, ptrdiff_t nb, ptrdiff_t per) {
+    return q4k ? nb / 8 * BLOCK_BYTES[Q4_K] : int4_row_bytes(nb, per);
+}
+
 /* One packed int4 row of nb blocks (w = d q + m per group of `group` weights) against M rows
  * of x: xp in pair order (rows Kp apart), xd16 its block scales, xs16 the rounded blocks' sums
  * (rows xb blocks apart). A chunk of 8 blocks at a time: its scales d * xd16 in one multiply,
@@ -278,7 +284,7 @@ INLINE void int4_row(const int M, const int q4k, const uint8_t *row, ptrdiff_t g
                      const int16_t *xp, const float *xd16, const float *xs16, ptrdiff_t Kp,
                      ptrdiff_t nb, ptrdiff_t xb, Acc *a) {
     const ptrdiff_t per = group / 32;
-    const ptrdiff_t cb = q4k ? BLOCK_BYTES[Q4_K] : int4_row_bytes(8, per); /* bytes per chunk */
+    const ptrdiff_t cb = held_row_bytes(q4k, 8, per); /* bytes per whole chunk */
     ptrdiff_t b = 0;
     for (; b + 8 <= nb; b += 8) {
         const uint8_t *ch = row + cb * (b / 8);
@@ -505,7 +511,7 @@ INLINE void int4_tiled(const int M, const int q4k, const uint8_t *W, ptrdiff_t g
                        float *y, ptrdiff_t n0, ptrdiff_t n1, ptrdiff_t N, ptrdiff_t K,
                        ptrdiff_t tile) {
     const ptrdiff_t nbt = tile / 32, Kp = pair_len(K);
-    const ptrdiff_t tb = q4k ? nbt / 8 * BLOCK_BYTES[Q4_K] : int4_row_bytes(nbt, group / 32);
+    const ptrdiff_t tb = held_row_bytes(q4k, nbt, group / 32);
     for (ptrdiff_t t = 0; t < K / tile; t++)
         for (ptrdiff_t n = n0; n < n1; n++) {
             Acc a;
@@ -594,9 +600,7 @@ int quant_gemv_multi(int count, const int *fmts, const float *x, const uint8_t *
             return -1;
         rb[i] = fmt == INT4 ? int4_row_bytes(K / 32, per) : K / BLOCK_WEIGHTS[fmt] * BLOCK_BYTES[fmt];
         /* a tiled weight's slab reads its rows' bytes of each tile in turn */
-        const ptrdiff_t tb = !(tiles && tiles[i]) ? rb[i]
-                             : fmt == Q4_K ? tiles[i] / 256 * BLOCK_BYTES[Q4_K]
-                                           : int4_row_bytes(tiles[i] / 32, per);
+        const ptrdiff_t tb = tiles && tiles[i] ? held_row_bytes(fmt == Q4_K, tiles[i] / 32, per) : rb[i];
         rows[i] = slab_rows(Ns[i], tb, n_threads);
         first[i + 1] = first[i] + (Ns[i] + rows[i] - 1) / rows[i]; /* slabs before weight i+1 */
     }

@@ -173,13 +173,9 @@ def q4_k_memory(qdata: torch.Tensor, tile: int = 0) -> torch.Tensor:
     as [T, N, bytes of a tile] (T = K / tile, 1 when `tile` is 0). The same bytes reordered."""
     n = qdata.shape[0]
     b = qdata.reshape(n, -1, 144)
-    s = b.shape[1]
-    qs = b[..., 16:].reshape(n, s, 4, 1, 32)
-    q = torch.cat([qs & 0xF, qs >> 4], dim=3).reshape(n, s, 8, 2, 16)  # sub-blocks in order
-    nibbles = (q[..., 0, :] | (q[..., 1, :] << 4)).reshape(n, s, 128)
+    nibbles = _pack_nibbles(_q4_k_values(b[..., 16:])).reshape(n, -1, 128)
     held = torch.cat([nibbles, b[..., :16]], dim=-1).reshape(n, -1)
-    t = 256 * s // tile if tile else 1
-    return to_tiles(held, t)
+    return to_tiles(held, 256 * b.shape[1] // tile if tile else 1)
 
 
 def q4_k_rows(memory: torch.Tensor) -> torch.Tensor:
@@ -187,22 +183,12 @@ def q4_k_rows(memory: torch.Tensor) -> torch.Tensor:
     held = from_tiles(memory)
     n = held.shape[0]
     b = held.reshape(n, -1, 144)
-    s = b.shape[1]
-    nib = b[..., :128].reshape(n, s, 8, 1, 16)
-    q = torch.cat([nib & 0xF, nib >> 4], dim=3).reshape(n, s, 4, 2, 32)
-    qs = (q[..., 0, :] | (q[..., 1, :] << 4)).reshape(n, s, 128)
+    q = _nibbles(b[..., :128].reshape(n, -1, 4, 2, 16))  # [N, blocks, 4, 2, 32]
+    qs = (q[..., 0, :] | (q[..., 1, :] << 4)).reshape(n, -1, 128)  # _q4_k_values' inverse
     return torch.cat([b[..., 128:], qs], dim=-1).reshape(n, -1)
 
 
 HELD = ("int4", "q4_k")  # the formats QuantWeight holds in chunks (and tiles), not as files do
-
-
-def held_tile(fmt: str, k: int, group: int) -> int:
-    """Columns per tile of a held format's weight with rows of `k` (int4_tile); 0 for the
-    formats held as files hold them."""
-    if fmt not in HELD:
-        return 0
-    return int4_tile(k, 256 if fmt == "q4_k" else group)
 
 
 def held_memory(
@@ -232,8 +218,13 @@ def _f16(b: torch.Tensor) -> torch.Tensor:
 
 
 def _nibbles(qs: torch.Tensor) -> torch.Tensor:
-    """uint8 [B, 16] -> [B, 32]: low nibbles are values 0..15, high nibbles 16..31."""
+    """uint8 [..., 16] -> [..., 32]: low nibbles are values 0..15, high nibbles 16..31."""
     return torch.cat([qs & 0xF, qs >> 4], dim=-1)
+
+
+def _pack_nibbles(q: torch.Tensor) -> torch.Tensor:
+    """_nibbles' inverse: values 0..15 [..., 32] -> uint8 [..., 16]."""
+    return q[..., :16] | (q[..., 16:] << 4)
 
 
 def _q8_0(b: torch.Tensor) -> torch.Tensor:
@@ -259,12 +250,18 @@ def _q4_k_scales(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return sc.float(), mn.float()
 
 
+def _q4_k_values(qs: torch.Tensor) -> torch.Tensor:
+    """A Q4_K super-block's 128 bytes of nibbles [..., 128] -> its 8 sub-blocks' values 0..15
+    [..., 8, 32]: per 32 bytes, sub-block 2i in the low nibbles and 2i + 1 in the high ones."""
+    qs = qs.reshape(*qs.shape[:-1], 4, 1, 32)
+    return torch.cat([qs & 0xF, qs >> 4], dim=-2).reshape(*qs.shape[:-3], 8, 32)
+
+
 def _q4_k(b: torch.Tensor) -> torch.Tensor:
     n = b.shape[0]
     d, dmin = _f16(b[:, 0:2]), _f16(b[:, 2:4])
     sc, mn = _q4_k_scales(b[:, 4:16])
-    qs = b[:, 16:].reshape(n, 4, 1, 32)  # four chunks of 32 bytes: low nibbles, then high
-    q = torch.cat([qs & 0xF, qs >> 4], dim=2).reshape(n, 8, 32).float()
+    q = _q4_k_values(b[:, 16:]).float()
     return ((d * sc)[..., None] * q - (dmin * mn)[..., None]).reshape(n, 256)
 
 
@@ -330,6 +327,4 @@ def quantize_int4(w: torch.Tensor, group: int = 32) -> tuple[torch.Tensor, ...]:
     m = lo.half()
     dd = torch.where(d.float() > 0, d.float(), torch.ones_like(d.float()))
     q = torch.round((g - m.float()[..., None]) / dd[..., None]).clamp(0, 15).to(torch.uint8)
-    q = q.reshape(n, k // 32, 2, 16)
-    packed = q[:, :, 0] | (q[:, :, 1] << 4)  # [N, K / 32, 16]
-    return packed.reshape(n, k // 2), d, m
+    return _pack_nibbles(q.reshape(n, k // 32, 32)).reshape(n, k // 2), d, m

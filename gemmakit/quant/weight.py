@@ -20,7 +20,7 @@ from gemmakit.quant.formats import (
     dequantize,
     held_memory,
     held_rows,
-    held_tile,
+    int4_tile,
     row_bytes,
 )
 from gemmakit.quant.selftest import activation_steps
@@ -69,7 +69,7 @@ class QuantWeight(nn.Module):
                 raise ValueError(f"int4 rows of {k} weights do not split into {g} groups")
             self._group = k // g
         if fmt in HELD:
-            self.tile = held_tile(fmt, k, self._group)
+            self.tile = int4_tile(k, self._group)
             qdata = held_memory(fmt, qdata, scale, minimum, self.tile)
         self.register_buffer("qdata", qdata.contiguous())
         if fmt == "int8":
