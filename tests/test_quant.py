@@ -297,6 +297,44 @@ def test_hostile_int4_tensors_in_a_quantized_folder(tmp_path, damage):
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
 
 
+@pytest.mark.parametrize("damage", ["short rows", "float qdata", "3-D qdata", "scale added"])
+def test_hostile_q4_k_tensors_in_a_quantized_folder(tmp_path, damage):
+    """Q4_K blocks that QuantWeight cannot hold (rows not whole super-blocks, another dtype,
+    a qdata of three dimensions such as the held layout, a scale its blocks already hold) are
+    refused at `--quant keep` in one line naming the file and the key, and the folder is
+    left as it was."""
+    from safetensors.torch import load_file, save_file
+
+    from gemmakit.errors import CheckpointError
+
+    folder = save_quantized(quantize_model(_tiny(), "q4_k"), tmp_path / "q")
+    path = folder / "model.safetensors"
+    state = load_file(path)
+    key = next(k.removesuffix(".qdata") for k in state if "down_proj" in k and k.endswith(".qdata"))
+    q = state[f"{key}.qdata"]
+    state[f"{key}.qdata"] = {
+        "short rows": q[:, :-1].contiguous(),
+        "float qdata": q.float(),
+        "3-D qdata": q[None].contiguous(),
+        "scale added": q,
+    }[damage]
+    if damage == "scale added":
+        state[f"{key}.scale"] = torch.ones(q.shape[0], dtype=torch.float32)
+    save_file(state, path, metadata={"format": "pt"})
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    with pytest.raises(CheckpointError) as err:
+        load_model(folder, quant="keep")
+    message = str(err.value)
+    assert "\n" not in message and str(path) in message and key in message
+    assert {
+        "short rows": "expected",
+        "float qdata": "uint8",
+        "3-D qdata": "[1, ",
+        "scale added": "takes no scale",
+    }[damage] in message
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+
+
 def test_int4_tile_sizes():
     assert int4_tile(16384, 32) == 4096  # Gemma-2B's down projection: 4 tiles
     assert int4_tile(24576, 128) == 4096  # 7B's: 6

@@ -17,6 +17,7 @@ from gemmakit.quant.weight import QuantWeight
 
 CONFIG_KEY = "gemmakit_quantization"
 PARTS = ("qdata", "scale", "minimum")
+TAKES = {"int8": ("scale",), "int4": ("scale", "minimum")}  # the rest: their blocks hold them
 
 
 def _logical_shape(fmt: str, qdata_shape: tuple[int, ...]) -> tuple[int, int]:
@@ -44,7 +45,13 @@ class QuantizedSource(TensorSource):
 
     def shape(self, key: str) -> tuple[int, ...]:
         if key in self.formats:
-            return _logical_shape(self.formats[key], self.inner.shape(f"{key}.qdata"))
+            found = self.inner.shape(f"{key}.qdata")
+            if len(found) != 2:
+                raise CheckpointError(
+                    f"{self.file_of(key)}: tensor {key!r}: qdata has shape {list(found)}, "
+                    "not [rows, bytes per row]"
+                )
+            return _logical_shape(self.formats[key], found)
         return self.inner.shape(key)
 
     def _parts(self, key: str) -> list[torch.Tensor | None]:
@@ -61,6 +68,12 @@ class QuantizedSource(TensorSource):
             return None
         fmt = self.formats[key]
         qdata, scale, minimum = self._parts(key)
+        for name, t in (("scale", scale), ("minimum", minimum)):
+            if t is not None and name not in TAKES.get(fmt, ()):
+                raise CheckpointError(
+                    f"{self.file_of(key)}: tensor {key!r}: {fmt} takes no {name} "
+                    f"(found {key}.{name})"
+                )
         try:
             return QuantWeight(fmt, self.shape(key), qdata, scale, minimum, dtype)
         except (ValueError, AttributeError) as e:
