@@ -24,6 +24,7 @@ from gemmakit.quant.formats import (
     FORMATS,
     GGUF_FORMATS,
     HELD,
+    PAIR_ORDER,
     dequantize,
     held_memory,
     held_rows,
@@ -208,7 +209,7 @@ def test_quantized_checkpoint_saves_and_loads_back(tmp_path):
 def test_int4_packing_round_trips():
     """QuantWeight's int4 memory (packed rows, tiles) gives back the row layout exactly, for
     whole and short last chunks and every group that divides a chunk; a chunk is its 128
-    bytes of nibbles, then its scales, then its minimums."""
+    bytes of nibbles, then its scales, then its minimums (groups of 32: in PAIR_ORDER)."""
     from gemmakit.errors import CheckpointError
     from gemmakit.quant.formats import int4_rows
 
@@ -227,7 +228,9 @@ def test_int4_packing_round_trips():
         assert all(torch.equal(a, b) for a, b in zip(unpack_int4(packed, k, group), parts))
         spc = 8 * 32 // group  # scales per whole chunk
         assert torch.equal(packed[:, :128], parts[0][:, :128])
-        assert torch.equal(packed[:, 128 : 128 + 2 * spc].view(torch.float16), parts[1][:, :spc])
+        order = list(PAIR_ORDER) if spc == 8 else list(range(spc))  # groups of 32: pairs' order
+        for at, part in ((128, parts[1]), (128 + 2 * spc, parts[2])):
+            assert torch.equal(packed[:, at : at + 2 * spc].view(torch.float16), part[:, order])
         memory = int4_memory(*parts, tile)
         assert tuple(memory.shape[:2]) == ((k // tile if tile else 1), 5)
         assert all(torch.equal(a, b) for a, b in zip(int4_rows(memory, k, group), parts))

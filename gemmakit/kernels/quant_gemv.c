@@ -160,6 +160,7 @@ typedef struct {
 typedef struct {
     const int16_t *q, *p; /* p: q in pair order (pair_x) when the call has an int4 weight */
     const float *d, *s;
+    const float *pd, *ps; /* with p: d and s in the pairs' order per 8 blocks (pair_x) */
 } Xq;
 
 /* Symmetric 32-block j (Q8_0, Q4_0, Q5_0, int8) against the M rows of x rounded to int16:
@@ -213,10 +214,20 @@ INLINE ptrdiff_t pair_len(ptrdiff_t K) { return 64 * ((K / 32 + 1) / 2); }
 
 /* x rounded to int16 (xq [M, K]) in pair order: xp [M, pair_len(K)], an odd last block padded
  * with zeros. Per pair, A (activations of weights 2i of both blocks), B
- * (2i + 16), C (2i + 1), D (2i + 17): the even and odd places of each half block. */
-static void pair_x(const int16_t *xq, int M, ptrdiff_t K, int16_t *xp) {
+ * (2i + 16), C (2i + 1), D (2i + 17): the even and odd places of each half block. And its
+ * blocks' scales and sums (xd, xs [M, K / 32]) in the pairs' order of chunk_values per whole 8
+ * blocks, the last K / 32 mod 8 as they are: pd, ps [M, K / 32]. */
+static void pair_x(const int16_t *xq, const float *xd, const float *xs, int M, ptrdiff_t K,
+                   int16_t *xp, float *pd, float *ps) {
     const ptrdiff_t nb = K / 32, Kp = pair_len(K);
-    for (int m = 0; m < M; m++)
+    const __m256i order = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
+    for (ptrdiff_t i = 0; i < M * nb; i++) pd[i] = xd[i], ps[i] = xs[i];
+    for (int m = 0; m < M; m++) {
+        for (ptrdiff_t j = 0; j + 8 <= nb; j += 8) {
+            const ptrdiff_t at = m * nb + j;
+            _mm256_storeu_ps(pd + at, _mm256_permutevar8x32_ps(_mm256_loadu_ps(xd + at), order));
+            _mm256_storeu_ps(ps + at, _mm256_permutevar8x32_ps(_mm256_loadu_ps(xs + at), order));
+        }
         for (ptrdiff_t j = 0; j < nb; j += 2) {
             const int16_t *b = xq + m * K + 32 * j;
             const __m256i z = _mm256_setzero_si256();
@@ -229,38 +240,49 @@ static void pair_x(const int16_t *xq, int M, ptrdiff_t K, int16_t *xp) {
             _mm256_storeu_si256(o + 2, _mm256_permute2x128_si256(ac0, ac1, 0x31));
             _mm256_storeu_si256(o + 3, _mm256_permute2x128_si256(bd0, bd1, 0x31));
         }
+    }
 }
 
 /* The 8 blocks' values of a chunk holding one float16 value per group of `per` blocks (per
- * divides 8), as floats; reads only the 16 / per bytes there are. */
+ * divides 8), as floats in the pairs' order [0, 2, 4, 6 | 1, 3, 5, 7] (PAIR_ORDER): the 128-bit
+ * half l of the vector holds the blocks 2k + l, so that a pair k's scales are one in-lane
+ * shuffle away (int4_row). Groups of one block are held in that order (formats.pack_int4);
+ * the larger groups' 4, 2 or 1 values are broadcast into it. Reads only the 16 / per bytes
+ * there are. */
 INLINE __m256 chunk_values(const uint8_t *v, ptrdiff_t per) {
     if (per == 1) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)v));
     if (per == 8) return _mm256_set1_ps(f16(v));
-    int64_t bits = 0; /* per 2: four values, per 4: two (sizes fixed, so no memcpy call) */
-    if (per == 2)
+    if (per == 2) { /* [d0 d1 d2 d3] twice: blocks 2k and 2k + 1 are group k */
+        int64_t bits;
         memcpy(&bits, v, 8);
-    else
-        memcpy(&bits, v, 4);
-    const __m256 f = _mm256_castps128_ps256(_mm_cvtph_ps(_mm_cvtsi64_si128(bits)));
-    const __m256i idx = per == 2 ? _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3)
-                                 : _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
-    return _mm256_permutevar8x32_ps(f, idx);
+        return _mm256_cvtph_ps(_mm_set1_epi64x(bits));
+    }
+    /* per 4: [d0 d1] four times, then [d0 d0 d1 d1] in each half: blocks 0-3 are group 0 */
+    int32_t bits;
+    memcpy(&bits, v, 4);
+    return _mm256_permute_ps(_mm256_cvtph_ps(_mm_set1_epi32(bits)), 0x50);
 }
 
 /* A Q4_K super-block's 16 bytes of scales (float16 d and dmin, then 12 bytes of six-bit
- * scales sc and minimums mn, packed as llama.cpp packs them: formats._q4_k_scales) -> its 8
- * sub-blocks' d * sc and, negated, dmin * mn (w = d sc q - dmin mn): four bytes at a time in
- * 32-bit words, then widened to floats. */
+ * scales sc and minimums mn in 32-bit words u0, u1, u2, packed as llama.cpp packs them:
+ * formats._q4_k_scales) -> its 8 sub-blocks' d * sc and, negated, dmin * mn (w = d sc q -
+ * dmin mn), in the pairs' order as chunk_values gives int4's. All in vector registers: the
+ * words [sc 0-3 | sc 4-7 | mn 0-3 | mn 4-7] are [u0 & 3F | u2 & 0F | u1 & 3F | u2 >> 4 & 0F]
+ * or'ed with [0 | u0 >> 2 & 30 | 0 | u1 >> 2 & 30] (per byte), one byte shuffle puts them in
+ * the pairs' order, then they are widened to floats. */
 INLINE void q4_k_values(const uint8_t *p, __m256 *d, __m256 *mv) {
-    uint32_t u[3];
-    memcpy(u, p + 4, 12);
-    const uint32_t lo6 = 0x3F3F3F3F, lo4 = 0x0F0F0F0F, b45 = 0x30303030;
-    const uint32_t sc0 = u[0] & lo6, sc1 = (u[2] & lo4) | ((u[0] >> 2) & b45);
-    const uint32_t mn0 = u[1] & lo6, mn1 = ((u[2] >> 4) & lo4) | ((u[1] >> 2) & b45);
-    const __m256 sc = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_setr_epi32((int)sc0, (int)sc1, 0, 0)));
-    const __m256 mn = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_setr_epi32((int)mn0, (int)mn1, 0, 0)));
-    *d = _mm256_mul_ps(_mm256_set1_ps(f16(p)), sc);
-    *mv = _mm256_mul_ps(_mm256_set1_ps(-f16(p + 2)), mn);
+    const __m128i v = _mm_loadu_si128((const __m128i *)p); /* [d dmin | u0 | u1 | u2] */
+    const __m128i a = _mm_srlv_epi32(_mm_shuffle_epi32(v, _MM_SHUFFLE(3, 2, 3, 1)), _mm_setr_epi32(0, 0, 0, 4));
+    const __m128i b = _mm_srli_epi32(_mm_shuffle_epi32(v, _MM_SHUFFLE(2, 2, 1, 1)), 2);
+    const __m128i lo = _mm_and_si128(a, _mm_setr_epi32(0x3F3F3F3F, 0x0F0F0F0F, 0x3F3F3F3F, 0x0F0F0F0F));
+    const __m128i hi = _mm_and_si128(b, _mm_setr_epi32(0, 0x30303030, 0, 0x30303030));
+    const __m128i q = _mm_shuffle_epi8(_mm_or_si128(lo, hi),
+                                       _mm_setr_epi8(0, 2, 4, 6, 1, 3, 5, 7, 8, 10, 12, 14, 9, 11, 13, 15));
+    const __m128 dm = _mm_xor_ps(_mm_cvtph_ps(v), _mm_setr_ps(0.0f, -0.0f, 0.0f, 0.0f)); /* d, -dmin */
+    const __m256 sc = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(q));
+    const __m256 mn = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_unpackhi_epi64(q, q)));
+    *d = _mm256_mul_ps(_mm256_broadcastss_ps(dm), sc);
+    *mv = _mm256_mul_ps(_mm256_broadcastss_ps(_mm_movehdup_ps(dm)), mn);
 }
 
 /* Bytes of a packed int4 row of nb blocks with groups of `per` blocks: 16 per block, and a
@@ -275,7 +297,8 @@ INLINE ptrdiff_t held_row_bytes(int q4k, ptrdiff_t nb, ptrdiff_t per) {
 
 /* One packed int4 row of nb blocks (w = d q + m per group of `group` weights) against M rows
  * of x: xp in pair order (rows Kp apart), xd16 its block scales, xs16 the rounded blocks' sums
- * (rows xb blocks apart). A chunk of 8 blocks at a time: its scales d * xd16 in one multiply,
+ * (rows xb blocks apart; both in the pairs' order per whole chunk: pair_x's pd and ps). A
+ * chunk of 8 blocks at a time: its scales d * xd16 in one multiply,
  * the minimum's terms m * xs16 in one FMA into the row's second accumulator; then four pairs.
  * The last chunk of nb mod 8 blocks: a pair at a time, scales one by one. q4k (a literal at
  * every call site): the row is a held Q4_K row, whose chunks are its super-blocks (144 bytes,
@@ -283,8 +306,11 @@ INLINE ptrdiff_t held_row_bytes(int q4k, ptrdiff_t nb, ptrdiff_t per) {
 INLINE void int4_row(const int M, const int q4k, const uint8_t *row, ptrdiff_t group,
                      const int16_t *xp, const float *xd16, const float *xs16, ptrdiff_t Kp,
                      ptrdiff_t nb, ptrdiff_t xb, Acc *a) {
-    const ptrdiff_t per = group / 32;
-    const ptrdiff_t cb = held_row_bytes(q4k, 8, per); /* bytes per whole chunk */
+    /* per is 1, 2, 4 or 8: divisions by it are shifts (an integer division per chunk cost more
+     * than the chunk's scale work) */
+    const int sh = __builtin_ctzll((unsigned long long)(group / 32)); /* log2 of per */
+    const ptrdiff_t per = group / 32, mo = 16 >> sh;
+    const ptrdiff_t cb = q4k ? BLOCK_BYTES[Q4_K] : 128 + 2 * mo; /* bytes per whole chunk */
     ptrdiff_t b = 0;
     for (; b + 8 <= nb; b += 8) {
         const uint8_t *ch = row + cb * (b / 8);
@@ -292,8 +318,8 @@ INLINE void int4_row(const int M, const int q4k, const uint8_t *row, ptrdiff_t g
         if (q4k)
             q4_k_values(ch + 128, &d, &mv);
         else
-            d = chunk_values(ch + 128, per), mv = chunk_values(ch + 128 + 16 / per, per);
-        __m256 s[8];
+            d = chunk_values(ch + 128, per), mv = chunk_values(ch + 128 + mo, per);
+        __m256 s[8]; /* in the pairs' order, as d, xd16, xs16 and mv are */
 #pragma GCC unroll 8
         for (int m = 0; m < M; m++) {
             s[m] = _mm256_mul_ps(d, _mm256_loadu_ps(xd16 + m * xb + b));
@@ -306,19 +332,17 @@ INLINE void int4_row(const int M, const int q4k, const uint8_t *row, ptrdiff_t g
         for (int k = 0; k < 4; k++) {
             __m256i w[4];
             pair_nibbles(_mm256_loadu_si256((const __m256i *)(ch + 32 * k)), w);
-            const __m256i idx = _mm256_setr_epi32(2 * k, 2 * k, 2 * k, 2 * k, 2 * k + 1, 2 * k + 1,
-                                                  2 * k + 1, 2 * k + 1);
 #pragma GCC unroll 8
-            for (int m = 0; m < M; m++) {
+            for (int m = 0; m < M; m++) { /* pair k's scales: element k of each half of s */
                 const __m256i p = pair_dot(w, xp + m * Kp + 32 * (b + 2 * k));
                 a->acc[2 * m + (k & 1)] = _mm256_fmadd_ps(
-                    _mm256_cvtepi32_ps(p), _mm256_permutevar8x32_ps(s[m], idx), a->acc[2 * m + (k & 1)]);
+                    _mm256_cvtepi32_ps(p), _mm256_permute_ps(s[m], 0x55 * k), a->acc[2 * m + (k & 1)]);
             }
         }
     }
     if (q4k) return; /* whole super-blocks only */
     const ptrdiff_t r = nb - b; /* the last chunk: r blocks, then r / per scales and minimums */
-    const uint8_t *ch = row + cb * (b / 8), *sc = ch + 16 * r, *mn = sc + 2 * (r / per);
+    const uint8_t *ch = row + cb * (b / 8), *sc = ch + 16 * r, *mn = sc + 2 * (r >> sh);
     for (ptrdiff_t j = 0; j < r; j += 2) {
         const int two = j + 1 < r;
         __m256i w[4];
@@ -326,9 +350,9 @@ INLINE void int4_row(const int M, const int q4k, const uint8_t *row, ptrdiff_t g
         pair_nibbles(two ? _mm256_loadu_si256((const __m256i *)at)
                          : _mm256_inserti128_si256(_mm256_setzero_si256(), _mm_loadu_si128((const __m128i *)at), 0),
                      w);
-        const float d0 = f16(sc + 2 * (j / per)), m0 = f16(mn + 2 * (j / per));
-        const float d1 = two ? f16(sc + 2 * ((j + 1) / per)) : 0.0f;
-        const float m1 = two ? f16(mn + 2 * ((j + 1) / per)) : 0.0f;
+        const float d0 = f16(sc + 2 * (j >> sh)), m0 = f16(mn + 2 * (j >> sh));
+        const float d1 = two ? f16(sc + 2 * ((j + 1) >> sh)) : 0.0f;
+        const float m1 = two ? f16(mn + 2 * ((j + 1) >> sh)) : 0.0f;
 #pragma GCC unroll 8
         for (int m = 0; m < M; m++) {
             const float *xd = xd16 + m * xb + b + j, *xs = xs16 + m * xb + b + j;
@@ -517,8 +541,8 @@ INLINE void int4_tiled(const int M, const int q4k, const uint8_t *W, ptrdiff_t g
             Acc a;
 #pragma GCC unroll 16
             for (int i = 0; i < 2 * M; i++) a.acc[i] = _mm256_setzero_ps(), a.macc[i] = 0.0f;
-            int4_row(M, q4k, W + (t * N + n) * tb, group, X->p + t * tile, X->d + t * nbt,
-                     X->s + t * nbt, Kp, nbt, K / 32, &a);
+            int4_row(M, q4k, W + (t * N + n) * tb, group, X->p + t * tile, X->pd + t * nbt,
+                     X->ps + t * nbt, Kp, nbt, K / 32, &a);
 #pragma GCC unroll 8
             for (int m = 0; m < M; m++) {
                 const float v = hsum(_mm256_add_ps(a.acc[2 * m], a.acc[2 * m + 1])) -
@@ -618,12 +642,13 @@ int quant_gemv_multi(int count, const int *fmts, const float *x, const uint8_t *
     int any_int4 = 0;
     for (int i = 0; i < count; i++) any_int4 |= fmts[i] == INT4 || fmts[i] == Q4_K;
     int16_t *xp = any_int4 ? malloc(2 * (size_t)(M * pair_len(K)) + 64) : NULL;
-    if (any_int4 && !xp) {
-        free(xq), free(xd);
+    float *pd = any_int4 ? malloc(sizeof(float) * 2 * nd) : NULL;
+    if (any_int4 && (!xp || !pd)) {
+        free(xq), free(xd), free(xp), free(pd);
         return -2;
     }
-    if (xp) pair_x(xq, (int)M, K, xp);
-    const Xq X = {xq, xp, xd, xs};
+    if (xp) pair_x(xq, xd, xs, (int)M, K, xp, pd, pd + nd);
+    const Xq X = {xq, xp, xd, xs, pd, pd ? pd + nd : NULL};
 #pragma omp parallel for schedule(dynamic, 1) num_threads(n_threads)
     for (ptrdiff_t c = 0; c < n_slabs; c++) {
         int i = 0;
@@ -633,7 +658,7 @@ int quant_gemv_multi(int count, const int *fmts, const float *x, const uint8_t *
         slab(fmts[i], x, &X, Ws[i], scales[i], ys[i], n0, n1, (int)M,
              Ns[i], K, rb[i], groups[i], tiles && tiles[i] < K ? tiles[i] : 0);
     }
-    free(xq), free(xd), free(xp);
+    free(xq), free(xd), free(xp), free(pd);
     return 0;
 }
 

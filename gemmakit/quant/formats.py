@@ -10,13 +10,14 @@ file's blocks (llama.cpp's ggml-quants.c layouts), for gemmakit's own formats:
 
 In memory (QuantWeight), an int4 weight is held packed (`int4_memory`): each row in chunks of 8
 blocks, a chunk's 128 bytes of nibbles followed by its groups' float16 scales and then their
-minimums, so that the kernel reads a row as one stream of memory where the row layout is three
-(one per tensor); rows longer than INT4_TILE are also cut into tiles (`int4_tile`), [tiles, N,
-packed bytes of a tile], so that each tile's rows are one stream while the kernel's activations
-for the tile stay in its L1. A Q4_K weight is held the same way (`q4_k_memory`): each
-super-block of 256 weights a chunk, its nibbles in int4's blocks followed by its 16 bytes of
-scales, so that the kernel runs both through one inner loop. Files, state_dict and
-`dequantize` use the row layout (`held_rows` gives it back).
+minimums (for groups of 32 in PAIR_ORDER, the order the kernel applies them in), so that the
+kernel reads a row as one stream of memory where the row layout is three (one per tensor); rows
+longer than INT4_TILE are also cut into tiles (`int4_tile`), [tiles, N, packed bytes of a
+tile], so that each tile's rows are one stream while the kernel's activations for the tile stay
+in its L1. A Q4_K weight is held the same way (`q4_k_memory`): each super-block of 256 weights a
+chunk, its nibbles in int4's blocks followed by its 16 bytes of scales, so that the kernel runs
+both through one inner loop. Files, state_dict and `dequantize` use the row layout (`held_rows`
+gives it back).
 
 `dequantize(fmt, qdata, scale, minimum, K)` is the torch reference every kernel is tested
 against; it runs on any device (the fallback for machines without the C kernels and for GPUs).
@@ -105,10 +106,27 @@ def _chunk_scales(group: int) -> int:
     return 8 // per
 
 
+# The order of a whole chunk's 8 per-block scales (and minimums) in groups of 32: the kernel's
+# pair k (blocks 2k, 2k + 1) finds them in element k of each 128-bit half (quant_gemv.c's
+# chunk_values)
+PAIR_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
+_UNPAIR = tuple(PAIR_ORDER.index(i) for i in range(8))
+
+
+def _chunk_order(v: torch.Tensor, full: int, spc: int, order: tuple[int, ...]) -> torch.Tensor:
+    """float16 [N, groups] -> the bytes [N, full, 2 spc] of its first `full` chunks' values,
+    each chunk's in `order` when it holds one per block (spc 8)."""
+    c = v[:, : spc * full].reshape(v.shape[0], full, spc)
+    if spc == 8:
+        c = c[..., list(order)]
+    return c.contiguous().view(torch.uint8)
+
+
 def pack_int4(qdata: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor) -> torch.Tensor:
     """Row layout (qdata uint8 [N, K / 2], scale and minimum float16 [N, K / group]) -> packed
     rows uint8 [N, K / 2 + 4 K / group]: per chunk of 8 blocks (the last may be shorter) its
-    16 bytes per block, then its groups' scales, then their minimums."""
+    16 bytes per block, then its groups' scales, then their minimums (a whole chunk's in
+    PAIR_ORDER in groups of 32)."""
     n, half = qdata.shape
     nb = half // 16
     spc = _chunk_scales(32 * nb // scale.shape[1])
@@ -117,8 +135,8 @@ def pack_int4(qdata: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor) -
     whole = torch.cat(
         [
             qdata[:, : 128 * full].reshape(n, full, 128),
-            d[:, : 2 * spc * full].reshape(n, full, 2 * spc),
-            m[:, : 2 * spc * full].reshape(n, full, 2 * spc),
+            _chunk_order(scale, full, spc, PAIR_ORDER),
+            _chunk_order(minimum, full, spc, PAIR_ORDER),
         ],
         dim=2,
     ).reshape(n, -1)
@@ -137,9 +155,15 @@ def unpack_int4(packed: torch.Tensor, k: int, group: int) -> tuple[torch.Tensor,
     tail, r = packed[:, cb * full :], nb - 8 * full  # the last chunk's r blocks
     s, e = 16 * r, 16 * r + 2 * (r * 32 // group)  # where its scales start and end
     q = torch.cat([body[..., :128].reshape(n, -1), tail[:, :s]], dim=1)
-    d = torch.cat([body[..., 128 : 128 + 2 * spc].reshape(n, -1), tail[:, s:e]], dim=1)
-    m = torch.cat([body[..., 128 + 2 * spc :].reshape(n, -1), tail[:, e:]], dim=1)
-    return q.contiguous(), d.contiguous().view(torch.float16), m.contiguous().view(torch.float16)
+
+    def values(part: torch.Tensor, rest: torch.Tensor) -> torch.Tensor:
+        held = part.contiguous().view(torch.float16).reshape(n, -1)
+        whole = _chunk_order(held, full, spc, _UNPAIR).reshape(n, -1)
+        return torch.cat([whole, rest], dim=1).contiguous().view(torch.float16)
+
+    d = values(body[..., 128 : 128 + 2 * spc], tail[:, s:e])
+    m = values(body[..., 128 + 2 * spc :], tail[:, e:])
+    return q.contiguous(), d, m
 
 
 def int4_memory(
