@@ -209,7 +209,8 @@ def test_quantized_checkpoint_saves_and_loads_back(tmp_path):
 def test_int4_packing_round_trips():
     """QuantWeight's int4 memory (packed rows, tiles) gives back the row layout exactly, for
     whole and short last chunks and every group that divides a chunk; a chunk is its 128
-    bytes of nibbles, then its scales, then its minimums (groups of 32: in PAIR_ORDER)."""
+    bytes of nibbles, then its scales, then its minimums (groups of 32: in PAIR_ORDER); rows
+    are held in pairs, chunk by chunk."""
     from gemmakit.errors import CheckpointError
     from gemmakit.quant.formats import int4_rows
 
@@ -233,6 +234,12 @@ def test_int4_packing_round_trips():
             assert torch.equal(packed[:, at : at + 2 * spc].view(torch.float16), part[:, order])
         memory = int4_memory(*parts, tile)
         assert tuple(memory.shape[:2]) == ((k // tile if tile else 1), 5)
+        if not tile:  # rows 2p, 2p + 1 chunk by chunk, then their tails; the odd last row as is
+            whole = (128 + 4 * spc) * (k // 256)
+            pair = memory[0, :2].reshape(-1)
+            assert torch.equal(pair[128 + 4 * spc : 256 + 8 * spc], packed[1, : 128 + 4 * spc])
+            tails = pair[2 * whole :].reshape(2, -1)
+            assert torch.equal(tails, packed[:2, whole:]) and torch.equal(memory[0, 4], packed[4])
         assert all(torch.equal(a, b) for a, b in zip(int4_rows(memory, k, group), parts))
         picked = int4_rows(memory, k, group, torch.tensor([4, 1]))
         assert all(torch.equal(a, b[[4, 1]]) for a, b in zip(picked, parts))

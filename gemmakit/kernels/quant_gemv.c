@@ -5,10 +5,10 @@
  * (blocks of 32 nibbles, a float16 scale and minimum per group of 32, 64, 128 or 256), which is
  * held packed: each row in chunks of 8 blocks, the chunk's 128 bytes of nibbles followed by its
  * groups' scales and then their minimums (quant/formats.py's pack_int4), so that a row is one
- * stream of memory, not three. Q4_K is held as int4 is, a super-block of 256 weights being a
- * chunk: its nibbles in int4's blocks, then its 16 bytes of scales as the file has them
- * (formats.q4_k_memory), so that one inner loop serves both. x is rounded
- * once per call to int16 per block of 32 (scale max|x| / 32767, plus the rounded block's sum
+ * stream of memory, not three (rows 2p and 2p + 1 chunk by chunk: int4_tiled). Q4_K is held
+ * as int4 is, a super-block of 256 weights being a chunk: its nibbles in int4's blocks, then
+ * its 16 bytes of scales as the file has them (formats.q4_k_memory), so that one inner loop
+ * serves both. x is rounded once per call to int16 per block of 32 (scale max|x| / 32767, plus the rounded block's sum
  * for the formats with a minimum: see Xq), where llama.cpp rounds it to int8: 258 times
  * finer steps at about the same instruction count (madd of int16 pairs where llama.cpp does
  * maddubs of int8 ones), so that greedy decoding near ties follows the dequantized weights.
@@ -194,10 +194,10 @@ INLINE void pair_nibbles(__m256i v, __m256i w[4]) {
     w[3] = _mm256_srli_epi16(v, 12);
 }
 
-INLINE __m256i pair_dot(const __m256i w[4], const int16_t *xp) {
-    const __m256i *x = (const __m256i *)xp;
-    const __m256i p = DPWSSD(_mm256_madd_epi16(w[0], _mm256_loadu_si256(x)), w[1], _mm256_loadu_si256(x + 1));
-    const __m256i q = DPWSSD(_mm256_madd_epi16(w[2], _mm256_loadu_si256(x + 2)), w[3], _mm256_loadu_si256(x + 3));
+/* the pair's integer dot product with x's four vectors of the pair (pair_x's order) */
+INLINE __m256i pair_dot(const __m256i w[4], __m256i x0, __m256i x1, __m256i x2, __m256i x3) {
+    const __m256i p = DPWSSD(_mm256_madd_epi16(w[0], x0), w[1], x1);
+    const __m256i q = DPWSSD(_mm256_madd_epi16(w[2], x2), w[3], x3);
     return _mm256_add_epi32(p, q);
 }
 
@@ -295,71 +295,94 @@ INLINE ptrdiff_t held_row_bytes(int q4k, ptrdiff_t nb, ptrdiff_t per) {
     return q4k ? nb / 8 * BLOCK_BYTES[Q4_K] : int4_row_bytes(nb, per);
 }
 
-/* One packed int4 row of nb blocks (w = d q + m per group of `group` weights) against M rows
- * of x: xp in pair order (rows Kp apart), xd16 its block scales, xs16 the rounded blocks' sums
- * (rows xb blocks apart; both in the pairs' order per whole chunk: pair_x's pd and ps). A
- * chunk of 8 blocks at a time: its scales d * xd16 in one multiply,
- * the minimum's terms m * xs16 in one FMA into the row's second accumulator; then four pairs.
- * The last chunk of nb mod 8 blocks: a pair at a time, scales one by one. q4k (a literal at
- * every call site): the row is a held Q4_K row, whose chunks are its super-blocks (144 bytes,
- * their scales decoded by q4_k_values; nb a multiple of 8). */
-INLINE void int4_row(const int M, const int q4k, const uint8_t *row, ptrdiff_t group,
-                     const int16_t *xp, const float *xd16, const float *xs16, ptrdiff_t Kp,
-                     ptrdiff_t nb, ptrdiff_t xb, Acc *a) {
+/* R (1 or 2) packed int4 rows of nb blocks (w = d q + m per group of `group` weights) against
+ * M rows of x (R * M <= 8): row r's whole chunk c at row + c * cs + r * ro, its last short chunk
+ * at tail + r * tr (int4_tiled: rows held in pairs, chunk by chunk). xp: x in pair order (rows
+ * Kp apart), xd16 its block scales, xs16 the rounded blocks' sums (rows xb blocks apart; both
+ * in the pairs' order per whole chunk: pair_x's pd and ps). Row r against x's row m sums into
+ * acc[2 i] and acc[2 i + 1], i = r M + m, and macc[the same]. A chunk of 8 blocks at a time: its
+ * scales d * xd16 in one multiply, the minimum's terms m * xs16 in one FMA into the second
+ * accumulator; then four pairs of blocks, each pair's x loaded once for the R rows (decoding's
+ * M = 1 takes R = 2: half the loads of x per weight, and two rows' independent work to
+ * interleave). The last chunk of nb mod 8 blocks: a pair at a time, scales one by one. q4k (a
+ * literal at every call site): the rows are held Q4_K rows, whose chunks are their super-blocks
+ * (144 bytes, their scales decoded by q4_k_values; nb a multiple of 8). */
+INLINE void int4_rows(const int M, const int R, const int q4k, const uint8_t *row, ptrdiff_t cs,
+                      ptrdiff_t ro, const uint8_t *tail, ptrdiff_t tr, ptrdiff_t group,
+                      const int16_t *xp, const float *xd16, const float *xs16, ptrdiff_t Kp,
+                      ptrdiff_t nb, ptrdiff_t xb, Acc *a) {
     /* per is 1, 2, 4 or 8: divisions by it are shifts (an integer division per chunk cost more
      * than the chunk's scale work) */
     const int sh = __builtin_ctzll((unsigned long long)(group / 32)); /* log2 of per */
-    const ptrdiff_t per = group / 32, mo = 16 >> sh;
-    const ptrdiff_t cb = q4k ? BLOCK_BYTES[Q4_K] : 128 + 2 * mo; /* bytes per whole chunk */
+    const ptrdiff_t per = group / 32, mo = 16 >> sh; /* mo: where the minimums start */
     ptrdiff_t b = 0;
     for (; b + 8 <= nb; b += 8) {
-        const uint8_t *ch = row + cb * (b / 8);
-        __m256 d, mv;
-        if (q4k)
-            q4_k_values(ch + 128, &d, &mv);
-        else
-            d = chunk_values(ch + 128, per), mv = chunk_values(ch + 128 + mo, per);
-        __m256 s[8]; /* in the pairs' order, as d, xd16, xs16 and mv are */
+        const uint8_t *ch = row + cs * (b / 8);
+        __m256 s[8]; /* [r M + m], in the pairs' order, as d, xd16, xs16 and mv are */
+#pragma GCC unroll 2
+        for (int r = 0; r < R; r++) {
+            const uint8_t *c = ch + r * ro;
+            __m256 d, mv;
+            if (q4k)
+                q4_k_values(c + 128, &d, &mv);
+            else
+                d = chunk_values(c + 128, per), mv = chunk_values(c + 128 + mo, per);
 #pragma GCC unroll 8
-        for (int m = 0; m < M; m++) {
-            s[m] = _mm256_mul_ps(d, _mm256_loadu_ps(xd16 + m * xb + b));
-            a->acc[2 * m + 1] = _mm256_fmadd_ps(mv, _mm256_loadu_ps(xs16 + m * xb + b), a->acc[2 * m + 1]);
+            for (int m = 0; m < M; m++) {
+                const int i = r * M + m;
+                s[i] = _mm256_mul_ps(d, _mm256_loadu_ps(xd16 + m * xb + b));
+                a->acc[2 * i + 1] = _mm256_fmadd_ps(mv, _mm256_loadu_ps(xs16 + m * xb + b), a->acc[2 * i + 1]);
+            }
+            _mm_prefetch((const char *)c + PF_DIST, _MM_HINT_T0);
+            _mm_prefetch((const char *)c + PF_DIST + 64, _MM_HINT_T0);
+            _mm_prefetch((const char *)c + PF_DIST + 128, _MM_HINT_T0);
         }
-        _mm_prefetch((const char *)ch + PF_DIST, _MM_HINT_T0);
-        _mm_prefetch((const char *)ch + PF_DIST + 64, _MM_HINT_T0);
-        _mm_prefetch((const char *)ch + PF_DIST + 128, _MM_HINT_T0);
 #pragma GCC unroll 4
         for (int k = 0; k < 4; k++) {
-            __m256i w[4];
-            pair_nibbles(_mm256_loadu_si256((const __m256i *)(ch + 32 * k)), w);
+            __m256i w[2][4];
+#pragma GCC unroll 2
+            for (int r = 0; r < R; r++)
+                pair_nibbles(_mm256_loadu_si256((const __m256i *)(ch + r * ro + 32 * k)), w[r]);
 #pragma GCC unroll 8
             for (int m = 0; m < M; m++) { /* pair k's scales: element k of each half of s */
-                const __m256i p = pair_dot(w, xp + m * Kp + 32 * (b + 2 * k));
-                a->acc[2 * m + (k & 1)] = _mm256_fmadd_ps(
-                    _mm256_cvtepi32_ps(p), _mm256_permute_ps(s[m], 0x55 * k), a->acc[2 * m + (k & 1)]);
+                const __m256i *x = (const __m256i *)(xp + m * Kp + 32 * (b + 2 * k));
+                const __m256i x0 = _mm256_loadu_si256(x), x1 = _mm256_loadu_si256(x + 1);
+                const __m256i x2 = _mm256_loadu_si256(x + 2), x3 = _mm256_loadu_si256(x + 3);
+#pragma GCC unroll 2
+                for (int r = 0; r < R; r++) {
+                    const int i = r * M + m;
+                    a->acc[2 * i + (k & 1)] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(pair_dot(w[r], x0, x1, x2, x3)),
+                                                              _mm256_permute_ps(s[i], 0x55 * k), a->acc[2 * i + (k & 1)]);
+                }
             }
         }
     }
     if (q4k) return; /* whole super-blocks only */
-    const ptrdiff_t r = nb - b; /* the last chunk: r blocks, then r / per scales and minimums */
-    const uint8_t *ch = row + cb * (b / 8), *sc = ch + 16 * r, *mn = sc + 2 * (r >> sh);
-    for (ptrdiff_t j = 0; j < r; j += 2) {
-        const int two = j + 1 < r;
-        __m256i w[4];
-        const uint8_t *at = ch + 16 * j; /* an odd last block: its 16 bytes, then zeros */
-        pair_nibbles(two ? _mm256_loadu_si256((const __m256i *)at)
-                         : _mm256_inserti128_si256(_mm256_setzero_si256(), _mm_loadu_si128((const __m128i *)at), 0),
-                     w);
-        const float d0 = f16(sc + 2 * (j >> sh)), m0 = f16(mn + 2 * (j >> sh));
-        const float d1 = two ? f16(sc + 2 * ((j + 1) >> sh)) : 0.0f;
-        const float m1 = two ? f16(mn + 2 * ((j + 1) >> sh)) : 0.0f;
+    const ptrdiff_t nr = nb - b; /* the last chunk: nr blocks, then nr / per scales and minimums */
+#pragma GCC unroll 2
+    for (int r = 0; r < R; r++) {
+        const uint8_t *ch = tail + r * tr, *sc = ch + 16 * nr, *mn = sc + 2 * (nr >> sh);
+        for (ptrdiff_t j = 0; j < nr; j += 2) {
+            const int two = j + 1 < nr;
+            __m256i w[4];
+            const uint8_t *at = ch + 16 * j; /* an odd last block: its 16 bytes, then zeros */
+            pair_nibbles(two ? _mm256_loadu_si256((const __m256i *)at)
+                             : _mm256_inserti128_si256(_mm256_setzero_si256(), _mm_loadu_si128((const __m128i *)at), 0),
+                         w);
+            const float d0 = f16(sc + 2 * (j >> sh)), m0 = f16(mn + 2 * (j >> sh));
+            const float d1 = two ? f16(sc + 2 * ((j + 1) >> sh)) : 0.0f;
+            const float m1 = two ? f16(mn + 2 * ((j + 1) >> sh)) : 0.0f;
 #pragma GCC unroll 8
-        for (int m = 0; m < M; m++) {
-            const float *xd = xd16 + m * xb + b + j, *xs = xs16 + m * xb + b + j;
-            const __m256 s = _mm256_set_m128(_mm_set1_ps(two ? d1 * xd[1] : 0.0f), _mm_set1_ps(d0 * xd[0]));
-            const __m256i p = pair_dot(w, xp + m * Kp + 32 * (b + j));
-            a->acc[2 * m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), s, a->acc[2 * m]);
-            a->macc[2 * m] -= m0 * xs[0] + (two ? m1 * xs[1] : 0.0f);
+            for (int m = 0; m < M; m++) {
+                const int i = r * M + m;
+                const float *xd = xd16 + m * xb + b + j, *xs = xs16 + m * xb + b + j;
+                const __m256 s = _mm256_set_m128(_mm_set1_ps(two ? d1 * xd[1] : 0.0f), _mm_set1_ps(d0 * xd[0]));
+                const __m256i *x = (const __m256i *)(xp + m * Kp + 32 * (b + j));
+                const __m256i p = pair_dot(w, _mm256_loadu_si256(x), _mm256_loadu_si256(x + 1),
+                                           _mm256_loadu_si256(x + 2), _mm256_loadu_si256(x + 3));
+                a->acc[2 * i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), s, a->acc[2 * i]);
+                a->macc[2 * i] -= m0 * xs[0] + (two ? m1 * xs[1] : 0.0f);
+            }
         }
     }
 }
@@ -524,31 +547,56 @@ INLINE void sym_m1(const int fmt, const uint8_t *W, const float *rs, const Xq *X
     case 8: ROWS(FMT, 8) break;                                                              \
     }
 
-/* Rows [n0, n1) of a packed int4 weight (or a held Q4_K one: q4k) held in tiles of `tile`
- * columns: W [K / tile][N][the packed bytes of `tile` columns] (QuantWeight holds rows longer
- * than 4096 so). Tile by tile,
- * the slab's rows of a tile are one sequential read, and x's tile (8 KiB in pair order at 4096
- * columns) stays in L1 across them; a whole long row's x (32 KiB for the 16384 columns of
- * Gemma-2B's down projection) does not, and was re-read from L2 for every row. Each row's sums
- * over the tiles add up in y. tile = K: one tile, the rows as they are. */
+/* Rows [n0, n1) (n0 even) of a packed int4 weight (or a held Q4_K one: q4k) held in tiles of
+ * `tile` columns: W [K / tile][N][the packed bytes of `tile` columns] (QuantWeight holds rows
+ * longer than 4096 so), and within a tile, rows 2p and 2p + 1 chunk by chunk (formats.pair_rows:
+ * their first whole chunks, their second ones, ..., then their last short chunks; an odd last
+ * row as it is), so that decoding reads the two rows it takes at a time (int4_rows' R = 2) as
+ * one sequential stream (two rows' streams side by side defeated the hardware prefetcher: 10-30%
+ * slower from memory). Tile by tile, the slab's rows of a tile are one sequential read, and x's
+ * tile (8 KiB in pair order at 4096 columns) stays in L1 across them; a whole long row's x (32
+ * KiB for the 16384 columns of Gemma-2B's down projection) does not, and was re-read from L2
+ * for every row. Each row's sums over the tiles add up in y. tile = K: one tile, the rows as
+ * they are. */
 INLINE void int4_tiled(const int M, const int q4k, const uint8_t *W, ptrdiff_t group, const Xq *X,
                        float *y, ptrdiff_t n0, ptrdiff_t n1, ptrdiff_t N, ptrdiff_t K,
                        ptrdiff_t tile) {
     const ptrdiff_t nbt = tile / 32, Kp = pair_len(K);
-    const ptrdiff_t tb = held_row_bytes(q4k, nbt, group / 32);
+    const ptrdiff_t tb = held_row_bytes(q4k, nbt, group / 32), cb = held_row_bytes(q4k, 8, group / 32);
+    const ptrdiff_t whole = cb * (nbt / 8), tl = tb - whole; /* a row's whole chunks, its tail */
     for (ptrdiff_t t = 0; t < K / tile; t++)
-        for (ptrdiff_t n = n0; n < n1; n++) {
-            Acc a;
+        for (ptrdiff_t n = n0; n < n1; n += 2) {
+            const uint8_t *base = W + (t * N + n) * tb;
+            const int paired = n + 1 < N; /* < n1 too: slabs hold whole pairs */
+            const int16_t *xp = X->p + t * tile;
+            const float *pd = X->pd + t * nbt, *ps = X->ps + t * nbt;
+            /* M = 1: both rows' sums in a[0] (R = 2); else row r's in a[r] */
+            Acc a[2];
+            const int used = M == 1 ? 4 : 2 * M; /* accumulators of each Acc in use */
+#pragma GCC unroll 2
+            for (int r = 0; r < 2; r++)
 #pragma GCC unroll 16
-            for (int i = 0; i < 2 * M; i++) a.acc[i] = _mm256_setzero_ps(), a.macc[i] = 0.0f;
-            int4_row(M, q4k, W + (t * N + n) * tb, group, X->p + t * tile, X->pd + t * nbt,
-                     X->ps + t * nbt, Kp, nbt, K / 32, &a);
+                for (int i = 0; i < used; i++) a[r].acc[i] = _mm256_setzero_ps(), a[r].macc[i] = 0.0f;
+            if (!paired)
+                int4_rows(M, 1, q4k, base, cb, 0, base + whole, 0, group, xp, pd, ps, Kp, nbt, K / 32, a);
+            else if (M == 1)
+                int4_rows(1, 2, q4k, base, 2 * cb, cb, base + 2 * whole, tl, group, xp, pd, ps, Kp, nbt, K / 32, a);
+            else /* a row at a time: R = 2's accumulators for M rows of x would not fit */
+#pragma GCC unroll 2
+                for (int r = 0; r < 2; r++)
+                    int4_rows(M, 1, q4k, base + r * cb, 2 * cb, 0, base + 2 * whole + r * tl, 0, group, xp,
+                              pd, ps, Kp, nbt, K / 32, a + r);
+#pragma GCC unroll 2
+            for (int r = 0; r < 1 + paired; r++)
 #pragma GCC unroll 8
-            for (int m = 0; m < M; m++) {
-                const float v = hsum(_mm256_add_ps(a.acc[2 * m], a.acc[2 * m + 1])) -
-                                (a.macc[2 * m] + a.macc[2 * m + 1]);
-                y[m * N + n] = t ? y[m * N + n] + v : v;
-            }
+                for (int m = 0; m < M; m++) {
+                    const Acc *ar = M == 1 ? a : a + r;
+                    const int i = M == 1 ? r : m;
+                    const float v = hsum(_mm256_add_ps(ar->acc[2 * i], ar->acc[2 * i + 1])) -
+                                    (ar->macc[2 * i] + ar->macc[2 * i + 1]);
+                    float *out = y + m * N + n + r;
+                    *out = t ? *out + v : v;
+                }
         }
 }
 
@@ -589,14 +637,14 @@ static void slab(int fmt, const float *x, const Xq *X, const uint8_t *W, const v
     }
 }
 
-/* Rows per slab of a weight of N rows of rb bytes: ~256 KiB of W, and at least 8 slabs per
- * thread where the weight has the rows (a 640-row weight is 2-3 slabs of 256 KiB: with one
+/* Rows per slab of a weight of N rows of rb bytes, an even number (int4_tiled takes rows in
+ * pairs): ~256 KiB of W, and at least 8 slabs per thread where the weight has the rows (a 640-row weight is 2-3 slabs of 256 KiB: with one
  * thread descheduled by other work on the machine, or a last odd slab, the other would wait
  * for it; small slabs taken in turn let the running thread do the rest). */
 static ptrdiff_t slab_rows(ptrdiff_t N, ptrdiff_t rb, int n_threads) {
     ptrdiff_t rows = 262144 / (rb > 0 ? rb : 1), balanced = (N + 8 * n_threads - 1) / (8 * n_threads);
     if (rows > balanced) rows = balanced;
-    return rows < 8 ? 8 : rows;
+    return rows < 8 ? 8 : rows + (rows & 1); /* even: int4_tiled's pairs of rows stay whole */
 }
 
 /* quant_gemv for `count` (<= 8) weights that share x [M, K]: y_i = x @ W_i^T. x is rounded

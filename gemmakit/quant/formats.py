@@ -14,10 +14,11 @@ minimums (for groups of 32 in PAIR_ORDER, the order the kernel applies them in),
 kernel reads a row as one stream of memory where the row layout is three (one per tensor); rows
 longer than INT4_TILE are also cut into tiles (`int4_tile`), [tiles, N, packed bytes of a
 tile], so that each tile's rows are one stream while the kernel's activations for the tile stay
-in its L1. A Q4_K weight is held the same way (`q4_k_memory`): each super-block of 256 weights a
-chunk, its nibbles in int4's blocks followed by its 16 bytes of scales, so that the kernel runs
-both through one inner loop. Files, state_dict and `dequantize` use the row layout (`held_rows`
-gives it back).
+in its L1; within a tile, rows 2p and 2p + 1 are held chunk by chunk (`pair_rows`), since
+decoding reads two rows at a time. A Q4_K weight is held the same way (`q4_k_memory`): each
+super-block of 256 weights a chunk, its nibbles in int4's blocks followed by its 16 bytes of
+scales, so that the kernel runs both through one inner loop. Files, state_dict and `dequantize`
+use the row layout (`held_rows` gives it back).
 
 `dequantize(fmt, qdata, scale, minimum, K)` is the torch reference every kernel is tested
 against; it runs on any device (the fallback for machines without the C kernels and for GPUs).
@@ -166,6 +167,41 @@ def unpack_int4(packed: torch.Tensor, k: int, group: int) -> tuple[torch.Tensor,
     return q.contiguous(), d, m
 
 
+def pair_rows(memory: torch.Tensor, chunk: int, chunks: int) -> torch.Tensor:
+    """[T, N, bytes] held rows -> rows 2p and 2p + 1 of each tile chunk by chunk, so that the
+    kernel's decode reads the two rows it takes at a time as one stream (quant_gemv.c's
+    int4_tiled): their first `chunk` bytes each, their second, ... (`chunks` whole chunks), then
+    the rest of each row (int4's last short chunk); an odd last row as it is."""
+    t, n, nbytes = memory.shape
+    p, whole = n // 2, chunk * chunks
+    rows = memory[:, : 2 * p].reshape(t, p, 2, nbytes)
+    body = rows[..., :whole].reshape(t, p, 2, chunks, chunk).transpose(2, 3)
+    held = torch.cat([body.reshape(t, p, 2 * whole), rows[..., whole:].reshape(t, p, -1)], dim=2)
+    return torch.cat([held.reshape(t, 2 * p, nbytes), memory[:, 2 * p :]], dim=1)
+
+
+def paired_rows(
+    memory: torch.Tensor, chunk: int, chunks: int, rows: slice | torch.Tensor | None = None
+) -> torch.Tensor:
+    """pair_rows' inverse for rows `rows` (all when None): [T, len(rows), bytes] in row order,
+    reading only the pairs that hold them."""
+    t, n, nbytes = memory.shape
+    p, whole = n // 2, chunk * chunks
+    idx = torch.arange(n) if rows is None else torch.arange(n)[rows].reshape(-1)
+    out = memory.new_empty(t, len(idx), nbytes)
+    paired = idx < 2 * p
+    i = idx[paired]
+    if len(i):
+        pr = memory[:, : 2 * p].reshape(t, p, 2 * nbytes)[:, i // 2]  # [T, len(i), 2 bytes]
+        at, r = torch.arange(len(i)), i % 2
+        body = pr[..., : 2 * whole].reshape(t, len(i), chunks, 2, chunk).transpose(2, 3)
+        rest = pr[..., 2 * whole :].reshape(t, len(i), 2, -1)
+        picked = [body[:, at, r].reshape(t, len(i), whole), rest[:, at, r]]
+        out[:, paired] = torch.cat(picked, dim=2)
+    out[:, ~paired] = memory[:, idx[~paired]]
+    return out
+
+
 def int4_memory(
     qdata: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor, tile: int = 0
 ) -> torch.Tensor:
@@ -174,7 +210,14 @@ def int4_memory(
     n, k = qdata.shape[0], 2 * qdata.shape[1]
     t = k // tile if tile else 1
     parts = [to_tiles(p, t).reshape(t * n, -1) for p in (qdata, scale, minimum)]
-    return pack_int4(*parts).reshape(t, n, -1)
+    return pair_rows(
+        pack_int4(*parts).reshape(t, n, -1), *_int4_chunks(k // t, k // scale.shape[1])
+    )
+
+
+def _int4_chunks(k: int, group: int) -> tuple[int, int]:
+    """(bytes of a whole chunk, whole chunks) of a packed int4 row of k weights."""
+    return 128 + 4 * _chunk_scales(group), k // 256
 
 
 def int4_rows(
@@ -182,9 +225,9 @@ def int4_rows(
 ) -> tuple[torch.Tensor, ...]:
     """int4_memory's inverse for rows `rows` (all when None): (qdata, scale, minimum) in row
     layout."""
-    if rows is not None:
-        memory = memory[:, rows]
-    t, n = memory.shape[:2]
+    t = memory.shape[0]
+    memory = paired_rows(memory, *_int4_chunks(k // t, group), rows)
+    n = memory.shape[1]
     parts = unpack_int4(memory.reshape(t * n, -1), k // t, group)
     return tuple(from_tiles(p.reshape(t, n, -1)) for p in parts)
 
@@ -199,12 +242,14 @@ def q4_k_memory(qdata: torch.Tensor, tile: int = 0) -> torch.Tensor:
     b = qdata.reshape(n, -1, 144)
     nibbles = _pack_nibbles(_q4_k_values(b[..., 16:])).reshape(n, -1, 128)
     held = torch.cat([nibbles, b[..., :16]], dim=-1).reshape(n, -1)
-    return to_tiles(held, 256 * b.shape[1] // tile if tile else 1)
+    tiles = to_tiles(held, 256 * b.shape[1] // tile if tile else 1)
+    return pair_rows(tiles, 144, tiles.shape[2] // 144)
 
 
-def q4_k_rows(memory: torch.Tensor) -> torch.Tensor:
-    """q4_k_memory's inverse: [T, N, bytes of a tile] -> the file's blocks [N, K / 256 * 144]."""
-    held = from_tiles(memory)
+def q4_k_rows(memory: torch.Tensor, rows: slice | torch.Tensor | None = None) -> torch.Tensor:
+    """q4_k_memory's inverse for rows `rows` (all when None): [T, N, bytes of a tile] -> the
+    file's blocks [len(rows), K / 256 * 144]."""
+    held = from_tiles(paired_rows(memory, 144, memory.shape[2] // 144, rows))
     n = held.shape[0]
     b = held.reshape(n, -1, 144)
     q = _nibbles(b[..., :128].reshape(n, -1, 4, 2, 16))  # [N, blocks, 4, 2, 32]
@@ -233,7 +278,7 @@ def held_rows(
     layout (scale and minimum None for q4_k, whose blocks hold them)."""
     if fmt == "int4":
         return int4_rows(memory, k, group, rows)
-    return q4_k_rows(memory if rows is None else memory[:, rows]), None, None
+    return q4_k_rows(memory, rows), None, None
 
 
 def _f16(b: torch.Tensor) -> torch.Tensor:
