@@ -248,6 +248,28 @@ def test_int4_packing_round_trips():
         QuantWeight("int4", (2, 384), q, d, m)
 
 
+@pytest.mark.parametrize("fmt", HELD)
+def test_held_weights_of_one_and_two_rows(fmt):
+    """A weight of one row (no pair: a 1-output head) and of two (one pair), and a run of rows
+    or picked rows of an odd count, come back from the held layout exactly, and the kernel
+    computes them as their dequantized reference does."""
+    gen = torch.Generator().manual_seed(5)
+    for n in (1, 2, 5):
+        parts = random_weight(fmt, n, 512, gen, 32)
+        w = QuantWeight(fmt, (n, 512), *parts)
+        for rows in (None, slice(n // 2, n), torch.tensor([n - 1, 0, -1])):
+            got = w._parts(rows)
+            want = [None if p is None else p if rows is None else p[rows] for p in parts]
+            assert all(a is b or torch.equal(a, b) for a, b in zip(got, want))
+        lib = quant_gemv.library()
+        if lib is not None:
+            x = torch.randn(1, 512, generator=gen)
+            held = held_memory(fmt, *parts, 0)
+            y = quant_gemv.call(lib, FORMATS[fmt].code, x, held, None, n, 32, 2)
+            bound = error_bound(x, dequantize(fmt, *parts))
+            assert ((y - reference(x, fmt, *parts)).abs() <= bound).all()
+
+
 def test_q4_k_held_layout_round_trips():
     """QuantWeight holds Q4_K as int4 is held: per super-block its 8 sub-blocks' values in
     int4's blocks (byte i: q[i] low, q[i + 16] high), then the block's 16 bytes of scales;

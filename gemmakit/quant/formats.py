@@ -176,7 +176,10 @@ def pair_rows(memory: torch.Tensor, chunk: int, chunks: int) -> torch.Tensor:
     p, whole = n // 2, chunk * chunks
     rows = memory[:, : 2 * p].reshape(t, p, 2, nbytes)
     body = rows[..., :whole].reshape(t, p, 2, chunks, chunk).transpose(2, 3)
-    held = torch.cat([body.reshape(t, p, 2 * whole), rows[..., whole:].reshape(t, p, -1)], dim=2)
+    held = torch.cat(
+        [body.reshape(t, p, 2 * whole), rows[..., whole:].reshape(t, p, 2 * (nbytes - whole))],
+        dim=2,
+    )
     return torch.cat([held.reshape(t, 2 * p, nbytes), memory[:, 2 * p :]], dim=1)
 
 
