@@ -8,10 +8,11 @@
  * stream of memory, not three (rows 2p and 2p + 1 chunk by chunk: int4_tiled). Q4_K is held
  * as int4 is, a super-block of 256 weights being a chunk: its nibbles in int4's blocks, then
  * its 16 bytes of scales as the file has them (formats.q4_k_memory), so that one inner loop
- * serves both. x is rounded once per call to int16 per block of 32 (scale max|x| / 32767, plus the rounded block's sum
- * for the formats with a minimum: see Xq), where llama.cpp rounds it to int8: 258 times
- * finer steps at about the same instruction count (madd of int16 pairs where llama.cpp does
- * maddubs of int8 ones), so that greedy decoding near ties follows the dequantized weights.
+ * serves both. x is rounded once per call to int16 per block of 32 (scale max|x| / 32767, plus
+ * the rounded block's sum for the formats with a minimum: see Xq), where llama.cpp rounds it
+ * to int8: 258 times finer steps at about the same instruction count (madd of int16 pairs where
+ * llama.cpp does maddubs of int8 ones), so that greedy decoding near ties follows the
+ * dequantized weights.
  * Every block of 32 weights is widened to int16 in registers and is an integer dot product
  * (a few instructions where dequantizing to float needs a dozen), scaled in float once per
  * block (Q6_K's per-16 scales multiply the widened weights first). So the result is the
@@ -221,13 +222,14 @@ static void pair_x(const int16_t *xq, const float *xd, const float *xs, int M, p
                    int16_t *xp, float *pd, float *ps) {
     const ptrdiff_t nb = K / 32, Kp = pair_len(K);
     const __m256i order = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
-    for (ptrdiff_t i = 0; i < M * nb; i++) pd[i] = xd[i], ps[i] = xs[i];
     for (int m = 0; m < M; m++) {
-        for (ptrdiff_t j = 0; j + 8 <= nb; j += 8) {
+        ptrdiff_t j = 0;
+        for (; j + 8 <= nb; j += 8) {
             const ptrdiff_t at = m * nb + j;
             _mm256_storeu_ps(pd + at, _mm256_permutevar8x32_ps(_mm256_loadu_ps(xd + at), order));
             _mm256_storeu_ps(ps + at, _mm256_permutevar8x32_ps(_mm256_loadu_ps(xs + at), order));
         }
+        for (; j < nb; j++) pd[m * nb + j] = xd[m * nb + j], ps[m * nb + j] = xs[m * nb + j];
         for (ptrdiff_t j = 0; j < nb; j += 2) {
             const int16_t *b = xq + m * K + 32 * j;
             const __m256i z = _mm256_setzero_si256();
@@ -638,9 +640,10 @@ static void slab(int fmt, const float *x, const Xq *X, const uint8_t *W, const v
 }
 
 /* Rows per slab of a weight of N rows of rb bytes, an even number (int4_tiled takes rows in
- * pairs): ~256 KiB of W, and at least 8 slabs per thread where the weight has the rows (a 640-row weight is 2-3 slabs of 256 KiB: with one
- * thread descheduled by other work on the machine, or a last odd slab, the other would wait
- * for it; small slabs taken in turn let the running thread do the rest). */
+ * pairs): ~256 KiB of W, and at least 8 slabs per thread where the weight has the rows (a
+ * 640-row weight is 2-3 slabs of 256 KiB: with one thread descheduled by other work on the
+ * machine, or a last odd slab, the other would wait for it; small slabs taken in turn let the
+ * running thread do the rest). */
 static ptrdiff_t slab_rows(ptrdiff_t N, ptrdiff_t rb, int n_threads) {
     ptrdiff_t rows = 262144 / (rb > 0 ? rb : 1), balanced = (N + 8 * n_threads - 1) / (8 * n_threads);
     if (rows > balanced) rows = balanced;

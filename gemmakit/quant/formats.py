@@ -26,6 +26,7 @@ against; it runs on any device (the fallback for machines without the C kernels 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -151,7 +152,7 @@ def unpack_int4(packed: torch.Tensor, k: int, group: int) -> tuple[torch.Tensor,
     """pack_int4's inverse: packed rows uint8 [N, bytes] of K weights -> (qdata, scale,
     minimum) in row layout."""
     n, nb, spc = packed.shape[0], k // 32, _chunk_scales(group)
-    full, cb = nb // 8, 128 + 4 * spc
+    cb, full = _int4_chunks(k, group)
     body = packed[:, : cb * full].reshape(n, full, cb)
     tail, r = packed[:, cb * full :], nb - 8 * full  # the last chunk's r blocks
     s, e = 16 * r, 16 * r + 2 * (r * 32 // group)  # where its scales start and end
@@ -183,26 +184,59 @@ def pair_rows(memory: torch.Tensor, chunk: int, chunks: int) -> torch.Tensor:
     return torch.cat([held.reshape(t, 2 * p, nbytes), memory[:, 2 * p :]], dim=1)
 
 
+def _row_indices(n: int, rows: slice | torch.Tensor | None) -> torch.Tensor:
+    """The row numbers `rows` picks of n rows: an integer index tensor as it is (negatives
+    counted from the end), without building all n numbers for it (a decode step embeds one
+    token through this)."""
+    if isinstance(rows, torch.Tensor) and rows.dtype != torch.bool and not rows.is_floating_point():
+        idx = rows.reshape(-1).long()
+        return torch.where(idx < 0, idx + n, idx)
+    return torch.arange(n) if rows is None else torch.arange(n)[rows].reshape(-1)
+
+
 def paired_rows(
     memory: torch.Tensor, chunk: int, chunks: int, rows: slice | torch.Tensor | None = None
 ) -> torch.Tensor:
     """pair_rows' inverse for rows `rows` (all when None): [T, len(rows), bytes] in row order,
-    reading only the pairs that hold them."""
+    reading only their bytes: a run of rows by reshaping the pairs that hold it; picked rows (a
+    decode step's embedding, exact_top's candidates) by one gather, each row's byte offsets
+    being where its pair (or the odd last row) starts plus the pattern of its place in it."""
+    t, n, nbytes = memory.shape
+    if rows is None or isinstance(rows, slice) and rows.step in (None, 1):
+        start, stop, _ = (rows or slice(None)).indices(n)
+        lo, hi = start - start % 2, min(n, stop + stop % 2)  # the pairs that hold them
+        return _unpair(memory[:, lo:hi], chunk, chunks)[:, start - lo : max(stop, start) - lo]
+    idx = _row_indices(n, rows)
+    paired = idx < n - n % 2
+    place = torch.where(paired, idx % 2, 2)  # first or second of a pair, or the odd last row
+    start = torch.where(paired, idx - idx % 2, idx) * nbytes
+    at = start[:, None] + _pair_offsets(chunk, chunks, nbytes)[place]
+    return memory.reshape(t, -1)[:, at]
+
+
+def _unpair(memory: torch.Tensor, chunk: int, chunks: int) -> torch.Tensor:
+    """pair_rows' inverse for whole pairs (and an odd last row), by reshaping: [T, N, bytes]."""
     t, n, nbytes = memory.shape
     p, whole = n // 2, chunk * chunks
-    idx = torch.arange(n) if rows is None else torch.arange(n)[rows].reshape(-1)
-    out = memory.new_empty(t, len(idx), nbytes)
-    paired = idx < 2 * p
-    i = idx[paired]
-    if len(i):
-        pr = memory[:, : 2 * p].reshape(t, p, 2 * nbytes)[:, i // 2]  # [T, len(i), 2 bytes]
-        at, r = torch.arange(len(i)), i % 2
-        body = pr[..., : 2 * whole].reshape(t, len(i), chunks, 2, chunk).transpose(2, 3)
-        rest = pr[..., 2 * whole :].reshape(t, len(i), 2, -1)
-        picked = [body[:, at, r].reshape(t, len(i), whole), rest[:, at, r]]
-        out[:, paired] = torch.cat(picked, dim=2)
-    out[:, ~paired] = memory[:, idx[~paired]]
-    return out
+    pairs = memory[:, : 2 * p].reshape(t, p, 2 * nbytes)
+    body = pairs[..., : 2 * whole].reshape(t, p, chunks, 2, chunk).transpose(2, 3)
+    rows = torch.cat(
+        [body.reshape(t, p, 2, whole), pairs[..., 2 * whole :].reshape(t, p, 2, nbytes - whole)], 3
+    )
+    return torch.cat([rows.reshape(t, 2 * p, nbytes), memory[:, 2 * p :]], dim=1)
+
+
+@functools.lru_cache(maxsize=64)
+def _pair_offsets(chunk: int, chunks: int, nbytes: int) -> torch.Tensor:
+    """long [3, nbytes]: the byte offsets of the first and second row of a pair from the pair's
+    start (pair_rows' layout), and those of a row held as it is."""
+    whole = chunk * chunks
+    body = torch.arange(whole)
+    body = body // chunk * 2 * chunk + body % chunk  # chunk c's byte j of the first row
+    rest = 2 * whole + torch.arange(nbytes - whole)
+    first = torch.cat([body, rest])
+    second = torch.cat([body + chunk, rest + nbytes - whole])
+    return torch.stack([first, second, torch.arange(nbytes)])
 
 
 def int4_memory(
