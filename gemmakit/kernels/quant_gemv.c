@@ -216,7 +216,7 @@ INLINE ptrdiff_t pair_len(ptrdiff_t K) { return 64 * ((K / 32 + 1) / 2); }
 /* x rounded to int16 (xq [M, K]) in pair order: xp [M, pair_len(K)], an odd last block padded
  * with zeros. Per pair, A (activations of weights 2i of both blocks), B
  * (2i + 16), C (2i + 1), D (2i + 17): the even and odd places of each half block. And its
- * blocks' scales and sums (xd, xs [M, K / 32]) in the pairs' order of chunk_values per whole 8
+ * blocks' scales and sums (xd, xs [M, K / 32]) in the pairs' order of chunk_scales per whole 8
  * blocks, the last K / 32 mod 8 as they are: pd, ps [M, K / 32]. */
 static void pair_x(const int16_t *xq, const float *xd, const float *xs, int M, ptrdiff_t K,
                    int16_t *xp, float *pd, float *ps) {
@@ -245,30 +245,38 @@ static void pair_x(const int16_t *xq, const float *xd, const float *xs, int M, p
     }
 }
 
-/* The 8 blocks' values of a chunk holding one float16 value per group of `per` blocks (per
- * divides 8), as floats in the pairs' order [0, 2, 4, 6 | 1, 3, 5, 7] (PAIR_ORDER): the 128-bit
- * half l of the vector holds the blocks 2k + l, so that a pair k's scales are one in-lane
- * shuffle away (int4_row). Groups of one block are held in that order (formats.pack_int4);
- * the larger groups' 4, 2 or 1 values are broadcast into it. Reads only the 16 / per bytes
- * there are. */
-INLINE __m256 chunk_values(const uint8_t *v, ptrdiff_t per) {
-    if (per == 1) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)v));
-    if (per == 8) return _mm256_set1_ps(f16(v));
-    if (per == 2) { /* [d0 d1 d2 d3] twice: blocks 2k and 2k + 1 are group k */
-        int64_t bits;
-        memcpy(&bits, v, 8);
-        return _mm256_cvtph_ps(_mm_set1_epi64x(bits));
+/* A chunk's 8 blocks' scales (d) and minimums (mv), from its 16 / per float16 scales and then
+ * as many minimums (per, the blocks per group, divides 8), as floats in the pairs' order
+ * [0, 2, 4, 6 | 1, 3, 5, 7] (PAIR_ORDER): the 128-bit half l of each vector holds the blocks
+ * 2k + l, so that a pair k's scales are one in-lane shuffle away (int4_rows). Groups of one
+ * block are held in that order (formats.pack_int4); the larger groups' 4, 2 or 1 values are
+ * broadcast into it, from one load of the 32 / per bytes there are (one per chunk: the loads
+ * and conversions of separate scale and minimum vectors cost a group of 128 a tenth of its
+ * chunk's work). */
+INLINE void chunk_scales(const uint8_t *v, ptrdiff_t per, __m256 *d, __m256 *mv) {
+    if (per == 1) {
+        *d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)v));
+        *mv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(v + 16)));
+    } else if (per == 2) { /* [d0 d1 d2 d3 | m0 m1 m2 m3]: blocks 2k and 2k + 1 are group k */
+        const __m256 t = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)v));
+        *d = _mm256_permute2f128_ps(t, t, 0x00), *mv = _mm256_permute2f128_ps(t, t, 0x11);
+    } else if (per == 4) { /* [d0 d1 m0 m1] in each half, then [d0 d0 d1 d1] and [m0 m0 m1 m1]:
+                            * blocks 0-3 are group 0 */
+        const __m128 t = _mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)v));
+        const __m256 b = _mm256_set_m128(t, t);
+        *d = _mm256_permute_ps(b, 0x50), *mv = _mm256_permute_ps(b, 0xFA);
+    } else {
+        int32_t bits;
+        memcpy(&bits, v, 4);
+        const __m128 t = _mm_cvtph_ps(_mm_cvtsi32_si128(bits)); /* [d m 0 0] */
+        *d = _mm256_broadcastss_ps(t), *mv = _mm256_broadcastss_ps(_mm_movehdup_ps(t));
     }
-    /* per 4: [d0 d1] four times, then [d0 d0 d1 d1] in each half: blocks 0-3 are group 0 */
-    int32_t bits;
-    memcpy(&bits, v, 4);
-    return _mm256_permute_ps(_mm256_cvtph_ps(_mm_set1_epi32(bits)), 0x50);
 }
 
 /* A Q4_K super-block's 16 bytes of scales (float16 d and dmin, then 12 bytes of six-bit
  * scales sc and minimums mn in 32-bit words u0, u1, u2, packed as llama.cpp packs them:
  * formats._q4_k_scales) -> its 8 sub-blocks' d * sc and, negated, dmin * mn (w = d sc q -
- * dmin mn), in the pairs' order as chunk_values gives int4's. All in vector registers: the
+ * dmin mn), in the pairs' order as chunk_scales gives int4's. All in vector registers: the
  * words [sc 0-3 | sc 4-7 | mn 0-3 | mn 4-7] are [u0 & 3F | u2 & 0F | u1 & 3F | u2 >> 4 & 0F]
  * or'ed with [0 | u0 >> 2 & 30 | 0 | u1 >> 2 & 30] (per byte), one byte shuffle puts them in
  * the pairs' order, then they are widened to floats. */
@@ -316,7 +324,7 @@ INLINE void int4_rows(const int M, const int R, const int q4k, const uint8_t *ro
     /* per is 1, 2, 4 or 8: divisions by it are shifts (an integer division per chunk cost more
      * than the chunk's scale work) */
     const int sh = __builtin_ctzll((unsigned long long)(group / 32)); /* log2 of per */
-    const ptrdiff_t per = group / 32, mo = 16 >> sh; /* mo: where the minimums start */
+    const ptrdiff_t per = group / 32;
     ptrdiff_t b = 0;
     for (; b + 8 <= nb; b += 8) {
         const uint8_t *ch = row + cs * (b / 8);
@@ -328,7 +336,7 @@ INLINE void int4_rows(const int M, const int R, const int q4k, const uint8_t *ro
             if (q4k)
                 q4_k_values(c + 128, &d, &mv);
             else
-                d = chunk_values(c + 128, per), mv = chunk_values(c + 128 + mo, per);
+                chunk_scales(c + 128, per, &d, &mv);
 #pragma GCC unroll 8
             for (int m = 0; m < M; m++) {
                 const int i = r * M + m;

@@ -110,7 +110,7 @@ def _chunk_scales(group: int) -> int:
 
 # The order of a whole chunk's 8 per-block scales (and minimums) in groups of 32: the kernel's
 # pair k (blocks 2k, 2k + 1) finds them in element k of each 128-bit half (quant_gemv.c's
-# chunk_values)
+# chunk_scales)
 PAIR_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 _UNPAIR = tuple(PAIR_ORDER.index(i) for i in range(8))
 

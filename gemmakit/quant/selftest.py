@@ -98,11 +98,14 @@ def check_all(kernel: Callable[..., torch.Tensor], rows: tuple[int, ...] = (1, 3
         if fmt not in HELD
     ]
     # int4: chunks of 8 blocks, then a shorter last chunk (pairs, and for group 32 an odd
-    # last block); then 3 tiles of 512 columns, whose sums add up per row; q4_k the same
-    # way (whole super-blocks only)
+    # last block), in each group that divides a chunk (each decodes its scales its own way);
+    # then 3 tiles of 512 columns, whose sums add up per row; q4_k the same way (whole
+    # super-blocks only)
     cases += [
         ("int4", 2208, 32, 0),
+        ("int4", 1088, 64, 0),
         ("int4", 2176, 128, 0),
+        ("int4", 768, 256, 0),
         ("int4", 1536, 32, 512),
         ("int4", 1536, 128, 512),
         ("q4_k", 512, 32, 0),
@@ -114,4 +117,6 @@ def check_all(kernel: Callable[..., torch.Tensor], rows: tuple[int, ...] = (1, 3
         for m in rows:
             x = torch.randn(m, k, generator=gen)
             got = kernel(FORMATS[fmt].code, x, *held, 13, group, 2, tile)
-            _check(got, x, fmt, parts, f"{fmt} M={m}" + (f" in tiles of {tile}" if tile else ""))
+            where = f" in groups of {group}" if fmt == "int4" else ""
+            where += f" in tiles of {tile}" if tile else ""
+            _check(got, x, fmt, parts, f"{fmt} M={m}{where}")
