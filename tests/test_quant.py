@@ -24,7 +24,6 @@ from gemmakit.quant.formats import (
     FORMATS,
     GGUF_FORMATS,
     HELD,
-    PAIR_ORDER,
     dequantize,
     held_memory,
     held_rows,
@@ -209,8 +208,8 @@ def test_quantized_checkpoint_saves_and_loads_back(tmp_path):
 def test_int4_packing_round_trips():
     """QuantWeight's int4 memory (packed rows, tiles) gives back the row layout exactly, for
     whole and short last chunks and every group that divides a chunk; a chunk is its 128
-    bytes of nibbles, then its scales, then its minimums (groups of 32: in PAIR_ORDER); rows
-    are held in pairs, chunk by chunk."""
+    bytes of nibbles in lane order (4 bytes of each block in turn), then its scales, then its
+    minimums; rows are held in pairs, chunk by chunk."""
     from gemmakit.errors import CheckpointError
     from gemmakit.quant.formats import int4_rows
 
@@ -228,10 +227,17 @@ def test_int4_packing_round_trips():
         assert tuple(packed.shape) == (5, k // 2 + 4 * k // group)
         assert all(torch.equal(a, b) for a, b in zip(unpack_int4(packed, k, group), parts))
         spc = 8 * 32 // group  # scales per whole chunk
-        assert torch.equal(packed[:, :128], parts[0][:, :128])
-        order = list(PAIR_ORDER) if spc == 8 else list(range(spc))  # groups of 32: pairs' order
+        blocks = parts[0][:, :128].reshape(5, 8, 16)  # the first chunk's blocks, row layout
+        for j in range(4):  # load j: bytes 4j..4j+3 of block 0, then of block 1, ...
+            run = packed[:, 32 * j : 32 * j + 32].reshape(5, 8, 4)
+            assert torch.equal(run, blocks[:, :, 4 * j : 4 * j + 4])
+        r = k // 32 % 8  # the short last chunk's blocks: the same order over r lanes
+        if r:
+            tail = packed[:, (128 + 4 * spc) * (k // 256) :][:, : 16 * r].reshape(5, 4, r, 4)
+            last = parts[0][:, -16 * r :].reshape(5, r, 4, 4)
+            assert torch.equal(tail, last.transpose(1, 2))
         for at, part in ((128, parts[1]), (128 + 2 * spc, parts[2])):
-            assert torch.equal(packed[:, at : at + 2 * spc].view(torch.float16), part[:, order])
+            assert torch.equal(packed[:, at : at + 2 * spc].view(torch.float16), part[:, :spc])
         memory = int4_memory(*parts, tile)
         assert tuple(memory.shape[:2]) == ((k // tile if tile else 1), 5)
         if not tile:  # rows 2p, 2p + 1 chunk by chunk, then their tails; the odd last row as is
@@ -272,7 +278,8 @@ def test_held_weights_of_one_and_two_rows(fmt):
 
 def test_q4_k_held_layout_round_trips():
     """QuantWeight holds Q4_K as int4 is held: per super-block its 8 sub-blocks' values in
-    int4's blocks (byte i: q[i] low, q[i + 16] high), then the block's 16 bytes of scales;
+    int4's blocks (byte i: q[i] low, q[i + 16] high) in lane order, then the block's 16 bytes
+    of scales;
     rows and tiles give the file's blocks back exactly, and state_dict is the file's layout."""
     gen = torch.Generator().manual_seed(4)
     blocks, _, _ = random_weight("q4_k", 5, 1536, gen)
@@ -285,8 +292,8 @@ def test_q4_k_held_layout_round_trips():
     file_block, held_chunk = blocks[2, :144], held_memory("q4_k", blocks, None, None, 0)[0, 2, :144]
     qs = file_block[16:].reshape(4, 32)  # sub-block 2k in the low nibbles, 2k + 1 in the high
     want = torch.stack([qs & 0xF, qs >> 4], dim=1).reshape(8, 32)
-    nib = held_chunk[:128].reshape(8, 16)
-    assert torch.equal(torch.cat([nib & 0xF, nib >> 4], dim=1), want)
+    nib = torch.cat([held_chunk[32 * j : 32 * j + 32].reshape(8, 4) for j in range(4)], dim=1)
+    assert torch.equal(torch.cat([nib & 0xF, nib >> 4], dim=1), want)  # load j: bytes 4j..4j+3
     assert torch.equal(held_chunk[128:], file_block[:16])
     w = QuantWeight("q4_k", (5, 1536), blocks)
     assert w.tile == 0 and set(w.state_dict()) == {"qdata"}

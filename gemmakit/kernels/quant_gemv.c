@@ -3,16 +3,16 @@
  * W is kept as its blocks (gemmakit/quant/formats.py): the GGUF formats Q8_0, Q4_0, Q5_0,
  * Q6_K as llama.cpp stores them, gemmakit's int8 (a float32 scale per row) and int4
  * (blocks of 32 nibbles, a float16 scale and minimum per group of 32, 64, 128 or 256), which is
- * held packed: each row in chunks of 8 blocks, the chunk's 128 bytes of nibbles followed by its
- * groups' scales and then their minimums (quant/formats.py's pack_int4), so that a row is one
- * stream of memory, not three (rows 2p and 2p + 1 chunk by chunk: int4_tiled). Q4_K is held
- * as int4 is, a super-block of 256 weights being a chunk: its nibbles in int4's blocks, then
- * its 16 bytes of scales as the file has them (formats.q4_k_memory), so that one inner loop
- * serves both. x is rounded once per call to int16 per block of 32 (scale max|x| / 32767, plus
- * the rounded block's sum for the formats with a minimum: see Xq), where llama.cpp rounds it
- * to int8: 258 times finer steps at about the same instruction count (madd of int16 pairs where
- * llama.cpp does maddubs of int8 ones), so that greedy decoding near ties follows the
- * dequantized weights.
+ * held packed: each row in chunks of 8 blocks, the chunk's 128 bytes of nibbles (in lane order:
+ * nibbles4) followed by its groups' scales and then their minimums (quant/formats.py's
+ * pack_int4), so that a row is one stream of memory, not three (rows 2p and 2p + 1 chunk by
+ * chunk: int4_tiled). Q4_K is held as int4 is, a super-block of 256 weights being a chunk: its
+ * nibbles in int4's blocks, then its 16 bytes of scales as the file has them
+ * (formats.q4_k_memory), so that one inner loop serves both. x is rounded once per call to
+ * int16 per block of 32 (scale max|x| / 32767, plus the rounded block's sum for the formats
+ * with a minimum: see Xq), where llama.cpp rounds it to int8: 258 times finer steps at about
+ * the same instruction count (madd of int16 pairs where llama.cpp does maddubs of int8 ones),
+ * so that greedy decoding near ties follows the dequantized weights.
  * Every block of 32 weights is widened to int16 in registers and is an integer dot product
  * (a few instructions where dequantizing to float needs a dozen), scaled in float once per
  * block (Q6_K's per-16 scales multiply the widened weights first). So the result is the
@@ -149,19 +149,17 @@ INLINE float int8_tail(const uint8_t *row, const float *x, ptrdiff_t nb, ptrdiff
 }
 
 /* The M rows' accumulators: acc[2 * m + parity] (two chains per row so consecutive blocks'
- * FMAs do not wait on each other's latency), macc[2 * m + parity] the minimums' terms of an
- * int4 row's last short chunk, subtracted at the end (int4_row). */
+ * FMAs do not wait on each other's latency; int4_rows: the integer sums' in one, the minimums'
+ * terms in the other). */
 typedef struct {
     __m256 acc[16];
-    float macc[16]; /* two chains per row as well, [2 * m + parity] */
 } Acc;
 
 /* x [M, K] rounded per block of 32 to int16: q [M, K], the scales d = max|x| / 32767 and
  * the rounded blocks' sums s (d * sum of q) [M, K / 32] (quantize_x) */
 typedef struct {
-    const int16_t *q, *p; /* p: q in pair order (pair_x) when the call has an int4 weight */
+    const int16_t *q, *l; /* l: q in lane order (lane_x) when the call has an int4 weight */
     const float *d, *s;
-    const float *pd, *ps; /* with p: d and s in the pairs' order per 8 blocks (pair_x) */
 } Xq;
 
 /* Symmetric 32-block j (Q8_0, Q4_0, Q5_0, int8) against the M rows of x rounded to int16:
@@ -179,15 +177,18 @@ INLINE void sym_block(const int fmt, const int M, const uint8_t *row, ptrdiff_t 
     }
 }
 
-/* gemmakit's int4 is read two blocks (32 bytes) at a time as 16 int16 lanes: lane l holds
- * bytes 2i and 2i + 1 of its block (lanes 0-7 block j, 8-15 block j + 1; i = l mod 8), so its
- * four nibbles, each one AND or shift away, are the block's weights 2i, 2i + 16, 2i + 1 and
- * 2i + 17. x is laid out to match once per call (pair_x: per pair of blocks, the four int16
- * vectors of those weights' activations), and the pair's integer dot product has block j in
- * its int32 lanes 0-3 and block j + 1 in lanes 4-7: one convert and one FMA with
- * [s_j x 4, s_j+1 x 4] apply both blocks' scales. A row's odd last block is a pair whose
- * second block is zeros. */
-INLINE void pair_nibbles(__m256i v, __m256i w[4]) {
+/* gemmakit's int4 (and Q4_K, held as int4) is read a chunk of 8 blocks at a time, in four
+ * loads of 32 bytes whose int32 lane l belongs to block l: load k's lane l holds bytes 4k to
+ * 4k + 3 of block l's 16 (formats.lane_order), so each of its two int16 halves h holds four
+ * nibbles, each one AND or shift away, that are the block's weights 4k + 2h, 4k + 2h + 16,
+ * 4k + 2h + 1 and 4k + 2h + 17. x is laid out to match once per call (lane_x: per chunk and
+ * load, the four int16 vectors of those weights' activations), so that the chunk's 16 integer
+ * multiply-adds sum each block in its own int32 lane, and one convert and one FMA with the 8
+ * blocks' scales (d_l * xd_l, in block order) apply them: per 64 weights, the nibbles' 6
+ * instructions, 4 multiply-adds and 4 adds, where a vector holding two blocks (four lanes each)
+ * needed a convert, a shuffle of the scales and an FMA more (5.2 -> 4.4 cycles per 64 weights
+ * on Zen 3 in L1). Per lane, a chunk's sum is at most 32 * 15 * 32767: no overflow. */
+INLINE void nibbles4(__m256i v, __m256i w[4]) {
     const __m256i f = _mm256_set1_epi16(0x0F);
     w[0] = _mm256_and_si256(v, f);
     w[1] = _mm256_and_si256(_mm256_srli_epi16(v, 4), f);
@@ -195,76 +196,54 @@ INLINE void pair_nibbles(__m256i v, __m256i w[4]) {
     w[3] = _mm256_srli_epi16(v, 12);
 }
 
-/* the pair's integer dot product with x's four vectors of the pair (pair_x's order) */
-INLINE __m256i pair_dot(const __m256i w[4], __m256i x0, __m256i x1, __m256i x2, __m256i x3) {
-    const __m256i p = DPWSSD(_mm256_madd_epi16(w[0], x0), w[1], x1);
-    const __m256i q = DPWSSD(_mm256_madd_epi16(w[2], x2), w[3], x3);
-    return _mm256_add_epi32(p, q);
-}
+/* The length of a row of x in lane order: 256 per chunk of 8 blocks, a short last one padded */
+INLINE ptrdiff_t lane_len(ptrdiff_t K) { return 256 * ((K / 32 + 7) / 8); }
 
-/* 16 int16 -> [the 8 at even places | the 8 at odd places] */
-INLINE __m256i evens_odds(const int16_t *p) {
-    const __m256i v = _mm256_loadu_si256((const __m256i *)p);
-    const __m256i m = _mm256_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15,
-                                       0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15);
-    return _mm256_permute4x64_epi64(_mm256_shuffle_epi8(v, m), 0xD8);
-}
-
-/* The length of a row of x in pair order: 64 per pair of blocks, an odd last block padded */
-INLINE ptrdiff_t pair_len(ptrdiff_t K) { return 64 * ((K / 32 + 1) / 2); }
-
-/* x rounded to int16 (xq [M, K]) in pair order: xp [M, pair_len(K)], an odd last block padded
- * with zeros. Per pair, A (activations of weights 2i of both blocks), B
- * (2i + 16), C (2i + 1), D (2i + 17): the even and odd places of each half block. And its
- * blocks' scales and sums (xd, xs [M, K / 32]) in the pairs' order of chunk_scales per whole 8
- * blocks, the last K / 32 mod 8 as they are: pd, ps [M, K / 32]. */
-static void pair_x(const int16_t *xq, const float *xd, const float *xs, int M, ptrdiff_t K,
-                   int16_t *xp, float *pd, float *ps) {
-    const ptrdiff_t nb = K / 32, Kp = pair_len(K);
-    const __m256i order = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
-    for (int m = 0; m < M; m++) {
-        ptrdiff_t j = 0;
-        for (; j + 8 <= nb; j += 8) {
-            const ptrdiff_t at = m * nb + j;
-            _mm256_storeu_ps(pd + at, _mm256_permutevar8x32_ps(_mm256_loadu_ps(xd + at), order));
-            _mm256_storeu_ps(ps + at, _mm256_permutevar8x32_ps(_mm256_loadu_ps(xs + at), order));
+/* x rounded to int16 (xq [M, K]) in lane order: xl [M, lane_len(K)]. Per chunk c and load k,
+ * four vectors of 16 (p = 0..3) whose int16 2l + h is the activation of block 8c + l's weight
+ * 4k + 2h (p 0), + 16 (p 1), + 1 (p 2), + 17 (p 3): nibble p of load k's int16 2l + h
+ * (nibbles4). Blocks past the row's last are zeros. */
+static void lane_x(const int16_t *xq, int M, ptrdiff_t K, int16_t *xl) {
+    const ptrdiff_t nb = K / 32, L = lane_len(K);
+    for (int m = 0; m < M; m++)
+        for (ptrdiff_t c = 0; c < L / 256; c++) {
+            uint32_t *o = (uint32_t *)(xl + m * L + 256 * c); /* [k][p][l] pairs of int16 */
+            for (int l = 0; l < 8; l++) {
+                const ptrdiff_t j = 8 * c + l;
+                for (int k = 0; k < 4; k++) {
+                    uint64_t a = 0, b = 0; /* weights 4k..4k+3 and 16+4k..16+4k+3 */
+                    if (j < nb) {
+                        memcpy(&a, xq + m * K + 32 * j + 4 * k, 8);
+                        memcpy(&b, xq + m * K + 32 * j + 16 + 4 * k, 8);
+                    }
+                    /* int16 h of each pair: weight 2h (even places) or 2h + 1 (odd ones) */
+                    o[32 * k + 0 + l] = (uint32_t)((a & 0xFFFF) | (a >> 16 & 0xFFFF0000));
+                    o[32 * k + 8 + l] = (uint32_t)((b & 0xFFFF) | (b >> 16 & 0xFFFF0000));
+                    o[32 * k + 16 + l] = (uint32_t)((a >> 16 & 0xFFFF) | (a >> 32 & 0xFFFF0000));
+                    o[32 * k + 24 + l] = (uint32_t)((b >> 16 & 0xFFFF) | (b >> 32 & 0xFFFF0000));
+                }
+            }
         }
-        for (; j < nb; j++) pd[m * nb + j] = xd[m * nb + j], ps[m * nb + j] = xs[m * nb + j];
-        for (ptrdiff_t j = 0; j < nb; j += 2) {
-            const int16_t *b = xq + m * K + 32 * j;
-            const __m256i z = _mm256_setzero_si256();
-            const __m256i ac0 = evens_odds(b), bd0 = evens_odds(b + 16);
-            const __m256i ac1 = j + 1 < nb ? evens_odds(b + 32) : z;
-            const __m256i bd1 = j + 1 < nb ? evens_odds(b + 48) : z;
-            __m256i *o = (__m256i *)(xp + m * Kp + 32 * j);
-            _mm256_storeu_si256(o, _mm256_permute2x128_si256(ac0, ac1, 0x20));
-            _mm256_storeu_si256(o + 1, _mm256_permute2x128_si256(bd0, bd1, 0x20));
-            _mm256_storeu_si256(o + 2, _mm256_permute2x128_si256(ac0, ac1, 0x31));
-            _mm256_storeu_si256(o + 3, _mm256_permute2x128_si256(bd0, bd1, 0x31));
-        }
-    }
 }
 
-/* A chunk's 8 blocks' scales (d) and minimums (mv), from its 16 / per float16 scales and then
- * as many minimums (per, the blocks per group, divides 8), as floats in the pairs' order
- * [0, 2, 4, 6 | 1, 3, 5, 7] (PAIR_ORDER): the 128-bit half l of each vector holds the blocks
- * 2k + l, so that a pair k's scales are one in-lane shuffle away (int4_rows). Groups of one
- * block are held in that order (formats.pack_int4); the larger groups' 4, 2 or 1 values are
- * broadcast into it, from one load of the 32 / per bytes there are (one per chunk: the loads
- * and conversions of separate scale and minimum vectors cost a group of 128 a tenth of its
- * chunk's work). */
+/* A chunk's 8 blocks' scales (d) and minimums (mv) as floats in block order, from its 16 / per
+ * float16 scales and then as many minimums (per, the blocks per group, divides 8): the larger
+ * groups' 4, 2 or 1 values broadcast to their blocks, from one load of the 32 / per bytes there
+ * are (one per chunk: separate loads and conversions of the scales and minimums cost a group
+ * of 128 a tenth of its chunk's work). */
 INLINE void chunk_scales(const uint8_t *v, ptrdiff_t per, __m256 *d, __m256 *mv) {
     if (per == 1) {
         *d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)v));
         *mv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(v + 16)));
-    } else if (per == 2) { /* [d0 d1 d2 d3 | m0 m1 m2 m3]: blocks 2k and 2k + 1 are group k */
+    } else if (per == 2) { /* [d0 d1 d2 d3 | m0 m1 m2 m3] -> [d0 d0 d1 d1 | d2 d2 d3 d3], ... */
         const __m256 t = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)v));
-        *d = _mm256_permute2f128_ps(t, t, 0x00), *mv = _mm256_permute2f128_ps(t, t, 0x11);
-    } else if (per == 4) { /* [d0 d1 m0 m1] in each half, then [d0 d0 d1 d1] and [m0 m0 m1 m1]:
-                            * blocks 0-3 are group 0 */
+        const __m256 lo = _mm256_unpacklo_ps(t, t), hi = _mm256_unpackhi_ps(t, t);
+        *d = _mm256_permute2f128_ps(lo, hi, 0x20), *mv = _mm256_permute2f128_ps(lo, hi, 0x31);
+    } else if (per == 4) { /* [d0 d1 m0 m1] in each half -> [d0 x 4 | d1 x 4], [m0 x 4 | m1 x 4] */
         const __m128 t = _mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)v));
         const __m256 b = _mm256_set_m128(t, t);
-        *d = _mm256_permute_ps(b, 0x50), *mv = _mm256_permute_ps(b, 0xFA);
+        *d = _mm256_permutevar_ps(b, _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1));
+        *mv = _mm256_permutevar_ps(b, _mm256_setr_epi32(2, 2, 2, 2, 3, 3, 3, 3));
     } else {
         int32_t bits;
         memcpy(&bits, v, 4);
@@ -276,18 +255,16 @@ INLINE void chunk_scales(const uint8_t *v, ptrdiff_t per, __m256 *d, __m256 *mv)
 /* A Q4_K super-block's 16 bytes of scales (float16 d and dmin, then 12 bytes of six-bit
  * scales sc and minimums mn in 32-bit words u0, u1, u2, packed as llama.cpp packs them:
  * formats._q4_k_scales) -> its 8 sub-blocks' d * sc and, negated, dmin * mn (w = d sc q -
- * dmin mn), in the pairs' order as chunk_scales gives int4's. All in vector registers: the
- * words [sc 0-3 | sc 4-7 | mn 0-3 | mn 4-7] are [u0 & 3F | u2 & 0F | u1 & 3F | u2 >> 4 & 0F]
- * or'ed with [0 | u0 >> 2 & 30 | 0 | u1 >> 2 & 30] (per byte), one byte shuffle puts them in
- * the pairs' order, then they are widened to floats. */
+ * dmin mn), in block order as chunk_scales gives int4's. All in vector registers: the words
+ * [sc 0-3 | sc 4-7 | mn 0-3 | mn 4-7] are [u0 & 3F | u2 & 0F | u1 & 3F | u2 >> 4 & 0F] or'ed
+ * with [0 | u0 >> 2 & 30 | 0 | u1 >> 2 & 30] (per byte), then widened to floats. */
 INLINE void q4_k_values(const uint8_t *p, __m256 *d, __m256 *mv) {
     const __m128i v = _mm_loadu_si128((const __m128i *)p); /* [d dmin | u0 | u1 | u2] */
     const __m128i a = _mm_srlv_epi32(_mm_shuffle_epi32(v, _MM_SHUFFLE(3, 2, 3, 1)), _mm_setr_epi32(0, 0, 0, 4));
     const __m128i b = _mm_srli_epi32(_mm_shuffle_epi32(v, _MM_SHUFFLE(2, 2, 1, 1)), 2);
     const __m128i lo = _mm_and_si128(a, _mm_setr_epi32(0x3F3F3F3F, 0x0F0F0F0F, 0x3F3F3F3F, 0x0F0F0F0F));
     const __m128i hi = _mm_and_si128(b, _mm_setr_epi32(0, 0x30303030, 0, 0x30303030));
-    const __m128i q = _mm_shuffle_epi8(_mm_or_si128(lo, hi),
-                                       _mm_setr_epi8(0, 2, 4, 6, 1, 3, 5, 7, 8, 10, 12, 14, 9, 11, 13, 15));
+    const __m128i q = _mm_or_si128(lo, hi);
     const __m128 dm = _mm_xor_ps(_mm_cvtph_ps(v), _mm_setr_ps(0.0f, -0.0f, 0.0f, 0.0f)); /* d, -dmin */
     const __m256 sc = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(q));
     const __m256 mn = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_unpackhi_epi64(q, q)));
@@ -305,30 +282,69 @@ INLINE ptrdiff_t held_row_bytes(int q4k, ptrdiff_t nb, ptrdiff_t per) {
     return q4k ? nb / 8 * BLOCK_BYTES[Q4_K] : int4_row_bytes(nb, per);
 }
 
+/* The integer sums of one chunk of R rows (at c + r * ro, load k's 32 bytes at k * ks) against
+ * M rows of x in lane order (xl, rows L apart): acc[2 i] += (sums) * s[i], i = r M + m (see
+ * nibbles4). masked (a literal): the row's last short chunk, whose loads hold only the lanes
+ * of `lanes` (ks = 4 * its blocks), the rest zeros. */
+INLINE void chunk_dot(const int M, const int R, const int masked, const uint8_t *c, ptrdiff_t ro,
+                      ptrdiff_t ks, __m256i lanes, const int16_t *xl, ptrdiff_t L, const __m256 *s,
+                      Acc *a) {
+    __m256i sum[8];
+#pragma GCC unroll 8
+    for (int i = 0; i < R * M; i++) sum[i] = _mm256_setzero_si256();
+    /* not unrolled: gcc hoists an unrolled chunk's loads and multiply-adds and spills them */
+#pragma GCC unroll 1
+    for (int k = 0; k < 4; k++) {
+        __m256i w[2][4];
+#pragma GCC unroll 2
+        for (int r = 0; r < R; r++) {
+            const uint8_t *at = c + r * ro + k * ks;
+            nibbles4(masked ? _mm256_maskload_epi32((const int *)at, lanes)
+                            : _mm256_loadu_si256((const __m256i *)at),
+                     w[r]);
+        }
+#pragma GCC unroll 8
+        for (int m = 0; m < M; m++) {
+            const __m256i *x = (const __m256i *)(xl + m * L + 64 * k);
+            const __m256i x0 = _mm256_loadu_si256(x), x1 = _mm256_loadu_si256(x + 1);
+            const __m256i x2 = _mm256_loadu_si256(x + 2), x3 = _mm256_loadu_si256(x + 3);
+#pragma GCC unroll 2
+            for (int r = 0; r < R; r++) {
+                const int i = r * M + m;
+                const __m256i p = DPWSSD(_mm256_madd_epi16(w[r][0], x0), w[r][1], x1);
+                sum[i] = _mm256_add_epi32(sum[i], DPWSSD(DPWSSD(p, w[r][2], x2), w[r][3], x3));
+            }
+        }
+    }
+#pragma GCC unroll 8
+    for (int i = 0; i < R * M; i++)
+        a->acc[2 * i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum[i]), s[i], a->acc[2 * i]);
+}
+
 /* R (1 or 2) packed int4 rows of nb blocks (w = d q + m per group of `group` weights) against
  * M rows of x (R * M <= 8): row r's whole chunk c at row + c * cs + r * ro, its last short chunk
- * at tail + r * tr (int4_tiled: rows held in pairs, chunk by chunk). xp: x in pair order (rows
- * Kp apart), xd16 its block scales, xs16 the rounded blocks' sums (rows xb blocks apart; both
- * in the pairs' order per whole chunk: pair_x's pd and ps). Row r against x's row m sums into
- * acc[2 i] and acc[2 i + 1], i = r M + m, and macc[the same]. A chunk of 8 blocks at a time: its
- * scales d * xd16 in one multiply, the minimum's terms m * xs16 in one FMA into the second
- * accumulator; then four pairs of blocks, each pair's x loaded once for the R rows (decoding's
- * M = 1 takes R = 2: half the loads of x per weight, and two rows' independent work to
- * interleave). The last chunk of nb mod 8 blocks: a pair at a time, scales one by one. q4k (a
- * literal at every call site): the rows are held Q4_K rows, whose chunks are their super-blocks
- * (144 bytes, their scales decoded by q4_k_values; nb a multiple of 8). */
+ * at tail + r * tr (int4_tiled: rows held in pairs, chunk by chunk). xl: x in lane order (rows
+ * L apart), xd its block scales, xs the rounded blocks' sums (rows xb blocks apart). Row r
+ * against x's row m sums into acc[2 i] (the weights' integers) and acc[2 i + 1] (the
+ * minimums' terms), i = r M + m. A chunk of 8 blocks at a time: its scales d * xd in one
+ * multiply, the minimums' terms m * xs in one FMA, then chunk_dot, which loads x once for the R
+ * rows (decoding's M = 1 takes R = 2: half the loads of x per weight, and two rows'
+ * independent work to interleave). The last chunk of nb mod 8 blocks the same way, its lanes
+ * past them zeros. q4k (a literal at every call site): the rows are held Q4_K rows, whose
+ * chunks are their super-blocks (144 bytes, their scales decoded by q4_k_values; nb a multiple
+ * of 8). */
 INLINE void int4_rows(const int M, const int R, const int q4k, const uint8_t *row, ptrdiff_t cs,
                       ptrdiff_t ro, const uint8_t *tail, ptrdiff_t tr, ptrdiff_t group,
-                      const int16_t *xp, const float *xd16, const float *xs16, ptrdiff_t Kp,
+                      const int16_t *xl, const float *xd, const float *xs, ptrdiff_t L,
                       ptrdiff_t nb, ptrdiff_t xb, Acc *a) {
-    /* per is 1, 2, 4 or 8: divisions by it are shifts (an integer division per chunk cost more
-     * than the chunk's scale work) */
+    /* per is 1, 2, 4 or 8: divisions by it are shifts */
     const int sh = __builtin_ctzll((unsigned long long)(group / 32)); /* log2 of per */
     const ptrdiff_t per = group / 32;
+    const __m256i all = _mm256_set1_epi32(-1);
+    __m256 s[8]; /* [r M + m] */
     ptrdiff_t b = 0;
     for (; b + 8 <= nb; b += 8) {
         const uint8_t *ch = row + cs * (b / 8);
-        __m256 s[8]; /* [r M + m], in the pairs' order, as d, xd16, xs16 and mv are */
 #pragma GCC unroll 2
         for (int r = 0; r < R; r++) {
             const uint8_t *c = ch + r * ro;
@@ -340,61 +356,33 @@ INLINE void int4_rows(const int M, const int R, const int q4k, const uint8_t *ro
 #pragma GCC unroll 8
             for (int m = 0; m < M; m++) {
                 const int i = r * M + m;
-                s[i] = _mm256_mul_ps(d, _mm256_loadu_ps(xd16 + m * xb + b));
-                a->acc[2 * i + 1] = _mm256_fmadd_ps(mv, _mm256_loadu_ps(xs16 + m * xb + b), a->acc[2 * i + 1]);
+                s[i] = _mm256_mul_ps(d, _mm256_loadu_ps(xd + m * xb + b));
+                a->acc[2 * i + 1] = _mm256_fmadd_ps(mv, _mm256_loadu_ps(xs + m * xb + b), a->acc[2 * i + 1]);
             }
             _mm_prefetch((const char *)c + PF_DIST, _MM_HINT_T0);
             _mm_prefetch((const char *)c + PF_DIST + 64, _MM_HINT_T0);
             _mm_prefetch((const char *)c + PF_DIST + 128, _MM_HINT_T0);
         }
-#pragma GCC unroll 4
-        for (int k = 0; k < 4; k++) {
-            __m256i w[2][4];
-#pragma GCC unroll 2
-            for (int r = 0; r < R; r++)
-                pair_nibbles(_mm256_loadu_si256((const __m256i *)(ch + r * ro + 32 * k)), w[r]);
-#pragma GCC unroll 8
-            for (int m = 0; m < M; m++) { /* pair k's scales: element k of each half of s */
-                const __m256i *x = (const __m256i *)(xp + m * Kp + 32 * (b + 2 * k));
-                const __m256i x0 = _mm256_loadu_si256(x), x1 = _mm256_loadu_si256(x + 1);
-                const __m256i x2 = _mm256_loadu_si256(x + 2), x3 = _mm256_loadu_si256(x + 3);
-#pragma GCC unroll 2
-                for (int r = 0; r < R; r++) {
-                    const int i = r * M + m;
-                    a->acc[2 * i + (k & 1)] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(pair_dot(w[r], x0, x1, x2, x3)),
-                                                              _mm256_permute_ps(s[i], 0x55 * k), a->acc[2 * i + (k & 1)]);
-                }
-            }
-        }
+        chunk_dot(M, R, 0, ch, ro, 32, all, xl + 32 * b, L, s, a);
     }
-    if (q4k) return; /* whole super-blocks only */
     const ptrdiff_t nr = nb - b; /* the last chunk: nr blocks, then nr / per scales and minimums */
+    if (q4k || !nr) return; /* Q4_K: whole super-blocks only */
+    const __m256i lanes = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)nr), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
 #pragma GCC unroll 2
     for (int r = 0; r < R; r++) {
-        const uint8_t *ch = tail + r * tr, *sc = ch + 16 * nr, *mn = sc + 2 * (nr >> sh);
-        for (ptrdiff_t j = 0; j < nr; j += 2) {
-            const int two = j + 1 < nr;
-            __m256i w[4];
-            const uint8_t *at = ch + 16 * j; /* an odd last block: its 16 bytes, then zeros */
-            pair_nibbles(two ? _mm256_loadu_si256((const __m256i *)at)
-                             : _mm256_inserti128_si256(_mm256_setzero_si256(), _mm_loadu_si128((const __m128i *)at), 0),
-                         w);
-            const float d0 = f16(sc + 2 * (j >> sh)), m0 = f16(mn + 2 * (j >> sh));
-            const float d1 = two ? f16(sc + 2 * ((j + 1) >> sh)) : 0.0f;
-            const float m1 = two ? f16(mn + 2 * ((j + 1) >> sh)) : 0.0f;
+        const uint8_t *sc = tail + r * tr + 16 * nr, *mn = sc + 2 * (nr >> sh);
+        float dv[8] = {0}, mvv[8] = {0};
+        for (ptrdiff_t l = 0; l < nr; l++) dv[l] = f16(sc + 2 * (l >> sh)), mvv[l] = f16(mn + 2 * (l >> sh));
 #pragma GCC unroll 8
-            for (int m = 0; m < M; m++) {
-                const int i = r * M + m;
-                const float *xd = xd16 + m * xb + b + j, *xs = xs16 + m * xb + b + j;
-                const __m256 s = _mm256_set_m128(_mm_set1_ps(two ? d1 * xd[1] : 0.0f), _mm_set1_ps(d0 * xd[0]));
-                const __m256i *x = (const __m256i *)(xp + m * Kp + 32 * (b + j));
-                const __m256i p = pair_dot(w, _mm256_loadu_si256(x), _mm256_loadu_si256(x + 1),
-                                           _mm256_loadu_si256(x + 2), _mm256_loadu_si256(x + 3));
-                a->acc[2 * i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), s, a->acc[2 * i]);
-                a->macc[2 * i] -= m0 * xs[0] + (two ? m1 * xs[1] : 0.0f);
-            }
+        for (int m = 0; m < M; m++) {
+            const int i = r * M + m;
+            float xdv[8] = {0}, xsv[8] = {0};
+            for (ptrdiff_t l = 0; l < nr; l++) xdv[l] = xd[m * xb + b + l], xsv[l] = xs[m * xb + b + l];
+            s[i] = _mm256_mul_ps(_mm256_loadu_ps(dv), _mm256_loadu_ps(xdv));
+            a->acc[2 * i + 1] = _mm256_fmadd_ps(_mm256_loadu_ps(mvv), _mm256_loadu_ps(xsv), a->acc[2 * i + 1]);
         }
     }
+    chunk_dot(M, R, 1, tail, tr, 4 * nr, lanes, xl + 32 * b, L, s, a);
 }
 
 /* One row n of W in a format without minimums (the symmetric ones and Q6_K) against M rows
@@ -564,46 +552,45 @@ INLINE void sym_m1(const int fmt, const uint8_t *W, const float *rs, const Xq *X
  * row as it is), so that decoding reads the two rows it takes at a time (int4_rows' R = 2) as
  * one sequential stream (two rows' streams side by side defeated the hardware prefetcher: 10-30%
  * slower from memory). Tile by tile, the slab's rows of a tile are one sequential read, and x's
- * tile (8 KiB in pair order at 4096 columns) stays in L1 across them; a whole long row's x (32
+ * tile (8 KiB in lane order at 4096 columns) stays in L1 across them; a whole long row's x (32
  * KiB for the 16384 columns of Gemma-2B's down projection) does not, and was re-read from L2
  * for every row. Each row's sums over the tiles add up in y. tile = K: one tile, the rows as
  * they are. */
 INLINE void int4_tiled(const int M, const int q4k, const uint8_t *W, ptrdiff_t group, const Xq *X,
                        float *y, ptrdiff_t n0, ptrdiff_t n1, ptrdiff_t N, ptrdiff_t K,
                        ptrdiff_t tile) {
-    const ptrdiff_t nbt = tile / 32, Kp = pair_len(K);
+    const ptrdiff_t nbt = tile / 32, L = lane_len(K);
     const ptrdiff_t tb = held_row_bytes(q4k, nbt, group / 32), cb = held_row_bytes(q4k, 8, group / 32);
     const ptrdiff_t whole = cb * (nbt / 8), tl = tb - whole; /* a row's whole chunks, its tail */
     for (ptrdiff_t t = 0; t < K / tile; t++)
         for (ptrdiff_t n = n0; n < n1; n += 2) {
             const uint8_t *base = W + (t * N + n) * tb;
             const int paired = n + 1 < N; /* < n1 too: slabs hold whole pairs */
-            const int16_t *xp = X->p + t * tile;
-            const float *pd = X->pd + t * nbt, *ps = X->ps + t * nbt;
+            const int16_t *xl = X->l + t * tile; /* tiles are whole chunks */
+            const float *xd = X->d + t * nbt, *xs = X->s + t * nbt;
             /* M = 1: both rows' sums in a[0] (R = 2); else row r's in a[r] */
             Acc a[2];
             const int used = M == 1 ? 4 : 2 * M; /* accumulators of each Acc in use */
 #pragma GCC unroll 2
             for (int r = 0; r < 2; r++)
 #pragma GCC unroll 16
-                for (int i = 0; i < used; i++) a[r].acc[i] = _mm256_setzero_ps(), a[r].macc[i] = 0.0f;
+                for (int i = 0; i < used; i++) a[r].acc[i] = _mm256_setzero_ps();
             if (!paired)
-                int4_rows(M, 1, q4k, base, cb, 0, base + whole, 0, group, xp, pd, ps, Kp, nbt, K / 32, a);
+                int4_rows(M, 1, q4k, base, cb, 0, base + whole, 0, group, xl, xd, xs, L, nbt, K / 32, a);
             else if (M == 1)
-                int4_rows(1, 2, q4k, base, 2 * cb, cb, base + 2 * whole, tl, group, xp, pd, ps, Kp, nbt, K / 32, a);
+                int4_rows(1, 2, q4k, base, 2 * cb, cb, base + 2 * whole, tl, group, xl, xd, xs, L, nbt, K / 32, a);
             else /* a row at a time: R = 2's accumulators for M rows of x would not fit */
 #pragma GCC unroll 2
                 for (int r = 0; r < 2; r++)
-                    int4_rows(M, 1, q4k, base + r * cb, 2 * cb, 0, base + 2 * whole + r * tl, 0, group, xp,
-                              pd, ps, Kp, nbt, K / 32, a + r);
+                    int4_rows(M, 1, q4k, base + r * cb, 2 * cb, 0, base + 2 * whole + r * tl, 0, group, xl,
+                              xd, xs, L, nbt, K / 32, a + r);
 #pragma GCC unroll 2
             for (int r = 0; r < 1 + paired; r++)
 #pragma GCC unroll 8
                 for (int m = 0; m < M; m++) {
                     const Acc *ar = M == 1 ? a : a + r;
                     const int i = M == 1 ? r : m;
-                    const float v = hsum(_mm256_add_ps(ar->acc[2 * i], ar->acc[2 * i + 1])) -
-                                    (ar->macc[2 * i] + ar->macc[2 * i + 1]);
+                    const float v = hsum(_mm256_add_ps(ar->acc[2 * i], ar->acc[2 * i + 1]));
                     float *out = y + m * N + n + r;
                     *out = t ? *out + v : v;
                 }
@@ -700,14 +687,13 @@ int quant_gemv_multi(int count, const int *fmts, const float *x, const uint8_t *
     quantize_x(x, (int)M, K, xq, xd, xs);
     int any_int4 = 0;
     for (int i = 0; i < count; i++) any_int4 |= fmts[i] == INT4 || fmts[i] == Q4_K;
-    int16_t *xp = any_int4 ? malloc(2 * (size_t)(M * pair_len(K)) + 64) : NULL;
-    float *pd = any_int4 ? malloc(sizeof(float) * 2 * nd) : NULL;
-    if (any_int4 && (!xp || !pd)) {
-        free(xq), free(xd), free(xp), free(pd);
+    int16_t *xl = any_int4 ? malloc(2 * (size_t)(M * lane_len(K)) + 64) : NULL;
+    if (any_int4 && !xl) {
+        free(xq), free(xd);
         return -2;
     }
-    if (xp) pair_x(xq, xd, xs, (int)M, K, xp, pd, pd + nd);
-    const Xq X = {xq, xp, xd, xs, pd, pd ? pd + nd : NULL};
+    if (xl) lane_x(xq, (int)M, K, xl);
+    const Xq X = {xq, xl, xd, xs};
 #pragma omp parallel for schedule(dynamic, 1) num_threads(n_threads)
     for (ptrdiff_t c = 0; c < n_slabs; c++) {
         int i = 0;
@@ -717,7 +703,7 @@ int quant_gemv_multi(int count, const int *fmts, const float *x, const uint8_t *
         slab(fmts[i], x, &X, Ws[i], scales[i], ys[i], n0, n1, (int)M,
              Ns[i], K, rb[i], groups[i], tiles && tiles[i] < K ? tiles[i] : 0);
     }
-    free(xq), free(xd), free(xp), free(pd);
+    free(xq), free(xd), free(xl);
     return 0;
 }
 

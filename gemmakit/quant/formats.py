@@ -9,16 +9,16 @@ file's blocks (llama.cpp's ggml-quants.c layouts), for gemmakit's own formats:
   d and minimum m (asymmetric, "scale + min" as Q4_1/Q4_K): w = d * q + m.
 
 In memory (QuantWeight), an int4 weight is held packed (`int4_memory`): each row in chunks of 8
-blocks, a chunk's 128 bytes of nibbles followed by its groups' float16 scales and then their
-minimums (for groups of 32 in PAIR_ORDER, the order the kernel applies them in), so that the
+blocks, a chunk's 128 bytes of nibbles (in `lane_order`: the kernel's loads hold one block per
+int32 lane) followed by its groups' float16 scales and then their minimums, so that the
 kernel reads a row as one stream of memory where the row layout is three (one per tensor); rows
 longer than INT4_TILE are also cut into tiles (`int4_tile`), [tiles, N, packed bytes of a
 tile], so that each tile's rows are one stream while the kernel's activations for the tile stay
 in its L1; within a tile, rows 2p and 2p + 1 are held chunk by chunk (`pair_rows`), since
 decoding reads two rows at a time. A Q4_K weight is held the same way (`q4_k_memory`): each
-super-block of 256 weights a chunk, its nibbles in int4's blocks followed by its 16 bytes of
-scales, so that the kernel runs both through one inner loop. Files, state_dict and `dequantize`
-use the row layout (`held_rows` gives it back).
+super-block of 256 weights a chunk, its nibbles in int4's blocks (in lane order) followed by
+its 16 bytes of scales, so that the kernel runs both through one inner loop. Files, state_dict
+and `dequantize` use the row layout (`held_rows` gives it back).
 
 `dequantize(fmt, qdata, scale, minimum, K)` is the torch reference every kernel is tested
 against; it runs on any device (the fallback for machines without the C kernels and for GPUs).
@@ -108,27 +108,30 @@ def _chunk_scales(group: int) -> int:
     return 8 // per
 
 
-# The order of a whole chunk's 8 per-block scales (and minimums) in groups of 32: the kernel's
-# pair k (blocks 2k, 2k + 1) finds them in element k of each 128-bit half (quant_gemv.c's
-# chunk_scales)
-PAIR_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
-_UNPAIR = tuple(PAIR_ORDER.index(i) for i in range(8))
+def lane_order(nibbles: torch.Tensor, blocks: int) -> torch.Tensor:
+    """uint8 [..., 16 blocks]: `blocks` int4 blocks' bytes in row layout -> the kernel's lane
+    order (quant_gemv.c's nibbles4): four runs of 4 bytes per block, run k holding bytes 4k to
+    4k + 3 of each block in turn, so that one 32-byte load of a chunk of 8 blocks has block l
+    in its int32 lane l. `lane_order(t, blocks)` is a transpose: `block_order` undoes it."""
+    lead = nibbles.shape[:-1]
+    return nibbles.reshape(*lead, blocks, 4, 4).transpose(-3, -2).reshape(*lead, 16 * blocks)
 
 
-def _chunk_order(v: torch.Tensor, full: int, spc: int, order: tuple[int, ...]) -> torch.Tensor:
-    """float16 [N, groups] -> the bytes [N, full, 2 spc] of its first `full` chunks' values,
-    each chunk's in `order` when it holds one per block (spc 8)."""
-    c = v[:, : spc * full].reshape(v.shape[0], full, spc)
-    if spc == 8:
-        c = c[..., list(order)]
-    return c.contiguous().view(torch.uint8)
+def block_order(held: torch.Tensor, blocks: int) -> torch.Tensor:
+    """lane_order's inverse: uint8 [..., 16 blocks] -> the blocks' bytes in row layout."""
+    lead = held.shape[:-1]
+    return held.reshape(*lead, 4, blocks, 4).transpose(-3, -2).reshape(*lead, 16 * blocks)
+
+
+def _chunk_values(v: torch.Tensor, full: int, spc: int) -> torch.Tensor:
+    """float16 [N, groups] -> the bytes [N, full, 2 spc] of its first `full` chunks' values."""
+    return v[:, : spc * full].reshape(v.shape[0], full, spc).contiguous().view(torch.uint8)
 
 
 def pack_int4(qdata: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor) -> torch.Tensor:
     """Row layout (qdata uint8 [N, K / 2], scale and minimum float16 [N, K / group]) -> packed
     rows uint8 [N, K / 2 + 4 K / group]: per chunk of 8 blocks (the last may be shorter) its
-    16 bytes per block, then its groups' scales, then their minimums (a whole chunk's in
-    PAIR_ORDER in groups of 32)."""
+    16 bytes per block in lane order, then its groups' scales, then their minimums."""
     n, half = qdata.shape
     nb = half // 16
     spc = _chunk_scales(32 * nb // scale.shape[1])
@@ -136,15 +139,16 @@ def pack_int4(qdata: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor) -
     d, m = scale.contiguous().view(torch.uint8), minimum.contiguous().view(torch.uint8)
     whole = torch.cat(
         [
-            qdata[:, : 128 * full].reshape(n, full, 128),
-            _chunk_order(scale, full, spc, PAIR_ORDER),
-            _chunk_order(minimum, full, spc, PAIR_ORDER),
+            lane_order(qdata[:, : 128 * full].reshape(n, full, 128), 8),
+            _chunk_values(scale, full, spc),
+            _chunk_values(minimum, full, spc),
         ],
         dim=2,
     ).reshape(n, -1)
     if nb == 8 * full:
         return whole
-    rest = [qdata[:, 128 * full :], d[:, 2 * spc * full :], m[:, 2 * spc * full :]]
+    rest = [lane_order(qdata[:, 128 * full :], nb - 8 * full)]
+    rest += [d[:, 2 * spc * full :], m[:, 2 * spc * full :]]
     return torch.cat([whole, *rest], dim=1)
 
 
@@ -156,12 +160,10 @@ def unpack_int4(packed: torch.Tensor, k: int, group: int) -> tuple[torch.Tensor,
     body = packed[:, : cb * full].reshape(n, full, cb)
     tail, r = packed[:, cb * full :], nb - 8 * full  # the last chunk's r blocks
     s, e = 16 * r, 16 * r + 2 * (r * 32 // group)  # where its scales start and end
-    q = torch.cat([body[..., :128].reshape(n, -1), tail[:, :s]], dim=1)
+    q = torch.cat([block_order(body[..., :128], 8).reshape(n, -1), block_order(tail[:, :s], r)], 1)
 
     def values(part: torch.Tensor, rest: torch.Tensor) -> torch.Tensor:
-        held = part.contiguous().view(torch.float16).reshape(n, -1)
-        whole = _chunk_order(held, full, spc, _UNPAIR).reshape(n, -1)
-        return torch.cat([whole, rest], dim=1).contiguous().view(torch.float16)
+        return torch.cat([part.reshape(n, -1), rest], dim=1).contiguous().view(torch.float16)
 
     d = values(body[..., 128 : 128 + 2 * spc], tail[:, s:e])
     m = values(body[..., 128 + 2 * spc :], tail[:, e:])
@@ -277,7 +279,7 @@ def q4_k_memory(qdata: torch.Tensor, tile: int = 0) -> torch.Tensor:
     as [T, N, bytes of a tile] (T = K / tile, 1 when `tile` is 0). The same bytes reordered."""
     n = qdata.shape[0]
     b = qdata.reshape(n, -1, 144)
-    nibbles = _pack_nibbles(_q4_k_values(b[..., 16:])).reshape(n, -1, 128)
+    nibbles = lane_order(_pack_nibbles(_q4_k_values(b[..., 16:])).reshape(n, -1, 128), 8)
     held = torch.cat([nibbles, b[..., :16]], dim=-1).reshape(n, -1)
     tiles = to_tiles(held, 256 * b.shape[1] // tile if tile else 1)
     return pair_rows(tiles, 144, tiles.shape[2] // 144)
@@ -289,7 +291,7 @@ def q4_k_rows(memory: torch.Tensor, rows: slice | torch.Tensor | None = None) ->
     held = from_tiles(paired_rows(memory, 144, memory.shape[2] // 144, rows))
     n = held.shape[0]
     b = held.reshape(n, -1, 144)
-    q = _nibbles(b[..., :128].reshape(n, -1, 4, 2, 16))  # [N, blocks, 4, 2, 32]
+    q = _nibbles(block_order(b[..., :128], 8).reshape(n, -1, 4, 2, 16))  # [N, blocks, 4, 2, 32]
     qs = (q[..., 0, :] | (q[..., 1, :] << 4)).reshape(n, -1, 128)  # _q4_k_values' inverse
     return torch.cat([b[..., 128:], qs], dim=-1).reshape(n, -1)
 
