@@ -207,7 +207,7 @@ static void lane_x(const int16_t *xq, int M, ptrdiff_t K, int16_t *xl) {
     const ptrdiff_t nb = K / 32, L = lane_len(K);
     for (int m = 0; m < M; m++)
         for (ptrdiff_t c = 0; c < L / 256; c++) {
-            uint32_t *o = (uint32_t *)(xl + m * L + 256 * c); /* [k][p][l] pairs of int16 */
+            int16_t *o = xl + m * L + 256 * c; /* [k][p][l][h] */
             for (int l = 0; l < 8; l++) {
                 const ptrdiff_t j = 8 * c + l;
                 for (int k = 0; k < 4; k++) {
@@ -216,11 +216,12 @@ static void lane_x(const int16_t *xq, int M, ptrdiff_t K, int16_t *xl) {
                         memcpy(&a, xq + m * K + 32 * j + 4 * k, 8);
                         memcpy(&b, xq + m * K + 32 * j + 16 + 4 * k, 8);
                     }
-                    /* int16 h of each pair: weight 2h (even places) or 2h + 1 (odd ones) */
-                    o[32 * k + 0 + l] = (uint32_t)((a & 0xFFFF) | (a >> 16 & 0xFFFF0000));
-                    o[32 * k + 8 + l] = (uint32_t)((b & 0xFFFF) | (b >> 16 & 0xFFFF0000));
-                    o[32 * k + 16 + l] = (uint32_t)((a >> 16 & 0xFFFF) | (a >> 32 & 0xFFFF0000));
-                    o[32 * k + 24 + l] = (uint32_t)((b >> 16 & 0xFFFF) | (b >> 32 & 0xFFFF0000));
+                    /* int16 h of lane l: a's (or b's) int16 2h for p 0 (1), 2h + 1 for p 2 (3) */
+                    const uint32_t v[4] = {(uint32_t)((a & 0xFFFF) | (a >> 16 & 0xFFFF0000)),
+                                           (uint32_t)((b & 0xFFFF) | (b >> 16 & 0xFFFF0000)),
+                                           (uint32_t)((a >> 16 & 0xFFFF) | (a >> 32 & 0xFFFF0000)),
+                                           (uint32_t)((b >> 16 & 0xFFFF) | (b >> 32 & 0xFFFF0000))};
+                    for (int p = 0; p < 4; p++) memcpy(o + 64 * k + 16 * p + 2 * l, v + p, 4);
                 }
             }
         }
