@@ -186,7 +186,7 @@ INLINE void sym_block(const int fmt, const int M, const uint8_t *row, ptrdiff_t 
  * multiply-adds sum each block in its own int32 lane, and one convert and one FMA with the 8
  * blocks' scales (d_l * xd_l, in block order) apply them: per 64 weights, the nibbles' 6
  * instructions, 4 multiply-adds and 4 adds, where a vector holding two blocks (four lanes each)
- * needed a convert, a shuffle of the scales and an FMA more (5.2 -> 4.4 cycles per 64 weights
+ * needed a convert, a shuffle of the scales and an FMA more (5.2 -> 4.8 cycles per 64 weights
  * on Zen 3 in L1). Per lane, a chunk's sum is at most 32 * 15 * 32767: no overflow. */
 INLINE void nibbles4(__m256i v, __m256i w[4]) {
     const __m256i f = _mm256_set1_epi16(0x0F);
@@ -322,25 +322,39 @@ INLINE void chunk_dot(const int M, const int R, const int masked, const uint8_t 
         a->acc[2 * i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum[i]), s[i], a->acc[2 * i]);
 }
 
+/* A chunk's scales d and minimums mv (in block order) of row r against the M rows of x: its
+ * scales times x's, s[i] = d * xd, and the minimums' terms mv * xs added to acc[2 i + 1],
+ * i = r M + m (xd, xs at the chunk's first block, rows xb apart). masked (a literal): only the
+ * lanes of `lanes` are read (the row's last short chunk), the rest are zeros. */
+INLINE void chunk_terms(const int M, const int r, const int masked, __m256i lanes, __m256 d,
+                        __m256 mv, const float *xd, const float *xs, ptrdiff_t xb, __m256 *s,
+                        Acc *a) {
+#pragma GCC unroll 8
+    for (int m = 0; m < M; m++) {
+        const int i = r * M + m;
+        const float *pd = xd + m * xb, *ps = xs + m * xb;
+        s[i] = _mm256_mul_ps(d, masked ? _mm256_maskload_ps(pd, lanes) : _mm256_loadu_ps(pd));
+        const __m256 t = masked ? _mm256_maskload_ps(ps, lanes) : _mm256_loadu_ps(ps);
+        a->acc[2 * i + 1] = _mm256_fmadd_ps(mv, t, a->acc[2 * i + 1]);
+    }
+}
+
 /* R (1 or 2) packed int4 rows of nb blocks (w = d q + m per group of `group` weights) against
  * M rows of x (R * M <= 8): row r's whole chunk c at row + c * cs + r * ro, its last short chunk
  * at tail + r * tr (int4_tiled: rows held in pairs, chunk by chunk). xl: x in lane order (rows
  * L apart), xd its block scales, xs the rounded blocks' sums (rows xb blocks apart). Row r
  * against x's row m sums into acc[2 i] (the weights' integers) and acc[2 i + 1] (the
- * minimums' terms), i = r M + m. A chunk of 8 blocks at a time: its scales d * xd in one
- * multiply, the minimums' terms m * xs in one FMA, then chunk_dot, which loads x once for the R
- * rows (decoding's M = 1 takes R = 2: half the loads of x per weight, and two rows'
- * independent work to interleave). The last chunk of nb mod 8 blocks the same way, its lanes
- * past them zeros. q4k (a literal at every call site): the rows are held Q4_K rows, whose
- * chunks are their super-blocks (144 bytes, their scales decoded by q4_k_values; nb a multiple
- * of 8). */
+ * minimums' terms), i = r M + m. A chunk of 8 blocks at a time: chunk_terms, then chunk_dot,
+ * which loads x once for the R rows (decoding's M = 1 takes R = 2: half the loads of x per
+ * weight, and two rows' independent work to interleave). The last chunk of nb mod 8 blocks
+ * the same way, its lanes past them zeros. q4k (a literal at every call site): the rows are
+ * held Q4_K rows, whose chunks are their super-blocks (144 bytes, their scales decoded by
+ * q4_k_values; nb a multiple of 8). */
 INLINE void int4_rows(const int M, const int R, const int q4k, const uint8_t *row, ptrdiff_t cs,
                       ptrdiff_t ro, const uint8_t *tail, ptrdiff_t tr, ptrdiff_t group,
                       const int16_t *xl, const float *xd, const float *xs, ptrdiff_t L,
                       ptrdiff_t nb, ptrdiff_t xb, Acc *a) {
-    /* per is 1, 2, 4 or 8: divisions by it are shifts */
-    const int sh = __builtin_ctzll((unsigned long long)(group / 32)); /* log2 of per */
-    const ptrdiff_t per = group / 32;
+    const ptrdiff_t per = group / 32; /* 1, 2, 4 or 8 */
     const __m256i all = _mm256_set1_epi32(-1);
     __m256 s[8]; /* [r M + m] */
     ptrdiff_t b = 0;
@@ -354,12 +368,7 @@ INLINE void int4_rows(const int M, const int R, const int q4k, const uint8_t *ro
                 q4_k_values(c + 128, &d, &mv);
             else
                 chunk_scales(c + 128, per, &d, &mv);
-#pragma GCC unroll 8
-            for (int m = 0; m < M; m++) {
-                const int i = r * M + m;
-                s[i] = _mm256_mul_ps(d, _mm256_loadu_ps(xd + m * xb + b));
-                a->acc[2 * i + 1] = _mm256_fmadd_ps(mv, _mm256_loadu_ps(xs + m * xb + b), a->acc[2 * i + 1]);
-            }
+            chunk_terms(M, r, 0, all, d, mv, xd + b, xs + b, xb, s, a);
             _mm_prefetch((const char *)c + PF_DIST, _MM_HINT_T0);
             _mm_prefetch((const char *)c + PF_DIST + 64, _MM_HINT_T0);
             _mm_prefetch((const char *)c + PF_DIST + 128, _MM_HINT_T0);
@@ -369,19 +378,15 @@ INLINE void int4_rows(const int M, const int R, const int q4k, const uint8_t *ro
     const ptrdiff_t nr = nb - b; /* the last chunk: nr blocks, then nr / per scales and minimums */
     if (q4k || !nr) return; /* Q4_K: whole super-blocks only */
     const __m256i lanes = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)nr), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    const ptrdiff_t g = 2 * (nr / per); /* bytes of its scales, and of its minimums */
 #pragma GCC unroll 2
-    for (int r = 0; r < R; r++) {
-        const uint8_t *sc = tail + r * tr + 16 * nr, *mn = sc + 2 * (nr >> sh);
-        float dv[8] = {0}, mvv[8] = {0};
-        for (ptrdiff_t l = 0; l < nr; l++) dv[l] = f16(sc + 2 * (l >> sh)), mvv[l] = f16(mn + 2 * (l >> sh));
-#pragma GCC unroll 8
-        for (int m = 0; m < M; m++) {
-            const int i = r * M + m;
-            float xdv[8] = {0}, xsv[8] = {0};
-            for (ptrdiff_t l = 0; l < nr; l++) xdv[l] = xd[m * xb + b + l], xsv[l] = xs[m * xb + b + l];
-            s[i] = _mm256_mul_ps(_mm256_loadu_ps(dv), _mm256_loadu_ps(xdv));
-            a->acc[2 * i + 1] = _mm256_fmadd_ps(_mm256_loadu_ps(mvv), _mm256_loadu_ps(xsv), a->acc[2 * i + 1]);
-        }
+    for (int r = 0; r < R; r++) { /* its values where a whole chunk's are, the rest zeros */
+        uint8_t v[32] = {0};
+        memcpy(v, tail + r * tr + 16 * nr, g);
+        memcpy(v + 16 / per, tail + r * tr + 16 * nr + g, g);
+        __m256 d, mv;
+        chunk_scales(v, per, &d, &mv);
+        chunk_terms(M, r, 1, lanes, d, mv, xd + b, xs + b, xb, s, a);
     }
     chunk_dot(M, R, 1, tail, tr, 4 * nr, lanes, xl + 32 * b, L, s, a);
 }

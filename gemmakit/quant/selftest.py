@@ -97,8 +97,8 @@ def check_all(kernel: Callable[..., torch.Tensor], rows: tuple[int, ...] = (1, 3
         for fmt, f in FORMATS.items()
         if fmt not in HELD
     ]
-    # int4: chunks of 8 blocks, then a shorter last chunk (pairs, and for group 32 an odd
-    # last block), in each group that divides a chunk (each decodes its scales its own way);
+    # int4: chunks of 8 blocks, then a shorter last chunk (masked lanes: 5, 2 and 4 blocks),
+    # in each group that divides a chunk (each decodes its scales its own way);
     # then 3 tiles of 512 columns, whose sums add up per row; q4_k the same way (whole
     # super-blocks only)
     cases += [
