@@ -10,6 +10,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 import torch
 
 from gemmakit.errors import UsageError
+from gemmakit.kernels.train_ops import argmax
 from gemmakit.model.cache import KVCache
 from gemmakit.model.fast_decode import fast_decoder
 from gemmakit.model.transformer import Gemma
@@ -29,7 +30,7 @@ def sample_next(
     stays), top-k keeps the k most likely, and the rest is renormalised before sampling.
     """
     if not temperature:
-        return logits.argmax(dim=-1)
+        return argmax(logits)
     probs = torch.softmax(logits.float() / temperature, dim=-1)
     if top_k is not None and top_k > 0:
         probs, index = probs.topk(min(top_k, probs.shape[-1]), dim=-1)  # sorted, descending

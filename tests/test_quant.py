@@ -523,7 +523,40 @@ def test_multi_gemv_equals_one_call_per_weight():
     assert torch.allclose(ys[4], rows4, rtol=1e-5, atol=1e-5)
 
 
-def test_exact_top_makes_the_argmax_the_dequantized_weights():
+# every format; int4 in groups of 32 and 128 with rows of 4608 (two tiles of 2304, each with a
+# short last chunk) and 9 rows (an odd last row outside the pairs); q4_k tiled the same way
+PICKED = [(f, 512 if FORMATS[f].block == 256 else 96, 32) for f in FORMATS]
+PICKED += [("int4", 4608, 32), ("int4", 4608, 128), ("q4_k", 4608, 32)]
+
+
+@needs_kernel
+@pytest.mark.parametrize("fmt,k,group", PICKED)
+def test_picked_rows_and_exact_top_in_c_equal_the_torch_way(fmt, k, group, monkeypatch):
+    """QuantWeight.dequantize(rows) and exact_top run one C call each on a CPU (an embedding
+    lookup and a decode step's candidates); the torch way (GEMMAKIT_NO_KERNELS=1) reads the
+    same held bytes with gathers and reshapes. Rows: the same floats bit for bit (negative
+    indices too); exact_top (soft-capped): the same argmax, and its values agree."""
+    gen = torch.Generator().manual_seed(k + group)
+    w = QuantWeight(fmt, (9, k), *random_weight(fmt, 9, k, gen, group))
+    assert w.tile == (2304 if k == 4608 else 0)
+    rows = torch.tensor([8, 0, 3, 4, -1, 3])
+    x = torch.randn(3, k, generator=gen)
+    y = w.linear(x) * 0.1  # close logits: candidates to recompute
+    got_rows, got_top = w.dequantize(rows), w.exact_top(x, y.clone(), 1.5)
+    with pytest.raises(IndexError, match="out of range"):
+        w.dequantize(torch.tensor([9]))
+    monkeypatch.setenv("GEMMAKIT_NO_KERNELS", "1")
+    assert quant_gemv.cpu_library(w.qdata) is None
+    assert torch.equal(got_rows, w.dequantize(rows))
+    assert torch.equal(got_rows, dequantize(fmt, *w._parts(None))[rows])
+    want_top = w.exact_top(x, y.clone(), 1.5)
+    assert torch.equal(got_top.argmax(-1), want_top.argmax(-1))
+    torch.testing.assert_close(got_top, want_top, rtol=0, atol=1e-5)
+    assert 0 < int((got_top != y).sum()) < y.numel()  # some entries recomputed, not all
+
+
+@pytest.mark.parametrize("kernels", ["1", "0"])
+def test_exact_top_makes_the_argmax_the_dequantized_weights(kernels, monkeypatch):
     """The kernel's rounded activations can flip a near-tied maximum: rows 0 and 1 differ in one
     weight, whose activation (x[0, 5]) is under half a rounding step, so the kernel sees a tie
     (and argmax takes row 0) where the dequantized weight puts row 1 ahead. exact_top recomputes
@@ -549,7 +582,10 @@ def test_exact_top_makes_the_argmax_the_dequantized_weights():
             assert exact[0].argmax() == 1, mode
             flips += int((y.argmax(-1) != exact.argmax(-1)).sum())
             top_error[mode] = float((y.amax(-1) - exact.amax(-1)).abs().max())
+            # C (one call) or torch (GEMMAKIT_NO_KERNELS=1): the same entries recomputed
+            monkeypatch.setenv("GEMMAKIT_NO_KERNELS", "0" if kernels == "1" else "1")
             got = qw.exact_top(x, y.clone())
+            monkeypatch.setenv("GEMMAKIT_NO_KERNELS", "0")
         assert torch.equal(got.argmax(-1), exact.argmax(-1))
         assert torch.allclose(got.amax(-1), exact.amax(-1), atol=1e-5, rtol=0)
         assert ((got - exact).abs() <= error_bound(x, qw.dequantize())).all()

@@ -176,6 +176,30 @@ def test_xent_rows_rejects_a_target_beyond_the_vocabulary():
         train_ops.xent_rows(lib, torch.zeros(2, 5), torch.tensor([1, 5]), want_grad=True)
 
 
+@needs_kernel
+@pytest.mark.parametrize("threads", [1, 2])
+def test_argmax_is_torch_argmax(threads, monkeypatch):
+    """Greedy decoding's pick (train_ops.argmax, the C row_argmax) is torch.argmax's: ties go to
+    the first, a NaN counts as the largest, an all -inf row picks 0; strided rows, a row
+    shorter than a vector, a vocabulary with a tail past the last 8."""
+    torch.set_num_threads(threads)
+    gen = torch.Generator().manual_seed(0)
+    z = torch.randn(7, 262147, generator=gen)
+    z[1, 5] = z[1, 262140] = z[1].max() + 1  # a tie: the first wins
+    z[2, 262146] = 1e9  # the maximum in the tail
+    z[3, 100:103] = float("nan")  # the first NaN wins, as in torch
+    z[4] = float("-inf")
+    z[5, 9:17] = float("inf")
+    z[6] = 0.0
+    z[6, 3] = -0.0
+    for rows in (z, z[:, 1:], z[2:3], z[:, :5], z[:, :1]):
+        assert torch.equal(train_ops.argmax(rows), rows.argmax(-1))
+    assert train_ops.argmax(z.bfloat16()).dtype == torch.int64  # other dtypes: torch's
+    assert torch.equal(train_ops.argmax(z.bfloat16()), z.bfloat16().argmax(-1))
+    monkeypatch.setenv("GEMMAKIT_NO_KERNELS", "1")
+    assert torch.equal(train_ops.argmax(z), z.argmax(-1))
+
+
 CHECKPOINTED_STEP = """
 import torch
 from gemmakit.api import build_model

@@ -35,6 +35,8 @@
 
 #define INLINE static inline __attribute__((always_inline))
 
+#include "vmath.h" /* row_argmax */
+
 /* Integer dot products of 2 int16 pairs per int32 lane, added to acc: with AVX-512 VNNI (+VL)
  * or AVX-VNNI one instruction (the build picks the flags from the CPU: build.py); with AVX2
  * madd and an add. The same integers either way. */
@@ -651,6 +653,18 @@ static ptrdiff_t slab_rows(ptrdiff_t N, ptrdiff_t rb, int n_threads) {
     return rows < 8 ? 8 : rows + (rows & 1); /* even: int4_tiled's pairs of rows stay whole */
 }
 
+/* Whether fmt, scale, N, K, group and tile describe a weight quant_gemv takes (see there) */
+static int weight_ok(int fmt, const void *scale, int64_t N, int64_t K, int64_t group, int64_t tile) {
+    if (fmt < 0 || fmt > 6 || N < 0 || K < 0) return 0;
+    if (fmt != INT8 && K % BLOCK_WEIGHTS[fmt]) return 0;
+    const int64_t per = fmt == INT4 ? group / 32 : 1;
+    if (fmt == INT4 && (group < 32 || group % 32 || 8 % per || K % group)) return 0;
+    if (tile && ((fmt != INT4 && fmt != Q4_K) || tile < 0 || tile % 256 || group < 1 ||
+                 tile % group || K % tile))
+        return 0;
+    return fmt != INT8 || scale;
+}
+
 /* quant_gemv for `count` (<= 8) weights that share x [M, K]: y_i = x @ W_i^T. x is rounded
  * once and every weight's slabs go to the threads in one parallel region (q/k/v, gate/up of a
  * decode step: one wake-up of the threads instead of three). fmts, Ws, scales, ys,
@@ -665,15 +679,8 @@ int quant_gemv_multi(int count, const int *fmts, const float *x, const uint8_t *
     first[0] = 0;
     for (int i = 0; i < count; i++) {
         const int fmt = fmts[i];
-        if (fmt < 0 || fmt > 6 || Ns[i] < 0) return -1;
-        if (fmt != INT8 && K % BLOCK_WEIGHTS[fmt]) return -1;
+        if (!weight_ok(fmt, scales[i], Ns[i], K, groups[i], tiles ? tiles[i] : 0)) return -1;
         const ptrdiff_t per = fmt == INT4 ? groups[i] / 32 : 1; /* int4 blocks per group */
-        if (fmt == INT4 && (groups[i] < 32 || groups[i] % 32 || 8 % per || K % groups[i]))
-            return -1;
-        if (fmt == INT8 && !scales[i]) return -1;
-        if (tiles && tiles[i] && ((fmt != INT4 && fmt != Q4_K) || tiles[i] < 0 || tiles[i] % 256 ||
-                                  tiles[i] % groups[i] || K % tiles[i]))
-            return -1;
         rb[i] = fmt == INT4 ? int4_row_bytes(K / 32, per) : K / BLOCK_WEIGHTS[fmt] * BLOCK_BYTES[fmt];
         /* a tiled weight's slab reads its rows' bytes of each tile in turn */
         const ptrdiff_t tb = tiles && tiles[i] ? held_row_bytes(fmt == Q4_K, tiles[i] / 32, per) : rb[i];
@@ -728,73 +735,218 @@ int quant_gemv(int fmt, const float *x, const uint8_t *W, const void *scale,
                             n_threads);
 }
 
-/* The entries of each row m of y [M, N] that can be the row's maximum when entry n may be off
- * by at most e[m, n] = sum_b half[m, b] l1b[n, b] + slop[m] l1[n] (QuantWeight.exact_top's
- * bound: half a rounding step of x's block b times the L1 norm of W's row n over that block,
- * plus float32 summation slop): those with y + e >= max over n' of (y - e). Two passes over y
- * with the coarse bound c[m] l1[n] >= e[m, n] (c = max_b half + slop) against the floor
- * y[top] - c l1[top] keep a superset (it holds the maximum of y - e); the per-block bound is
- * computed for those alone. l1b: float16 [N, nb]. Writes the indices to idx[m * cap ...] and
- * their number to count[m]. Returns 0, -1 for bad arguments, -3 when a row has more than cap
- * coarse candidates (nothing usable written). */
+/* The entries of row [N] of y that can be its maximum when entry n may be off by at most
+ * e[n] = sum_b half[b] l1b[n, b] + slop l1[n] (QuantWeight.exact_top's bound: half a rounding
+ * step of x's block b times the L1 norm of W's row n over that block, plus float32 summation
+ * slop): those with y + e >= max over n' of (y - e). Two passes over y with the coarse bound
+ * c l1[n] >= e[n] (c = max_b half + slop) against the floor y[top] - c l1[top] keep a
+ * superset (it holds the maximum of y - e); the per-block bound is computed for those alone.
+ * l1b: float16 [N, nb]. Writes the indices to out[0 ..) and returns their number, or -1 when
+ * there are more than cap coarse candidates (nothing usable written). */
+static int64_t row_candidates(const float *row, int64_t N, const float *l1, const uint16_t *l1b,
+                              int64_t nb, const float *hm, float slop, int64_t *out, int64_t cap) {
+    float cm = slop;
+    for (int64_t b = 0; b < nb; b++) cm = hm[b] + slop > cm ? hm[b] + slop : cm;
+    const int64_t at = row_argmax(row, N);
+    const float floor = row[at] - cm * l1[at];
+    const __m256 fv = _mm256_set1_ps(floor), cv = _mm256_set1_ps(cm);
+    int64_t k = 0, n;
+    for (n = 0; n + 8 <= N; n += 8) {
+        __m256 hi = _mm256_fmadd_ps(cv, _mm256_loadu_ps(l1 + n), _mm256_loadu_ps(row + n));
+        int mask = _mm256_movemask_ps(_mm256_cmp_ps(hi, fv, _CMP_GE_OQ));
+        while (mask) {
+            int b = __builtin_ctz(mask);
+            mask &= mask - 1;
+            if (k < cap) out[k] = n + b;
+            k++;
+        }
+    }
+    for (; n < N; n++)
+        if (row[n] + cm * l1[n] >= floor) {
+            if (k < cap) out[k] = n;
+            k++;
+        }
+    if (k > cap) return -1;
+    /* the per-block bound of the coarse candidates, then those that can still be the max */
+    float best = -INFINITY;
+    for (int64_t i = 0; i < k; i++) {
+        const uint16_t *lb = l1b + out[i] * nb;
+        float e = slop * l1[out[i]];
+        for (int64_t b = 0; b < nb; b++) e += hm[b] * _cvtsh_ss(lb[b]);
+        const float lo = row[out[i]] - e;
+        best = lo > best ? lo : best;
+    }
+    int64_t kept = 0;
+    for (int64_t i = 0; i < k; i++) {
+        const uint16_t *lb = l1b + out[i] * nb;
+        float e = slop * l1[out[i]];
+        for (int64_t b = 0; b < nb; b++) e += hm[b] * _cvtsh_ss(lb[b]);
+        if (row[out[i]] + e >= best) out[kept++] = out[i];
+    }
+    return kept;
+}
+
+/* row_candidates of each row m of y [M, N] (half [M, nb], slop [M]): the indices to
+ * idx[m * cap ...], their number to count[m]. Returns 0, -1 for bad arguments, -3 when a row
+ * has more than cap coarse candidates (nothing usable written). */
 int quant_candidates(const float *y, int64_t M, int64_t N, const float *l1, const uint16_t *l1b,
                      int64_t nb, const float *half, const float *slop, int64_t *idx,
                      int64_t *count, int64_t cap, int n_threads) {
     if (M < 0 || N < 1 || nb < 0 || cap < 1 || n_threads < 1) return -1;
     int over = 0;
-#pragma omp parallel for schedule(static) num_threads(n_threads) reduction(| : over)
+#pragma omp parallel for schedule(static) num_threads(n_threads) reduction(| : over) if (M > 1)
     for (int64_t m = 0; m < M; m++) {
-        const float *row = y + m * N, *hm = half + m * nb;
-        int64_t *out = idx + m * cap;
-        float cm = slop[m];
-        for (int64_t b = 0; b < nb; b++) cm = hm[b] + slop[m] > cm ? hm[b] + slop[m] : cm;
-        __m256 mv = _mm256_set1_ps(-INFINITY);
-        int64_t n = 0;
-        for (; n + 8 <= N; n += 8) mv = _mm256_max_ps(mv, _mm256_loadu_ps(row + n));
-        float top = hmax(mv);
-        for (; n < N; n++) top = row[n] > top ? row[n] : top;
-        int64_t at = 0;
-        while (at < N - 1 && row[at] != top) at++;
-        const float floor = top - cm * l1[at];
-        const __m256 fv = _mm256_set1_ps(floor), cv = _mm256_set1_ps(cm);
-        int64_t k = 0;
-        for (n = 0; n + 8 <= N; n += 8) {
-            __m256 hi = _mm256_fmadd_ps(cv, _mm256_loadu_ps(l1 + n), _mm256_loadu_ps(row + n));
-            int mask = _mm256_movemask_ps(_mm256_cmp_ps(hi, fv, _CMP_GE_OQ));
-            while (mask) {
-                int b = __builtin_ctz(mask);
-                mask &= mask - 1;
-                if (k < cap) out[k] = n + b;
-                k++;
-            }
-        }
-        for (; n < N; n++)
-            if (row[n] + cm * l1[n] >= floor) {
-                if (k < cap) out[k] = n;
-                k++;
-            }
-        if (k > cap) {
-            over = 1;
-            count[m] = 0;
-            continue;
-        }
-        /* the per-block bound of the coarse candidates, then those that can still be the max */
-        float best = -INFINITY;
-        for (int64_t i = 0; i < k; i++) {
-            const uint16_t *lb = l1b + out[i] * nb;
-            float e = slop[m] * l1[out[i]];
-            for (int64_t b = 0; b < nb; b++) e += hm[b] * _cvtsh_ss(lb[b]);
-            const float lo = row[out[i]] - e;
-            best = lo > best ? lo : best;
-        }
-        int64_t kept = 0;
-        for (int64_t i = 0; i < k; i++) {
-            const uint16_t *lb = l1b + out[i] * nb;
-            float e = slop[m] * l1[out[i]];
-            for (int64_t b = 0; b < nb; b++) e += hm[b] * _cvtsh_ss(lb[b]);
-            if (row[out[i]] + e >= best) out[kept++] = out[i];
-        }
-        count[m] = kept;
+        const int64_t k = row_candidates(y + m * N, N, l1, l1b, nb, half + m * nb, slop[m], idx + m * cap, cap);
+        over |= k < 0;
+        count[m] = k < 0 ? 0 : k;
     }
     return over ? -3 : 0;
+}
+
+/* One int4 or Q4_K chunk of nblk blocks (its nibbles in lane order, formats.lane_order, then
+ * its values) dequantized to out[32 * nblk] in row order: int4 w = d q + m per group of per
+ * blocks (scales and minimums float16), Q4_K w = (d sc) q - dmin mn per sub-block (its 16
+ * bytes as the file has them: formats._q4_k_scales). Products of a float16 and a small
+ * integer are exact in float32, so the one rounding is formats.dequantize's. */
+static void held_chunk(int q4k, const uint8_t *c, int nblk, int per, float *out) {
+    float d[8], m[8];
+    const uint8_t *v = c + 16 * nblk;
+    if (q4k) {
+        const float sd = f16(v), sm = f16(v + 2);
+        const uint8_t *s = v + 4; /* d bytes 0-3, m bytes 4-7, md bytes 8-11 */
+        for (int j = 0; j < 8; j++) {
+            const int sc = j < 4 ? s[j] & 0x3F : (s[j + 4] & 0x0F) | ((s[j - 4] >> 2) & 0x30);
+            const int mn = j < 4 ? s[j + 4] & 0x3F : (s[j + 4] >> 4) | ((s[j] >> 2) & 0x30);
+            d[j] = sd * (float)sc, m[j] = -(sm * (float)mn);
+        }
+    } else {
+        const int g = nblk / per; /* the chunk's groups: scales, then as many minimums */
+        for (int j = 0; j < nblk; j++) d[j] = f16(v + 2 * (j / per)), m[j] = f16(v + 2 * g + 2 * (j / per));
+    }
+    for (int l = 0; l < nblk; l++)
+        for (int b = 0; b < 16; b++) {
+            const uint8_t q = c[4 * nblk * (b / 4) + 4 * l + b % 4]; /* byte b of block l */
+            out[32 * l + b] = (float)(q & 0x0F) * d[l] + m[l];
+            out[32 * l + b + 16] = (float)(q >> 4) * d[l] + m[l];
+        }
+}
+
+/* One block of 32 (Q8_0, Q4_0, Q5_0) or 256 (Q6_K) weights of a row-layout format,
+ * dequantized to out as formats.dequantize computes it (the same float32 operations). */
+static void row_block(int fmt, const uint8_t *b, float *out) {
+    if (fmt == Q6_K) { /* 128 bytes of low 4 bits, 64 of high 2 bits, 16 int8 scales, d */
+        const float d = f16(b + 208);
+        for (int h = 0; h < 2; h++)
+            for (int g = 0; g < 4; g++)
+                for (int e = 0; e < 32; e++) {
+                    const uint8_t ql = b[64 * h + 32 * (g & 1) + e];
+                    const int lo = g < 2 ? ql & 0x0F : ql >> 4;
+                    const int q = lo | ((b[128 + 32 * h + e] >> (2 * g)) & 3) << 4;
+                    const int w = 128 * h + 32 * g + e;
+                    out[w] = d * (float)(int8_t)b[192 + w / 16] * (float)(q - 32);
+                }
+        return;
+    }
+    const float d = f16(b);
+    for (int i = 0; i < 32; i++) {
+        int q;
+        if (fmt == Q8_0)
+            q = (int8_t)b[2 + i];
+        else if (fmt == Q4_0)
+            q = (i < 16 ? b[2 + i] & 0x0F : b[2 + i - 16] >> 4) - 8;
+        else { /* Q5_0: bit i of the 32 at b + 2 is value i's fifth bit */
+            uint32_t qh;
+            memcpy(&qh, b + 2, 4);
+            q = ((i < 16 ? b[6 + i] & 0x0F : b[6 + i - 16] >> 4) | ((qh >> i) & 1) << 4) - 16;
+        }
+        out[i] = (float)q * d;
+    }
+}
+
+/* Row n of a quantized W [N, K] as quant_gemv takes it (held int4 and Q4_K: int4_tiled's
+ * layout), dequantized to o[K] as formats.dequantize computes it */
+static void dequant_row(int fmt, const uint8_t *W, const float *scale, int64_t N, int64_t K,
+                        int64_t group, int64_t tile, int64_t n, float *o) {
+    if (fmt == INT8) {
+        for (int64_t k = 0; k < K; k++) o[k] = (float)(int8_t)W[n * K + k] * scale[n];
+        return;
+    }
+    if (fmt != INT4 && fmt != Q4_K) {
+        const int64_t bw = BLOCK_WEIGHTS[fmt], bb = BLOCK_BYTES[fmt];
+        for (int64_t j = 0; j < K / bw; j++) row_block(fmt, W + (n * (K / bw) + j) * bb, o + j * bw);
+        return;
+    }
+    const int q4k = fmt == Q4_K, per = fmt == INT4 ? (int)(group / 32) : 1;
+    const ptrdiff_t tk = tile ? tile : K, nbt = tk / 32, whole = nbt / 8;
+    const ptrdiff_t tb = held_row_bytes(q4k, nbt, per), cb = held_row_bytes(q4k, 8, per);
+    const int paired = n < N - N % 2, r = (int)(n % 2);
+    for (int64_t t = 0; t < K / tk; t++) {
+        const uint8_t *base = W + t * N * tb;
+        /* rows 2p and 2p + 1 chunk by chunk, then their tails; an odd last row as it is */
+        const uint8_t *row = paired ? base + (n - r) * tb + r * cb : base + n * tb;
+        const ptrdiff_t cs = paired ? 2 * cb : cb;
+        const uint8_t *tail = paired ? base + (n - r) * tb + 2 * cb * whole + r * (tb - cb * whole)
+                                     : base + n * tb + cb * whole;
+        for (ptrdiff_t c = 0; c < whole; c++) held_chunk(q4k, row + c * cs, 8, per, o + t * tk + 256 * c);
+        if (nbt % 8) held_chunk(0, tail, (int)(nbt % 8), per, o + t * tk + 256 * whole);
+    }
+}
+
+/* Rows idx[0 .. count) of a quantized W [N, K] (as quant_gemv takes it; scale: int8's float32
+ * [N]) dequantized to out [count, K] float32, equal to formats.dequantize of those rows: an
+ * embedding lookup in one call where the torch way (gathers and reshapes of the held layout)
+ * takes ~0.5 ms a row. A negative index counts from the end. Returns 0, -1 for bad arguments,
+ * -2 for an index out of range (nothing written). */
+int quant_rows(int fmt, const uint8_t *W, const float *scale, int64_t N, int64_t K,
+               int64_t group, int64_t tile, const int64_t *idx, int64_t count, float *out) {
+    if (!weight_ok(fmt, scale, N, K, group, tile) || count < 0) return -1;
+    for (int64_t i = 0; i < count; i++)
+        if (idx[i] < -N || idx[i] >= N) return -2;
+    for (int64_t i = 0; i < count; i++)
+        dequant_row(fmt, W, scale, N, K, group, tile, idx[i] < 0 ? idx[i] + N : idx[i], out + i * K);
+    return 0;
+}
+
+/* QuantWeight.exact_top in one call: for each row m of y [M, N] = the kernel's x [M, K] @ W^T
+ * (soft-capped at softcap > 0, else 0), the entries that could be the row's maximum under the
+ * kernel's error bound (row_candidates, with half a rounding step of each block of x and
+ * slop = 1e-5 max|x| + 1e-6: selftest.error_bound) are recomputed from the unrounded x and
+ * the dequantized rows (dequant_row, summed in double), in place. l1 [N], l1b float16 [N, nb]:
+ * QuantWeight.block_l1. Returns 0, -1 for bad arguments, -2 out of memory (nothing
+ * written). */
+int quant_exact_top(int fmt, const uint8_t *W, const float *scale, int64_t N, int64_t K,
+                    int64_t group, int64_t tile, const float *x, float *y, int64_t M,
+                    const float *l1, const uint16_t *l1b, float softcap, int n_threads) {
+    if (!weight_ok(fmt, scale, N, K, group, tile) || M < 0 || N < 1 || n_threads < 1) return -1;
+    const int64_t nb = K / 32;
+    int failed = 0;
+#pragma omp parallel for schedule(static) num_threads(n_threads) reduction(| : failed) if (M > 1)
+    for (int64_t m = 0; m < M; m++) {
+        const float *xm = x + m * K;
+        float *row = y + m * N, *half = malloc(sizeof(float) * (size_t)(nb + K + 1));
+        int64_t *cand = malloc(sizeof(int64_t) * (size_t)N);
+        if (!half || !cand) {
+            free(half), free(cand);
+            failed = 1;
+            continue;
+        }
+        float *w = half + nb, amax = 0.0f;
+        for (int64_t b = 0; b < nb; b++) {
+            float a = 0.0f;
+            for (int i = 0; i < 32; i++) a = fabsf(xm[32 * b + i]) > a ? fabsf(xm[32 * b + i]) : a;
+            half[b] = a / 32767.0f / 2.0f; /* selftest.activation_steps / 2 */
+            amax = a > amax ? a : amax;
+        }
+        for (int64_t k = 32 * nb; k < K; k++) amax = fabsf(xm[k]) > amax ? fabsf(xm[k]) : amax;
+        const int64_t kept = row_candidates(row, N, l1, l1b, nb, half, 1e-5f * amax + 1e-6f, cand, N);
+        for (int64_t i = 0; i < kept; i++) {
+            dequant_row(fmt, W, scale, N, K, group, tile, cand[i], w);
+            double dot = 0.0;
+            for (int64_t k = 0; k < K; k++) dot += (double)w[k] * (double)xm[k];
+            const float e = (float)dot;
+            row[cand[i]] = softcap > 0.0f ? tanhf(e / softcap) * softcap : e;
+        }
+        free(half), free(cand);
+    }
+    return failed ? -2 : 0;
 }

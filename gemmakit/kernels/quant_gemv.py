@@ -58,6 +58,68 @@ def call(
     return y
 
 
+def picked_rows(
+    lib: ctypes.CDLL,
+    code: int,
+    qdata: torch.Tensor,
+    scale: torch.Tensor | None,
+    n: int,
+    k: int,
+    group: int,
+    tile: int,
+    idx: torch.Tensor,
+) -> torch.Tensor:
+    """Rows idx (integers in [-n, n), negatives counted from the end) of a weight held as
+    `call` takes it, dequantized: float32 [len(idx), k], bit for bit formats.dequantize's
+    rows. IndexError for a row out of range."""
+    idx = idx.reshape(-1).to(torch.int64).contiguous()
+    out = torch.empty(len(idx), k, dtype=torch.float32)
+    ptrs = (qdata.data_ptr(), _ptr(scale))
+    rc = lib.quant_rows(code, *ptrs, n, k, group, tile, idx.data_ptr(), len(idx), out.data_ptr())
+    if rc == -2:
+        raise IndexError(f"row index out of range for a weight of {n} rows")
+    if rc != 0:
+        raise ValueError(f"quant_rows rejected format {code} with rows {n} x {k}")
+    return out
+
+
+def exact_top(
+    lib: ctypes.CDLL,
+    code: int,
+    qdata: torch.Tensor,
+    scale: torch.Tensor | None,
+    shape: tuple[int, int],
+    group: int,
+    tile: int,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    l1: torch.Tensor,
+    l1b: torch.Tensor,
+    softcap: float | None,
+) -> None:
+    """QuantWeight.exact_top in one call (quant_gemv.c's quant_exact_top): x [M, K] and y
+    [M, N] float32 contiguous, y changed in place."""
+    n, k = shape
+    ptrs = (qdata.data_ptr(), _ptr(scale))
+    rc = lib.quant_exact_top(
+        code,
+        *ptrs,
+        n,
+        k,
+        group,
+        tile,
+        x.data_ptr(),
+        y.data_ptr(),
+        len(y),
+        l1.data_ptr(),
+        l1b.data_ptr(),
+        float(softcap or 0.0),
+        torch.get_num_threads(),
+    )
+    if rc != 0:
+        raise ValueError(f"quant_exact_top rejected format {code} with x {tuple(x.shape)}")
+
+
 def candidates(
     lib: ctypes.CDLL,
     y: torch.Tensor,
@@ -110,7 +172,7 @@ def candidates_torch(
 def _self_test(lib: ctypes.CDLL) -> None:
     """Raise unless every format matches the torch dequantize-then-matmul reference, and the
     candidates are the torch ones."""
-    check_all(lambda *args: call(lib, *args))
+    check_all(lambda *args: call(lib, *args), picked=lambda *args: picked_rows(lib, *args))
     gen = torch.Generator().manual_seed(0)
     y, l1b = torch.randn(3, 1003, generator=gen), torch.rand(1003, 5, generator=gen).half()
     l1 = l1b.float().sum(-1) * 1.1
@@ -133,6 +195,13 @@ LIBRARY = CLibrary(
         "quant_gemv_multi": [_INT, _P, _P, _P, _P, _P, _P, _I64, _I64, _P, _P, _INT],
         # the entries of logits that may be a row's maximum (QuantWeight.exact_top)
         "quant_candidates": [_P, _I64, _I64, _P, _P, _I64, _P, _P, _P, _P, _I64, _INT],
+        # dequantized rows of a held weight (an embedding lookup, exact_top's candidates)
+        "quant_rows": [_INT, _P, _P, _I64, _I64, _I64, _I64, _P, _I64, _P],
+        "quant_exact_top": [
+            *(_INT, _P, _P, _I64, _I64, _I64, _I64, _P, _P, _I64, _P, _P),
+            ctypes.c_float,
+            _INT,
+        ],
     },
     _self_test,
 )
@@ -141,6 +210,14 @@ LIBRARY = CLibrary(
 def library() -> ctypes.CDLL | None:
     """The loaded library, or None when it is unavailable (the reason warned once)."""
     return LIBRARY.get()
+
+
+def cpu_library(qdata: torch.Tensor) -> ctypes.CDLL | None:
+    """The library for work on CPU blocks `qdata` outside the GEMV (picked rows, exact_top):
+    None on another device, under torch.compile, with kernels off or unavailable."""
+    if qdata.device.type != "cpu" or torch.compiler.is_compiling() or not enabled():
+        return None
+    return library()
 
 
 def applies(x: torch.Tensor, qdata: torch.Tensor) -> bool:

@@ -242,10 +242,9 @@ int softmax_stats(const float *z, int64_t n, int64_t v, int64_t ld, int64_t offs
     for (int64_t i = 0; i < n; i++) {
         const float *row = z + i * ld;
         if (targets[i] >= offset && targets[i] < offset + v) picked[i] = row[targets[i] - offset];
-        const float m = row_max(row, v);
+        const int64_t at = row_argmax(row, v);
+        const float m = row[at];
         int64_t k;
-        int64_t at = 0;
-        while (at < v - 1 && row[at] != m) at++; /* the first maximum */
         __m256 mb = _mm256_set1_ps(m), acc = _mm256_setzero_ps();
         for (k = 0; k + 8 <= v; k += 8) acc = _mm256_add_ps(acc, exp_neg(_mm256_sub_ps(_mm256_loadu_ps(row + k), mb)));
         float s = hsum8(acc);
@@ -258,6 +257,15 @@ int softmax_stats(const float *z, int64_t n, int64_t v, int64_t ld, int64_t offs
             sum[i] += s * expf(m - mx[i]);
         }
     }
+    return 0;
+}
+
+/* arg[i] = the argmax of row i of z [n, v] (row stride ld) as torch.argmax picks it
+ * (row_argmax): greedy decoding's pick. Returns 1 for bad sizes. */
+int argmax_rows(const float *z, int64_t n, int64_t v, int64_t ld, int64_t *arg, int threads) {
+    if (n < 0 || v < 1 || ld < v) return 1;
+#pragma omp parallel for schedule(static) num_threads(threads) if (n > 1)
+    for (int64_t i = 0; i < n; i++) arg[i] = row_argmax(z + i * ld, v);
     return 0;
 }
 

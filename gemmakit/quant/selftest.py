@@ -85,12 +85,19 @@ def _check(got: torch.Tensor, x: torch.Tensor, fmt: str, parts, what: str) -> No
         raise RuntimeError(f"self-test failed for {what}: max error {err:.3g}")
 
 
-def check_all(kernel: Callable[..., torch.Tensor], rows: tuple[int, ...] = (1, 3, 8)) -> None:
+def check_all(
+    kernel: Callable[..., torch.Tensor],
+    rows: tuple[int, ...] = (1, 3, 8),
+    picked: Callable[..., torch.Tensor] | None = None,
+) -> None:
     """Raise RuntimeError unless kernel(code, x, qdata, scale, N, group, n_threads, tile)
     equals `reference` of the rounded x (`round_activations`) up to float32 summation
     order (1e-5 of sum |x| |w|): the tight check, which a wrong block, scale or minimum fails
     (the looser `error_bound` against the unrounded x is what callers may rely on). int4
-    and q4_k go in as QuantWeight holds them (formats.held_memory), in rows and in tiles."""
+    and q4_k go in as QuantWeight holds them (formats.held_memory), in rows and in tiles.
+    With `picked`, also unless picked(code, qdata, scale, N, K, group, tile, idx) (dequantized
+    rows idx of the weight as held) equals `dequantize`'s rows bit for bit: the rows of
+    pairs, the odd last row, repeats."""
     gen = torch.Generator().manual_seed(0)
     cases = [
         (fmt, 512 if f.block == 256 else (72 if fmt == "int8" else 96), 32, 0)
@@ -120,3 +127,8 @@ def check_all(kernel: Callable[..., torch.Tensor], rows: tuple[int, ...] = (1, 3
             where = f" in groups of {group}" if fmt == "int4" else ""
             where += f" in tiles of {tile}" if tile else ""
             _check(got, x, fmt, parts, f"{fmt} M={m}{where}")
+        if picked is not None:
+            idx = torch.tensor([12, 0, 5, 6, 5, 11])
+            got = picked(FORMATS[fmt].code, *held, 13, k, group, tile, idx)
+            if not torch.equal(got, dequantize(fmt, *parts)[idx]):
+                raise RuntimeError(f"self-test failed for {fmt} rows{where}")

@@ -140,8 +140,17 @@ class QuantWeight(nn.Module):
         return pick(self.qdata), pick(scale), None
 
     def dequantize(self, rows: slice | torch.Tensor | None = None) -> torch.Tensor:
-        """float32 [N, K] (or [len(rows), K] for a slice or index tensor of rows)."""
-        return dequantize(self.fmt, *self._parts(rows))
+        """float32 [N, K] (or [len(rows), K] for a slice or index tensor of rows). Picked rows
+        (an embedding lookup, exact_top's candidates) of a weight on the CPU come from the C
+        library in one call, the same floats as the torch way's many small ops."""
+        lib = quant_gemv.cpu_library(self.qdata)
+        if lib is None or not isinstance(rows, torch.Tensor) or not _integer(rows):
+            return dequantize(self.fmt, *self._parts(rows))
+        code, scale = FORMATS[self.fmt].code, getattr(self, "scale", None)
+        n, k = self.shape
+        return quant_gemv.picked_rows(
+            lib, code, self.qdata, scale, n, k, self._group, self.tile, rows
+        )
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """x [..., K] @ W^T (+ bias) -> [..., N] in x's dtype."""
@@ -215,17 +224,40 @@ class QuantWeight(nn.Module):
         are those of the dequantized weight; the rest stay within the bound. A soft cap only
         shrinks differences, so the bound holds after it. Returns y.
 
-        Cheap: the C kernel (quant_gemv.candidates) makes two passes over y with a coarse
-        bound, which keeps a few thousand of 262144 entries, then the per-block bound keeps
-        about 10, which are recomputed."""
+        Cheap: on a CPU one C call (quant_gemv.exact_top) makes two passes over y with a
+        coarse bound, which keeps a few thousand of 262144 entries, then the per-block bound
+        keeps about 10, which are recomputed (in double); elsewhere the same in torch."""
         xf = x.float()
         l1b, l1 = self.block_l1()  # [N, nb] float16, [N]
+        lib = quant_gemv.cpu_library(self.qdata)
+        if (
+            lib is not None
+            and y.device.type == "cpu"
+            and y.is_contiguous()
+            and y.dtype == torch.float32
+        ):
+            # the same in one C call (candidates, dequantized rows, dot products, soft cap):
+            # the torch ops below cost a small model's decode step a tenth of its time
+            code, scale = FORMATS[self.fmt].code, getattr(self, "scale", None)
+            quant_gemv.exact_top(
+                lib,
+                code,
+                self.qdata,
+                scale,
+                self.shape,
+                self._group,
+                self.tile,
+                xf.contiguous(),
+                y,
+                l1,
+                l1b,
+                softcap,
+            )
+            return y
         # half a rounding step per block (a tail past the last whole block is not rounded)
         half = activation_steps(xf) / 2  # [M, nb]
         slop = 1e-5 * xf.abs().amax(-1) + 1e-6  # [M]
-        lib = quant_gemv.library() if y.is_contiguous() and y.dtype == torch.float32 else None
-        found = quant_gemv.candidates(lib, y, l1, l1b, half, slop) if lib is not None else None
-        rows, cols = found or quant_gemv.candidates_torch(y, l1, l1b, half, slop)
+        rows, cols = quant_gemv.candidates_torch(y, l1, l1b, half, slop)
         exact = (self.dequantize(cols) * xf[rows]).sum(-1)
         if softcap:
             exact = torch.tanh(exact / softcap) * softcap
@@ -236,6 +268,11 @@ class QuantWeight(nn.Module):
         """Rows `ids` [...] of the table, dequantized -> [..., K] in the compute dtype."""
         flat = ids.reshape(-1)
         return self.dequantize(flat).to(self.compute_dtype).view(*ids.shape, self.shape[1])
+
+
+def _integer(t: torch.Tensor) -> bool:
+    """Whether t holds integer indices (not a mask, not floats)."""
+    return not t.is_floating_point() and not t.is_complex() and t.dtype != torch.bool
 
 
 class QuantEmbedding(nn.Module):

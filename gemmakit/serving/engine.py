@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 import torch
 
 from gemmakit.generation import common_prefix, sample_next
+from gemmakit.kernels.train_ops import argmax
 from gemmakit.model.cache import KVCache
 from gemmakit.model.fast_decode import FastDecoder, fast_decoder
 from gemmakit.model.transformer import Gemma
@@ -303,7 +304,7 @@ class Engine:
 
     def _sample(self, jobs: Sequence[Job], logits: torch.Tensor) -> list[int]:
         """Each row's next token [B] from logits [B, V], with its own job's settings."""
-        out = logits.argmax(-1)
+        out = argmax(logits)
         for i, job in enumerate(jobs):
             p = job.params
             if p.temperature:
