@@ -735,38 +735,71 @@ int quant_gemv(int fmt, const float *x, const uint8_t *W, const void *scale,
                             n_threads);
 }
 
+static int cmp_i64(const void *a, const void *b) {
+    const int64_t x = *(const int64_t *)a, y = *(const int64_t *)b;
+    return (x > y) - (x < y);
+}
+
+enum { CAND_SPAN = 8192 }; /* entries of y per work item of row_candidates' passes */
+
 /* The entries of row [N] of y that can be its maximum when entry n may be off by at most
  * e[n] = sum_b half[b] l1b[n, b] + slop l1[n] (QuantWeight.exact_top's bound: half a rounding
  * step of x's block b times the L1 norm of W's row n over that block, plus float32 summation
- * slop): those with y + e >= max over n' of (y - e). Two passes over y with the coarse bound
- * c l1[n] >= e[n] (c = max_b half + slop) against the floor y[top] - c l1[top] keep a
- * superset (it holds the maximum of y - e); the per-block bound is computed for those alone.
- * l1b: float16 [N, nb]. Writes the indices to out[0 ..) and returns their number, or -1 when
- * there are more than cap coarse candidates (nothing usable written). */
+ * slop): those with y + e >= max over n' of (y - e). With the coarse bound c l1[n] >= e[n]
+ * (c = max_b half + slop), one pass finds the floor max(y - c l1) <= max(y - e) and a second
+ * keeps the superset y + c l1 >= floor (it holds the maximum of y - e); the per-block bound is
+ * computed for those alone. Both passes read y and l1 (2 MiB each for a 256k vocabulary, out of
+ * cache after a decode step) on nt threads. l1b: float16 [N, nb]. Writes the indices, in
+ * order, to out[0 ..) and returns their number, or -1 when there are more than cap coarse
+ * candidates (nothing usable written). */
 static int64_t row_candidates(const float *row, int64_t N, const float *l1, const uint16_t *l1b,
-                              int64_t nb, const float *hm, float slop, int64_t *out, int64_t cap) {
+                              int64_t nb, const float *hm, float slop, int64_t *out, int64_t cap,
+                              int nt) {
     float cm = slop;
     for (int64_t b = 0; b < nb; b++) cm = hm[b] + slop > cm ? hm[b] + slop : cm;
-    const int64_t at = row_argmax(row, N);
-    const float floor = row[at] - cm * l1[at];
-    const __m256 fv = _mm256_set1_ps(floor), cv = _mm256_set1_ps(cm);
-    int64_t k = 0, n;
-    for (n = 0; n + 8 <= N; n += 8) {
-        __m256 hi = _mm256_fmadd_ps(cv, _mm256_loadu_ps(l1 + n), _mm256_loadu_ps(row + n));
-        int mask = _mm256_movemask_ps(_mm256_cmp_ps(hi, fv, _CMP_GE_OQ));
-        while (mask) {
-            int b = __builtin_ctz(mask);
-            mask &= mask - 1;
-            if (k < cap) out[k] = n + b;
-            k++;
+    const int64_t spans = (N + CAND_SPAN - 1) / CAND_SPAN;
+    const __m256 cv = _mm256_set1_ps(cm);
+    float floor = -INFINITY;
+#pragma omp parallel for schedule(static) num_threads(nt) reduction(max : floor) if (nt > 1)
+    for (int64_t c = 0; c < spans; c++) {
+        const int64_t end = (c + 1) * CAND_SPAN < N ? (c + 1) * CAND_SPAN : N;
+        __m256 mv = _mm256_set1_ps(-INFINITY);
+        int64_t n = c * CAND_SPAN;
+        for (; n + 8 <= end; n += 8)
+            mv = _mm256_max_ps(mv, _mm256_fnmadd_ps(cv, _mm256_loadu_ps(l1 + n), _mm256_loadu_ps(row + n)));
+        float f = hmax(mv);
+        for (; n < end; n++) f = row[n] - cm * l1[n] > f ? row[n] - cm * l1[n] : f;
+        floor = f > floor ? f : floor;
+    }
+    int64_t k = 0;
+    const __m256 fv = _mm256_set1_ps(floor);
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
+    for (int64_t c = 0; c < spans; c++) {
+        const int64_t end = (c + 1) * CAND_SPAN < N ? (c + 1) * CAND_SPAN : N;
+        int64_t got[64], g = 0, n = c * CAND_SPAN; /* this span's, flushed to out 64 at a time */
+        for (;;) {
+            int full = 0;
+            for (; n + 8 <= end && !full; n += 8) {
+                __m256 hi = _mm256_fmadd_ps(cv, _mm256_loadu_ps(l1 + n), _mm256_loadu_ps(row + n));
+                for (int mask = _mm256_movemask_ps(_mm256_cmp_ps(hi, fv, _CMP_GE_OQ)); mask; mask &= mask - 1)
+                    got[g++] = n + __builtin_ctz(mask);
+                full = g > 56;
+            }
+            for (; n < end && !full && n + 8 > end; n++)
+                if (row[n] + cm * l1[n] >= floor) got[g++] = n;
+            int64_t at;
+#pragma omp atomic capture
+            {
+                at = k;
+                k += g;
+            }
+            for (int64_t i = 0; i < g && at + i < cap; i++) out[at + i] = got[i];
+            g = 0;
+            if (n >= end) break;
         }
     }
-    for (; n < N; n++)
-        if (row[n] + cm * l1[n] >= floor) {
-            if (k < cap) out[k] = n;
-            k++;
-        }
     if (k > cap) return -1;
+    qsort(out, (size_t)k, sizeof(int64_t), cmp_i64);
     /* the per-block bound of the coarse candidates, then those that can still be the max */
     float best = -INFINITY;
     for (int64_t i = 0; i < k; i++) {
@@ -794,9 +827,14 @@ int quant_candidates(const float *y, int64_t M, int64_t N, const float *l1, cons
                      int64_t *count, int64_t cap, int n_threads) {
     if (M < 0 || N < 1 || nb < 0 || cap < 1 || n_threads < 1) return -1;
     int over = 0;
-#pragma omp parallel for schedule(static) num_threads(n_threads) reduction(| : over) if (M > 1)
+    if (M == 1) { /* one row: its passes on the threads (no enclosing region: not nested) */
+        const int64_t k = row_candidates(y, N, l1, l1b, nb, half, slop[0], idx, cap, n_threads);
+        count[0] = k < 0 ? 0 : k;
+        return k < 0 ? -3 : 0;
+    }
+#pragma omp parallel for schedule(static) num_threads(n_threads) reduction(| : over)
     for (int64_t m = 0; m < M; m++) {
-        const int64_t k = row_candidates(y + m * N, N, l1, l1b, nb, half + m * nb, slop[m], idx + m * cap, cap);
+        const int64_t k = row_candidates(y + m * N, N, l1, l1b, nb, half + m * nb, slop[m], idx + m * cap, cap, 1);
         over |= k < 0;
         count[m] = k < 0 ? 0 : k;
     }
@@ -907,6 +945,38 @@ int quant_rows(int fmt, const uint8_t *W, const float *scale, int64_t N, int64_t
     return 0;
 }
 
+/* quant_exact_top of one row: x [K], y [N] (row_candidates on nt threads). Returns 0, or -2
+ * out of memory (nothing written). */
+static int exact_row(int fmt, const uint8_t *W, const float *scale, int64_t N, int64_t K,
+                     int64_t group, int64_t tile, const float *xm, float *row, const float *l1,
+                     const uint16_t *l1b, float softcap, int nt) {
+    const int64_t nb = K / 32;
+    float *half = malloc(sizeof(float) * (size_t)(nb + K + 1));
+    int64_t *cand = malloc(sizeof(int64_t) * (size_t)N);
+    if (!half || !cand) {
+        free(half), free(cand);
+        return -2;
+    }
+    float *w = half + nb, amax = 0.0f;
+    for (int64_t b = 0; b < nb; b++) {
+        float a = 0.0f;
+        for (int i = 0; i < 32; i++) a = fabsf(xm[32 * b + i]) > a ? fabsf(xm[32 * b + i]) : a;
+        half[b] = a / 32767.0f / 2.0f; /* selftest.activation_steps / 2 */
+        amax = a > amax ? a : amax;
+    }
+    for (int64_t k = 32 * nb; k < K; k++) amax = fabsf(xm[k]) > amax ? fabsf(xm[k]) : amax;
+    const int64_t kept = row_candidates(row, N, l1, l1b, nb, half, 1e-5f * amax + 1e-6f, cand, N, nt);
+    for (int64_t i = 0; i < kept; i++) {
+        dequant_row(fmt, W, scale, N, K, group, tile, cand[i], w);
+        double dot = 0.0;
+        for (int64_t k = 0; k < K; k++) dot += (double)w[k] * (double)xm[k];
+        const float e = (float)dot;
+        row[cand[i]] = softcap > 0.0f ? tanhf(e / softcap) * softcap : e;
+    }
+    free(half), free(cand);
+    return 0;
+}
+
 /* QuantWeight.exact_top in one call: for each row m of y [M, N] = the kernel's x [M, K] @ W^T
  * (soft-capped at softcap > 0, else 0), the entries that could be the row's maximum under the
  * kernel's error bound (row_candidates, with half a rounding step of each block of x and
@@ -918,35 +988,10 @@ int quant_exact_top(int fmt, const uint8_t *W, const float *scale, int64_t N, in
                     int64_t group, int64_t tile, const float *x, float *y, int64_t M,
                     const float *l1, const uint16_t *l1b, float softcap, int n_threads) {
     if (!weight_ok(fmt, scale, N, K, group, tile) || M < 0 || N < 1 || n_threads < 1) return -1;
-    const int64_t nb = K / 32;
+    if (M == 1) return exact_row(fmt, W, scale, N, K, group, tile, x, y, l1, l1b, softcap, n_threads);
     int failed = 0;
-#pragma omp parallel for schedule(static) num_threads(n_threads) reduction(| : failed) if (M > 1)
-    for (int64_t m = 0; m < M; m++) {
-        const float *xm = x + m * K;
-        float *row = y + m * N, *half = malloc(sizeof(float) * (size_t)(nb + K + 1));
-        int64_t *cand = malloc(sizeof(int64_t) * (size_t)N);
-        if (!half || !cand) {
-            free(half), free(cand);
-            failed = 1;
-            continue;
-        }
-        float *w = half + nb, amax = 0.0f;
-        for (int64_t b = 0; b < nb; b++) {
-            float a = 0.0f;
-            for (int i = 0; i < 32; i++) a = fabsf(xm[32 * b + i]) > a ? fabsf(xm[32 * b + i]) : a;
-            half[b] = a / 32767.0f / 2.0f; /* selftest.activation_steps / 2 */
-            amax = a > amax ? a : amax;
-        }
-        for (int64_t k = 32 * nb; k < K; k++) amax = fabsf(xm[k]) > amax ? fabsf(xm[k]) : amax;
-        const int64_t kept = row_candidates(row, N, l1, l1b, nb, half, 1e-5f * amax + 1e-6f, cand, N);
-        for (int64_t i = 0; i < kept; i++) {
-            dequant_row(fmt, W, scale, N, K, group, tile, cand[i], w);
-            double dot = 0.0;
-            for (int64_t k = 0; k < K; k++) dot += (double)w[k] * (double)xm[k];
-            const float e = (float)dot;
-            row[cand[i]] = softcap > 0.0f ? tanhf(e / softcap) * softcap : e;
-        }
-        free(half), free(cand);
-    }
+#pragma omp parallel for schedule(static) num_threads(n_threads) reduction(| : failed)
+    for (int64_t m = 0; m < M; m++)
+        failed |= exact_row(fmt, W, scale, N, K, group, tile, x + m * K, y + m * N, l1, l1b, softcap, 1);
     return failed ? -2 : 0;
 }

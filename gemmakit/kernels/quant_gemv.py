@@ -174,16 +174,18 @@ def _self_test(lib: ctypes.CDLL) -> None:
     candidates are the torch ones."""
     check_all(lambda *args: call(lib, *args), picked=lambda *args: picked_rows(lib, *args))
     gen = torch.Generator().manual_seed(0)
-    y, l1b = torch.randn(3, 1003, generator=gen), torch.rand(1003, 5, generator=gen).half()
+    # three spans of the C passes and a tail; one row alone runs them on the threads
+    y, l1b = torch.randn(3, 20011, generator=gen), torch.rand(20011, 5, generator=gen).half()
     l1 = l1b.float().sum(-1) * 1.1
     half, slop = (
         torch.rand(3, 5, generator=gen) * torch.tensor([[0.0], [0.2], [1.0]]),
         torch.rand(3),
     )
-    want = candidates_torch(y, l1, l1b, half, slop)
-    got = candidates(lib, y, l1, l1b, half, slop)
-    if got is None or not all(torch.equal(a, b) for a, b in zip(got, want)):
-        raise RuntimeError("self-test failed for quant_candidates")
+    for r in (slice(None), slice(2, 3)):
+        want = candidates_torch(y[r], l1, l1b, half[r], slop[r])
+        got = candidates(lib, y[r].contiguous(), l1, l1b, half[r], slop[r])
+        if got is None or not all(torch.equal(a, b) for a, b in zip(got, want)):
+            raise RuntimeError("self-test failed for quant_candidates")
 
 
 LIBRARY = CLibrary(
