@@ -1,7 +1,9 @@
 """The quantized GEMV of decoding (quant_gemv.c): x [M, K] @ W[N, K]^T for a weight kept in
 its quantized blocks (gemmakit.quant.QuantWeight) and at most MAX_ROWS rows of x, each block
-dequantized in registers. Built, verified and loaded by the same machinery as the bf16 GEMV
-(build.CLibrary); where it is unavailable, QuantWeight falls back to torch.
+dequantized in registers; and the rest of a quantized decode step's per-token work on such a
+weight: picked rows dequantized (an embedding lookup) and QuantWeight.exact_top in one call.
+Built, verified and loaded by the same machinery as the bf16 GEMV (build.CLibrary); where it is
+unavailable, QuantWeight falls back to torch.
 """
 
 from __future__ import annotations
