@@ -174,10 +174,12 @@ def main() -> None:
     if "llama.cpp Q4_K_M" in med and "gemmakit kept Q4_K_M" in med:
         ratio = med["gemmakit kept Q4_K_M"] / med["llama.cpp Q4_K_M"]
         print(f"  gemmakit kept Q4_K_M / llama.cpp: {ratio:.2f}x")
-    print("\nsame greedy tokens:")
+    if same:
+        print("\nsame greedy tokens:")
     for (name, other), ok in same.items():
         print(f"  gemmakit {name} fused vs {other}: {ok}")
-    print("\nPython function calls per decode step (sys.setprofile):")
+    if not args.kept_only:
+        print("\nPython function calls per decode step (sys.setprofile):")
     for name, model in ours.items():
         if args.kept_only:
             break
