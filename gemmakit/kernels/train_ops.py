@@ -1,5 +1,6 @@
 """Fused CPU training ops (train_ops.c): RMSNorm, RoPE and gelu(a) * b as autograd functions,
-and the row-wise cross-entropy of the chunked loss.
+the row-wise cross-entropy of the chunked loss, and the rows' argmax that greedy decoding
+picks (`argmax`).
 
 `rms_norm`, `rope` and `gelu_mul` compute what gemmakit.model.layers computes with torch ops (the
 model's math lives there), in one pass per direction over the activations. The model runs them
