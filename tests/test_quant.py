@@ -543,8 +543,18 @@ def test_picked_rows_and_exact_top_in_c_equal_the_torch_way(fmt, k, group, monke
     x = torch.randn(3, k, generator=gen)
     y = w.linear(x) * 0.1  # close logits: candidates to recompute
     got_rows, got_top = w.dequantize(rows), w.exact_top(x, y.clone(), 1.5)
-    with pytest.raises(IndexError, match="out of range"):
-        w.dequantize(torch.tensor([9]))
+    for bad in ([9], [-10], [0, 2**40]):  # past either end, huge: refused, nothing returned
+        with pytest.raises(IndexError, match="out of range for a weight of 9 rows"):
+            w.dequantize(torch.tensor(bad))
+    assert w.dequantize(torch.tensor([], dtype=torch.long)).shape == (0, k)
+    lib, held = quant_gemv.library(), (w.qdata, getattr(w, "scale", None))
+    for code, group, tile in (
+        (9, 32, 0),
+        (FORMATS[fmt].code, 32, 100),
+        (FORMATS[fmt].code, 0, 256),
+    ):
+        with pytest.raises(ValueError, match="quant_rows rejected"):  # a malformed weight
+            quant_gemv.picked_rows(lib, code, *held, 9, k, group, tile, rows)
     monkeypatch.setenv("GEMMAKIT_NO_KERNELS", "1")
     assert quant_gemv.cpu_library(w.qdata) is None
     assert torch.equal(got_rows, w.dequantize(rows))

@@ -35,8 +35,6 @@
 
 #define INLINE static inline __attribute__((always_inline))
 
-#include "vmath.h" /* row_argmax */
-
 /* Integer dot products of 2 int16 pairs per int32 lane, added to acc: with AVX-512 VNNI (+VL)
  * or AVX-VNNI one instruction (the build picks the flags from the CPU: build.py); with AVX2
  * madd and an add. The same integers either way. */
@@ -455,22 +453,26 @@ INLINE float hmax(__m256 v) {
     return _mm_cvtss_f32(h);
 }
 
+#define X_LEVELS 32767.0f /* x's block rounds to integers in [-X_LEVELS, X_LEVELS] (int16) */
+
+/* max |x| over the block of 32 at b, its 4 vectors loaded into v */
+INLINE float block_absmax(const float *b, __m256 v[4]) {
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    for (int i = 0; i < 4; i++) v[i] = _mm256_loadu_ps(b + 8 * i);
+    return hmax(_mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign, v[0]), _mm256_andnot_ps(sign, v[1])),
+                              _mm256_max_ps(_mm256_andnot_ps(sign, v[2]), _mm256_andnot_ps(sign, v[3]))));
+}
+
 /* x [M, K] -> per block of 32: the scale d = max|x| / 32767, the block rounded to int16
  * xq = round(x * (1 / d)) (ties to even; int16_t xq [M, K]), and d * sum(xq), the rounded
  * block's sum, so that a minimum multiplies the same x as the scale (xd, xs [M, K / 32];
  * selftest.py's round_activations computes the same in torch). Whole blocks only. */
 static void quantize_x(const float *x, int M, ptrdiff_t K, int16_t *xq, float *xd, float *xs) {
     const ptrdiff_t nb = K / 32;
-    const __m256 sign = _mm256_set1_ps(-0.0f);
     for (int m = 0; m < M; m++)
         for (ptrdiff_t j = 0; j < nb; j++) {
-            const float *b = x + m * K + 32 * j;
             __m256 v[4];
-            for (int i = 0; i < 4; i++) v[i] = _mm256_loadu_ps(b + 8 * i);
-            const float amax = hmax(_mm256_max_ps(
-                _mm256_max_ps(_mm256_andnot_ps(sign, v[0]), _mm256_andnot_ps(sign, v[1])),
-                _mm256_max_ps(_mm256_andnot_ps(sign, v[2]), _mm256_andnot_ps(sign, v[3]))));
-            const float d = amax / 32767.0f, id = d > 0 ? 1.0f / d : 0.0f;
+            const float d = block_absmax(x + m * K + 32 * j, v) / X_LEVELS, id = d > 0 ? 1.0f / d : 0.0f;
             xd[m * nb + j] = d;
             __m256i r[4];
             for (int i = 0; i < 4; i++)
@@ -956,9 +958,9 @@ static int exact_row(int fmt, const uint8_t *W, const float *scale, int64_t N, i
     }
     float *w = half + nb, amax = 0.0f;
     for (int64_t b = 0; b < nb; b++) {
-        float a = 0.0f;
-        for (int i = 0; i < 32; i++) a = fabsf(xm[32 * b + i]) > a ? fabsf(xm[32 * b + i]) : a;
-        half[b] = a / 32767.0f / 2.0f; /* selftest.activation_steps / 2 */
+        __m256 v[4];
+        const float a = block_absmax(xm + 32 * b, v);
+        half[b] = a / X_LEVELS / 2.0f; /* quantize_x's step (selftest.activation_steps) / 2 */
         amax = a > amax ? a : amax;
     }
     for (int64_t k = 32 * nb; k < K; k++) amax = fabsf(xm[k]) > amax ? fabsf(xm[k]) : amax;

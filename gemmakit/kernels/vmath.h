@@ -1,8 +1,8 @@
-/* Vector math shared by the kernels that include it (train_ops.c, decode_step.c,
- * quant_gemv.c): exp of non-positive arguments, tanh and the tanh-approximated GELU, 8 float32
- * lanes at a time with AVX2/FMA, and the one-element versions for tails; a row's argmax. tanh
- * comes from an exp with ~1 ulp error, so results agree with torch's float32 to rounding (a
- * few 1e-7 relative), not bit for bit.
+/* Vector math shared by the kernels that include it (train_ops.c, decode_step.c): exp of
+ * non-positive arguments, tanh and the tanh-approximated GELU, 8 float32 lanes at a time with
+ * AVX2/FMA, and the one-element versions for tails; a row's argmax. tanh comes from an exp
+ * with ~1 ulp error, so results agree with torch's float32 to rounding (a few 1e-7
+ * relative), not bit for bit.
  * build.py hashes every header beside a source into its cache key. */
 #ifndef GEMMAKIT_VMATH_H
 #define GEMMAKIT_VMATH_H
