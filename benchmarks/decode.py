@@ -24,6 +24,18 @@ from gemmakit.checkpoint import save_hf
 from gemmakit.generation import stream_generate
 
 
+def kernels_line() -> str:
+    """Which C kernels this run uses (built and self-tested here), for a benchmark's header: a
+    kernel that turned itself off makes every figure after it torch's fallback."""
+    from gemmakit.kernels import gemv, quant_gemv
+    from gemmakit.model import fast_decode
+
+    parts = []
+    for lib in (gemv.LIBRARY, quant_gemv.LIBRARY, fast_decode.LIBRARY):
+        parts.append(f"{lib.name} {lib.isa.name if lib.get() is not None else 'OFF'}")
+    return "C kernels: " + ", ".join(parts)
+
+
 def best_of(fn, repeats: int = 3) -> float:
     times = []
     for _ in range(repeats):

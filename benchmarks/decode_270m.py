@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from decode import hf_decode  # noqa: E402
+from decode import hf_decode, kernels_line  # noqa: E402
 
 import gemmakit  # noqa: E402
 from gemmakit.generation import generate, stream_generate  # noqa: E402
@@ -160,6 +160,7 @@ def main() -> None:
         f"\nGemma 3 270M (Q4_K_M GGUF), batch 1, {args.threads} threads, {n} greedy tokens "
         f"after {len(prompt)} prompt tokens, {args.rounds} alternated rounds"
     )
+    print(kernels_line())
     print(f"{'system':28}{'tok/s median':>14}  {'all rounds':30}")
     for k, v in rates.items():
         print(f"{k:28}{med[k]:14.1f}  {', '.join(f'{r:.1f}' for r in v)}")

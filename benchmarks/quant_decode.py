@@ -25,7 +25,9 @@ import gc
 import statistics
 
 import torch
-from decode import best_of, gemmakit_decode  # benchmarks/decode.py, beside this script
+
+# benchmarks/decode.py, beside this script
+from decode import best_of, gemmakit_decode, kernels_line
 
 import gemmakit
 from gemmakit.quant.model import quant_summary, quantize_model
@@ -124,6 +126,7 @@ def main() -> None:
         f"after each run): median {statistics.median(rates) / 1e9:.1f} GB/s, "
         f"{min(rates) / 1e9:.1f}-{max(rates) / 1e9:.1f}"
     )
+    print(kernels_line())
     print(
         f"{'weights':10}{'GB/token':>10}{'tok/s':>8}{'% floor':>9}{'vs bf16':>9}"
         "  rounds: tok/s (% of that run's floor, x bf16 of that round)"

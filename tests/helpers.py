@@ -5,17 +5,24 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import pytest
 import yaml
 
+from gemmakit.kernels import build
 from gemmakit.training.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# the C kernels build here; a kernel whose self-test fails then fails its tests (not skipped)
+CAN_BUILD = build.cpu_supported() and shutil.which("cc") is not None
+needs_kernel = pytest.mark.skipif(not CAN_BUILD, reason="needs x86-64 AVX2/FMA and a C compiler")
 
 # --------------------------------------------------------------------------- tokenizer texts
 

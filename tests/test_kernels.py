@@ -16,15 +16,13 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import needs_kernel
 
 import gemmakit
 from gemmakit.generation import generate
 from gemmakit.kernels import build, gemv, quant_gemv, train_ops
 from gemmakit.model import layers
 from gemmakit.model.layers import linear
-
-CAN_BUILD = build.cpu_supported() and shutil.which("cc") is not None
-needs_kernel = pytest.mark.skipif(not CAN_BUILD, reason="needs x86-64 AVX2/FMA and a C compiler")
 
 
 def rel_error(got: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> float:

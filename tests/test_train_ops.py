@@ -4,19 +4,15 @@ step equal with and without them."""
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import torch
+from helpers import needs_kernel
 
 from gemmakit.api import build_model
 from gemmakit.config import get_config
-from gemmakit.kernels import build, train_ops
+from gemmakit.kernels import train_ops
 from gemmakit.model import layers
 from gemmakit.training.losses import next_token_loss
-
-CAN_BUILD = build.cpu_supported() and shutil.which("cc") is not None
-needs_kernel = pytest.mark.skipif(not CAN_BUILD, reason="needs x86-64 AVX2/FMA and a C compiler")
 
 
 def grads(fn, inputs, upstream):

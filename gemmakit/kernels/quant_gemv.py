@@ -175,13 +175,20 @@ def _self_test(lib: ctypes.CDLL) -> None:
     """Raise unless every format matches the torch dequantize-then-matmul reference, and the
     candidates are the torch ones."""
     check_all(lambda *args: call(lib, *args), picked=lambda *args: picked_rows(lib, *args))
+    check_candidates(lib)
+
+
+def check_candidates(lib: ctypes.CDLL) -> None:
+    """Raise unless the C candidates are the torch ones on fixed rows (the same every run)."""
     gen = torch.Generator().manual_seed(0)
-    # three spans of the C passes and a tail; one row alone runs them on the threads
+    # three spans of the C passes and a tail; one row alone runs them on the threads. Every
+    # number comes from `gen`: these rows keep 11, 133 and 3027 coarse candidates, under the
+    # cap (a larger slop keeps more than the cap, and candidates() gives None)
     y, l1b = torch.randn(3, 20011, generator=gen), torch.rand(20011, 5, generator=gen).half()
     l1 = l1b.float().sum(-1) * 1.1
     half, slop = (
         torch.rand(3, 5, generator=gen) * torch.tensor([[0.0], [0.2], [1.0]]),
-        torch.rand(3),
+        torch.rand(3, generator=gen) / 4,
     )
     for r in (slice(None), slice(2, 3)):
         want = candidates_torch(y[r], l1, l1b, half[r], slop[r])
