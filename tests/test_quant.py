@@ -573,6 +573,29 @@ def test_picked_rows_and_exact_top_in_c_equal_the_torch_way(fmt, k, group, monke
 
 
 @needs_kernel
+@pytest.mark.parametrize("mode", ["q8_0", "int4"])
+def test_exact_top_over_thousands_of_tied_rows(mode):
+    """5000 equal rows but one, ahead by a weight whose activation is under half a rounding
+    step: the kernel sees 5000 ties, and every row is a candidate (flat logits: more than a
+    decode step's usual few). All are recomputed: the argmax is that row, every value the
+    dequantized weight's."""
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(1, 64, generator=gen)
+    x[0, 5] = 0.8 * (x[0, :32].abs().max() / 32767) / 2  # rounds to 0
+    w = (0.05 * torch.sign(x[0])).repeat(5000, 1)
+    w[:, 5] = 0.0
+    w[3777, 5] = 0.03
+    qw = quantize_weight(w, mode, torch.float32)
+    with torch.inference_mode():
+        y = qw.linear(x)
+        assert int((y == y.amax()).sum()) >= 4999  # ties as the kernel sees them
+        got = qw.exact_top(x, y.clone())
+        exact = (x.double() @ qw.dequantize().double().T).float()
+    assert int(got.argmax()) == 3777 == int(exact.argmax())
+    torch.testing.assert_close(got, exact, rtol=0, atol=1e-6)
+
+
+@needs_kernel
 def test_exact_top_of_bfloat16_or_strided_logits_takes_the_c_way(monkeypatch):
     """A bfloat16 model's prefill logits (or a view) go through a float32 copy to the one C
     call, not the torch way (a float32 copy of the block norms: 40 ms for a 2B head); the
