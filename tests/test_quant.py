@@ -561,7 +561,7 @@ def test_picked_rows_and_exact_top_in_c_equal_the_torch_way(fmt, k, group, monke
         (FORMATS[fmt].code, 0, 256),
     ):
         with pytest.raises(ValueError, match="quant_rows rejected"):  # a malformed weight
-            quant_gemv.picked_rows(lib, code, *held, 9, k, group, tile, rows)
+            quant_gemv.picked_rows(lib, quant_gemv.Held(code, *held, 9, k, group, tile), rows)
     monkeypatch.setenv("GEMMAKIT_NO_KERNELS", "1")
     assert quant_gemv.cpu_library(w.qdata) is None
     assert torch.equal(got_rows, w.dequantize(rows))

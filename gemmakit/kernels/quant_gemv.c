@@ -35,6 +35,8 @@
 
 #define INLINE static inline __attribute__((always_inline))
 
+#include "vmath.h" /* hmax8 */
+
 /* Integer dot products of 2 int16 pairs per int32 lane, added to acc: with AVX-512 VNNI (+VL)
  * or AVX-VNNI one instruction (the build picks the flags from the CPU: build.py); with AVX2
  * madd and an add. The same integers either way. */
@@ -445,21 +447,13 @@ INLINE void row_dot(const int fmt, const int M, const uint8_t *row, float row_sc
     }
 }
 
-/* max over the 8 lanes of v */
-INLINE float hmax(__m256 v) {
-    __m128 h = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
-    h = _mm_max_ss(h, _mm_movehdup_ps(h));
-    return _mm_cvtss_f32(h);
-}
-
 #define X_LEVELS 32767.0f /* x's block rounds to integers in [-X_LEVELS, X_LEVELS] (int16) */
 
 /* max |x| over the block of 32 at b, its 4 vectors loaded into v */
 INLINE float block_absmax(const float *b, __m256 v[4]) {
     const __m256 sign = _mm256_set1_ps(-0.0f);
     for (int i = 0; i < 4; i++) v[i] = _mm256_loadu_ps(b + 8 * i);
-    return hmax(_mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign, v[0]), _mm256_andnot_ps(sign, v[1])),
+    return hmax8(_mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign, v[0]), _mm256_andnot_ps(sign, v[1])),
                               _mm256_max_ps(_mm256_andnot_ps(sign, v[2]), _mm256_andnot_ps(sign, v[3]))));
 }
 
@@ -766,7 +760,7 @@ static int64_t row_candidates(const float *row, int64_t N, const float *l1, cons
         int64_t n = c * CAND_SPAN;
         for (; n + 8 <= end; n += 8)
             mv = _mm256_max_ps(mv, _mm256_fnmadd_ps(cv, _mm256_loadu_ps(l1 + n), _mm256_loadu_ps(row + n)));
-        float f = hmax(mv);
+        float f = hmax8(mv);
         for (; n < end; n++) f = row[n] - cm * l1[n] > f ? row[n] - cm * l1[n] : f;
         floor = f > floor ? f : floor;
     }

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -60,39 +61,40 @@ def call(
     return y
 
 
-def picked_rows(
-    lib: ctypes.CDLL,
-    code: int,
-    qdata: torch.Tensor,
-    scale: torch.Tensor | None,
-    n: int,
-    k: int,
-    group: int,
-    tile: int,
-    idx: torch.Tensor,
-) -> torch.Tensor:
-    """Rows idx (integers in [-n, n), negatives counted from the end) of a weight held as
-    `call` takes it, dequantized: float32 [len(idx), k], bit for bit formats.dequantize's
-    rows. IndexError for a row out of range."""
+class Held(NamedTuple):
+    """A weight as the library holds it, in the C functions' leading arguments: format code,
+    blocks (the row layout, or for int4 and q4_k as QuantWeight holds them), int8's float32
+    scales (else None), its shape n x k, int4's group and the tile (0: none)."""
+
+    code: int
+    qdata: torch.Tensor
+    scale: torch.Tensor | None
+    n: int
+    k: int
+    group: int
+    tile: int
+
+    def args(self) -> tuple:
+        return (self.code, self.qdata.data_ptr(), _ptr(self.scale), *self[3:])
+
+
+def picked_rows(lib: ctypes.CDLL, held: Held, idx: torch.Tensor) -> torch.Tensor:
+    """Rows idx (integers in [-n, n), negatives counted from the end) of the weight,
+    dequantized: float32 [len(idx), k], bit for bit formats.dequantize's rows. IndexError for
+    a row out of range."""
     idx = idx.reshape(-1).to(torch.int64).contiguous()
-    out = torch.empty(len(idx), k, dtype=torch.float32)
-    ptrs = (qdata.data_ptr(), _ptr(scale))
-    rc = lib.quant_rows(code, *ptrs, n, k, group, tile, idx.data_ptr(), len(idx), out.data_ptr())
+    out = torch.empty(len(idx), held.k, dtype=torch.float32)
+    rc = lib.quant_rows(*held.args(), idx.data_ptr(), len(idx), out.data_ptr())
     if rc == -2:
-        raise IndexError(f"row index out of range for a weight of {n} rows")
+        raise IndexError(f"row index out of range for a weight of {held.n} rows")
     if rc != 0:
-        raise ValueError(f"quant_rows rejected format {code} with rows {n} x {k}")
+        raise ValueError(f"quant_rows rejected format {held.code} with rows {held.n} x {held.k}")
     return out
 
 
 def exact_top(
     lib: ctypes.CDLL,
-    code: int,
-    qdata: torch.Tensor,
-    scale: torch.Tensor | None,
-    shape: tuple[int, int],
-    group: int,
-    tile: int,
+    held: Held,
     x: torch.Tensor,
     y: torch.Tensor,
     l1: torch.Tensor,
@@ -101,15 +103,8 @@ def exact_top(
 ) -> None:
     """QuantWeight.exact_top in one call (quant_gemv.c's quant_exact_top): x [M, K] and y
     [M, N] float32 contiguous, y changed in place."""
-    n, k = shape
-    ptrs = (qdata.data_ptr(), _ptr(scale))
     rc = lib.quant_exact_top(
-        code,
-        *ptrs,
-        n,
-        k,
-        group,
-        tile,
+        *held.args(),
         x.data_ptr(),
         y.data_ptr(),
         len(y),
@@ -119,7 +114,7 @@ def exact_top(
         torch.get_num_threads(),
     )
     if rc != 0:
-        raise ValueError(f"quant_exact_top rejected format {code} with x {tuple(x.shape)}")
+        raise ValueError(f"quant_exact_top rejected format {held.code} with x {tuple(x.shape)}")
 
 
 def candidates(
@@ -134,8 +129,8 @@ def candidates(
     """(rows, cols) of the entries of y [M, N] (float32, contiguous) that can be their row's
     maximum when entry n of row m may be off by e = half[m] . l1b[n] + slop[m] l1[n]
     (l1 [N] float32, l1b [N, nb] float16, half [M, nb], slop [M] float32): y + e >= the row's
-    max of y - e. None when a row has more than `cap` coarse candidates (the caller then
-    takes the torch way)."""
+    max of y - e. None when a row has more than `cap` coarse candidates. The self-test's
+    window onto row_candidates, which quant_exact_top runs one row at a time."""
     m, n = y.shape
     idx = torch.empty(m, cap, dtype=torch.int64)
     count = torch.empty(m, dtype=torch.int64)
@@ -174,7 +169,10 @@ def candidates_torch(
 def _self_test(lib: ctypes.CDLL) -> None:
     """Raise unless every format matches the torch dequantize-then-matmul reference, and the
     candidates are the torch ones."""
-    check_all(lambda *args: call(lib, *args), picked=lambda *args: picked_rows(lib, *args))
+    check_all(
+        lambda *args: call(lib, *args),
+        picked=lambda *args: picked_rows(lib, Held(*args[:-1]), args[-1]),
+    )
     check_candidates(lib)
 
 

@@ -171,10 +171,7 @@ INLINE float row_max(const float *row, int64_t v) {
     __m256 mv = _mm256_set1_ps(-INFINITY);
     int64_t k = 0;
     for (; k + 8 <= v; k += 8) mv = _mm256_max_ps(mv, _mm256_loadu_ps(row + k));
-    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mv), _mm256_extractf128_ps(mv, 1));
-    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
-    m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
-    float m = _mm_cvtss_f32(m4);
+    float m = hmax8(mv);
     for (; k < v; k++) m = row[k] > m ? row[k] : m;
     return m;
 }

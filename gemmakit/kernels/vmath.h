@@ -1,8 +1,8 @@
-/* Vector math shared by the kernels that include it (train_ops.c, decode_step.c): exp of
- * non-positive arguments, tanh and the tanh-approximated GELU, 8 float32 lanes at a time with
- * AVX2/FMA, and the one-element versions for tails; a row's argmax. tanh comes from an exp
- * with ~1 ulp error, so results agree with torch's float32 to rounding (a few 1e-7
- * relative), not bit for bit.
+/* Vector math shared by the kernels that include it (train_ops.c, decode_step.c,
+ * quant_gemv.c): exp of non-positive arguments, tanh and the tanh-approximated GELU, 8 float32
+ * lanes at a time with AVX2/FMA, and the one-element versions for tails; a vector's horizontal
+ * max and a row's argmax. tanh comes from an exp with ~1 ulp error, so results agree with
+ * torch's float32 to rounding (a few 1e-7 relative), not bit for bit.
  * build.py hashes every header beside a source into its cache key. */
 #ifndef GEMMAKIT_VMATH_H
 #define GEMMAKIT_VMATH_H
@@ -70,6 +70,13 @@ INLINE __m256 softcap8(__m256 x, float c) {
     return _mm256_mul_ps(tanh8(_mm256_div_ps(x, _mm256_set1_ps(c))), _mm256_set1_ps(c));
 }
 
+/* max over the 8 lanes of v */
+INLINE float hmax8(__m256 v) {
+    __m128 h = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    return _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
+}
+
 /* The index of the largest of row[0 .. v) (v >= 1) as torch.argmax picks it: the first on
  * ties, and a NaN counts as the largest (the first NaN). Two vector passes, the second
  * stopping at the first lane equal to the maximum; torch's argmax of a 256k vocabulary's
@@ -82,9 +89,7 @@ INLINE int64_t row_argmax(const float *row, int64_t v) {
         mv = _mm256_max_ps(mv, x);
         un = _mm256_or_ps(un, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
     }
-    __m128 h = _mm_max_ps(_mm256_castps256_ps128(mv), _mm256_extractf128_ps(mv, 1));
-    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
-    float m = _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
+    float m = hmax8(mv);
     int nan = _mm256_movemask_ps(un) != 0;
     for (int64_t t = k; t < v; t++) {
         nan |= isnan(row[t]);

@@ -186,11 +186,21 @@ def pair_rows(memory: torch.Tensor, chunk: int, chunks: int) -> torch.Tensor:
     return torch.cat([held.reshape(t, 2 * p, nbytes), memory[:, 2 * p :]], dim=1)
 
 
+def is_row_index(rows: object) -> bool:
+    """Whether `rows` is an integer index tensor of rows (not a mask, not floats)."""
+    return (
+        isinstance(rows, torch.Tensor)
+        and rows.dtype != torch.bool
+        and not rows.is_floating_point()
+        and not rows.is_complex()
+    )
+
+
 def _row_indices(n: int, rows: slice | torch.Tensor | None) -> torch.Tensor:
     """The row numbers `rows` picks of n rows: an integer index tensor as it is (negatives
     counted from the end), without building all n numbers for it (a decode step embeds one
     token through this)."""
-    if isinstance(rows, torch.Tensor) and rows.dtype != torch.bool and not rows.is_floating_point():
+    if is_row_index(rows):
         idx = rows.reshape(-1).long()
         return torch.where(idx < 0, idx + n, idx)
     return torch.arange(n) if rows is None else torch.arange(n)[rows].reshape(-1)

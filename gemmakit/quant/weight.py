@@ -21,6 +21,7 @@ from gemmakit.quant.formats import (
     held_memory,
     held_rows,
     int4_tile,
+    is_row_index,
     row_bytes,
 )
 from gemmakit.quant.selftest import activation_steps
@@ -144,12 +145,16 @@ class QuantWeight(nn.Module):
         (an embedding lookup, exact_top's candidates) of a weight on the CPU come from the C
         library in one call, the same floats as the torch way's many small ops."""
         lib = quant_gemv.cpu_library(self.qdata)
-        if lib is None or not isinstance(rows, torch.Tensor) or not _integer(rows):
+        if lib is None or not is_row_index(rows):
             return dequantize(self.fmt, *self._parts(rows))
-        code, scale = FORMATS[self.fmt].code, getattr(self, "scale", None)
+        return quant_gemv.picked_rows(lib, self._held(), rows)
+
+    def _held(self) -> quant_gemv.Held:
+        """The weight as the C library's leading arguments take it."""
         n, k = self.shape
-        return quant_gemv.picked_rows(
-            lib, code, self.qdata, scale, n, k, self._group, self.tile, rows
+        scale = getattr(self, "scale", None)
+        return quant_gemv.Held(
+            FORMATS[self.fmt].code, self.qdata, scale, n, k, self._group, self.tile
         )
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -236,21 +241,7 @@ class QuantWeight(nn.Module):
             # a 2B prefill's bfloat16 logits 40 ms (the float32 copy of the block norms).
             # Other logits (bfloat16, a view) go through a float32 copy, rounded back after
             yf = y if y.is_contiguous() and y.dtype == torch.float32 else y.float().contiguous()
-            code, scale = FORMATS[self.fmt].code, getattr(self, "scale", None)
-            quant_gemv.exact_top(
-                lib,
-                code,
-                self.qdata,
-                scale,
-                self.shape,
-                self._group,
-                self.tile,
-                xf.contiguous(),
-                yf,
-                l1,
-                l1b,
-                softcap,
-            )
+            quant_gemv.exact_top(lib, self._held(), xf.contiguous(), yf, l1, l1b, softcap)
             if yf is not y:
                 y.copy_(yf)
             return y
@@ -268,11 +259,6 @@ class QuantWeight(nn.Module):
         """Rows `ids` [...] of the table, dequantized -> [..., K] in the compute dtype."""
         flat = ids.reshape(-1)
         return self.dequantize(flat).to(self.compute_dtype).view(*ids.shape, self.shape[1])
-
-
-def _integer(t: torch.Tensor) -> bool:
-    """Whether t holds integer indices (not a mask, not floats)."""
-    return not t.is_floating_point() and not t.is_complex() and t.dtype != torch.bool
 
 
 class QuantEmbedding(nn.Module):
