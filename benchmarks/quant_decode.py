@@ -30,6 +30,7 @@ import torch
 from decode import best_of, gemmakit_decode, kernels_line
 
 import gemmakit
+from gemmakit.kernels import hugepages
 from gemmakit.quant.model import quant_summary, quantize_model
 from gemmakit.quant.modes import QUANT_MODES
 
@@ -37,6 +38,7 @@ from gemmakit.quant.modes import QUANT_MODES
 def read_rate(gib: float = 2.0) -> float:
     """Bytes/s of torch's sum over a `gib` GiB float32 buffer (best of 3)."""
     buf = torch.ones(int(gib * 2**30) // 4)
+    hugepages.back_with_huge_pages([buf])  # in the pages the decoders give their weights
     seconds = best_of(lambda: buf.sum(), 3)
     return buf.numel() * 4 / seconds
 
@@ -59,19 +61,22 @@ def positive(text: str) -> int:
 MODES = ("bf16", *(m for m in QUANT_MODES if m != "keep"))  # random weights: nothing to keep
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, object, list[str]]:
+def parse_args(
+    argv: list[str] | None = None,
+    prog: str = "quant_decode.py",
+    doc: str = __doc__,
+    modes: str = "bf16,int8,int4,int4-g128,q4_k",
+    rounds: int = 3,
+) -> tuple[argparse.Namespace, object, list[str]]:
     """(arguments, the model config, the modes): every bad value refused before a model is
-    built (one line on stderr, exit status 2)."""
-    ap = argparse.ArgumentParser(prog="quant_decode.py", description=__doc__.splitlines()[0])
+    built (one line on stderr, exit status 2). benchmarks/hugepages.py takes the same options
+    (its own name, description and defaults)."""
+    ap = argparse.ArgumentParser(prog=prog, description=doc.splitlines()[0])
     ap.add_argument("--preset", default="gemma-2b")
     ap.add_argument("--layers", type=positive, default=None, help="fewer layers for a quick run")
     ap.add_argument("--new-tokens", type=positive, default=24)
-    ap.add_argument("--rounds", type=positive, default=3)
-    ap.add_argument(
-        "--modes",
-        default="bf16,int8,int4,int4-g128,q4_k",
-        help=f"comma-separated: {', '.join(MODES)}",
-    )
+    ap.add_argument("--rounds", type=positive, default=rounds)
+    ap.add_argument("--modes", default=modes, help=f"comma-separated: {', '.join(MODES)}")
     args = ap.parse_args(argv)
     try:
         cfg = gemmakit.get_config(args.preset)

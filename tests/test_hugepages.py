@@ -1,0 +1,99 @@
+"""back_with_huge_pages: the weights a decode step streams move into 2 MiB pages in place,
+their contents and addresses kept; the decoder does it to its weights when it is built."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+
+import pytest
+import torch
+
+from gemmakit.api import build_model
+from gemmakit.config import get_config
+from gemmakit.kernels import hugepages
+from gemmakit.model import fast_decode
+from gemmakit.model.transformer import init_weights
+
+MIB = 2**20
+linux = pytest.mark.skipif(sys.platform != "linux", reason="transparent huge pages are Linux's")
+
+
+def huge_bytes(lo: int, hi: int) -> int:
+    """AnonHugePages of the mappings that overlap [lo, hi), from /proc/self/smaps (a mapping
+    the range only touches counts whole: callers give ranges that are whole mappings' worth)."""
+    total, inside = 0, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                a, b = (int(v, 16) for v in head.split("-"))
+                inside = a < hi and b > lo
+            elif inside and head == "AnonHugePages:":
+                total += int(line.split()[1]) * 1024
+    return total
+
+
+def collapse_works() -> bool:
+    t = torch.ones(8 * MIB // 4)
+    return hugepages.back_with_huge_pages([t]) > 0
+
+
+def test_spans_merge_storages_whose_pages_touch():
+    big = torch.zeros(4 * MIB // 4)
+    a, b = big[: MIB // 4], big[MIB // 4 + 10 :]  # two views of one storage: one span
+    lo = big.data_ptr()
+    assert hugepages.spans([a, b]) == [(lo, lo + 4 * MIB)]
+    other = torch.zeros(16)
+    spans = hugepages.spans([a, other, a])  # a repeated: still one span of its storage
+    assert (lo, lo + 4 * MIB) in spans and len(spans) == 2
+
+
+def test_huge_ranges_are_the_whole_2mib_pages_inside():
+    t = torch.zeros(7 * MIB // 4)
+    lo = t.data_ptr()
+    (a, b), *rest = hugepages.huge_ranges([t])
+    assert not rest
+    assert a % (2 * MIB) == 0 and b % (2 * MIB) == 0
+    assert lo <= a < lo + 2 * MIB and lo + 7 * MIB - 2 * MIB < b <= lo + 7 * MIB
+    small = torch.zeros(MIB // 8)  # half a MiB: no whole huge page in it
+    assert hugepages.huge_ranges([small]) == []
+
+
+@linux
+def test_tensors_move_into_huge_pages_keeping_their_contents():
+    if not collapse_works():
+        pytest.skip("this kernel refuses MADV_COLLAPSE (older than 6.1, or THP 'never')")
+    gen = torch.Generator().manual_seed(0)
+    t = torch.randn(24 * MIB // 4, generator=gen)
+    before, ptr = t.clone(), t.data_ptr()
+    ((a, b),) = hugepages.huge_ranges([t])
+    moved = hugepages.back_with_huge_pages([t])
+    assert moved == b - a >= 20 * MIB
+    assert huge_bytes(a, b) >= b - a
+    assert t.data_ptr() == ptr and torch.equal(t, before)
+    t.add_(1)  # still ordinary, writable memory
+    assert torch.equal(t, before + 1)
+
+
+@linux
+def test_opt_out_leaves_memory_alone(monkeypatch):
+    monkeypatch.setenv("GEMMAKIT_NO_HUGEPAGES", "1")
+    t = torch.ones(12 * MIB // 4)
+    ((a, b),) = hugepages.huge_ranges([t])
+    assert hugepages.back_with_huge_pages([t]) == 0
+    assert huge_bytes(a, b) == 0
+
+
+@linux
+@pytest.mark.skipif(fast_decode.library() is None, reason="the fused decode step is not built")
+def test_the_decoder_backs_its_weights_with_huge_pages():
+    if not collapse_works():
+        pytest.skip("this kernel refuses MADV_COLLAPSE (older than 6.1, or THP 'never')")
+    cfg = dataclasses.replace(get_config("tiny"), vocab_size=32768)  # a 16 MiB embedding
+    model = init_weights(build_model(cfg), std=0.1, seed=3).eval()
+    ((a, b),) = hugepages.huge_ranges([model.embedder.weight])
+    assert huge_bytes(a, b) == 0
+    with torch.inference_mode():
+        assert fast_decode.fast_decoder(model) is not None
+    assert huge_bytes(a, b) >= b - a > 0
