@@ -278,7 +278,8 @@ def test_held_weights_of_one_and_two_rows(fmt):
         if lib is not None:
             x = torch.randn(1, 512, generator=gen)
             held = held_memory(fmt, *parts, 0)
-            y = quant_gemv.call(lib, FORMATS[fmt].code, x, held, None, n, 32, 2)
+            code = FORMATS[formats.held_format(fmt)].code
+            y = quant_gemv.call(lib, code, x, held, None, n, 32, 2)
             bound = error_bound(x, dequantize(fmt, *parts))
             assert ((y - reference(x, fmt, *parts)).abs() <= bound).all()
 
@@ -306,6 +307,43 @@ def test_q4_k_held_layout_round_trips():
     assert w.tile == 0 and set(w.state_dict()) == {"qdata"}
     assert torch.equal(w.state_dict()["qdata"], blocks)
     assert torch.equal(w.dequantize(), dequantize("q4_k", blocks))
+
+
+def test_q5_0_is_held_as_q8_0_blocks_of_the_same_values():
+    """QuantWeight holds Q5_0 as Q8_0 blocks (the same float16 scale, each 5-bit q as the int8
+    q - 16) and the kernel reads those: the dequantized weight is the file's bit for bit (torch
+    and C), state_dict gives the file's blocks back byte for byte and takes them, and a
+    state_dict of another width is refused."""
+    gen = torch.Generator().manual_seed(11)
+    blocks, _, _ = random_weight("q5_0", 7, 640, gen)  # random bytes: every fifth-bit pattern
+    held = formats.q5_0_as_q8_0(blocks)
+    assert held.shape == (7, 640 // 32 * 34)
+    assert torch.equal(formats.q8_0_as_q5_0(held), blocks)
+    assert torch.equal(dequantize("q8_0", held), dequantize("q5_0", blocks))
+    values = held.reshape(-1, 34)[:, 2:].contiguous().view(torch.int8)
+    assert int(values.min()) == -16 and int(values.max()) == 15
+    w = QuantWeight("q5_0", (7, 640), blocks)
+    assert w.held_fmt == "q8_0" and w.code == FORMATS["q8_0"].code and w.tile == 0
+    assert torch.equal(w.qdata, held) and "held as q8_0" in repr(w)
+    want = dequantize("q5_0", blocks)
+    assert torch.equal(w.dequantize(), want)
+    assert torch.equal(w.dequantize(torch.tensor([6, 0, 3])), want[[6, 0, 3]])
+    assert torch.equal(w.dequantize(slice(2, 5)), want[2:5])
+    state = w.state_dict()
+    assert set(state) == {"qdata"} and torch.equal(state["qdata"], blocks)
+    other = QuantWeight("q5_0", (7, 640), torch.zeros_like(blocks))
+    other.load_state_dict(state)
+    assert torch.equal(other.qdata, held)
+    with pytest.raises(RuntimeError, match="qdata"):
+        other.load_state_dict({"qdata": blocks[:, :-22]})
+    x = torch.randn(2, 640, generator=gen)
+    assert (
+        (w.linear(x) - reference(x, "q5_0", blocks, None, None)).abs() <= error_bound(x, want)
+    ).all()
+    lib = quant_gemv.library()
+    if lib is not None:  # the C library has no Q5_0 of its own: its number is refused
+        with pytest.raises(ValueError, match="rejected format 2"):
+            quant_gemv.call(lib, FORMATS["q5_0"].code, x, blocks, None, 7, 32, 2)
 
 
 @pytest.mark.parametrize("damage", ["scale float32", "minimum missing", "groups of 512"])
@@ -502,6 +540,7 @@ def test_multi_gemv_equals_one_call_per_weight():
     parts = [
         (held_memory(f, *p, t), None) if f in HELD else p[:2] for f, p, t in zip(fmts, rows, tiles)
     ]
+    codes = [FORMATS[formats.held_format(f)].code for f in fmts]  # q5_0: held as q8_0
     x = torch.randn(3, k, generator=gen)
     ys = [torch.full((3, n), float("nan")) for n in ns]
 
@@ -510,7 +549,7 @@ def test_multi_gemv_equals_one_call_per_weight():
 
     rc = lib.quant_gemv_multi(
         len(fmts),
-        arr(ctypes.c_int, [FORMATS[f].code for f in fmts]),
+        arr(ctypes.c_int, codes),
         x.data_ptr(),
         arr(ctypes.c_void_p, [p[0].data_ptr() for p in parts]),
         arr(ctypes.c_void_p, [None if p[1] is None else p[1].data_ptr() for p in parts]),
@@ -523,8 +562,8 @@ def test_multi_gemv_equals_one_call_per_weight():
         2,
     )
     assert rc == 0
-    for f, n, p, y, tile in zip(fmts, ns, parts, ys, tiles):
-        assert torch.equal(y, quant_gemv.call(lib, FORMATS[f].code, x, *p, n, 32, 2, tile))
+    for code, n, p, y, tile in zip(codes, ns, parts, ys, tiles):
+        assert torch.equal(y, quant_gemv.call(lib, code, x, *p, n, 32, 2, tile))
     # the tiles add up each row's sums in another order than the same weight in rows
     rows4 = quant_gemv.call(lib, FORMATS["int4"].code, x, int4_memory(*rows[4]), None, 19, 32, 2)
     assert torch.allclose(ys[4], rows4, rtol=1e-5, atol=1e-5)
@@ -557,8 +596,8 @@ def test_picked_rows_and_exact_top_in_c_equal_the_torch_way(fmt, k, group, monke
     lib, held = quant_gemv.library(), (w.qdata, getattr(w, "scale", None))
     for code, group, tile in (
         (9, 32, 0),
-        (FORMATS[fmt].code, 32, 100),
-        (FORMATS[fmt].code, 0, 256),
+        (w.code, 32, 100),
+        (w.code, 0, 256),
     ):
         with pytest.raises(ValueError, match="quant_rows rejected"):  # a malformed weight
             quant_gemv.picked_rows(lib, quant_gemv.Held(code, *held, 9, k, group, tile), rows)

@@ -1,7 +1,8 @@
 /* y[M, N] = x[M, K] @ W[N, K]^T for a quantized W, float32 x and y, 1 <= M <= 8.
  *
- * W is kept as its blocks (gemmakit/quant/formats.py): the GGUF formats Q8_0, Q4_0, Q5_0,
- * Q6_K as llama.cpp stores them, gemmakit's int8 (a float32 scale per row) and int4
+ * W is kept as its blocks (gemmakit/quant/formats.py): the GGUF formats Q8_0, Q4_0 and
+ * Q6_K as llama.cpp stores them (Q5_0 is held as Q8_0 blocks of the same values,
+ * formats.HELD_AS: its format number 2 is refused here), gemmakit's int8 (a float32 scale per row) and int4
  * (blocks of 32 nibbles, a float16 scale and minimum per group of 32, 64, 128 or 256), which is
  * held packed: each row in chunks of 8 blocks, the chunk's 128 bytes of nibbles (in lane order:
  * nibbles4) followed by its groups' scales and then their minimums (quant/formats.py's
@@ -50,7 +51,7 @@
 
 #define PF_DIST 2048 /* bytes ahead that int8 and int4 rows prefetch */
 
-enum { Q8_0 = 0, Q4_0 = 1, Q5_0 = 2, Q4_K = 3, Q6_K = 4, INT8 = 5, INT4 = 6 };
+enum { Q8_0 = 0, Q4_0 = 1, Q5_0 = 2, Q4_K = 3, Q6_K = 4, INT8 = 5, INT4 = 6 }; /* Q5_0: none */
 /* bytes per block; int4 rows are packed with their scales: int4_row_bytes (Q4_K's as many as
  * the file's) */
 static const ptrdiff_t BLOCK_BYTES[7] = {34, 18, 22, 144, 210, 1, 16};
@@ -76,7 +77,7 @@ INLINE void nibbles16(const uint8_t *p, __m256i *lo, __m256i *hi) {
     *hi = _mm256_srli_epi16(v, 4);
 }
 
-/* The 32 weights of block j of a symmetric 32-block format (Q8_0, Q4_0, Q5_0, int8) widened
+/* The 32 weights of block j of a symmetric 32-block format (Q8_0, Q4_0, int8) widened
  * to int16 (w0: the first 16, w1: the last 16), and the block's scale (int8's row scale is
  * applied to the row's sum instead). The 4-bit formats keep weight i in the low nibble of
  * byte i and weight 16 + i in its high one: widened to int16 first, the nibbles split there. */
@@ -96,35 +97,6 @@ INLINE void wide32(const int fmt, const uint8_t *row, ptrdiff_t j, __m256i *w0, 
         *d = f16(b);
         *w0 = _mm256_sub_epi16(*w0, _mm256_set1_epi16(8));
         *w1 = _mm256_sub_epi16(*w1, _mm256_set1_epi16(8));
-        return;
-    }
-    case Q5_0: {
-        const uint8_t *b = row + 22 * j;
-        nibbles16(b + 6, w0, w1);
-        *d = f16(b);
-        /* weight k's fifth bit is bit k of the 32 at b + 2 */
-#if defined(__AVX512BW__) && defined(__AVX512VL__)
-        /* the bits as a mask: a lane keeps its nibble where the bit is set and loses 16 where
-         * it is clear (one masked subtract per 16 weights) */
-        uint32_t qh;
-        memcpy(&qh, b + 2, 4);
-        *w0 = _mm256_mask_sub_epi16(*w0, (__mmask16)~qh, *w0, _mm256_set1_epi16(16));
-        *w1 = _mm256_mask_sub_epi16(*w1, (__mmask16)(~qh >> 16), *w1, _mm256_set1_epi16(16));
-#else
-        /* int16 lane i of w0 (w1) needs bit i of qh's low (high) half: that half in every
-         * lane, its bit i picked by a mask, and -16 where it is clear. No byte shuffles:
-         * llama.cpp's bytes_from_bits_32 and widening the bits took four more shuffles per
-         * block, the port Q5_0 waited on (20 -> 16.5 cycles per 64 weights on Zen 3) */
-        uint32_t qh;
-        memcpy(&qh, b + 2, 4);
-        const __m256i bit = _mm256_setr_epi16(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096,
-                                              8192, 16384, (short)32768);
-        const __m256i m16 = _mm256_set1_epi16(-16);
-        const __m256i s0 = _mm256_cmpeq_epi16(_mm256_and_si256(_mm256_set1_epi16((short)qh), bit), bit);
-        const __m256i s1 = _mm256_cmpeq_epi16(_mm256_and_si256(_mm256_set1_epi16((short)(qh >> 16)), bit), bit);
-        *w0 = _mm256_add_epi16(*w0, _mm256_andnot_si256(s0, m16));
-        *w1 = _mm256_add_epi16(*w1, _mm256_andnot_si256(s1, m16));
-#endif
         return;
     }
     default: /* INT8 */
@@ -161,7 +133,7 @@ typedef struct {
     const float *d, *s;
 } Xq;
 
-/* Symmetric 32-block j (Q8_0, Q4_0, Q5_0, int8) against the M rows of x rounded to int16:
+/* Symmetric 32-block j (Q8_0, Q4_0, int8) against the M rows of x rounded to int16:
  * acc[2 m + par] += (w . xq) * d * xd */
 INLINE void sym_block(const int fmt, const int M, const uint8_t *row, ptrdiff_t j, int par,
                       const int16_t *xq, const float *xd, ptrdiff_t K, ptrdiff_t nb, Acc *a) {
@@ -403,7 +375,7 @@ INLINE void row_dot(const int fmt, const int M, const uint8_t *row, float row_sc
 #pragma GCC unroll 16
     for (int i = 0; i < 2 * M; i++) a.acc[i] = _mm256_setzero_ps();
     const ptrdiff_t nb = K / 32;
-    if (fmt == Q8_0 || fmt == Q4_0 || fmt == Q5_0 || fmt == INT8) {
+    if (fmt == Q8_0 || fmt == Q4_0 || fmt == INT8) {
         ptrdiff_t j = 0; /* consecutive blocks alternate chains */
         for (; j + 1 < nb; j += 2) {
             if (fmt == INT8) _mm_prefetch((const char *)(row + 32 * j) + PF_DIST, _MM_HINT_T0);
@@ -497,7 +469,7 @@ INLINE void sym4_block(const int fmt, const uint8_t *const *r, ptrdiff_t j, int 
     }
 }
 
-/* Rows [n0, n1) of W in a format of 32-weight blocks with one scale each (Q8_0, Q4_0, Q5_0,
+/* Rows [n0, n1) of W in a format of 32-weight blocks with one scale each (Q8_0, Q4_0,
  * int8) against one row of x (decoding's M = 1), four rows at a time from the four quarters
  * of the slab (as bf16_gemv.c's STRIDED): four sequential streams in different pages, which
  * the prefetchers serve with four times the reads in flight of one (one stream reads at about
@@ -629,7 +601,6 @@ static void slab(int fmt, const float *x, const Xq *X, const uint8_t *W, const v
     switch (fmt) {
     case Q8_0: SYM_BY_M(Q8_0) break;
     case Q4_0: SYM_BY_M(Q4_0) break;
-    case Q5_0: SYM_BY_M(Q5_0) break;
     case Q6_K: BY_M(Q6_K) break;
     case INT8: SYM_BY_M(INT8) break;
     }
@@ -648,7 +619,7 @@ static ptrdiff_t slab_rows(ptrdiff_t N, ptrdiff_t rb, int n_threads) {
 
 /* Whether fmt, scale, N, K, group and tile describe a weight quant_gemv takes (see there) */
 static int weight_ok(int fmt, const void *scale, int64_t N, int64_t K, int64_t group, int64_t tile) {
-    if (fmt < 0 || fmt > 6 || N < 0 || K < 0) return 0;
+    if (fmt < 0 || fmt > 6 || fmt == Q5_0 || N < 0 || K < 0) return 0;
     if (fmt != INT8 && K % BLOCK_WEIGHTS[fmt]) return 0;
     const int64_t per = fmt == INT4 ? group / 32 : 1;
     if (fmt == INT4 && (group < 32 || group % 32 || 8 % per || K % group)) return 0;
@@ -862,7 +833,7 @@ static void held_chunk(int q4k, const uint8_t *c, int nblk, int per, float *out)
         }
 }
 
-/* One block of 32 (Q8_0, Q4_0, Q5_0) or 256 (Q6_K) weights of a row-layout format,
+/* One block of 32 (Q8_0, Q4_0) or 256 (Q6_K) weights of a row-layout format,
  * dequantized to out as formats.dequantize computes it (the same float32 operations). */
 static void row_block(int fmt, const uint8_t *b, float *out) {
     if (fmt == Q6_K) { /* 128 bytes of low 4 bits, 64 of high 2 bits, 16 int8 scales, d */
@@ -883,13 +854,8 @@ static void row_block(int fmt, const uint8_t *b, float *out) {
         int q;
         if (fmt == Q8_0)
             q = (int8_t)b[2 + i];
-        else if (fmt == Q4_0)
+        else /* Q4_0 */
             q = (i < 16 ? b[2 + i] & 0x0F : b[2 + i - 16] >> 4) - 8;
-        else { /* Q5_0: bit i of the 32 at b + 2 is value i's fifth bit */
-            uint32_t qh;
-            memcpy(&qh, b + 2, 4);
-            q = ((i < 16 ? b[6 + i] & 0x0F : b[6 + i - 16] >> 4) | ((qh >> i) & 1) << 4) - 16;
-        }
         out[i] = (float)q * d;
     }
 }

@@ -28,7 +28,6 @@ from gemmakit.kernels.build import CLibrary, enabled
 from gemmakit.model.cache import KVCache
 from gemmakit.model.layers import Linear, RMSNorm, rope_angles
 from gemmakit.model.transformer import Gemma, init_weights
-from gemmakit.quant.formats import FORMATS
 from gemmakit.quant.weight import QuantWeight
 
 _plans: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> FastDecoder
@@ -85,7 +84,7 @@ class FastDecoder:
                     data=ptr(w.qdata),
                     scale=ptr(getattr(w, "scale", None)),
                     quant=quant_ptr,
-                    fmt=FORMATS[w.fmt].code,
+                    fmt=w.code,
                     group=w.group,
                     tile=w.tile,
                 )

@@ -8,7 +8,15 @@ from collections.abc import Callable
 
 import torch
 
-from gemmakit.quant.formats import FORMATS, HELD, dequantize, held_memory, row_bytes
+from gemmakit.quant.formats import (
+    FORMATS,
+    HELD,
+    TILED,
+    dequantize,
+    held_format,
+    held_memory,
+    row_bytes,
+)
 
 # byte offsets of float16 scales inside one block, overwritten with sane values (random bytes
 # there could be inf or NaN)
@@ -102,7 +110,7 @@ def check_all(
     cases = [
         (fmt, 512 if f.block == 256 else (72 if fmt == "int8" else 96), 32, 0)
         for fmt, f in FORMATS.items()
-        if fmt not in HELD
+        if fmt not in TILED
     ]
     # int4: chunks of 8 blocks, then a shorter last chunk (masked lanes: 5, 2 and 4 blocks),
     # in each group that divides a chunk (each decodes its scales its own way);
@@ -121,14 +129,15 @@ def check_all(
     for fmt, k, group, tile in cases:
         parts = random_weight(fmt, 13, k, gen, group)
         held = (held_memory(fmt, *parts, tile), None) if fmt in HELD else parts[:2]
+        code = FORMATS[held_format(fmt)].code  # Q5_0 runs as the Q8_0 blocks it is held in
         for m in rows:
             x = torch.randn(m, k, generator=gen)
-            got = kernel(FORMATS[fmt].code, x, *held, 13, group, 2, tile)
+            got = kernel(code, x, *held, 13, group, 2, tile)
             where = f" in groups of {group}" if fmt == "int4" else ""
             where += f" in tiles of {tile}" if tile else ""
             _check(got, x, fmt, parts, f"{fmt} M={m}{where}")
         if picked is not None:
             idx = torch.tensor([12, 0, 5, 6, 5, 11])
-            got = picked(FORMATS[fmt].code, *held, 13, k, group, tile, idx)
+            got = picked(code, *held, 13, k, group, tile, idx)
             if not torch.equal(got, dequantize(fmt, *parts)[idx]):
                 raise RuntimeError(f"self-test failed for {fmt} rows{where}")

@@ -17,7 +17,9 @@ from gemmakit.kernels import quant_gemv
 from gemmakit.quant.formats import (
     FORMATS,
     HELD,
+    TILED,
     dequantize,
+    held_format,
     held_memory,
     held_rows,
     int4_tile,
@@ -35,11 +37,12 @@ class QuantWeight(nn.Module):
 
     Takes the row layout: qdata uint8 [N, row bytes]; scale (int8: float32 [N]; int4: float16
     [N, K / group]); minimum (int4: float16 [N, K / group]). Buffers (so `.to(device)` and
-    state_dict carry them): int8 and the GGUF formats but Q4_K keep those; int4 and Q4_K
-    (formats.HELD) are held as one buffer, `qdata`, in chunks and tiles
+    state_dict carry them): int8 and the GGUF formats but Q4_K and Q5_0 keep those; int4 and
+    Q4_K (formats.TILED) are held as one buffer, `qdata`, in chunks and tiles
     (formats.held_memory: [K / tile, N, bytes], `tile` columns per tile, `tile` = 0 for rows
-    of at most 4096), one stream of memory per tile's rows for the kernel. state_dict gives
-    and takes the row layout whatever the memory layout, so files never see it. `dtype` is
+    of at most 4096), one stream of memory per tile's rows for the kernel; Q5_0 as Q8_0 blocks
+    of the same values (formats.HELD_AS, `held_fmt`). state_dict gives and takes the row
+    layout whatever the memory layout, so files never see it. `dtype` is
     the compute dtype: what the dequantized values and the outputs are cast to.
     """
 
@@ -69,8 +72,9 @@ class QuantWeight(nn.Module):
             if k % g:
                 raise ValueError(f"int4 rows of {k} weights do not split into {g} groups")
             self._group = k // g
-        if fmt in HELD:
+        if fmt in TILED:
             self.tile = int4_tile(k, self._group)
+        if fmt in HELD:
             qdata = held_memory(fmt, qdata, scale, minimum, self.tile)
         self.register_buffer("qdata", qdata.contiguous())
         if fmt == "int8":
@@ -92,6 +96,7 @@ class QuantWeight(nn.Module):
             self.fmt in HELD
             and all(prefix + p in state_dict for p in names)
             and state_dict[prefix + "qdata"].dim() == 2
+            and state_dict[prefix + "qdata"].shape[-1] == row_bytes(self.fmt, self.shape[1])
         ):
             state_dict = dict(state_dict)
             parts = [state_dict.pop(prefix + p) for p in names] + [None] * (3 - len(names))
@@ -130,7 +135,8 @@ class QuantWeight(nn.Module):
 
     def extra_repr(self) -> str:
         g = f", group={self.group}" if self.fmt == "int4" else ""
-        return f"{self.fmt}, shape={list(self.shape)}{g}"
+        held = f", held as {self.held_fmt}" if self.held_fmt != self.fmt else ""
+        return f"{self.fmt}, shape={list(self.shape)}{g}{held}"
 
     def _parts(self, rows) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """(qdata, scale, minimum) of rows `rows` (all when None) in row layout."""
@@ -146,16 +152,26 @@ class QuantWeight(nn.Module):
         library in one call, the same floats as the torch way's many small ops."""
         lib = quant_gemv.cpu_library(self.qdata)
         if lib is None or not is_row_index(rows):
+            if self.held_fmt != self.fmt:  # blocks of another format, rows as they are
+                return dequantize(self.held_fmt, self.qdata if rows is None else self.qdata[rows])
             return dequantize(self.fmt, *self._parts(rows))
         return quant_gemv.picked_rows(lib, self._held(), rows)
+
+    @property
+    def held_fmt(self) -> str:
+        """The format of the blocks the buffer holds and the kernel reads (formats.HELD_AS)."""
+        return held_format(self.fmt)
+
+    @property
+    def code(self) -> int:
+        """The C kernel's format number for the held blocks."""
+        return FORMATS[self.held_fmt].code
 
     def _held(self) -> quant_gemv.Held:
         """The weight as the C library's leading arguments take it."""
         n, k = self.shape
         scale = getattr(self, "scale", None)
-        return quant_gemv.Held(
-            FORMATS[self.fmt].code, self.qdata, scale, n, k, self._group, self.tile
-        )
+        return quant_gemv.Held(self.code, self.qdata, scale, n, k, self._group, self.tile)
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """x [..., K] @ W^T (+ bias) -> [..., N] in x's dtype."""
@@ -168,7 +184,7 @@ class QuantWeight(nn.Module):
             # a short prompt's prefill too: the kernel in pieces of 8 rows reads the blocks
             # once per piece, cheaper than dequantizing the whole weight up to about 64 rows
             xf = flat.to(torch.float32).contiguous()
-            lib, code = quant_gemv.library(), FORMATS[self.fmt].code
+            lib, code = quant_gemv.library(), self.code
             parts = (self.qdata, getattr(self, "scale", None))
             threads = torch.get_num_threads()
             pieces = [
