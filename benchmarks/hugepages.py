@@ -1,8 +1,8 @@
 """Decode speed with the weights in 4 KiB pages against 2 MiB huge pages, in one run.
 
 Two copies of the same Gemma-2B-shaped model (random weights) per weight mode: one whose
-decoder was built with GEMMAKIT_NO_HUGEPAGES=1 (its weights stay in torch's 4 KiB pages), one
-whose decoder moved them into huge pages (gemmakit/kernels/hugepages.py). Their decodes
+weights stay in torch's 4 KiB pages, one whose weights were moved into huge pages as `gemmakit
+serve` does at start (gemmakit/kernels/hugepages.py). Their decodes
 alternate, so that the machine's drift falls on both; the ratio is per round.
 
     .venv/bin/python benchmarks/hugepages.py                     # bf16 and int4, 18 layers
@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import os
 import statistics
+import time
 
 import torch
 from decode import gemmakit_decode, kernels_line
@@ -34,19 +35,15 @@ def huge_now() -> int:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith("AnonHuge"))
 
 
-def decoder_built(model, huge: bool) -> int:
-    """Build the model's decoder by a first short decode, its weights moved into huge pages or
-    left where they are; the bytes moved."""
-    before, was = huge_now(), os.environ.get("GEMMAKIT_NO_HUGEPAGES")
-    os.environ["GEMMAKIT_NO_HUGEPAGES"] = "0" if huge else "1"
-    try:
-        gemmakit_decode(model, PROMPT, 4)
-    finally:
-        if was is None:
-            del os.environ["GEMMAKIT_NO_HUGEPAGES"]
-        else:
-            os.environ["GEMMAKIT_NO_HUGEPAGES"] = was
-    return huge_now() - before
+def decoder_built(model, huge: bool) -> tuple[int, float]:
+    """Move the model's weights into huge pages (as `gemmakit serve` does at start) or not, then
+    build its decoder by a first short decode; the bytes moved and the seconds the move took."""
+    before, start = huge_now(), time.perf_counter()
+    if huge:
+        hugepages.back_with_huge_pages([*model.parameters(), *model.buffers()])
+    seconds = time.perf_counter() - start
+    gemmakit_decode(model, PROMPT, 4)
+    return huge_now() - before, seconds
 
 
 def main() -> None:
@@ -68,14 +65,14 @@ def main() -> None:
         small = base if mode == "bf16" else quantize_model(base, mode)
         huge = copy.deepcopy(small)
         decoder_built(small, False)
-        moved = decoder_built(huge, True)
+        moved, seconds = decoder_built(huge, True)
         runs: dict[str, list[float]] = {"4k": [], "huge": []}
         for _ in range(args.rounds):
             runs["4k"].append(gemmakit_decode(small, PROMPT, args.new_tokens))
             runs["huge"].append(gemmakit_decode(huge, PROMPT, args.new_tokens))
         ratios = [h / s for s, h in zip(runs["4k"], runs["huge"])]
         print(
-            f"{mode:9}{moved / 1e9:9.2f}{statistics.median(runs['4k']):13.2f}"
+            f"{mode:9}{moved / 1e9:9.2f}{seconds:8.1f}{statistics.median(runs['4k']):13.2f}"
             f"{statistics.median(runs['huge']):12.2f}{statistics.median(ratios):7.3f}x  "
             + " ".join(f"{r:.2f}" for r in ratios),
             flush=True,

@@ -30,7 +30,6 @@ import torch
 from decode import best_of, gemmakit_decode, kernels_line
 
 import gemmakit
-from gemmakit.kernels import hugepages
 from gemmakit.quant.model import quant_summary, quantize_model
 from gemmakit.quant.modes import QUANT_MODES
 
@@ -38,7 +37,6 @@ from gemmakit.quant.modes import QUANT_MODES
 def read_rate(gib: float = 2.0) -> float:
     """Bytes/s of torch's sum over a `gib` GiB float32 buffer (best of 3)."""
     buf = torch.ones(int(gib * 2**30) // 4)
-    hugepages.back_with_huge_pages([buf])  # in the pages the decoders give their weights
     seconds = best_of(lambda: buf.sum(), 3)
     return buf.numel() * 4 / seconds
 

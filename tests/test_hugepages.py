@@ -3,17 +3,12 @@ their contents and addresses kept; the decoder does it to its weights when it is
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 
 import pytest
 import torch
 
-from gemmakit.api import build_model
-from gemmakit.config import get_config
 from gemmakit.kernels import hugepages
-from gemmakit.model import fast_decode
-from gemmakit.model.transformer import init_weights
 
 MIB = 2**20
 linux = pytest.mark.skipif(sys.platform != "linux", reason="transparent huge pages are Linux's")
@@ -86,25 +81,33 @@ def test_opt_out_leaves_memory_alone(monkeypatch):
     assert hugepages.back_with_huge_pages([t]) == 0 and not calls
 
 
-@linux
-@pytest.mark.skipif(fast_decode.library() is None, reason="the fused decode step is not built")
-def test_the_decoder_backs_its_weights_with_huge_pages(monkeypatch):
-    """Building the decoder hands every weight it streams to back_with_huge_pages, once, and
-    (where the kernel collapses) the embedding's whole 2 MiB pages end up in huge pages."""
-    cfg = dataclasses.replace(get_config("tiny"), vocab_size=32768)  # a 16 MiB embedding
-    model = init_weights(build_model(cfg), std=0.1, seed=3).eval()
+def test_serve_moves_the_model_into_huge_pages_at_start(tmp_path, monkeypatch):
+    """`gemmakit serve` (hours of decoding) hands every weight to back_with_huge_pages once,
+    before it serves; one-shot generation does not (the move costs ~1.4 s per GB)."""
+    pytest.importorskip("uvicorn")
+    from serving import tiny_model, tiny_tokenizer
+
+    from gemmakit.checkpoint import save_hf
+    from gemmakit.cli import main
+    from gemmakit.serving import server
+
+    tok = tiny_tokenizer(tmp_path)
+    save_hf(
+        tiny_model(tok.vocab_size),
+        tmp_path / "m",
+        extra_files={"tokenizer.model": tmp_path / "tok.model"},
+    )
     given, real = [], hugepages.back_with_huge_pages
     monkeypatch.setattr(
         hugepages, "back_with_huge_pages", lambda ts: given.append(list(ts)) or real(ts)
     )
-    with torch.inference_mode():
-        assert fast_decode.fast_decoder(model) is not None
-    assert len(given) == 1
-    ptrs = {t.data_ptr() for t in given[0]}
-    weights = [model.embedder.weight] + [
-        lin.weight for b in model.blocks for lin in (b.attn.q_proj, b.mlp.down_proj)
-    ]
-    assert all(w.data_ptr() in ptrs for w in weights)
-    if collapse_works():
-        ((a, b),) = hugepages.huge_ranges([model.embedder.weight])
-        assert huge_bytes(a, b) >= b - a > 0
+    served = []
+    monkeypatch.setattr(server.Server, "run", lambda self: served.append(len(given)))
+    assert main(["serve", "--checkpoint", str(tmp_path / "m"), "--port", "8"]) == 0
+    assert served == [1] and len(given) == 1
+    assert len(given[0]) >= 4 * 7 + 1  # every block's 7 projections and the embedding, at least
+    given.clear()
+    assert (
+        main(["generate", "--checkpoint", str(tmp_path / "m"), "--max-new-tokens", "2", "hi"]) == 0
+    )
+    assert given == []

@@ -70,6 +70,10 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     api_key = args.api_key or os.environ.get("GEMMAKIT_API_KEY") or None
     model, tokenizer = load_model_and_tokenizer(args)
+    # a server decodes for hours: the one-time move of its weights into huge pages pays back
+    from gemmakit.kernels import hugepages
+
+    hugepages.back_with_huge_pages([*model.parameters(), *model.buffers()])
     name = args.served_name or args.model or Path(args.checkpoint).name
     engine = Engine(
         model,

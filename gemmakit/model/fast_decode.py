@@ -23,7 +23,7 @@ import torch
 
 from gemmakit.config import GemmaConfig
 from gemmakit.kernels import decode_step as kernel
-from gemmakit.kernels import gemv, hugepages, quant_gemv
+from gemmakit.kernels import gemv, quant_gemv
 from gemmakit.kernels.build import CLibrary, enabled
 from gemmakit.model.cache import KVCache
 from gemmakit.model.layers import Linear, RMSNorm, rope_angles
@@ -147,7 +147,6 @@ class FastDecoder:
             quant_multi=multi_ptr,
         )
         self.vocab = self.record.vocab
-        hugepages.back_with_huge_pages(self._keep)  # the weights each token streams
         self._tables: list[torch.Tensor] = []
         self._scratch = torch.empty(0)
         self._cache_key: tuple | None = None
