@@ -394,10 +394,7 @@ def _q4_0(b: torch.Tensor) -> torch.Tensor:
 
 
 def _q5_0(b: torch.Tensor) -> torch.Tensor:
-    qh = b[:, 2:6].contiguous().view(torch.int32)  # [B, 1]: bit j is value j's fifth bit
-    bits = (qh >> torch.arange(32, device=b.device, dtype=torch.int32)) & 1  # [B, 32]
-    q = _nibbles(b[:, 6:]).int() | (bits << 4)
-    return (q.float() - 16.0) * _f16(b[:, :2])
+    return _q8_0(q5_0_as_q8_0(b))  # the same d * (q - 16): q - 16 is exact as an int8 and a float
 
 
 def _q4_k_scales(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
