@@ -11,6 +11,7 @@ import pytest
 BENCHMARKS = str(Path(__file__).resolve().parents[1] / "benchmarks")
 sys.path.insert(0, BENCHMARKS)  # benchmarks/ is not a package: its scripts import each other
 try:
+    import hugepages as hugepages_bench
     import quant_decode
 finally:
     sys.path.remove(BENCHMARKS)  # no benchmark module shadows another test's imports
@@ -43,3 +44,20 @@ def test_bad_options_are_refused_in_one_line(argv, says, capsys, monkeypatch):
 def test_good_options_parse():
     args, cfg, modes = quant_decode.parse_args(["--layers", "2", "--modes", "bf16,int4-g128"])
     assert cfg.n_layers == 2 and modes == ["bf16", "int4-g128"] and args.rounds == 3
+
+
+def test_hugepages_benchmark_refuses_bad_options_under_its_own_name(capsys, monkeypatch):
+    """benchmarks/hugepages.py takes quant_decode's options, refused the same way but in its
+    own name, before any model is built."""
+    built = []
+    monkeypatch.setattr(hugepages_bench.gemmakit, "build_model", lambda *a, **k: built.append(a))
+    for argv, says in (
+        (["--rounds", "0"], "--rounds: 0 is not at least 1"),
+        (["--modes", "int5"], "unknown 'int5'"),
+    ):
+        monkeypatch.setattr(sys, "argv", ["hugepages.py", *argv])
+        with pytest.raises(SystemExit) as exit_:
+            hugepages_bench.main()
+        assert exit_.value.code == 2 and not built
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert err.startswith("hugepages.py: error:") and says in err, err

@@ -5,6 +5,8 @@ and greedy ids against their own dequantized reference, saved and reloaded, from
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -381,17 +383,46 @@ def test_hostile_int4_tensors_in_a_quantized_folder(tmp_path, damage):
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
 
 
+def q5_0_folder(tmp_path) -> Path:
+    """A quantized folder (written as q8_0) whose first down projection is Q5_0 blocks, its
+    key in the config's format map. No `--to` writes Q5_0; GGUF files bring it."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from gemmakit.checkpoint.quantized import CONFIG_KEY
+
+    folder = save_quantized(quantize_model(_tiny(), "q8_0"), tmp_path / "q")
+    path, config = folder / "model.safetensors", folder / "config.json"
+    state = load_file(path)
+    key = next(k.removesuffix(".qdata") for k in state if "down_proj" in k and k.endswith(".qdata"))
+    gen = torch.Generator().manual_seed(2)
+    state[f"{key}.qdata"] = random_weight("q5_0", len(state[f"{key}.qdata"]), 512, gen)[0]
+    save_file(state, path, metadata={"format": "pt"})
+    hf = json.loads(config.read_text())
+    hf[CONFIG_KEY]["tensors"][key] = "q5_0"
+    config.write_text(json.dumps(hf))
+    return folder
+
+
+@pytest.mark.parametrize("fmt", ["q4_k", "q5_0"])
 @pytest.mark.parametrize("damage", ["short rows", "float qdata", "3-D qdata", "scale added"])
-def test_hostile_q4_k_tensors_in_a_quantized_folder(tmp_path, damage):
-    """Q4_K blocks that QuantWeight cannot hold (rows not whole super-blocks, another dtype,
-    a qdata of three dimensions such as the held layout, a scale its blocks already hold) are
-    refused at `--quant keep` in one line naming the file and the key, and the folder is
-    left as it was."""
+def test_hostile_q4_k_and_q5_0_tensors_in_a_quantized_folder(tmp_path, damage, fmt):
+    """Q4_K or Q5_0 blocks that QuantWeight cannot hold (rows not whole blocks, another
+    dtype, a qdata of three dimensions such as Q4_K's held layout, a scale its blocks already
+    hold) are refused at `--quant keep` in one line naming the file and the key, and the
+    folder is left as it was (Q5_0, held as Q8_0 blocks, is checked before it is converted)."""
     from safetensors.torch import load_file, save_file
 
     from gemmakit.errors import CheckpointError
 
-    folder = save_quantized(quantize_model(_tiny(), "q4_k"), tmp_path / "q")
+    if fmt == "q5_0":
+        folder = q5_0_folder(tmp_path)
+        kept = load_model(folder, quant="keep")  # undamaged, it loads: held as Q8_0
+        held = next(m for n, m in kept.named_modules() if n.endswith("down_proj.weight"))
+        assert held.fmt == "q5_0" and held.held_fmt == "q8_0"
+    else:
+        folder = save_quantized(quantize_model(_tiny(), "q4_k"), tmp_path / "q")
     path = folder / "model.safetensors"
     state = load_file(path)
     key = next(k.removesuffix(".qdata") for k in state if "down_proj" in k and k.endswith(".qdata"))
