@@ -7,9 +7,10 @@ memory-bandwidth floor, in one run.
     python benchmarks/quant_decode.py --layers 2    # quicker, same per-layer shapes
 
 Every model is held in memory (about 11 GB for the five) and each round measures all of them in
-turn, the read rate measured just before and after each run and bf16 again at the round's end;
-the table shows medians of each run's figures (the machine's read rate drifts within minutes,
-so each run is set against the rates around it, and ratios are taken within a round).
+turn with bf16 again after each, the read rate measured just before and after each run; the
+table shows medians of each run's figures (the machine's read rate drifts within minutes, so
+each run is set against the rates around it, and each ratio against the bf16 runs just before
+and after it).
 
 Floor: a decode step reads every weight once (the tied 256k x 2048 embedding as the output
 head included), so tokens/s cannot beat read rate / weight bytes. The read rate is torch's
@@ -103,26 +104,39 @@ def main() -> None:
         gc.collect()
     del base
     nbytes = {mode: weight_bytes(m) for mode, m in models.items()}  # read per token
-    # each round: every mode in turn, bf16 again at the end (when it is measured), and the
-    # read rate measured just before and after each run: a mode's % of floor is against the
-    # mean of the two rates around its own run, its ratio to bf16 against the mean of the two
-    # bf16 runs around it, so that the drift of the machine's read rate (31-59 GB/s within
-    # minutes here) cancels as far as it can
+    # each round: bf16, then every other mode in turn with bf16 again after each, and the read
+    # rate measured just before and after each run: a mode's % of floor is against the mean of
+    # the two rates around its own run, its ratio to bf16 against the mean of the two bf16 runs
+    # just around it (one mode's run apart, not the whole round's: the machine's read rate
+    # swings 1.5x within minutes here), so that the drift cancels as far as it can. bf16's own
+    # column: each bf16 run against the one before it, the noise the other ratios carry.
     tps = {mode: [] for mode in modes}
     floors = {mode: [] for mode in modes}  # tok/s over that run's floor
-    ratios = {mode: [] for mode in modes}
+    ratios: dict[str, list[float | None]] = {mode: [] for mode in modes}  # aligned with tps
     rates = []
+
+    def run(mode: str) -> float:
+        before = read_rate()
+        tps[mode].append(gemmakit_decode(models[mode], prompt, args.new_tokens))
+        after = read_rate()
+        rates.extend((before, after))
+        floors[mode].append(tps[mode][-1] * nbytes[mode] * 2 / (before + after))
+        return tps[mode][-1]
+
+    others = [mode for mode in modes if mode != "bf16"]
     for _ in range(args.rounds):
-        for mode in modes:
-            before = read_rate()
-            tps[mode].append(gemmakit_decode(models[mode], prompt, args.new_tokens))
-            after = read_rate()
-            rates += [before, after]
-            floors[mode].append(tps[mode][-1] * nbytes[mode] * 2 / (before + after))
-        if "bf16" in modes:
-            ref = (tps["bf16"][-1] + gemmakit_decode(models["bf16"], prompt, args.new_tokens)) / 2
-            for mode in modes:
-                ratios[mode].append(tps[mode][-1] / ref)
+        if "bf16" not in modes:
+            for mode in others:
+                run(mode)
+            continue
+        last = run("bf16")
+        ratios["bf16"].append(None)  # the round's first bf16 run has none before it
+        for mode in others:
+            speed = run(mode)
+            ref = run("bf16")
+            ratios[mode].append(speed / ((last + ref) / 2))
+            ratios["bf16"].append(ref / last)
+            last = ref
     print(
         f"\n{cfg.name} ({cfg.n_layers} layers), batch 1, {torch.get_num_threads()} threads, "
         f"{args.rounds} rounds (medians), streaming read (torch sum, 2 GiB float32, before and "
@@ -132,12 +146,13 @@ def main() -> None:
     print(kernels_line())
     print(
         f"{'weights':10}{'GB/token':>10}{'tok/s':>8}{'% floor':>9}{'vs bf16':>9}"
-        "  rounds: tok/s (% of that run's floor, x bf16 of that round)"
+        "  runs: tok/s (% of that run's floor, x the bf16 runs around it; bf16: x the one before)"
     )
     for mode in modes:
-        vs = f"{statistics.median(ratios[mode]):8.2f}x" if ratios[mode] else "       -"
+        known = [q for q in ratios[mode] if q is not None]
+        vs = f"{statistics.median(known):8.2f}x" if known else "       -"
         each = ", ".join(
-            f"{t:.2f} ({f:.0%}" + (f", {q:.2f}x)" if ratios[mode] else ")")
+            f"{t:.2f} ({f:.0%}" + (f", {q:.2f}x)" if q is not None else ")")
             for t, f, q in zip(tps[mode], floors[mode], ratios[mode] or [None] * len(tps[mode]))
         )
         cols = f"{nbytes[mode] / 1e9:10.2f}{statistics.median(tps[mode]):8.2f}"
