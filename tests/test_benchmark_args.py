@@ -12,6 +12,7 @@ BENCHMARKS = str(Path(__file__).resolve().parents[1] / "benchmarks")
 sys.path.insert(0, BENCHMARKS)  # benchmarks/ is not a package: its scripts import each other
 try:
     import hugepages as hugepages_bench
+    import kernel_ab
     import quant_decode
 finally:
     sys.path.remove(BENCHMARKS)  # no benchmark module shadows another test's imports
@@ -61,3 +62,28 @@ def test_hugepages_benchmark_refuses_bad_options_under_its_own_name(capsys, monk
         assert exit_.value.code == 2 and not built
         err = capsys.readouterr().err.strip().splitlines()[-1]
         assert err.startswith("hugepages.py: error:") and says in err, err
+
+
+@pytest.mark.parametrize(
+    "argv, says",
+    [
+        (["--rev", "no-such-revision"], "--rev: 'no-such-revision' is not a commit"),
+        (["--rev", "HEAD", "--mode", "int5"], "--mode: unknown 'int5'"),
+        (["--rev", "HEAD", "--rounds", "0"], "--rounds: 0 is not at least 1"),
+        (["--rev", "HEAD", "--preset", "gemma-9000"], "--preset: unknown preset"),
+        ([], "the following arguments are required: --rev"),
+    ],
+)
+def test_kernel_ab_refuses_bad_options_before_building(argv, says, capsys, monkeypatch):
+    """benchmarks/kernel_ab.py refuses a bad revision, mode or count in one line under its own
+    name before it builds a library or a model; good options name the revision's commit."""
+    built = []
+    monkeypatch.setattr(kernel_ab, "build", lambda *a, **k: built.append(a))
+    monkeypatch.setattr(kernel_ab.gemmakit, "build_model", lambda *a, **k: built.append(a))
+    with pytest.raises(SystemExit) as exit_:
+        kernel_ab.parse_args(argv)
+    assert exit_.value.code == 2 and not built
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("kernel_ab.py: error:") and says in err, err
+    args = kernel_ab.parse_args(["--rev", "HEAD", "--mode", "keep"])
+    assert len(args.commit) == 40 and args.mode == "keep" and args.rounds == 9
