@@ -68,8 +68,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def library_at(commit: str, module) -> ctypes.CDLL:
-    """`module`'s library (quant_gemv or gemv) built from its source at `commit`, with the
-    working tree's signatures set, after its self-test."""
+    """`module`'s library (quant_gemv or gemv) built from its source at `commit` for the
+    variant the working tree's loaded, with the working tree's signatures set, after its
+    self-test."""
     lib_def = module.LIBRARY
     with tempfile.TemporaryDirectory() as tmp:
         for name in (lib_def.source.name, "vmath.h"):
@@ -79,7 +80,8 @@ def library_at(commit: str, module) -> ctypes.CDLL:
                 check=True,
             ).stdout
             (Path(tmp) / name).write_bytes(text)
-        so = build(Path(tmp) / lib_def.source.name, f"ab-{lib_def.source.stem}", isa=cpu_isas()[0])
+        # the build variant the working tree's library loaded as (library() has run)
+        so = build(Path(tmp) / lib_def.source.name, f"ab-{lib_def.source.stem}", isa=lib_def.isa)
     lib = ctypes.CDLL(str(so))
     for fn_name, types in lib_def.signatures.items():
         fn = getattr(lib, fn_name)
@@ -92,10 +94,10 @@ def main() -> None:
     args = parse_args()
     if not cpu_isas() or quant_gemv.library() is None or gemv.library() is None:
         raise SystemExit("kernel_ab.py: the C kernels are not available on this machine")
-    torch.manual_seed(0)
     if args.mode == "keep":
         model = gemmakit.load_model(checkpoint_path("gemma3-270m"), quant="keep")
     else:
+        torch.manual_seed(0)
         cfg = gemmakit.get_config(args.preset)
         if args.layers:
             cfg = cfg.replace(n_layers=args.layers)

@@ -18,6 +18,16 @@ finally:
     sys.path.remove(BENCHMARKS)  # no benchmark module shadows another test's imports
 
 
+def assert_refused(call, prog: str, says: str, capsys, built: list) -> None:
+    """call() exits with status 2 and one last stderr line "<prog>: error: ...<says>...",
+    nothing built."""
+    with pytest.raises(SystemExit) as exit_:
+        call()
+    assert exit_.value.code == 2 and not built
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"{prog}: error:") and says in err, err
+
+
 @pytest.mark.parametrize(
     "argv, says",
     [
@@ -35,11 +45,7 @@ finally:
 def test_bad_options_are_refused_in_one_line(argv, says, capsys, monkeypatch):
     built = []
     monkeypatch.setattr(quant_decode.gemmakit, "build_model", lambda *a, **k: built.append(a))
-    with pytest.raises(SystemExit) as exit_:
-        quant_decode.parse_args(argv)
-    assert exit_.value.code == 2 and not built
-    err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err.startswith("quant_decode.py: error:") and says in err, err
+    assert_refused(lambda: quant_decode.parse_args(argv), "quant_decode.py", says, capsys, built)
 
 
 def test_good_options_parse():
@@ -57,11 +63,7 @@ def test_hugepages_benchmark_refuses_bad_options_under_its_own_name(capsys, monk
         (["--modes", "int5"], "unknown 'int5'"),
     ):
         monkeypatch.setattr(sys, "argv", ["hugepages.py", *argv])
-        with pytest.raises(SystemExit) as exit_:
-            hugepages_bench.main()
-        assert exit_.value.code == 2 and not built
-        err = capsys.readouterr().err.strip().splitlines()[-1]
-        assert err.startswith("hugepages.py: error:") and says in err, err
+        assert_refused(hugepages_bench.main, "hugepages.py", says, capsys, built)
 
 
 @pytest.mark.parametrize(
@@ -80,10 +82,6 @@ def test_kernel_ab_refuses_bad_options_before_building(argv, says, capsys, monke
     built = []
     monkeypatch.setattr(kernel_ab, "build", lambda *a, **k: built.append(a))
     monkeypatch.setattr(kernel_ab.gemmakit, "build_model", lambda *a, **k: built.append(a))
-    with pytest.raises(SystemExit) as exit_:
-        kernel_ab.parse_args(argv)
-    assert exit_.value.code == 2 and not built
-    err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err.startswith("kernel_ab.py: error:") and says in err, err
+    assert_refused(lambda: kernel_ab.parse_args(argv), "kernel_ab.py", says, capsys, built)
     args = kernel_ab.parse_args(["--rev", "HEAD", "--mode", "keep"])
     assert len(args.commit) == 40 and args.mode == "keep" and args.rounds == 9
