@@ -56,6 +56,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         gemmakit.get_config(args.preset)
     except ValueError as e:
         ap.error(f"--preset: {e}")
+    if not args.rev or args.rev.startswith("-"):  # never read by git as one of its options
+        ap.error(f"--rev: {args.rev!r} is not a commit of {ROOT}")
     done = subprocess.run(
         ["git", "-C", str(ROOT), "rev-parse", "--verify", "--quiet", f"{args.rev}^{{commit}}"],
         capture_output=True,

@@ -74,6 +74,9 @@ def test_hugepages_benchmark_refuses_bad_options_under_its_own_name(capsys, monk
         (["--rev", "HEAD", "--rounds", "0"], "--rounds: 0 is not at least 1"),
         (["--rev", "HEAD", "--preset", "gemma-9000"], "--preset: unknown preset"),
         ([], "the following arguments are required: --rev"),
+        (["--rev", ""], "--rev: '' is not a commit"),
+        (["--rev=--git-dir"], "--rev: '--git-dir' is not a commit"),  # not a git option
+        (["--rev", "HEAD", "--new-tokens", "-1"], "--new-tokens: -1 is not at least 1"),
     ],
 )
 def test_kernel_ab_refuses_bad_options_before_building(argv, says, capsys, monkeypatch):
