@@ -225,7 +225,7 @@ def _stream(
         if all(done) or step == max_new_tokens - 1:
             return
         if decoder is not None:  # the whole stack in one C call
-            logits = decoder.step(nxt, next_pos, cache)
+            logits = decoder.step(nxt, next_pos, cache, greedy=not temperature)
         else:
             logits = model(nxt[:, None], positions=next_pos, cache=cache)[:, -1]
         next_pos = next_pos + 1

@@ -141,10 +141,10 @@ def test_session_prefills_only_what_its_cache_lacks(monkeypatch):
         fed.append(tokens.shape[1])
         return real_forward(tokens, **kwargs)
 
-    def step(self, tokens, positions, cache):
+    def step(self, tokens, positions, cache, greedy=False):
         if model.forward is forward and self.embedder is model.embedder:  # not a self-test
             fed.append(1)
-        return real_step(self, tokens, positions, cache)
+        return real_step(self, tokens, positions, cache, greedy)
 
     monkeypatch.setattr(FastDecoder, "step", step)
     model.forward = forward

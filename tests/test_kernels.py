@@ -454,3 +454,19 @@ def test_vnni_variants_use_the_vnni_dot_products(monkeypatch, tmp_path):
 
     assert "vpdpwssd" in disassembly(best)
     assert "vpdpwssd" not in (text := disassembly(avx2)) and "vpmaddwd" in text
+
+
+@needs_kernel
+@pytest.mark.parametrize("module", ["gemv", "quant_gemv", "train_ops", "fast_decode"])
+def test_every_variant_this_cpu_runs_passes_its_self_test(module, monkeypatch):
+    """Each build variant the CPU can run (AVX-512 VNNI, AVX-VNNI, AVX2: on an Intel Xeon with
+    both VNNI flags all three) loads and passes its library's self-test on its own, not only
+    the best one that the process keeps."""
+    from gemmakit.model import fast_decode
+
+    lib = {"gemv": gemv, "quant_gemv": quant_gemv, "train_ops": train_ops}.get(module, fast_decode)
+    lib = lib.LIBRARY
+    for isa in build.cpu_isas():
+        monkeypatch.setattr(build, "cpu_isas", lambda isa=isa: [isa])
+        alone = build.CLibrary(lib.name, lib.source, lib.signatures, lib.self_test)
+        assert alone.get() is not None and alone.isa == isa, (lib.name, isa.name)

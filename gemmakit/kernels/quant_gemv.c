@@ -987,3 +987,114 @@ int quant_exact_top(int fmt, const uint8_t *W, const float *scale, int64_t N, in
         failed |= exact_row(fmt, W, scale, N, K, group, tile, x + m * K, y + m * N, l1, l1b, softcap, 1);
     return failed ? -2 : 0;
 }
+
+/* plain_exact_top of one row: x [K], y [N] (row_candidates on nt threads). Returns 0, or -2
+ * out of memory (nothing written). */
+static int plain_row(const void *table, int bf16, int64_t N, int64_t K, const float *xm,
+                     float *row, const float *l1, const float *d2, float softcap, int nt) {
+    float *e = malloc(sizeof(float) * (size_t)N);
+    int64_t *cand = malloc(sizeof(int64_t) * (size_t)N);
+    if (!e || !cand) {
+        free(e), free(cand);
+        return -2;
+    }
+    float hmax = 0.0f, amax = 0.0f;
+    for (int64_t b = 0; b < K / 32; b++) {
+        __m256 v[4];
+        const float a = block_absmax(xm + 32 * b, v);
+        hmax = a / X_LEVELS / 2.0f > hmax ? a / X_LEVELS / 2.0f : hmax;
+        amax = a > amax ? a : amax;
+    }
+    double ss = 0.0;
+    for (int64_t k = 0; k < K; k++) {
+        amax = fabsf(xm[k]) > amax ? fabsf(xm[k]) : amax;
+        ss += (double)xm[k] * (double)xm[k];
+    }
+    /* e[n] = a l1[n] + b d2[n]: the coarse kernel's rounding of x and its float32 slop
+     * (exact_row's bound, with the largest half-step of any block), plus |x . (W - Wq)| <=
+     * |x|_2 |W[n] - Wq[n]|_2 (Cauchy-Schwarz), each rounded up */
+    const float a = (hmax + 1e-5f * amax + 1e-6f) * (1.0f + 1e-6f);
+    const float b = (float)(sqrt(ss) * (1.0 + 1e-6));
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
+    for (int64_t n = 0; n < N; n++) e[n] = (a * l1[n] + b * d2[n]) * (1.0f + 1e-6f);
+    const int64_t kept = row_candidates(row, N, e, NULL, 0, NULL, 1.0f, cand, N, nt);
+    for (int64_t i = 0; i < kept; i++) {
+        double dot = 0.0;
+        if (bf16) {
+            const uint16_t *w = (const uint16_t *)table + cand[i] * K;
+            for (int64_t k = 0; k < K; k++) {
+                uint32_t bits = (uint32_t)w[k] << 16;
+                float f;
+                memcpy(&f, &bits, sizeof f);
+                dot += (double)f * (double)xm[k];
+            }
+        } else {
+            const float *w = (const float *)table + cand[i] * K;
+            for (int64_t k = 0; k < K; k++) dot += (double)w[k] * (double)xm[k];
+        }
+        const float v = (float)dot;
+        row[cand[i]] = softcap > 0.0f ? tanhf(v / softcap) * softcap : v;
+    }
+    free(e), free(cand);
+    return 0;
+}
+
+/* The coarse greedy head (gemmakit/model/coarse_head.py): y [M, N] holds the int8 kernel's
+ * x [M, K] @ Wq^T for an int8 copy Wq of a plain float32 (bf16 = 0) or bfloat16 (bf16 = 1)
+ * table W [N, K] (soft-capped at softcap > 0); every entry that could be its row's maximum of
+ * x @ W^T, given l1 [N] (Wq's row L1 norms, QuantWeight.block_l1) and d2 [N] (|W[n] - Wq[n]|_2),
+ * is recomputed from W's row in double, in place: the row's argmax is that of x @ W^T. Returns
+ * 0, -1 for bad arguments, -2 out of memory (nothing written). */
+int plain_exact_top(const void *table, int bf16, int64_t N, int64_t K, const float *x, float *y,
+                    int64_t M, const float *l1, const float *d2, float softcap, int n_threads) {
+    if (!table || N < 1 || K < 1 || M < 0 || n_threads < 1 || (bf16 != 0 && bf16 != 1)) return -1;
+    if (M == 1) return plain_row(table, bf16, N, K, x, y, l1, d2, softcap, n_threads);
+    int failed = 0;
+#pragma omp parallel for schedule(static) num_threads(n_threads) reduction(| : failed)
+    for (int64_t m = 0; m < M; m++)
+        failed |= plain_row(table, bf16, N, K, x + m * K, y + m * N, l1, d2, softcap, 1);
+    return failed ? -2 : 0;
+}
+
+/* The coarse head's int8 copy of a plain float32 (bf16 = 0) or bfloat16 (bf16 = 1) table
+ * W [N, K], in one pass: per row n, scale[n] = max|W[n]| / 127 (1 for a zero row), q[n, k] =
+ * round(W[n, k] / scale[n]) (to nearest even, in [-127, 127]: formats.quantize_int8), and its
+ * bounds, rounded up by x (1 + 2^-10): l1[n] = sum_k |q scale|, d2[n] = |W[n] - q scale|_2.
+ * Returns 0, or -1 for bad arguments. */
+int int8_copy(const void *table, int bf16, int64_t N, int64_t K, int8_t *q, float *scale,
+              float *l1, float *d2, int n_threads) {
+    if (!table || N < 1 || K < 1 || n_threads < 1 || (bf16 != 0 && bf16 != 1)) return -1;
+#pragma omp parallel num_threads(n_threads)
+    {
+        float *w = malloc(sizeof(float) * (size_t)K);
+#pragma omp for schedule(static)
+        for (int64_t n = 0; n < N; n++) {
+            float amax = 0.0f;
+            for (int64_t k = 0; k < K; k++) {
+                if (bf16) {
+                    const uint32_t bits = (uint32_t)((const uint16_t *)table)[n * K + k] << 16;
+                    memcpy(w + k, &bits, sizeof(float));
+                } else {
+                    w[k] = ((const float *)table)[n * K + k];
+                }
+                amax = fabsf(w[k]) > amax ? fabsf(w[k]) : amax;
+            }
+            float s = amax / 127.0f;
+            s = s > 0.0f ? s : 1.0f;
+            double a = 0.0, e = 0.0;
+            for (int64_t k = 0; k < K; k++) {
+                float r = nearbyintf(w[k] / s);
+                r = r > 127.0f ? 127.0f : r < -127.0f ? -127.0f : r;
+                q[n * K + k] = (int8_t)r;
+                const float v = r * s;
+                a += fabs((double)v);
+                e += ((double)w[k] - v) * ((double)w[k] - v);
+            }
+            scale[n] = s;
+            l1[n] = (float)a * (1.0f + 0x1p-10f);
+            d2[n] = (float)sqrt(e) * (1.0f + 0x1p-10f);
+        }
+        free(w);
+    }
+    return 0;
+}

@@ -117,6 +117,69 @@ def exact_top(
         raise ValueError(f"quant_exact_top rejected format {held.code} with x {tuple(x.shape)}")
 
 
+def int8_copy(lib: ctypes.CDLL, table: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """quant_gemv.c's int8_copy of a contiguous float32 or bfloat16 table [N, K]: (qdata
+    uint8 [N, K] holding int8, scale float32 [N]) as formats.quantize_int8 makes them, and the
+    coarse head's bounds l1 and d2 (float32 [N], rounded up)."""
+    if table.dtype not in (torch.float32, torch.bfloat16) or not table.is_contiguous():
+        raise ValueError(
+            f"int8_copy takes a contiguous float32 or bfloat16 table, not {table.dtype}"
+        )
+    n, k = table.shape
+    q = torch.empty(n, k, dtype=torch.uint8)
+    scale, l1, d2 = torch.empty(n), torch.empty(n), torch.empty(n)
+    rc = lib.int8_copy(
+        table.data_ptr(),
+        int(table.dtype == torch.bfloat16),
+        n,
+        k,
+        q.data_ptr(),
+        scale.data_ptr(),
+        l1.data_ptr(),
+        d2.data_ptr(),
+        torch.get_num_threads(),
+    )
+    if rc != 0:
+        raise ValueError(f"int8_copy rejected a table of shape {tuple(table.shape)}")
+    return q, scale, l1, d2
+
+
+def plain_exact_top(
+    lib: ctypes.CDLL,
+    table: torch.Tensor,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    l1: torch.Tensor,
+    d2: torch.Tensor,
+    softcap: float | None,
+) -> None:
+    """quant_gemv.c's plain_exact_top: y [M, N] (the int8 kernel's x @ Wq^T for an int8 copy Wq
+    of `table` [N, K], float32 or bfloat16) gets, in place, every entry that could be its row's
+    maximum of x @ table^T recomputed from `table` (l1 [N]: Wq's row L1 norms; d2 [N]:
+    |table[n] - Wq[n]|_2). All float32 contiguous but `table`."""
+    if table.dtype not in (torch.float32, torch.bfloat16) or not table.is_contiguous():
+        raise ValueError(
+            f"plain_exact_top takes a contiguous float32 or bfloat16 table, not {table.dtype}"
+        )
+    rc = lib.plain_exact_top(
+        table.data_ptr(),
+        int(table.dtype == torch.bfloat16),
+        table.shape[0],
+        table.shape[1],
+        x.data_ptr(),
+        y.data_ptr(),
+        len(y),
+        l1.data_ptr(),
+        d2.data_ptr(),
+        float(softcap or 0.0),
+        torch.get_num_threads(),
+    )
+    if rc != 0:
+        raise ValueError(
+            f"plain_exact_top failed ({rc}) with x {tuple(x.shape)}, y {tuple(y.shape)}"
+        )
+
+
 def candidates(
     lib: ctypes.CDLL,
     y: torch.Tensor,
@@ -211,6 +274,9 @@ LIBRARY = CLibrary(
             ctypes.c_float,
             _INT,
         ],
+        # the coarse greedy head's rescoring from a plain table (model/coarse_head.py)
+        "plain_exact_top": [_P, _INT, _I64, _I64, _P, _P, _I64, _P, _P, ctypes.c_float, _INT],
+        "int8_copy": [_P, _INT, _I64, _I64, _P, _P, _P, _P, _INT],
     },
     _self_test,
 )

@@ -26,6 +26,7 @@ from gemmakit.kernels import decode_step as kernel
 from gemmakit.kernels import gemv, quant_gemv
 from gemmakit.kernels.build import CLibrary, enabled
 from gemmakit.model.cache import KVCache
+from gemmakit.model.coarse_head import CoarseHead
 from gemmakit.model.layers import Linear, RMSNorm, rope_angles
 from gemmakit.model.transformer import Gemma, init_weights
 from gemmakit.quant.weight import QuantWeight
@@ -70,6 +71,7 @@ class FastDecoder:
             ctypes.cast(quant_lib.quant_gemv_multi, ctypes.c_void_p).value if quant_lib else None
         )
         self._keep: list = []  # every tensor whose address the C record holds
+        self._coarse: tuple[CoarseHead, kernel.Weight] | None = None  # built on first use
 
         def ptr(t: torch.Tensor | None) -> int | None:
             if t is None:
@@ -200,10 +202,51 @@ class FastDecoder:
         ):
             raise ValueError("cache.key_valid does not match the cache")
 
-    def step(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    def _coarse_head(self) -> tuple[CoarseHead, kernel.Weight] | None:
+        """The plain head's int8 copy and its Weight record (made on first use), or None for
+        a quantized head or without the quantized GEMV kernel."""
+        head = self.embedder.weight
+        if self._coarse is None and not isinstance(head, QuantWeight):
+            qlib = quant_gemv.library()
+            if qlib is None:
+                return None
+            coarse = CoarseHead(head, qlib)
+            quant_ptr = ctypes.cast(qlib.quant_gemv, ctypes.c_void_p).value
+            w = coarse.weight
+            record = kernel.Weight(
+                data=w.qdata.data_ptr(),
+                scale=w.scale.data_ptr(),
+                quant=quant_ptr,
+                fmt=w.code,
+                group=w.group,
+                tile=w.tile,
+            )
+            self._coarse = (coarse, record)
+        return self._coarse
+
+    def step(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        cache: KVCache,
+        greedy: bool = False,
+    ) -> torch.Tensor:
         """tokens [B] or [B, 1], RoPE positions [B, 1] -> logits [B, V] float32; writes the
         keys/values at cache.length and advances it, like `model(tokens, positions=,
-        cache=)`."""
+        cache=)`. `greedy`: only each row's argmax will be used, so a plain (float32 or
+        bfloat16) head may be read as its int8 copy (`CoarseHead`): the argmax is the exact
+        logits' (those that could be the maximum are recomputed exactly), the other entries
+        are within the copy's error bound."""
+        coarse = self._coarse_head() if greedy else None
+        embed = self.record.embed
+        if coarse is not None:
+            self.record.embed = ctypes.addressof(coarse[1])
+        try:
+            return self._step(tokens, positions, cache, coarse)
+        finally:
+            self.record.embed = embed
+
+    def _step(self, tokens, positions, cache, coarse) -> torch.Tensor:
         B = tokens.shape[0]
         x = self.embedder(tokens.reshape(B)) * self.normalizer  # [B, D], as Gemma.forward
         x = x.to(torch.float32).contiguous()
@@ -236,10 +279,12 @@ class FastDecoder:
             raise ValueError(f"decode_step failed: {kernel.ERRORS.get(rc, rc)}")
         cache.length += 1
         head = self.embedder.weight
-        if isinstance(head, QuantWeight):
-            # the final-normed hidden states are the scratch's second [B, D] (decode_step.c);
-            # the entries that could be the maximum are recomputed from them exactly
-            xn = self._scratch[B * c.d_model : 2 * B * c.d_model].view(B, c.d_model)
+        # the final-normed hidden states are the scratch's second [B, D] (decode_step.c); the
+        # entries that could be the maximum are recomputed from them exactly
+        xn = self._scratch[B * c.d_model : 2 * B * c.d_model].view(B, c.d_model)
+        if coarse is not None:
+            coarse[0].rescore(xn, logits, c.final_logit_softcap)
+        elif isinstance(head, QuantWeight):
             head.exact_top(xn, logits, c.final_logit_softcap)
         return logits
 

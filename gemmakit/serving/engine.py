@@ -277,7 +277,8 @@ class Engine:
         grow(self._batch, self._batch.length + 1)
         decoder = self._fast_decoder()
         if decoder is not None:
-            logits = decoder.step(tokens, positions, self._batch)
+            greedy = not any(j.params.temperature for j in jobs)  # only argmaxes wanted
+            logits = decoder.step(tokens, positions, self._batch, greedy=greedy)
             self.fused_steps += 1
         else:
             logits = self.model(tokens, positions=positions, cache=self._batch)[:, -1]

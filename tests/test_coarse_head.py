@@ -1,0 +1,110 @@
+"""The coarse greedy head (gemmakit/model/coarse_head.py): an int8 copy of a plain head whose
+logits' argmax, once the entries that could be the maximum are recomputed, is the exact one;
+near ties the copy alone gets wrong are got right, and greedy decoding through it gives the
+tokens of the exact step."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gemmakit.kernels import quant_gemv
+from gemmakit.model import KVCache, fast_decode
+from gemmakit.model.coarse_head import CoarseHead
+from gemmakit.model.fast_decode import fast_decoder
+from gemmakit.quant.formats import quantize_int8
+
+pytestmark = pytest.mark.skipif(
+    fast_decode.library() is None or quant_gemv.library() is None,
+    reason="the fused decode step or the quantized GEMV kernel is not built here",
+)
+DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+
+
+@DTYPES
+def test_int8_copy_is_quantize_int8_with_upper_bounds(dtype):
+    gen = torch.Generator().manual_seed(0)
+    table = (torch.randn(300, 96, generator=gen) * torch.rand(300, 1, generator=gen)).to(dtype)
+    table[7] = 0  # a zero row: scale 1, as quantize_int8 sets it
+    head = CoarseHead(table, quant_gemv.library())
+    q, s = quantize_int8(table.float())
+    assert torch.equal(head.weight.qdata, q) and torch.equal(head.weight.scale, s)
+    deq = q.view(torch.int8).float() * s[:, None]
+    l1, d2 = deq.abs().sum(-1), (table.float() - deq).norm(dim=-1)
+    for got, want in ((head.l1, l1), (head.d2, d2)):
+        assert (got >= want).all() and (got <= want * 1.002 + 1e-30).all()
+    assert head.d2[7] == 0 and s[7] == 1
+
+
+def near_ties(gen: torch.Generator, dtype: torch.dtype, rows: int = 4096, k: int = 256):
+    """A table whose rows come in pairs (2i, 2i + 1) a hair apart, and x with the pairs' exact
+    logits a few units apart from other pairs: within a pair, the exact difference is far below
+    the int8 copy's error, so its argmax alone is often the pair's wrong row."""
+    base = torch.randn(rows // 2, k, generator=gen) * 0.05
+    hair = torch.randn(rows // 2, k, generator=gen) * 1e-5
+    table = torch.stack([base, base + hair], 1).reshape(rows, k).to(dtype)
+    x = torch.randn(3, k, generator=gen)
+    return table, x
+
+
+@DTYPES
+def test_rescored_argmax_is_the_exact_one_where_the_copy_alone_is_not(dtype):
+    lib = quant_gemv.library()
+    gen = torch.Generator().manual_seed(1)
+    wrong, trials = 0, 12
+    for trial in range(trials):
+        table, x = near_ties(gen, dtype)
+        head = CoarseHead(table, lib)
+        exact = (x.double() @ table.double().T).float()
+        softcap = 30.0 if trial % 2 else None
+        y = head.weight.linear(x.to(dtype)).float()  # the int8 kernel's logits
+        if softcap:
+            y = torch.tanh(y / softcap) * softcap
+            exact = torch.tanh(exact / softcap) * softcap
+        wrong += int((y.argmax(-1) != exact.argmax(-1)).any())
+        coarse = y.clone()
+        head.rescore(x, y, softcap)
+        assert torch.equal(y.argmax(-1), exact.argmax(-1)), (dtype, trial)
+        top = exact.argmax(-1, keepdim=True)
+        assert torch.allclose(y.gather(-1, top), exact.gather(-1, top), rtol=1e-6, atol=1e-6)
+        # the copy's logits are within the stated bound of the exact ones, and only entries
+        # that could be the maximum were changed
+        amax = x.abs().amax(-1, keepdim=True)
+        a = x.reshape(3, -1, 32).abs().amax(-1).amax(-1, keepdim=True) / 32767 / 2 + 1e-5 * amax
+        e = (a + 1e-6) * head.l1 + x.norm(dim=-1, keepdim=True) * head.d2
+        assert ((coarse - exact).abs() <= e).all()
+        changed = y != coarse
+        assert (
+            changed.sum() < 0.05 * y.numel()
+            and (coarse + e >= (coarse - e).amax(-1, keepdim=True))[changed].all()
+        )
+    assert wrong > 0, "the near ties never fooled the copy: the test checks nothing"
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-gemma2"])  # Gemma 2: a final soft cap
+@DTYPES
+def test_greedy_steps_pick_the_exact_steps_tokens(preset, dtype):
+    """The fused step with greedy=True (the int8 copy, rescored) against greedy=False (the
+    plain head), step by step from the same cache contents, batch 2: the same argmax each
+    step, the same value there."""
+    from test_fast_decode import PROMPTS, model_for
+
+    model = model_for(preset, dtype)
+    with torch.no_grad():
+        caches = [KVCache(model.config, 2, 40, model.dtype) for _ in range(2)]
+        dec = fast_decoder(model, caches[0])
+        assert dec is not None
+        tokens = torch.tensor([PROMPTS[0][:2], PROMPTS[1][:2]])
+        pos = torch.arange(2)[None].expand(2, 2)
+        for c in caches:
+            model(tokens, positions=pos, cache=c, last_only=True)
+        nxt, pos = torch.tensor([5, 9]), torch.tensor([[2], [2]])
+        for _ in range(20):
+            exact = dec.step(nxt, pos, caches[0], greedy=False)
+            greedy = dec.step(nxt, pos, caches[1], greedy=True)
+            top = exact.argmax(-1)
+            assert torch.equal(greedy.argmax(-1), top)
+            assert torch.allclose(greedy.gather(-1, top[:, None]), exact.gather(-1, top[:, None]))
+            nxt, pos = top, pos + 1
+    assert dec._coarse is not None  # the copy was made and used
+    assert dec.record.embed != __import__("ctypes").addressof(dec._coarse[1])  # restored
