@@ -20,7 +20,7 @@ import time
 
 import torch
 from decode import gemmakit_decode, kernels_line
-from quant_decode import parse_args
+from quant_decode import MODES, parse_args
 
 import gemmakit
 from gemmakit.kernels import hugepages
@@ -47,7 +47,9 @@ def decoder_built(model, huge: bool) -> tuple[int, float]:
 
 
 def main() -> None:
-    args, cfg, modes = parse_args(prog="hugepages.py", doc=__doc__, modes="bf16,int4", rounds=7)
+    args, cfg, modes = parse_args(
+        prog="hugepages.py", doc=__doc__, modes="bf16,int4", rounds=7, choices=MODES
+    )
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     print(kernels_line())
     if not hugepages.enabled():

@@ -108,3 +108,32 @@ def test_greedy_steps_pick_the_exact_steps_tokens(preset, dtype):
             nxt, pos = top, pos + 1
     assert dec._coarse is not None  # the copy was made and used
     assert dec.record.embed != __import__("ctypes").addressof(dec._coarse[1])  # restored
+
+
+def test_only_greedy_decoding_uses_it_and_the_switch_turns_it_off(monkeypatch):
+    """generate() asks for the copy only when greedy (sampling needs every logit exact), and
+    GEMMAKIT_NO_COARSE_HEAD=1 keeps greedy steps on the plain head without making a copy."""
+    from test_fast_decode import PROMPTS, model_for
+
+    from gemmakit.generation import generate
+    from gemmakit.model.fast_decode import FastDecoder
+
+    model = model_for("tiny", torch.float32)
+    asked, real_step = [], FastDecoder.step
+
+    def step(self, tokens, positions, cache, greedy=False):
+        asked.append(greedy)
+        return real_step(self, tokens, positions, cache, greedy)
+
+    monkeypatch.setattr(FastDecoder, "step", step)
+    monkeypatch.setenv("GEMMAKIT_NO_COARSE_HEAD", "1")
+    generate(model, [PROMPTS[0]], 4, stop_tokens=[])
+    plan = fast_decode._plans[model]
+    assert asked == [True] * 3 and plan._coarse is None
+    generate(model, [PROMPTS[0]], 4, stop_tokens=[], temperature=0.8, seed=1)
+    assert asked[3:] == [False] * 3 and plan._coarse is None
+    monkeypatch.setenv("GEMMAKIT_NO_COARSE_HEAD", "0")
+    with_copy = generate(model, [PROMPTS[0]], 6, stop_tokens=[])
+    assert plan._coarse is not None
+    monkeypatch.setenv("GEMMAKIT_NO_COARSE_HEAD", "1")
+    assert generate(model, [PROMPTS[0]], 6, stop_tokens=[]) == with_copy

@@ -17,6 +17,7 @@ QUANT_BOUND rather than float32's.
 from __future__ import annotations
 
 import ctypes
+import os
 import weakref
 
 import torch
@@ -237,7 +238,7 @@ class FastDecoder:
         bfloat16) head may be read as its int8 copy (`CoarseHead`): the argmax is the exact
         logits' (those that could be the maximum are recomputed exactly), the other entries
         are within the copy's error bound."""
-        coarse = self._coarse_head() if greedy else None
+        coarse = self._coarse_head() if greedy and coarse_enabled() else None
         embed = self.record.embed
         if coarse is not None:
             self.record.embed = ctypes.addressof(coarse[1])
@@ -287,6 +288,12 @@ class FastDecoder:
         elif isinstance(head, QuantWeight):
             head.exact_top(xn, logits, c.final_logit_softcap)
         return logits
+
+
+def coarse_enabled() -> bool:
+    """False when GEMMAKIT_NO_COARSE_HEAD is set to anything but '' or '0' (read on every
+    step): greedy steps then read the plain head, and no int8 copy is made."""
+    return os.environ.get("GEMMAKIT_NO_COARSE_HEAD", "0") in ("", "0")
 
 
 def unsupported(model: Gemma, cache: KVCache | None = None) -> str | None:
