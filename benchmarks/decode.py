@@ -157,13 +157,13 @@ def main() -> None:
         f"{torch.get_num_threads()} threads, weights {weight_gb:.2f} GB"
     )
     print(f"streaming read of the weights: {weight_gb / read_s:.1f} GB/s, floor {floor:.2f} tok/s")
-    print(f"{'':24}{'tok/s':>8}{'vs floor':>10}{'vs HF':>8}")
+    print(f"{'':28}{'tok/s':>8}{'vs floor':>10}{'vs HF':>8}")
     for name, tps, fl in (("gemmakit", ours, floor), ("gemmakit, int8 greedy head", head8, floor8)):
         print(
-            f"{name:24}{tps:8.2f}{tps / fl:10.0%}{(tps / theirs if theirs else float('nan')):8.2f}x"
+            f"{name:28}{tps:8.2f}{tps / fl:10.0%}{(tps / theirs if theirs else float('nan')):8.2f}x"
         )
     if theirs:
-        print(f"{'HF transformers':24}{theirs:8.2f}{theirs / floor:10.0%}{1.0:8.2f}x")
+        print(f"{'HF transformers':28}{theirs:8.2f}{theirs / floor:10.0%}{1.0:8.2f}x")
     print("\nwhere a gemmakit decode step goes (torch.profiler, self time):")
     for name, share in prof:
         print(f"  {name:40}{share:6.0%}")

@@ -26,12 +26,14 @@ from pathlib import Path
 import torch
 
 # benchmarks/decode.py and quant_decode.py, beside this script
-from decode import gemmakit_decode, kernels_line
+from batch_decode import step_seconds
+from decode import kernels_line
 from quant_decode import MODES, positive
 
 import gemmakit
 from gemmakit.kernels import gemv, quant_gemv
 from gemmakit.kernels.build import build, cpu_isas
+from gemmakit.kernels.decode_step import MAX_ROWS
 from gemmakit.model import fast_decode
 from gemmakit.quant.model import quantize_model
 from gemmakit.resolve import checkpoint_path
@@ -49,6 +51,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--layers", type=positive, default=None, help="fewer layers for a quick run")
     ap.add_argument("--new-tokens", type=positive, default=32)
     ap.add_argument("--rounds", type=positive, default=9)
+    ap.add_argument("--batch", type=positive, default=1, help="prompts decoded at once (<= 16)")
     args = ap.parse_args(argv)
     if args.mode not in (*MODES, "keep"):
         ap.error(f"--mode: unknown {args.mode!r}; choose from {', '.join(MODES)}, keep")
@@ -56,6 +59,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         gemmakit.get_config(args.preset)
     except ValueError as e:
         ap.error(f"--preset: {e}")
+    if args.batch > MAX_ROWS:
+        ap.error(f"--batch: {args.batch} is more than the fused step's {MAX_ROWS} rows")
     if not args.rev or args.rev.startswith("-"):  # never read by git as one of its options
         ap.error(f"--rev: {args.rev!r} is not a commit of {ROOT}")
     done = subprocess.run(
@@ -114,16 +119,21 @@ def main() -> None:
             decoders[side] = fast_decode.FastDecoder(model, step, lib)
         else:
             decoders[side] = fast_decode.FastDecoder(model, step, gemv.library(), lib)
-    prompt = [2] + list(range(1000, 1007))
+    prompts = [[2] + list(range(1000, 1007 + 3 * i)) for i in range(args.batch)]
     speeds = {side: [] for side in decoders}
+    for decoder in decoders.values():  # each makes its plan's buffers (and greedy's int8 head)
+        fast_decode._plans[model] = decoder
+        step_seconds(model, prompts[:1], 3)
     for _ in range(args.rounds):
         for side, decoder in decoders.items():
             fast_decode._plans[model] = decoder  # the decoder stream_generate will find
-            speeds[side].append(gemmakit_decode(model, prompt, args.new_tokens))
+            seconds = step_seconds(model, prompts, args.new_tokens)  # per step of all rows
+            speeds[side].append(args.batch / seconds)
     ratios = [t / r for r, t in zip(speeds["rev"], speeds["tree"])]
     print(
-        f"\n{model.config.name}, {args.mode}, batch 1, {torch.get_num_threads()} threads, "
-        f"{args.rounds} rounds of {args.new_tokens} tokens, alternated in one process"
+        f"\n{model.config.name}, {args.mode}, batch {args.batch}, "
+        f"{torch.get_num_threads()} threads, {args.rounds} rounds of {args.new_tokens} tokens, "
+        "alternated in one process"
     )
     print(kernels_line())
     print(f"--rev {args.rev} ({args.commit[:12]}): {statistics.median(speeds['rev']):.2f} tok/s")

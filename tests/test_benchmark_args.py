@@ -77,6 +77,8 @@ def test_hugepages_benchmark_refuses_bad_options_under_its_own_name(capsys, monk
         (["--rev", ""], "--rev: '' is not a commit"),
         (["--rev=--git-dir"], "--rev: '--git-dir' is not a commit"),  # not a git option
         (["--rev", "HEAD", "--new-tokens", "-1"], "--new-tokens: -1 is not at least 1"),
+        (["--rev", "HEAD", "--batch", "17"], "--batch: 17 is more than the fused step's 16"),
+        (["--rev", "HEAD", "--batch", "0"], "--batch: 0 is not at least 1"),
     ],
 )
 def test_kernel_ab_refuses_bad_options_before_building(argv, says, capsys, monkeypatch):

@@ -49,6 +49,15 @@
 #define DPWSSD(acc, a, b) _mm256_add_epi32((acc), _mm256_madd_epi16((a), (b)))
 #endif
 
+/* With AVX-512 (BW and VNNI: the avx512vnni build) int4's chunk_dot takes two of a chunk's
+ * four 32-byte loads at a time in one 512-bit vector: half the multiply-adds and loads of x
+ * per weight, which is what bounds several rows of x (a batch decoding, a short prefill) */
+#if defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#define ZMM 1
+#else
+#define ZMM 0
+#endif
+
 #define PF_DIST 2048 /* bytes ahead that int8 and int4 rows prefetch */
 
 enum { Q8_0 = 0, Q4_0 = 1, Q5_0 = 2, Q4_K = 3, Q6_K = 4, INT8 = 5, INT4 = 6 }; /* Q5_0: none */
@@ -192,7 +201,10 @@ static void lane_x(const int16_t *xq, int M, ptrdiff_t K, int16_t *xl) {
                                            (uint32_t)((b & 0xFFFF) | (b >> 16 & 0xFFFF0000)),
                                            (uint32_t)((a >> 16 & 0xFFFF) | (a >> 32 & 0xFFFF0000)),
                                            (uint32_t)((b >> 16 & 0xFFFF) | (b >> 32 & 0xFFFF0000))};
-                    for (int p = 0; p < 4; p++) memcpy(o + 64 * k + 16 * p + 2 * l, v + p, 4);
+                    /* ZMM: loads 2i and 2i + 1's vectors p side by side (chunk_dot) */
+                    for (int p = 0; p < 4; p++)
+                        memcpy(o + (ZMM ? 128 * (k / 2) + 32 * p + 16 * (k % 2) : 64 * k + 16 * p) + 2 * l,
+                               v + p, 4);
                 }
             }
         }
@@ -258,6 +270,54 @@ INLINE ptrdiff_t held_row_bytes(int q4k, ptrdiff_t nb, ptrdiff_t per) {
  * M rows of x in lane order (xl, rows L apart): acc[2 i] += (sums) * s[i], i = r M + m (see
  * nibbles4). masked (a literal): the row's last short chunk, whose loads hold only the lanes
  * of `lanes` (ks = 4 * its blocks), the rest zeros. */
+#if ZMM
+INLINE void nibbles4z(__m512i v, __m512i w[4]) {
+    const __m512i f = _mm512_set1_epi16(0x0F);
+    w[0] = _mm512_and_si512(v, f);
+    w[1] = _mm512_and_si512(_mm512_srli_epi16(v, 4), f);
+    w[2] = _mm512_and_si512(_mm512_srli_epi16(v, 8), f);
+    w[3] = _mm512_srli_epi16(v, 12);
+}
+
+/* chunk_dot's loads 2i and 2i + 1 in one 512-bit vector (x laid out to match by lane_x): each
+ * block's sum is in int32 lanes l and 8 + l, added at the end */
+INLINE void chunk_dot(const int M, const int R, const int masked, const uint8_t *c, ptrdiff_t ro,
+                      ptrdiff_t ks, __m256i lanes, const int16_t *xl, ptrdiff_t L, const __m256 *s,
+                      Acc *a) {
+    __m512i sum[8];
+#pragma GCC unroll 8
+    for (int i = 0; i < R * M; i++) sum[i] = _mm512_setzero_si512();
+#pragma GCC unroll 1
+    for (int k = 0; k < 2; k++) {
+        __m512i w[2][4];
+#pragma GCC unroll 2
+        for (int r = 0; r < R; r++) {
+            const uint8_t *at = c + r * ro + 2 * k * ks;
+            nibbles4z(masked ? _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_maskload_epi32((const int *)at, lanes)),
+                                                  _mm256_maskload_epi32((const int *)(at + ks), lanes), 1)
+                             : _mm512_loadu_si512((const void *)at),
+                      w[r]);
+        }
+#pragma GCC unroll 8
+        for (int m = 0; m < M; m++) {
+            const __m512i *x = (const __m512i *)(xl + m * L + 128 * k);
+            const __m512i x0 = _mm512_loadu_si512(x), x1 = _mm512_loadu_si512(x + 1);
+            const __m512i x2 = _mm512_loadu_si512(x + 2), x3 = _mm512_loadu_si512(x + 3);
+#pragma GCC unroll 2
+            for (int r = 0; r < R; r++) {
+                const int i = r * M + m;
+                const __m512i p = _mm512_dpwssd_epi32(_mm512_madd_epi16(w[r][0], x0), w[r][1], x1);
+                sum[i] = _mm512_add_epi32(sum[i], _mm512_dpwssd_epi32(_mm512_dpwssd_epi32(p, w[r][2], x2), w[r][3], x3));
+            }
+        }
+    }
+#pragma GCC unroll 8
+    for (int i = 0; i < R * M; i++) {
+        const __m256i h = _mm256_add_epi32(_mm512_castsi512_si256(sum[i]), _mm512_extracti64x4_epi64(sum[i], 1));
+        a->acc[2 * i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(h), s[i], a->acc[2 * i]);
+    }
+}
+#else
 INLINE void chunk_dot(const int M, const int R, const int masked, const uint8_t *c, ptrdiff_t ro,
                       ptrdiff_t ks, __m256i lanes, const int16_t *xl, ptrdiff_t L, const __m256 *s,
                       Acc *a) {
@@ -292,6 +352,7 @@ INLINE void chunk_dot(const int M, const int R, const int masked, const uint8_t 
     for (int i = 0; i < R * M; i++)
         a->acc[2 * i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum[i]), s[i], a->acc[2 * i]);
 }
+#endif
 
 /* A chunk's scales d and minimums mv (in block order) of row r against the M rows of x: its
  * scales times x's, s[i] = d * xd, and the minimums' terms mv * xs added to acc[2 i + 1],
