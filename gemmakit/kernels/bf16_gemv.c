@@ -80,6 +80,57 @@ INLINE void block(const void *w, ptrdiff_t ldw, const float *x, float *y, ptrdif
     }
 }
 
+#if defined(__AVX512F__)
+/* 16 weights from element i of W, widened to float32 (load8's 512-bit version) */
+INLINE __m512 load16(const void *w, ptrdiff_t i, const int BF) {
+    if (!BF) return _mm512_loadu_ps((const float *)w + i);
+    const __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)w + i));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+/* block for 2 to 8 rows of x with AVX-512 (the avx512vnni build): 16 weights per vector, and
+ * R * M <= 16 accumulators in the 32 zmm registers, so that up to 8 rows of x take each W row
+ * in one pass (the 256-bit block takes them 4 at a time, reading W twice) */
+INLINE void block_z(const void *w, ptrdiff_t ldw, const float *x, float *y, ptrdiff_t ldr,
+                    ptrdiff_t K, ptrdiff_t ldy, const int R, const int M, const int BF) {
+    __m512 acc[2][8];
+#pragma GCC unroll 2
+    for (int r = 0; r < R; r++)
+#pragma GCC unroll 8
+        for (int m = 0; m < M; m++) acc[r][m] = _mm512_setzero_ps();
+    ptrdiff_t k = 0;
+    for (; k + 16 <= K; k += 16) {
+        __m512 wv[2];
+#pragma GCC unroll 2
+        for (int r = 0; r < R; r++) wv[r] = load16(w, r * ldw + k, BF);
+#pragma GCC unroll 8
+        for (int m = 0; m < M; m++) {
+            const __m512 xv = _mm512_loadu_ps(x + m * K + k);
+#pragma GCC unroll 2
+            for (int r = 0; r < R; r++) acc[r][m] = _mm512_fmadd_ps(wv[r], xv, acc[r][m]);
+        }
+    }
+#pragma GCC unroll 2
+    for (int r = 0; r < R; r++) {
+#pragma GCC unroll 8
+        for (int m = 0; m < M; m++) {
+            float s = _mm512_reduce_add_ps(acc[r][m]);
+            for (ptrdiff_t t = k; t < K; t++) s += load1(w, r * ldw + t, BF) * x[m * K + t];
+            y[m * ldy + r * ldr] = s;
+        }
+    }
+}
+
+/* STRIDED with block_z: all M rows of x against R rows of W in one pass */
+#define STRIDED_Z(R_, M_)                                                                      \
+    do {                                                                                       \
+        ptrdiff_t q = (n1 - n0) / (R_), n = n0;                                                \
+        for (ptrdiff_t i = 0; i < q; i++)                                                      \
+            block_z(ROW(W, n0 + i), q * K, x, y + n0 + i, q, K, N, (R_), (M_), BF);            \
+        for (n = n0 + q * (R_); n < n1; n++) block_z(ROW(W, n), 0, x, y + n, 0, K, N, 1, (M_), BF); \
+    } while (0)
+#endif
+
 /* Rows [n0, n1) of W for M rows of x. The R rows read together come from R separate
  * stretches of the slab (row i of each quarter, for R = 4), so the loop runs R sequential
  * streams in different pages: the prefetchers keep R DRAM reads in flight, where R adjacent
@@ -103,6 +154,20 @@ INLINE void block(const void *w, ptrdiff_t ldw, const float *x, float *y, ptrdif
 
 INLINE void slab(const void *W, const float *x, float *y, ptrdiff_t n0, ptrdiff_t n1,
                  ptrdiff_t K, ptrdiff_t N, int M, const int BF) {
+#if defined(__AVX512F__)
+    switch (M) {
+    /* bound by memory: the 256-bit block's four streams (2 rows in 512 bits, two streams: 0.94x) */
+    case 1: STRIDED(4, 1, 0); break;
+    case 2: STRIDED(4, 2, 0); break;
+    case 3: STRIDED_Z(2, 3); break;
+    case 4: STRIDED_Z(2, 4); break;
+    case 5: STRIDED_Z(2, 5); break;
+    case 6: STRIDED_Z(2, 6); break;
+    case 7: STRIDED_Z(2, 7); break;
+    case 8: STRIDED_Z(2, 8); break;
+    }
+    return;
+#endif
     switch (M) {
     case 1: STRIDED(4, 1, 0); break;
     case 2: STRIDED(4, 2, 0); break;

@@ -37,7 +37,7 @@ def _self_test(lib: ctypes.CDLL) -> None:
     gen = torch.Generator().manual_seed(0)
     w = torch.randn(29, 45, generator=gen).to(torch.bfloat16)
     w32 = torch.randn(29, 45, generator=gen)
-    for m in (1, 3, 6):
+    for m in (1, 2, 3, 6, 8):  # every kernel path: 1, the 256-bit blocks, the 512-bit ones
         x = torch.randn(m, 45, generator=gen)
         got = _call(lib, x, w, n_threads=2)
         want = x @ w.float().T
