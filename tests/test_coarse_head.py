@@ -137,3 +137,24 @@ def test_only_greedy_decoding_uses_it_and_the_switch_turns_it_off(monkeypatch):
     assert plan._coarse is not None
     monkeypatch.setenv("GEMMAKIT_NO_COARSE_HEAD", "1")
     assert generate(model, [PROMPTS[0]], 6, stop_tokens=[]) == with_copy
+
+
+def test_a_head_changed_in_place_gets_a_new_copy():
+    """An optimizer step (in place: the plan and its pointers still apply) between two greedy
+    generations: the second uses a copy of the new weights, so its tokens are the plain
+    head's, not those of the stale copy."""
+    from test_fast_decode import PROMPTS, model_for
+
+    from gemmakit.generation import generate
+
+    model = model_for("tiny", torch.float32)
+    generate(model, [PROMPTS[0]], 4, stop_tokens=[])
+    plan = fast_decode._plans[model]
+    first = plan._coarse[0]
+    table = model.embedder.weight
+    with torch.no_grad():  # as an optimizer step does: in place, the same storage
+        table.mul_(-1.5)
+    got = generate(model, [PROMPTS[0]], 8, stop_tokens=[])
+    assert fast_decode._plans[model] is plan and plan._coarse[0] is not first
+    assert torch.equal(plan._coarse[0].weight.qdata, quantize_int8(table.detach())[0])
+    assert got == generate(model, [PROMPTS[0]], 8, stop_tokens=[], fast=False)

@@ -14,7 +14,8 @@ maximum under that bound (a few dozen of 262144) is recomputed from the table's 
 entries are left coarse, which is why only greedy picks use it.
 
 The copy costs a quarter (float32) or half (bfloat16) of the table's memory more, made once per
-model on the first greedy step.
+model on the first greedy step, and again when the table's version counter says it changed in
+place (an optimizer step; a write through `.data` is not seen).
 """
 
 from __future__ import annotations

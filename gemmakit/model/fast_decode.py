@@ -73,6 +73,7 @@ class FastDecoder:
         )
         self._keep: list = []  # every tensor whose address the C record holds
         self._coarse: tuple[CoarseHead, kernel.Weight] | None = None  # built on first use
+        self._coarse_version = -1  # the head's version counter when the copy was made
 
         def ptr(t: torch.Tensor | None) -> int | None:
             if t is None:
@@ -204,10 +205,16 @@ class FastDecoder:
             raise ValueError("cache.key_valid does not match the cache")
 
     def _coarse_head(self) -> tuple[CoarseHead, kernel.Weight] | None:
-        """The plain head's int8 copy and its Weight record (made on first use), or None for
-        a quantized head or without the quantized GEMV kernel."""
+        """The plain head's int8 copy and its Weight record (made on first use, and again
+        after the table changed in place: a training step between generations bumps its
+        version counter, where the plan itself still applies), or None for a quantized head
+        or without the quantized GEMV kernel."""
         head = self.embedder.weight
-        if self._coarse is None and not isinstance(head, QuantWeight):
+        if isinstance(head, QuantWeight):
+            return None
+        if self._coarse is not None and self._coarse_version != head._version:
+            self._coarse = None  # a snapshot of weights that have since changed
+        if self._coarse is None:
             qlib = quant_gemv.library()
             if qlib is None:
                 return None
@@ -222,7 +229,7 @@ class FastDecoder:
                 group=w.group,
                 tile=w.tile,
             )
-            self._coarse = (coarse, record)
+            self._coarse, self._coarse_version = (coarse, record), head._version
         return self._coarse
 
     def step(
