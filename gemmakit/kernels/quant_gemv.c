@@ -636,15 +636,18 @@ INLINE void int4_tiled(const int M, const int q4k, const uint8_t *W, ptrdiff_t g
             const int paired = n + 1 < N; /* < n1 too: slabs hold whole pairs */
             /* M = 1: both rows' sums in a[0] (R = 2); else row r's in a[r] */
             Acc a[2];
-            const int used = M == 1 ? 4 : 2 * M; /* accumulators of each Acc in use */
+            /* both rows against x at once (R = 2, their sums in a[0]): M = 1, and with
+             * AVX-512's 32 registers up to 4 rows of x */
+            const int both = paired && (M == 1 || (ZMM && M <= 4));
+            const int used = both ? 4 * M : 2 * M; /* accumulators of each Acc in use */
 #pragma GCC unroll 2
             for (int r = 0; r < 2; r++)
 #pragma GCC unroll 16
                 for (int i = 0; i < used; i++) a[r].acc[i] = _mm256_setzero_ps();
             if (!paired)
                 int4_rows(M, 1, 1, q4k, &base, cb, 0, whole, 0, group, xl, xd, xs, L, nbt, K / 32, a);
-            else if (M == 1)
-                int4_rows(1, 2, 1, q4k, &base, 2 * cb, cb, 2 * whole, tl, group, xl, xd, xs, L, nbt, K / 32, a);
+            else if (both)
+                int4_rows(M, 2, 1, q4k, &base, 2 * cb, cb, 2 * whole, tl, group, xl, xd, xs, L, nbt, K / 32, a);
             else /* a row at a time: R = 2's accumulators for M rows of x would not fit */
 #pragma GCC unroll 2
                 for (int r = 0; r < 2; r++) {
@@ -656,8 +659,8 @@ INLINE void int4_tiled(const int M, const int q4k, const uint8_t *W, ptrdiff_t g
             for (int r = 0; r < 1 + paired; r++)
 #pragma GCC unroll 8
                 for (int m = 0; m < M; m++) {
-                    const Acc *ar = M == 1 ? a : a + r;
-                    const int i = M == 1 ? r : m;
+                    const Acc *ar = both || !paired ? a : a + r;
+                    const int i = both ? r * M + m : m;
                     put(y + m * N + n + r, t, hsum(_mm256_add_ps(ar->acc[2 * i], ar->acc[2 * i + 1])));
                 }
         }

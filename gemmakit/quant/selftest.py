@@ -95,7 +95,7 @@ def _check(got: torch.Tensor, x: torch.Tensor, fmt: str, parts, what: str) -> No
 
 def check_all(
     kernel: Callable[..., torch.Tensor],
-    rows: tuple[int, ...] = (1, 3, 8),
+    rows: tuple[int, ...] = (1, 3, 4, 8),
     picked: Callable[..., torch.Tensor] | None = None,
 ) -> None:
     """Raise RuntimeError unless kernel(code, x, qdata, scale, N, group, n_threads, tile)
