@@ -11,7 +11,9 @@ quantized (gemmakit.quant, any format) run the same GEMV kernel as the eager pat
 each layer's input to int16 per block of 32; q/k/v and gate/up share one call
 (quant_gemv_multi). Last-bit differences from the eager path can round an activation lying on
 a half-step the other way, so quantized models match eager within tests/test_fast_decode.py's
-QUANT_BOUND rather than float32's.
+QUANT_BOUND rather than float32's. A greedy step (`step(..., greedy=True)`) of a float32 or
+bfloat16 model reads its head as an int8 copy and recomputes the logits that could be the
+maximum exactly (gemmakit/model/coarse_head.py).
 """
 
 from __future__ import annotations
