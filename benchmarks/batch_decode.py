@@ -22,6 +22,7 @@ from quant_decode import positive
 
 import gemmakit
 from gemmakit.generation import stream_generate
+from gemmakit.kernels.decode_step import MAX_ROWS
 from gemmakit.quant.model import quantize_model
 
 
@@ -33,18 +34,30 @@ def step_seconds(model, prompts, n) -> float:
     return (stamps[-1] - stamps[0]) / (len(stamps) - 1)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, object]:
+    """(arguments, the model config): every bad value refused in one line on stderr (exit
+    status 2) before a model is built."""
+    ap = argparse.ArgumentParser(prog="batch_decode.py", description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="gemma-2b")
     ap.add_argument("--layers", type=positive, default=None, help="fewer layers for a quick run")
     ap.add_argument("--new-tokens", type=positive, default=16)
     ap.add_argument("--rounds", type=positive, default=2)
     ap.add_argument("--batches", type=positive, nargs="+", default=[1, 2, 4, 8])
     ap.add_argument("--modes", nargs="+", default=["bf16", "int4"], choices=["bf16", "int4"])
-    args = ap.parse_args()
-    cfg = gemmakit.get_config(args.preset)
-    if args.layers:
-        cfg = cfg.replace(n_layers=args.layers)
+    args = ap.parse_args(argv)
+    if max(args.batches) > MAX_ROWS:  # more would fall back to the eager step, unsaid
+        ap.error(f"--batches: {max(args.batches)} is more than the fused step's {MAX_ROWS} rows")
+    if args.new_tokens < 2:
+        ap.error("--new-tokens: at least 2 (the first token includes the prefill)")
+    try:
+        cfg = gemmakit.get_config(args.preset)
+    except ValueError as e:
+        ap.error(f"--preset: {e}")
+    return args, cfg.replace(n_layers=args.layers) if args.layers else cfg
+
+
+def main() -> None:
+    args, cfg = parse_args()
     models = {}
     for mode in args.modes:
         model = gemmakit.build_model(cfg, dtype=torch.bfloat16)

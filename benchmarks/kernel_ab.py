@@ -59,6 +59,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         gemmakit.get_config(args.preset)
     except ValueError as e:
         ap.error(f"--preset: {e}")
+    if args.new_tokens < 2:
+        ap.error("--new-tokens: at least 2 (the first token includes the prefill)")
     if args.batch > MAX_ROWS:
         ap.error(f"--batch: {args.batch} is more than the fused step's {MAX_ROWS} rows")
     if not args.rev or args.rev.startswith("-"):  # never read by git as one of its options

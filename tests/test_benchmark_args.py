@@ -11,6 +11,7 @@ import pytest
 BENCHMARKS = str(Path(__file__).resolve().parents[1] / "benchmarks")
 sys.path.insert(0, BENCHMARKS)  # benchmarks/ is not a package: its scripts import each other
 try:
+    import batch_decode
     import hugepages as hugepages_bench
     import kernel_ab
     import quant_decode
@@ -79,6 +80,8 @@ def test_hugepages_benchmark_refuses_bad_options_under_its_own_name(capsys, monk
         (["--rev", "HEAD", "--new-tokens", "-1"], "--new-tokens: -1 is not at least 1"),
         (["--rev", "HEAD", "--batch", "17"], "--batch: 17 is more than the fused step's 16"),
         (["--rev", "HEAD", "--batch", "0"], "--batch: 0 is not at least 1"),
+        (["--rev", "HEAD", "--batch", "two"], "--batch: 'two' is not an integer"),
+        (["--rev", "HEAD", "--new-tokens", "1"], "--new-tokens: at least 2"),
     ],
 )
 def test_kernel_ab_refuses_bad_options_before_building(argv, says, capsys, monkeypatch):
@@ -90,3 +93,37 @@ def test_kernel_ab_refuses_bad_options_before_building(argv, says, capsys, monke
     assert_refused(lambda: kernel_ab.parse_args(argv), "kernel_ab.py", says, capsys, built)
     args = kernel_ab.parse_args(["--rev", "HEAD", "--mode", "keep"])
     assert len(args.commit) == 40 and args.mode == "keep" and args.rounds == 9
+
+
+@pytest.mark.parametrize(
+    "argv, says",
+    [
+        (["--batches", "17"], "--batches: 17 is more than the fused step's 16 rows"),
+        (["--batches", "0"], "--batches: 0 is not at least 1"),
+        (["--batches"], "--batches: expected at least one argument"),
+        (["--modes", "int5"], "--modes: invalid choice: 'int5'"),
+        (["--new-tokens", "1"], "--new-tokens: at least 2"),
+        (["--layers", "-2"], "--layers: -2 is not at least 1"),
+        (["--preset", "gemma-9000"], "--preset: unknown preset"),
+    ],
+)
+def test_batch_decode_refuses_bad_options_before_building(argv, says, capsys, monkeypatch):
+    """benchmarks/batch_decode.py refuses each bad option in one line under its own name
+    before it builds a model; good options give the config."""
+    built = []
+    monkeypatch.setattr(batch_decode.gemmakit, "build_model", lambda *a, **k: built.append(a))
+    assert_refused(lambda: batch_decode.parse_args(argv), "batch_decode.py", says, capsys, built)
+    args, cfg = batch_decode.parse_args(["--layers", "2", "--batches", "1", "16"])
+    assert cfg.n_layers == 2 and args.batches == [1, 16] and not built
+
+
+def test_hugepages_refuses_the_greedy_head_mode(capsys, monkeypatch):
+    """bf16-head8 is quant_decode.py's alone: hugepages.py, which quantizes every mode but
+    bf16, refuses it in one line."""
+    built = []
+    monkeypatch.setattr(quant_decode.gemmakit, "build_model", lambda *a, **k: built.append(a))
+    call = lambda: quant_decode.parse_args(  # noqa: E731
+        ["--modes", "bf16-head8"], prog="hugepages.py", choices=quant_decode.MODES
+    )
+    assert_refused(call, "hugepages.py", "--modes: unknown 'bf16-head8'", capsys, built)
+    assert quant_decode.parse_args(["--modes", "bf16,bf16-head8"])[2] == ["bf16", "bf16-head8"]

@@ -158,3 +158,41 @@ def test_a_head_changed_in_place_gets_a_new_copy():
     assert fast_decode._plans[model] is plan and plan._coarse[0] is not first
     assert torch.equal(plan._coarse[0].weight.qdata, quantize_int8(table.detach())[0])
     assert got == generate(model, [PROMPTS[0]], 8, stop_tokens=[], fast=False)
+
+
+@pytest.mark.parametrize(
+    "table, says",
+    [
+        (torch.zeros(0, 64), "at least one row and column, not [0, 64]"),
+        (torch.zeros(8, 0), "at least one row and column, not [8, 0]"),
+        (torch.zeros(64), "a 2-D float32 or bfloat16 table, not torch.float32 [64]"),
+        (torch.zeros(4, 64, dtype=torch.float16), "not torch.float16 [4, 64]"),
+        (torch.zeros(2, 4, 64), "not torch.float32 [2, 4, 64]"),
+    ],
+)
+def test_a_bad_table_is_refused_in_one_line(table, says):
+    with pytest.raises(ValueError, match="int8_copy takes") as e:
+        CoarseHead(table, quant_gemv.library())
+    assert says in str(e.value) and "\n" not in str(e.value)
+
+
+def test_rescoring_refuses_operands_that_do_not_fit_the_table():
+    """The C rescoring trusts its sizes, so x, y and the bounds are checked against the table
+    first: each mismatch is named in one line and y is left as it was."""
+    head = CoarseHead(torch.randn(50, 64), quant_gemv.library())
+    x, y = torch.randn(2, 64), torch.randn(2, 50)
+    before = y.clone()
+    bad = {
+        "x": (torch.randn(2, 32), y, head.l1, head.d2),
+        "y": (x, torch.randn(3, 50), head.l1, head.d2),
+        "l1": (x, y, head.l1[:10], head.d2),
+        "d2": (x, y, head.l1, head.d2.double()),
+    }
+    for name, (xb, yb, l1, d2) in bad.items():
+        with pytest.raises(ValueError, match=f"plain_exact_top: {name} must be contiguous"):
+            quant_gemv.plain_exact_top(head.lib, head.table, xb, yb, l1, d2, None)
+    with pytest.raises(ValueError, match="y must be contiguous float32"):
+        quant_gemv.plain_exact_top(
+            head.lib, head.table, x, y.t().contiguous().t(), *[head.l1, head.d2], None
+        )
+    assert torch.equal(y, before)

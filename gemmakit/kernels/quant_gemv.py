@@ -117,15 +117,25 @@ def exact_top(
         raise ValueError(f"quant_exact_top rejected format {held.code} with x {tuple(x.shape)}")
 
 
+def _check_table(fn: str, table: torch.Tensor) -> tuple[int, int]:
+    """(N, K) of a plain head table as the C functions read it, else ValueError naming what
+    is wrong (the C code trusts these sizes: a wrong one reads past the memory)."""
+    if table.dtype not in (torch.float32, torch.bfloat16) or table.dim() != 2:
+        got = f"{table.dtype} {list(table.shape)}"
+        raise ValueError(f"{fn} takes a 2-D float32 or bfloat16 table, not {got}")
+    if not table.is_contiguous() or table.device.type != "cpu":
+        raise ValueError(f"{fn} takes a contiguous CPU table")
+    n, k = table.shape
+    if n < 1 or k < 1:
+        raise ValueError(f"{fn} takes a table of at least one row and column, not [{n}, {k}]")
+    return n, k
+
+
 def int8_copy(lib: ctypes.CDLL, table: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """quant_gemv.c's int8_copy of a contiguous float32 or bfloat16 table [N, K]: (qdata
     uint8 [N, K] holding int8, scale float32 [N]) as formats.quantize_int8 makes them, and the
     coarse head's bounds l1 and d2 (float32 [N], rounded up)."""
-    if table.dtype not in (torch.float32, torch.bfloat16) or not table.is_contiguous():
-        raise ValueError(
-            f"int8_copy takes a contiguous float32 or bfloat16 table, not {table.dtype}"
-        )
-    n, k = table.shape
+    n, k = _check_table("int8_copy", table)
     q = torch.empty(n, k, dtype=torch.uint8)
     scale, l1, d2 = torch.empty(n), torch.empty(n), torch.empty(n)
     rc = lib.int8_copy(
@@ -157,10 +167,15 @@ def plain_exact_top(
     of `table` [N, K], float32 or bfloat16) gets, in place, every entry that could be its row's
     maximum of x @ table^T recomputed from `table` (l1 [N]: Wq's row L1 norms; d2 [N]:
     |table[n] - Wq[n]|_2). All float32 contiguous but `table`."""
-    if table.dtype not in (torch.float32, torch.bfloat16) or not table.is_contiguous():
-        raise ValueError(
-            f"plain_exact_top takes a contiguous float32 or bfloat16 table, not {table.dtype}"
-        )
+    n, k = _check_table("plain_exact_top", table)
+    m = x.shape[0] if x.dim() == 2 else -1
+    want = {"x": (x, (m, k)), "y": (y, (m, n)), "l1": (l1, (n,)), "d2": (d2, (n,))}
+    for name, (t, shape) in want.items():
+        if tuple(t.shape) != shape or t.dtype != torch.float32 or not t.is_contiguous():
+            got = f"{t.dtype} {list(t.shape)}"
+            raise ValueError(
+                f"plain_exact_top: {name} must be contiguous float32 {list(shape)}, not {got}"
+            )
     rc = lib.plain_exact_top(
         table.data_ptr(),
         int(table.dtype == torch.bfloat16),
