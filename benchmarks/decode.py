@@ -26,6 +26,7 @@ import torch.nn.functional as F
 import gemmakit
 from gemmakit.checkpoint import save_hf
 from gemmakit.generation import stream_generate
+from gemmakit.model.coarse_head import bytes_saved
 
 
 def kernels_line() -> str:
@@ -140,9 +141,9 @@ def main() -> None:
         ours = max(gemmakit_decode(model, prompt, args.new_tokens) for _ in range(2))
         os.environ["GEMMAKIT_NO_COARSE_HEAD"] = "0"
         head8 = max(gemmakit_decode(model, prompt, args.new_tokens) for _ in range(2))
-        v, d, size = cfg.vocab_size, cfg.d_model, torch.finfo(dtype).bits // 8
-        # its floor: the head's bytes read as int8, plus 8 bytes of bounds per row
-        floor8 = floor * weight_gb * 1e9 / (weight_gb * 1e9 - v * d * (size - 1) + 8 * v)
+        # its floor: the head read as its int8 copy
+        weights = weight_gb * 1e9
+        floor8 = floor * weights / (weights - bytes_saved(model.embedder.weight))
         theirs = None
         if not args.skip_hf:
             from transformers import AutoModelForCausalLM

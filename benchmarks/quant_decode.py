@@ -34,6 +34,7 @@ import torch
 from decode import best_of, gemmakit_decode, kernels_line
 
 import gemmakit
+from gemmakit.model.coarse_head import bytes_saved
 from gemmakit.quant.model import quant_summary, quantize_model
 from gemmakit.quant.modes import QUANT_MODES
 
@@ -112,9 +113,8 @@ def main() -> None:
         gc.collect()
     del base
     nbytes = {mode: weight_bytes(m) for mode, m in models.items()}  # read per token
-    if HEAD8 in modes:  # the bf16 head's bytes read as int8, and 8 bytes of bounds per row
-        v, d = cfg.vocab_size, cfg.d_model
-        nbytes[HEAD8] -= v * d * 2 - v * d - 8 * v
+    if HEAD8 in modes:  # the bf16 head read as its int8 copy
+        nbytes[HEAD8] -= bytes_saved(models[HEAD8].embedder.weight)
     # each round: bf16, then every other mode in turn with bf16 again after each, and the read
     # rate measured just before and after each run: a mode's % of floor is against the mean of
     # the two rates around its own run, its ratio to bf16 against the mean of the two bf16 runs

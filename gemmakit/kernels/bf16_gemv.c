@@ -121,33 +121,26 @@ INLINE void block_z(const void *w, ptrdiff_t ldw, const float *x, float *y, ptrd
     }
 }
 
-/* STRIDED with block_z: all M rows of x against R rows of W in one pass */
-#define STRIDED_Z(R_, M_)                                                                      \
-    do {                                                                                       \
-        ptrdiff_t q = (n1 - n0) / (R_), n = n0;                                                \
-        for (ptrdiff_t i = 0; i < q; i++)                                                      \
-            block_z(ROW(W, n0 + i), q * K, x, y + n0 + i, q, K, N, (R_), (M_), BF);            \
-        for (n = n0 + q * (R_); n < n1; n++) block_z(ROW(W, n), 0, x, y + n, 0, K, N, 1, (M_), BF); \
-    } while (0)
 #endif
 
 /* Rows [n0, n1) of W for M rows of x. The R rows read together come from R separate
  * stretches of the slab (row i of each quarter, for R = 4), so the loop runs R sequential
  * streams in different pages: the prefetchers keep R DRAM reads in flight, where R adjacent
  * short rows (K = 640) would look like one stream. For M > 4 the x rows go in two groups
- * over the same W rows, the second group reading them from L1/L2. */
-#define STRIDED(R_, M_LO, M_HI)                                                                \
+ * over the same W rows, the second group reading them from L1/L2 (BLOCK: block, or block_z,
+ * which takes up to 8 rows of x at once). */
+#define STRIDED(BLOCK, R_, M_LO, M_HI)                                                         \
     do {                                                                                       \
         ptrdiff_t q = (n1 - n0) / (R_), n = n0;                                                \
         for (ptrdiff_t i = 0; i < q; i++) {                                                    \
             const void *wr = ROW(W, n0 + i);                                                   \
-            block(wr, q * K, x, y + n0 + i, q, K, N, (R_), (M_LO), BF);                        \
+            BLOCK(wr, q * K, x, y + n0 + i, q, K, N, (R_), (M_LO), BF);                        \
             if ((M_HI) > 0)                                                                    \
-                block(wr, q * K, x + 4 * K, y + 4 * N + n0 + i, q, K, N, (R_), (M_HI), BF);    \
+                BLOCK(wr, q * K, x + 4 * K, y + 4 * N + n0 + i, q, K, N, (R_), (M_HI), BF);    \
         }                                                                                      \
         for (n = n0 + q * (R_); n < n1; n++) {                                                 \
-            block(ROW(W, n), 0, x, y + n, 0, K, N, 1, (M_LO), BF);                             \
-            if ((M_HI) > 0) block(ROW(W, n), 0, x + 4 * K, y + 4 * N + n, 0, K, N, 1, (M_HI), BF); \
+            BLOCK(ROW(W, n), 0, x, y + n, 0, K, N, 1, (M_LO), BF);                             \
+            if ((M_HI) > 0) BLOCK(ROW(W, n), 0, x + 4 * K, y + 4 * N + n, 0, K, N, 1, (M_HI), BF); \
         }                                                                                      \
     } while (0)
 #define ROW(W, n) ((const char *)(W) + (n) * K * (BF ? 2 : 4))
@@ -157,26 +150,26 @@ INLINE void slab(const void *W, const float *x, float *y, ptrdiff_t n0, ptrdiff_
 #if defined(__AVX512F__)
     switch (M) {
     /* bound by memory: the 256-bit block's four streams (2 rows in 512 bits, two streams: 0.94x) */
-    case 1: STRIDED(4, 1, 0); break;
-    case 2: STRIDED(4, 2, 0); break;
-    case 3: STRIDED_Z(2, 3); break;
-    case 4: STRIDED_Z(2, 4); break;
-    case 5: STRIDED_Z(2, 5); break;
-    case 6: STRIDED_Z(2, 6); break;
-    case 7: STRIDED_Z(2, 7); break;
-    case 8: STRIDED_Z(2, 8); break;
+    case 1: STRIDED(block, 4, 1, 0); break;
+    case 2: STRIDED(block, 4, 2, 0); break;
+    case 3: STRIDED(block_z, 2, 3, 0); break;
+    case 4: STRIDED(block_z, 2, 4, 0); break;
+    case 5: STRIDED(block_z, 2, 5, 0); break;
+    case 6: STRIDED(block_z, 2, 6, 0); break;
+    case 7: STRIDED(block_z, 2, 7, 0); break;
+    case 8: STRIDED(block_z, 2, 8, 0); break;
     }
     return;
 #endif
     switch (M) {
-    case 1: STRIDED(4, 1, 0); break;
-    case 2: STRIDED(4, 2, 0); break;
-    case 3: STRIDED(3, 3, 0); break;
-    case 4: STRIDED(2, 4, 0); break;
-    case 5: STRIDED(2, 4, 1); break;
-    case 6: STRIDED(2, 4, 2); break;
-    case 7: STRIDED(2, 4, 3); break;
-    case 8: STRIDED(2, 4, 4); break;
+    case 1: STRIDED(block, 4, 1, 0); break;
+    case 2: STRIDED(block, 4, 2, 0); break;
+    case 3: STRIDED(block, 3, 3, 0); break;
+    case 4: STRIDED(block, 2, 4, 0); break;
+    case 5: STRIDED(block, 2, 4, 1); break;
+    case 6: STRIDED(block, 2, 4, 2); break;
+    case 7: STRIDED(block, 2, 4, 3); break;
+    case 8: STRIDED(block, 2, 4, 4); break;
     }
 }
 

@@ -1001,6 +1001,23 @@ int quant_rows(int fmt, const uint8_t *W, const float *scale, int64_t N, int64_t
     return 0;
 }
 
+/* Half the int16 rounding step of each whole block b of 32 in x [K] (quantize_x's step:
+ * selftest.activation_steps), to half[b] unless half is NULL; returns the largest of them, and
+ * max |x| over all of x to *amax */
+static float x_half_steps(const float *xm, int64_t K, float *half, float *amax) {
+    float hmax = 0.0f, m = 0.0f;
+    for (int64_t b = 0; b < K / 32; b++) {
+        __m256 v[4];
+        const float a = block_absmax(xm + 32 * b, v), h = a / X_LEVELS / 2.0f;
+        if (half) half[b] = h;
+        hmax = h > hmax ? h : hmax;
+        m = a > m ? a : m;
+    }
+    for (int64_t k = 32 * (K / 32); k < K; k++) m = fabsf(xm[k]) > m ? fabsf(xm[k]) : m;
+    *amax = m;
+    return hmax;
+}
+
 /* quant_exact_top of one row: x [K], y [N] (row_candidates on nt threads). Returns 0, or -2
  * out of memory (nothing written). */
 static int exact_row(int fmt, const uint8_t *W, const float *scale, int64_t N, int64_t K,
@@ -1013,14 +1030,8 @@ static int exact_row(int fmt, const uint8_t *W, const float *scale, int64_t N, i
         free(half), free(cand);
         return -2;
     }
-    float *w = half + nb, amax = 0.0f;
-    for (int64_t b = 0; b < nb; b++) {
-        __m256 v[4];
-        const float a = block_absmax(xm + 32 * b, v);
-        half[b] = a / X_LEVELS / 2.0f; /* quantize_x's step (selftest.activation_steps) / 2 */
-        amax = a > amax ? a : amax;
-    }
-    for (int64_t k = 32 * nb; k < K; k++) amax = fabsf(xm[k]) > amax ? fabsf(xm[k]) : amax;
+    float *w = half + nb, amax;
+    x_half_steps(xm, K, half, &amax);
     const int64_t kept = row_candidates(row, N, l1, l1b, nb, half, 1e-5f * amax + 1e-6f, cand, N, nt);
     for (int64_t i = 0; i < kept; i++) {
         dequant_row(fmt, W, scale, N, K, group, tile, cand[i], w);
@@ -1062,18 +1073,10 @@ static int plain_row(const void *table, int bf16, int64_t N, int64_t K, const fl
         free(e), free(cand);
         return -2;
     }
-    float hmax = 0.0f, amax = 0.0f;
-    for (int64_t b = 0; b < K / 32; b++) {
-        __m256 v[4];
-        const float a = block_absmax(xm + 32 * b, v);
-        hmax = a / X_LEVELS / 2.0f > hmax ? a / X_LEVELS / 2.0f : hmax;
-        amax = a > amax ? a : amax;
-    }
+    float amax;
+    const float hmax = x_half_steps(xm, K, NULL, &amax);
     double ss = 0.0;
-    for (int64_t k = 0; k < K; k++) {
-        amax = fabsf(xm[k]) > amax ? fabsf(xm[k]) : amax;
-        ss += (double)xm[k] * (double)xm[k];
-    }
+    for (int64_t k = 0; k < K; k++) ss += (double)xm[k] * (double)xm[k];
     /* e[n] = a l1[n] + b d2[n]: the coarse kernel's rounding of x and its float32 slop
      * (exact_row's bound, with the largest half-step of any block), plus |x . (W - Wq)| <=
      * |x|_2 |W[n] - Wq[n]|_2 (Cauchy-Schwarz), each rounded up */

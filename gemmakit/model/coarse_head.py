@@ -28,6 +28,13 @@ from gemmakit.kernels import quant_gemv
 from gemmakit.quant.weight import QuantWeight
 
 
+def bytes_saved(table: torch.Tensor) -> int:
+    """Bytes a greedy step reads less through the copy than through `table` [N, K]: the
+    table's bytes less the copy's (1 per weight, and its bounds l1 and d2, 8 per row)."""
+    n, k = table.shape
+    return n * k * (table.element_size() - 1) - 8 * n
+
+
 class CoarseHead:
     """An int8 copy of `table` [N, K] (float32 or bfloat16, CPU) with the per-row bounds that
     let `rescore` find the exact argmax of x @ table^T from the copy's logits."""

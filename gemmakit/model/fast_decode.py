@@ -21,6 +21,7 @@ from __future__ import annotations
 import ctypes
 import os
 import weakref
+from collections.abc import Callable
 
 import torch
 
@@ -49,6 +50,20 @@ def _fingerprint(model: Gemma) -> tuple:
         for m in model.modules()
         for p in (*m._parameters.values(), *m._buffers.values())
         if p is not None
+    )
+
+
+def quant_record(w: QuantWeight, quant_ptr: int, ptr: Callable) -> kernel.Weight:
+    """decode_step.c's Weight for a quantized weight run by the `quant_ptr` GEMV; ptr(t): the
+    address of tensor t (None for None), kept alive by whoever passes it."""
+    scale = getattr(w, "scale", None)
+    return kernel.Weight(
+        data=ptr(w.qdata),
+        scale=None if scale is None else ptr(scale),
+        quant=quant_ptr,
+        fmt=w.code,
+        group=w.group,
+        tile=w.tile,
     )
 
 
@@ -86,14 +101,7 @@ class FastDecoder:
 
         def weight(w) -> kernel.Weight:
             if isinstance(w, QuantWeight):
-                return kernel.Weight(
-                    data=ptr(w.qdata),
-                    scale=ptr(getattr(w, "scale", None)),
-                    quant=quant_ptr,
-                    fmt=w.code,
-                    group=w.group,
-                    tile=w.tile,
-                )
+                return quant_record(w, quant_ptr, ptr)
             return kernel.Weight(data=ptr(w), plain=gemv_ptr)
 
         def scale(norm: RMSNorm | None) -> int | None:
@@ -220,17 +228,9 @@ class FastDecoder:
             qlib = quant_gemv.library()
             if qlib is None:
                 return None
-            coarse = CoarseHead(head, qlib)
+            coarse = CoarseHead(head, qlib)  # holds the tensors the record points at
             quant_ptr = ctypes.cast(qlib.quant_gemv, ctypes.c_void_p).value
-            w = coarse.weight
-            record = kernel.Weight(
-                data=w.qdata.data_ptr(),
-                scale=w.scale.data_ptr(),
-                quant=quant_ptr,
-                fmt=w.code,
-                group=w.group,
-                tile=w.tile,
-            )
+            record = quant_record(coarse.weight, quant_ptr, lambda t: t.data_ptr())
             self._coarse, self._coarse_version = (coarse, record), head._version
         return self._coarse
 
